@@ -1,0 +1,48 @@
+# Every target does its own set-up: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+BQEMU  := .venv-bqemu/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+$(BQEMU): scripts/bqemu-venv.sh
+	bash scripts/bqemu-venv.sh
+	@touch $(BQEMU)
+
+install: $(STAMP)
+
+## make demo: generate the DuckDB demo warehouse, start the sandbox APIs on 127.0.0.1,
+## run every demo sync, print the summary, stop the sandboxes. Run it twice to see the
+## incremental effect.
+demo: $(STAMP)
+	$(BIN)/reverse-etl demo
+
+## make test: lint, then the whole suite (PostgreSQL, fakesnow, bqemulator, moto and the
+## sandbox APIs are started by fixtures).
+test: $(STAMP) $(BQEMU)
+	$(BIN)/ruff check reverse_etl tests
+	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check reverse_etl tests
+	$(BIN)/ruff format --check reverse_etl tests
+
+format: $(STAMP)
+	$(BIN)/ruff format reverse_etl tests
+	$(BIN)/ruff check --fix reverse_etl tests
+
+## make bench: throughput and peak memory (figures go in the closing notes).
+bench: $(STAMP)
+	$(BIN)/python tests/bench/run.py
+
+clean:
+	rm -rf .reverse_etl demo .pytest_cache

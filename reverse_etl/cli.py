@@ -1,0 +1,225 @@
+"""Command line: parse, call, print. The work lives in engine, debug and demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from reverse_etl import storage
+from reverse_etl.config import Project, load_project
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
+from reverse_etl.runtime import tune_memory
+from reverse_etl.secrets import scrub
+from reverse_etl.sources import SourceError
+from reverse_etl.state import StateStore
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False)
+
+
+class Ctx:
+    def __init__(self, config: str | None, project_dir: str | None):
+        self.config = config
+        self.project_dir = Path(project_dir or ".").resolve()
+        self._project: Project | None = None
+
+    @property
+    def project(self) -> Project:
+        if self._project is None:
+            self._project = load_project(self.config, self.project_dir)
+        return self._project
+
+    def store(self) -> StateStore:
+        url = os.environ.get("REVERSE_ETL_STATE_URL") or self.project.state.url
+        return StateStore(url, root=self.project_dir)
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    err_console.print(f"[red]error:[/red] {scrub(message)}", markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.option("--config", "-c", envvar="REVERSE_ETL_CONFIG", help="Project file (default: profiles/profiles.yml).")
+@click.option("--project-dir", envvar="REVERSE_ETL_PROJECT_DIR", help="Root for relative paths (default: current directory).")
+@click.option("-v", "--verbose", is_flag=True, help="Log HTTP retries and timings.")
+@click.version_option(package_name="reverse-etl")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, project_dir: str | None, verbose: bool) -> None:
+    """Sync warehouse views into Klaviyo and Dotdigital."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tune_memory()
+    ctx.obj = Ctx(config, project_dir)
+
+
+@main.command()
+@click.pass_obj
+def check(obj: Ctx) -> None:
+    """Validate the project file (no network)."""
+    try:
+        project = obj.project
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    console.print(f"{project.file}: OK — {len(project.connections)} connections, {len(project.syncs)} syncs")
+
+
+@main.command()
+@click.argument("syncs", nargs=-1)
+@click.option("--full-refresh", is_flag=True, help="Ignore the watermark and read the whole view.")
+@click.option("--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file.")
+@click.option("--due", is_flag=True, help="Run only syncs whose schedule says they are due.")
+@click.pass_obj
+def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due: bool) -> None:
+    """Run syncs (all enabled ones when none is named)."""
+    from reverse_etl.engine import RunOptions, due_syncs, run_sync
+
+    try:
+        project = obj.project
+        store = obj.store()
+        names = list(syncs) or (due_syncs(project, store) if due else [s.name for s in project.syncs if s.enabled])
+        for name in names:
+            project.sync(name)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    if not names:
+        console.print("nothing to run")
+        sys.exit(EXIT_OK)
+    worst = EXIT_OK
+    results = []
+    for name in names:
+        try:
+            result = run_sync(project, name, store, RunOptions(full_refresh=full_refresh, dry_run=dry_run))
+        except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
+            err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
+            worst = EXIT_FAILED
+            continue
+        results.append(result)
+        worst = max(worst, result.exit_code)
+    print_runs([r.record for r in results])
+    for r in results:
+        rec = r.record
+        if rec.message:
+            err_console.print(f"[red]{rec.sync}: {rec.message}[/red]")
+        if r.by_reason:
+            reasons = ", ".join(f"{k}={v}" for k, v in r.by_reason.most_common())
+            console.print(f"{rec.sync}: rejected/failed rows by reason: {reasons}")
+        if rec.error_file:
+            console.print(f"{rec.sync}: error file: {rec.error_file}")
+        if r.dry_run_file:
+            console.print(f"{rec.sync}: dry run, payloads written to {r.dry_run_file} (nothing sent, nothing committed)")
+    sys.exit(worst)
+
+
+def print_runs(records: list) -> None:  # type: ignore[type-arg]
+    table = Table(title="runs")
+    for col in ("sync", "run", "status", "read", "sent", "created", "updated", "rejected", "failed", "seconds"):
+        table.add_column(col, justify="right" if col not in {"sync", "run", "status"} else "left")
+    for r in records:
+        c = r.counts
+        secs = (r.ended_at - r.started_at).total_seconds() if r.ended_at else 0
+        table.add_row(r.sync, r.run_id, r.status, *(str(v) for v in (c.read, c.sent, c.created, c.updated, c.rejected, c.failed)), f"{secs:.1f}")
+    console.print(table)
+
+
+@main.command()
+@click.argument("sync", required=False)
+@click.option("--limit", default=5, show_default=True, help="Runs per sync.")
+@click.pass_obj
+def status(obj: Ctx, sync: str | None, limit: int) -> None:
+    """Show each sync's last runs and watermark."""
+    try:
+        project = obj.project
+        store = obj.store()
+        names = [project.sync(sync).name] if sync else [s.name for s in project.syncs]
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    records = [r for name in names for r in store.last_runs(name, limit)]
+    print_runs(records)
+    for name in names:
+        mark = store.watermark(name)
+        sched = project.sync(name).schedule
+        console.print(
+            f"{name}: watermark {mark.cursor if mark else '(none: next run reads everything)'}"
+            + (f", schedule {sched.text}" if sched else "")
+        )
+
+
+@main.command()
+@click.argument("sync")
+@click.pass_obj
+def unlock(obj: Ctx, sync: str) -> None:
+    """Release a sync's lock left behind by a process that died."""
+    try:
+        name = obj.project.sync(sync).name
+        released = obj.store().unlock(name)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    console.print(f"{name}: {'lock released' if released else 'was not locked'}")
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--csv", "csv_target", required=True, help="File or s3://bucket/key to write.")
+@click.pass_obj
+def export(obj: Ctx, sync: str, csv_target: str) -> None:
+    """Export a sync's source rows, exactly as the view returns them, to CSV."""
+    from reverse_etl.debug import export_csv
+
+    try:
+        s = obj.project.sync(sync)
+        rows = export_csv(obj.project, s, csv_target)
+    except (ReverseEtlError, SourceError, OSError) as exc:
+        _fail(str(exc))
+    console.print(f"{sync}: exported {rows} rows to {csv_target}")
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--csv", "csv_path", help="Validate this exported CSV instead of the live view.")
+@click.option("--errors", "error_file", help="Where to write the error file (default under error_dir).")
+@click.pass_obj
+def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) -> None:
+    """Validate a sync's rows (live view or CSV) and write the error file. Sends nothing."""
+    from reverse_etl.debug import validate as run_validate
+
+    try:
+        s = obj.project.sync(sync)
+        target = error_file or storage.join(storage.join(obj.project.error_dir, s.name), "validate-errors.csv")
+        if not storage.is_s3(target):
+            target = str(obj.project.path(target))
+        report = run_validate(obj.project, s, csv_path=csv_path, error_file=target)
+    except (ReverseEtlError, SourceError, OSError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{sync}: {report.rows} rows checked, {report.bad_rows} with problems")
+    table.add_column("reason")
+    table.add_column("problems", justify="right")
+    for reason, count in report.by_reason.most_common():
+        table.add_row(reason, str(count))
+    console.print(table)
+    console.print(f"error file: {report.error_file}")
+    sys.exit(EXIT_ROW_ERRORS if report.bad_rows else EXIT_OK)
+
+
+@main.command()
+@click.option("--profiles", default=12_000, show_default=True, help="Customer profiles to generate.")
+@click.option("--keep-running", is_flag=True, help="Leave the sandbox APIs up after the syncs (Ctrl-C stops).")
+@click.pass_obj
+def demo(obj: Ctx, profiles: int, keep_running: bool) -> None:
+    """Generate the demo warehouse, start the sandbox APIs on 127.0.0.1 and run every demo sync."""
+    from reverse_etl.demo.run import run_demo
+
+    try:
+        code = run_demo(obj.project_dir, obj.config, profiles=profiles, keep_running=keep_running, console=console)
+    except (ReverseEtlError, SourceError) as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""CSV debug mode: export a sync's view to CSV, and validate a view or an exported CSV.
+
+Validation runs exactly the transform a real run uses, so the error file it writes is the
+one a run would write; nothing is sent and no state moves.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from reverse_etl import storage
+from reverse_etl.config import Project, Sync
+from reverse_etl.destinations.registry import destination_for
+from reverse_etl.engine import transform_spec
+from reverse_etl.errors import SchemaMismatchError
+from reverse_etl.extract import plan_read
+from reverse_etl.sources import Source, open_source
+from reverse_etl.sources.duckdb import DuckDBSource
+from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
+from reverse_etl.transform.transformer import Transformer, schema_problems
+
+
+@dataclass
+class ValidationReport:
+    rows: int
+    bad_rows: int
+    by_reason: Counter[str]
+    error_file: str
+
+
+def export_csv(project: Project, sync: Sync, target: str, batch_size: int = 50_000) -> int:
+    """Write the view's rows as the warehouse returns them (all rows, view order)."""
+    conn = project.connections[sync.source.connection]
+    rows = 0
+    with open_source(conn, project) as source, storage.open_text_for_write(target) as fh:  # type: ignore[arg-type]
+        writer: csv.writer | None = None
+        for batch in source.stream(project.source_sql(sync), {}, batch_size):
+            if writer is None:
+                writer = csv.writer(fh)
+                writer.writerow(batch.schema.names)
+            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            for values in zip(*columns, strict=True):
+                writer.writerow([cell_text(v) for v in values])
+            rows += batch.num_rows
+        if writer is None:  # empty view: still write the header
+            csv.writer(fh).writerow(source.schema(project.source_sql(sync)).names)
+    return rows
+
+
+def _csv_source(path: str) -> tuple[Source, str]:
+    """The CSV as a DuckDB source: every column text (as a user's file holds it), the cursor
+    read back as a timestamp, and ``__row`` = the line in the file (header = line 1)."""
+    literal = "'" + path.replace("'", "''") + "'"
+    source = DuckDBSource(":memory:")
+    source.execute(
+        f"CREATE VIEW csv_raw AS SELECT *, CAST(row_number() OVER () + 1 AS BIGINT) AS __row "
+        f"FROM read_csv({literal}, all_varchar = true, header = true)"
+    )
+    return source, "SELECT * FROM csv_raw"
+
+
+def validate(
+    project: Project, sync: Sync, *, csv_path: str | None, error_file: str, batch_size: int = 10_000
+) -> ValidationReport:
+    dest = destination_for(project.connections[sync.destination.connection].type)
+    spec = transform_spec(sync, dest)
+    local_csv = storage.local_copy_path(csv_path) if csv_path else None
+    rows = bad = 0
+    try:
+        if local_csv is None:
+            source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
+            view_sql, where = project.source_sql(sync), "the view"
+        else:
+            source, raw_sql = _csv_source(local_csv)
+            cursor = _q(sync.cursor)
+            view_sql = f"SELECT * REPLACE (TRY_CAST({cursor} AS TIMESTAMPTZ) AS {cursor}) FROM ({raw_sql})"
+            where = csv_path
+        with source, storage.open_text_for_write(error_file) as fh:
+            writer = ErrorFileWriter(fh, sync.name, "validate")
+            problems = schema_problems(spec, source.schema(view_sql))
+            if problems:
+                raise SchemaMismatchError(f"{where} does not fit the mapping:\n  - " + "\n  - ".join(problems))
+            plan = plan_read(
+                source, view_sql, cursor=sync.cursor, identifier=sync.identifier,
+                email_identifier=spec.identifier_field().kind == "email", watermark=None, lookback=timedelta(0),
+            )
+            transformer: Transformer | None = None
+            for batch in source.stream(plan.query.sql, plan.query.params, batch_size):
+                if transformer is None:
+                    transformer = Transformer(spec, batch.schema)
+                    if plan.superseded is not None:
+                        transformer.set_superseded(plan.superseded)
+                out = transformer.transform(batch, rows + 1)
+                rows += batch.num_rows
+                bad += out.rejected
+                writer.write(out.errors)
+            if transformer is not None:
+                transformer.close()
+    finally:
+        if csv_path and local_csv and storage.is_s3(csv_path):
+            Path(local_csv).unlink(missing_ok=True)
+    return ValidationReport(rows, bad, writer.by_reason, error_file)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,1 @@
+"""A deterministic demo warehouse (DuckDB) with the dirt real customer data carries."""

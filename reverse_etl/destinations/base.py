@@ -1,0 +1,104 @@
+"""What a destination offers the engine.
+
+A destination turns transformed batches (one column per destination field, plus ``__row``
+and ``__id``) into API requests at the largest size the API allows, sends them under its
+rate limits, and reports per batch what landed. ``load`` yields results in the order the
+batches came in, whatever it keeps in flight, so the engine can move the watermark after
+each one. To add a destination: a package under ``destinations/`` with a ``Destination``
+subclass, registered in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from reverse_etl.config import Sync
+from reverse_etl.transform.rowerrors import RowError
+
+
+@dataclass
+class Request:
+    """One API call a batch becomes: what a dry run writes out, and what load sends."""
+
+    method: str
+    path: str
+    body: bytes  # JSON
+    rows: int
+
+
+@dataclass
+class LoadBatch:
+    table: pa.Table
+    token: Any  # the engine's marker (the batch's watermark); handed back untouched
+
+
+@dataclass
+class LoadResult:
+    token: Any
+    sent: int = 0
+    created: int = 0
+    updated: int = 0
+    failed: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+
+class Destination(ABC):
+    type: ClassVar[str]
+    # standard field name -> value kind; fields outside this set must use a custom prefix
+    standard_fields: ClassVar[dict[str, str]]
+    objects: ClassVar[tuple[str, ...]] = ("profiles",)
+
+    @classmethod
+    def check_sync(cls, sync: Sync) -> list[str]:
+        """Config-time problems with a sync aimed at this destination (no network)."""
+        problems = []
+        if sync.object not in cls.objects:
+            problems.append(
+                f"object {sync.object!r} is not supported by {cls.type} yet; "
+                f"supported: {', '.join(cls.objects)}"
+            )
+        for column, target in sync.fields().items():
+            if target.field not in cls.standard_fields and not cls.is_custom_field(target.field):
+                problems.append(
+                    f"mapping.{column}: {target.field!r} is neither a standard {cls.type} field "
+                    f"({', '.join(sorted(cls.standard_fields))}) nor a custom field "
+                    f"({cls.custom_field_hint()})"
+                )
+        if sync.identifier not in sync.mapping:
+            problems.append(
+                f"identifier {sync.identifier!r} must also be mapped, e.g. mapping: "
+                f"{{{sync.identifier}: email}}"
+            )
+        return problems + cls.check_options(sync)
+
+    @classmethod
+    def check_options(cls, sync: Sync) -> list[str]:
+        extra = sync.destination.options()
+        return [f"destination.{k}: unknown option for {cls.type}" for k in extra]
+
+    @classmethod
+    def is_custom_field(cls, name: str) -> bool:
+        return False
+
+    @classmethod
+    def custom_field_hint(cls) -> str:
+        return "no custom fields"
+
+    @abstractmethod
+    def requests(self, table: pa.Table) -> Iterator[Request]:
+        """The API calls ``table`` becomes, without sending them."""
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Network set-up before the first batch (find or create the list, fields ...)."""
+
+    @abstractmethod
+    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+        """Send every batch; yield one result per batch, in order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

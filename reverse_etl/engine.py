@@ -1,0 +1,247 @@
+"""One sync run: plan → extract → transform → load → commit.
+
+The watermark moves after each batch the destination acknowledged, in order, so a run that
+stops half way resumes from the last acknowledged row; a dry run moves nothing. Every
+rejected or failed row goes to the run's error file with its reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from reverse_etl import storage
+from reverse_etl.config import Project, Sync
+from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult
+from reverse_etl.destinations.registry import destination_for
+from reverse_etl.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    ReverseEtlError,
+    SchemaMismatchError,
+)
+from reverse_etl.extract import batch_watermark, plan_read
+from reverse_etl.prefetch import prefetch
+from reverse_etl.secrets import scrub
+from reverse_etl.sources import Source, SourceError, open_source
+from reverse_etl.state import RunRecord, StateStore, Watermark, now
+from reverse_etl.transform.rowerrors import ErrorFileWriter
+from reverse_etl.transform.transformer import (
+    FieldSpec,
+    Transformer,
+    TransformSpec,
+    schema_problems,
+)
+
+
+@dataclass
+class RunOptions:
+    full_refresh: bool = False
+    dry_run: bool = False
+    dry_run_file: str | None = None
+
+
+@dataclass
+class RunResult:
+    record: RunRecord
+    by_reason: Counter[str] = field(default_factory=Counter)
+    dry_run_file: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.record.status == "failed":
+            return EXIT_FAILED
+        if self.record.counts.rejected or self.record.counts.failed:
+            return EXIT_ROW_ERRORS
+        return EXIT_OK
+
+
+DestinationFactory = Callable[[Project, Sync], Destination]
+
+
+def make_destination(project: Project, sync: Sync) -> Destination:
+    conn = project.connections[sync.destination.connection]
+    return destination_for(conn.type)(conn, sync)  # type: ignore[call-arg]
+
+
+def transform_spec(sync: Sync, destination_type: type[Destination]) -> TransformSpec:
+    fields = []
+    for column, target in sync.fields().items():
+        kind = target.type or destination_type.standard_fields.get(target.field)
+        fields.append(FieldSpec(column, target.field, kind))
+    for channel, consent in sync.consent.columns().items():
+        fields.append(FieldSpec(consent.column, f"consent.{channel}", "consent"))
+        if consent.consented_at:
+            fields.append(FieldSpec(consent.consented_at, f"consent.{channel}.consented_at", "datetime"))
+    return TransformSpec(
+        sync=sync.name,
+        identifier=sync.identifier,
+        cursor=sync.cursor,
+        fields=tuple(fields),
+        default_phone_region=sync.default_phone_region,
+        phone_region_column=sync.phone_region_column,
+        naive_timezone=sync.naive_timezone,
+        max_future_skew=timedelta(minutes=sync.max_future_skew_minutes),
+    )
+
+
+def run_sync(
+    project: Project,
+    sync_name: str,
+    store: StateStore,
+    options: RunOptions | None = None,
+    *,
+    destination_factory: DestinationFactory = make_destination,
+    source_factory: Callable[[Project, Sync], Source] | None = None,
+) -> RunResult:
+    options = options or RunOptions()
+    sync = project.sync(sync_name)
+    run_id = store.new_run_id()
+    record = RunRecord(run_id=run_id, sync=sync.name, started_at=now(), status="running", full_refresh=options.full_refresh)
+    result = RunResult(record)
+    with store.lock(sync.name, run_id):
+        store.start_run(record)
+        error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
+        if not storage.is_s3(error_target):
+            error_target = str(project.path(error_target))
+        try:
+            with storage.open_text_for_write(error_target) as fh:
+                errors = ErrorFileWriter(fh, sync.name, run_id)
+                try:
+                    _run(project, sync, store, options, record, errors, result, destination_factory, source_factory)
+                finally:
+                    result.by_reason = errors.by_reason
+            record.error_file = error_target
+        except (ReverseEtlError, SourceError) as exc:
+            record.status = "failed"
+            record.message = scrub(str(exc))
+            record.error_file = error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
+        except Exception as exc:  # an unforeseen bug: record it, never leave the run 'running'
+            record.status = "failed"
+            record.message = scrub(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            record.ended_at = now()
+            if record.status == "running":
+                record.status = "dry_run" if options.dry_run else (
+                    "partial" if record.counts.rejected or record.counts.failed else "success"
+                )
+            store.save_run(record)
+    return result
+
+
+def _run(
+    project: Project,
+    sync: Sync,
+    store: StateStore,
+    options: RunOptions,
+    record: RunRecord,
+    errors: ErrorFileWriter,
+    result: RunResult,
+    destination_factory: DestinationFactory,
+    source_factory: Callable[[Project, Sync], Source] | None,
+) -> None:
+    conn = project.connections[sync.destination.connection]
+    dest_type = destination_for(conn.type)
+    spec = transform_spec(sync, dest_type)
+    view_sql = project.source_sql(sync)
+    source = (source_factory or _default_source)(project, sync)
+    with source:
+        schema = source.schema(view_sql)
+        problems = schema_problems(spec, schema)
+        if problems:
+            raise SchemaMismatchError(
+                f"sync {sync.name!r}: the view no longer fits the mapping, nothing was sent:\n  - "
+                + "\n  - ".join(problems)
+            )
+        watermark = None if options.full_refresh else store.watermark(sync.name)
+        plan = plan_read(
+            source,
+            view_sql,
+            cursor=sync.cursor,
+            identifier=sync.identifier,
+            email_identifier=spec.identifier_field().kind == "email",
+            watermark=watermark,
+            lookback=timedelta(minutes=sync.lookback_minutes),
+        )
+        destination = destination_factory(project, sync)
+        counts = record.counts
+        transformer: Transformer | None = None
+
+        def batches() -> Iterator[LoadBatch]:
+            nonlocal transformer
+            row = 1
+            for batch in source.stream(plan.query.sql, plan.query.params, sync.batch_size):
+                if transformer is None:
+                    transformer = Transformer(spec, batch.schema)
+                    if plan.superseded is not None:
+                        transformer.set_superseded(plan.superseded)
+                out = transformer.transform(batch, row)
+                row += batch.num_rows
+                counts.read += batch.num_rows
+                counts.rejected += out.rejected
+                errors.write(out.errors)
+                yield LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
+
+        try:
+            if options.dry_run:
+                result.dry_run_file = _dry_run(project, sync, record, destination, prefetch(batches()))
+                return
+            destination.prepare()
+            for loaded in destination.load(prefetch(batches())):
+                _commit(store, sync, record, errors, loaded)
+                store.heartbeat(sync.name, record.run_id)
+        finally:
+            destination.close()
+            if transformer is not None:
+                transformer.close()
+
+
+def _commit(store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileWriter, loaded: LoadResult) -> None:
+    c = record.counts
+    c.sent += loaded.sent
+    c.created += loaded.created
+    c.updated += loaded.updated
+    c.failed += loaded.failed
+    errors.write(loaded.errors)
+    mark: Watermark | None = loaded.token
+    if mark is not None:
+        store.set_watermark(sync.name, mark)
+
+
+def _dry_run(project: Project, sync: Sync, record: RunRecord, destination: Destination, batches: Iterator[LoadBatch]) -> str:
+    """Write every request the run would send, one JSON line each; send and commit nothing."""
+    target = str(project.path(f".reverse_etl/dry-run/{sync.name}/{record.run_id}.jsonl"))
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as fh:
+        for batch in batches:
+            for req in destination.requests(batch.table):
+                line: dict[str, Any] = {
+                    "method": req.method,
+                    "path": req.path,
+                    "rows": req.rows,
+                    "body": orjson.Fragment(req.body),
+                }
+                fh.write(orjson.dumps(line) + b"\n")
+                record.counts.sent += req.rows
+    return target
+
+
+def _default_source(project: Project, sync: Sync) -> Source:
+    return open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
+
+
+def due_syncs(project: Project, store: StateStore, moment: datetime | None = None) -> list[str]:
+    """Enabled syncs whose schedule says they should run now."""
+    return [
+        s.name
+        for s in project.syncs
+        if s.enabled and s.schedule is not None and s.schedule.is_due(store.last_started(s.name), moment)
+    ]

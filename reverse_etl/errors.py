@@ -1,0 +1,35 @@
+"""Exceptions that end a run, and the exit codes the CLI maps them to.
+
+Exit codes are part of the public contract (schedulers and CI read them):
+0 every row landed; 1 the run finished but some rows were rejected or failed (see the error
+file); 2 the command line was wrong (click's usage errors); 3 the run could not run or could
+not finish (config, warehouse, lock, API gave up).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ROW_ERRORS = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+
+
+class ReverseEtlError(Exception):
+    """Base class: the message is meant for the user and never carries a secret."""
+
+
+class ConfigError(ReverseEtlError):
+    """The project file is wrong; the message names the file, the key, the value and the fix."""
+
+
+class LockHeldError(ReverseEtlError):
+    """Another run of the same sync holds its lock."""
+
+
+class SchemaMismatchError(ReverseEtlError):
+    """The view's columns or types no longer fit the sync's mapping; nothing was sent."""
+
+
+class DestinationError(ReverseEtlError):
+    """The destination API failed in a way retries could not fix; unacknowledged rows stay
+    behind the watermark and are sent again on the next run."""

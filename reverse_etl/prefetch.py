@@ -1,0 +1,50 @@
+"""Run a producer in a background thread, a few items ahead of its consumer.
+
+DuckDB and Arrow release the GIL, so reading and transforming batch N+1 overlaps with
+building and sending batch N: the two cores both work. Errors in the producer are raised in
+the consumer, and closing the consumer stops the producer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(source: Iterator[T], depth: int = 2) -> Iterator[T]:
+    items: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            items.put(exc)
+
+    thread = threading.Thread(target=produce, name="reverse-etl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -1,0 +1,26 @@
+"""One in-process DuckDB for the engine's own vectorised work (transforms, JSON building).
+
+Every user gets a cursor of the same database, so they share one buffer pool and one memory
+limit instead of each connection paying for its own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import duckdb
+
+MEMORY_LIMIT = "64MB"
+_lock = threading.Lock()
+_db: duckdb.DuckDBPyConnection | None = None
+
+
+def cursor() -> duckdb.DuckDBPyConnection:
+    """A new connection to the shared scratch database (UTC session, one thread)."""
+    global _db
+    with _lock:
+        if _db is None:
+            _db = duckdb.connect(config={"threads": 1, "memory_limit": MEMORY_LIMIT})
+        con = _db.cursor()
+    con.execute("SET TimeZone = 'UTC'")
+    return con

@@ -1,0 +1,74 @@
+"""Resolving ``{{ env_var('NAME', 'default') }}`` in config values, and scrubbing secrets.
+
+Secrets live in the environment, never in files; every resolved secret is registered so that
+log lines, error files and exception texts can be scrubbed of it before they leave the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+_ENV_VAR = re.compile(
+    r"""\{\{\s*env_var\(\s*(['"])(?P<name>[^'"]+)\1\s*(?:,\s*(['"])(?P<default>.*?)\3\s*)?\)\s*\}\}"""
+)
+_TEMPLATE = re.compile(r"\{\{.*?\}\}")
+
+_known_secrets: set[str] = set()
+
+
+class MissingEnvVar(Exception):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def render(value: str, env: Mapping[str, str] | None = None) -> str:
+    """Substitute every env_var() template in ``value``; raise MissingEnvVar if one is unset."""
+    env = os.environ if env is None else env
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name in env:
+            return env[name]
+        if match.group("default") is not None:
+            return match.group("default")
+        raise MissingEnvVar(name)
+
+    rendered = _ENV_VAR.sub(sub, value)
+    leftover = _TEMPLATE.search(rendered)
+    if leftover:
+        raise ValueError(
+            f"unsupported template {leftover.group(0)!r}; only "
+            "{{ env_var('NAME') }} and {{ env_var('NAME', 'default') }} are understood"
+        )
+    return rendered
+
+
+def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "") -> Any:
+    """Render templates in every string of a loaded YAML tree. Errors carry the key path."""
+    if isinstance(node, dict):
+        return {k: render_tree(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [render_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and "{{" in node:
+        try:
+            return render(node, env)
+        except MissingEnvVar as exc:
+            raise KeyError((path, exc.name)) from None
+    return node
+
+
+def register_secret(value: str | None) -> None:
+    if value and len(value) >= 4:
+        _known_secrets.add(value)
+
+
+def scrub(text: str) -> str:
+    """Replace every registered secret in ``text`` with ``***``."""
+    for secret in sorted(_known_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,64 @@
+"""Warehouse sources: one module per warehouse, opened from a connection profile."""
+
+from __future__ import annotations
+
+from reverse_etl.config import (
+    BigQueryConnection,
+    DuckDBConnection,
+    PostgresConnection,
+    Project,
+    SnowflakeConnection,
+    WarehouseConnection,
+)
+from reverse_etl.sources.base import Source, SourceError
+
+__all__ = ["Source", "SourceError", "open_source"]
+
+
+def open_source(conn: WarehouseConnection, project: Project) -> Source:
+    """Open a source; drivers are imported only for the warehouse in use."""
+    if isinstance(conn, DuckDBConnection):
+        from reverse_etl.sources.duckdb import DuckDBSource
+
+        return DuckDBSource(project.path(conn.path), memory_limit=conn.memory_limit)
+    if isinstance(conn, PostgresConnection):
+        from reverse_etl.sources.postgres import PostgresSource
+
+        return PostgresSource(conn.dsn())
+    if isinstance(conn, SnowflakeConnection):
+        from reverse_etl.sources.snowflake import SnowflakeSource
+
+        kwargs = {
+            "account": conn.account,
+            "user": conn.user,
+            "database": conn.database,
+            "schema": conn.schema_,
+            "warehouse": conn.warehouse,
+            "role": conn.role,
+            "host": conn.host,
+            "port": conn.port,
+            "protocol": conn.protocol,
+        }
+        if conn.password is not None:
+            kwargs["password"] = conn.password.get_secret_value()
+        if conn.private_key_file:
+            kwargs["authenticator"] = "SNOWFLAKE_JWT"
+            kwargs["private_key_file"] = str(project.path(conn.private_key_file))
+        return SnowflakeSource(**{k: v for k, v in kwargs.items() if v is not None})
+    if isinstance(conn, BigQueryConnection):
+        from reverse_etl.sources.bigquery import BigQuerySource
+
+        credentials = None
+        if conn.credentials_file:
+            from google.oauth2 import service_account
+
+            credentials = service_account.Credentials.from_service_account_file(
+                str(project.path(conn.credentials_file))
+            )
+        return BigQuerySource(
+            conn.project,
+            location=conn.location,
+            api_endpoint=conn.api_endpoint,
+            credentials=credentials,
+        )
+    raise SourceError(f"no source for connection type {conn.type!r}")

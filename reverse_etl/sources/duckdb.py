@@ -1,0 +1,66 @@
+"""DuckDB, the embedded default warehouse: Arrow batches straight from the engine."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from reverse_etl.sources.base import Dialect, Source, SourceError, rebatch
+
+DIALECT = Dialect(name="duckdb", param_style="dollar")
+
+
+class DuckDBSource(Source):
+    dialect = DIALECT
+
+    def __init__(
+        self, path: str | Path, *, memory_limit: str = "512MB", read_only: bool = True, threads: int = 1
+    ):
+        path = str(path)
+        if path != ":memory:" and not Path(path).exists():
+            raise SourceError(
+                f"DuckDB file {path!r} does not exist; run `reverse-etl demo` to create the demo "
+                "warehouse or fix `path` in the connection profile"
+            )
+        try:
+            self._con = duckdb.connect(
+                path,
+                read_only=read_only and path != ":memory:",
+                config={"memory_limit": memory_limit, "temp_directory": self._spill_dir()},
+            )
+            self._con.execute("SET TimeZone = 'UTC'")
+            self._con.execute(f"SET threads = {threads}")
+        except duckdb.Error as exc:
+            raise SourceError(f"cannot open DuckDB file {path!r}: {exc}") from exc
+
+    @staticmethod
+    def _spill_dir() -> str:
+        """Sorting a large incremental read spills here instead of growing past the limit."""
+        return str(Path(tempfile.gettempdir()) / "reverse_etl_duckdb_spill")
+
+    def schema(self, sql: str) -> pa.Schema:
+        try:
+            return self._con.sql(f"SELECT * FROM ({sql}) AS q LIMIT 0").to_arrow_table().schema
+        except duckdb.Error as exc:
+            raise SourceError(f"DuckDB could not run the sync's SQL: {exc}") from exc
+
+    def stream(
+        self, sql: str, params: Mapping[str, Any], batch_size: int
+    ) -> Iterator[pa.RecordBatch]:
+        try:
+            reader = self._con.sql(sql, params=dict(params)).to_arrow_reader(batch_size)
+        except duckdb.Error as exc:
+            raise SourceError(f"DuckDB could not run the sync's SQL: {exc}") from exc
+        yield from rebatch(iter(reader), batch_size)
+
+    def execute(self, sql: str) -> None:
+        """Run set-up SQL (e.g. a view over a CSV file) on this connection."""
+        self._con.execute(sql)
+
+    def close(self) -> None:
+        self._con.close()

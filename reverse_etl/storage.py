@@ -1,0 +1,88 @@
+"""Where error files and exports go: a local path or an ``s3://bucket/key`` URI.
+
+S3 writes go to a local temporary file first and are uploaded on close, so a crash never
+leaves half an object behind. The S3 endpoint comes from the usual AWS settings
+(``AWS_ENDPOINT_URL`` for S3-compatible stores and moto), credentials from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def is_s3(target: str) -> bool:
+    return target.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if is_s3(base) else str(Path(base) / name)
+
+
+@contextmanager
+def open_text_for_write(target: str) -> Iterator[IO[str]]:
+    """Open ``target`` for writing CSV text (newline='' as the csv module wants)."""
+    if not is_s3(target):
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            yield fh
+        return
+    bucket, key = split_s3(target)
+    fd, tmp = tempfile.mkstemp(suffix=".csv")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            yield fh
+        _s3_client().upload_file(tmp, bucket, key)
+    finally:
+        os.unlink(tmp)
+
+
+@contextmanager
+def open_text_for_read(source: str) -> Iterator[IO[str]]:
+    if not is_s3(source):
+        with Path(source).open(newline="", encoding="utf-8-sig") as fh:
+            yield fh
+        return
+    bucket, key = split_s3(source)
+    fd, tmp = tempfile.mkstemp(suffix=".csv")
+    os.close(fd)
+    try:
+        _s3_client().download_file(bucket, key, tmp)
+        with open(tmp, newline="", encoding="utf-8-sig") as fh:
+            yield fh
+    finally:
+        os.unlink(tmp)
+
+
+def local_copy_path(source: str) -> str:
+    """A local file path for ``source`` (downloads s3 objects); caller deletes it if s3."""
+    if not is_s3(source):
+        return source
+    bucket, key = split_s3(source)
+    fd, tmp = tempfile.mkstemp(suffix=Path(key).suffix or ".csv")
+    os.close(fd)
+    _s3_client().download_file(bucket, key, tmp)
+    return tmp
+
+
+def upload(local: str, target: str) -> None:
+    bucket, key = split_s3(target)
+    _s3_client().upload_file(local, bucket, key)
+
+
+def _s3_client():  # type: ignore[no-untyped-def]
+    import boto3
+
+    return boto3.client("s3")

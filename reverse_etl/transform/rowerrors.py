@@ -1,0 +1,135 @@
+"""Row errors and the error file users download to fix their data.
+
+One CSV row per problem: which row, which identifier, which column, the value as the
+warehouse sent it, a reason code, a message and how to fix it. Values are converted to text
+by ``cell_text`` (Decimals, timestamps, bytes, nested values), never by the csv module's
+repr, and every cell that a spreadsheet would run as a formula is neutralised.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import IO, Any
+
+import orjson
+
+from reverse_etl.secrets import scrub
+
+ERROR_FILE_COLUMNS = (
+    "sync",
+    "run_id",
+    "row_number",
+    "identifier",
+    "column",
+    "value",
+    "reason",
+    "message",
+    "how_to_fix",
+)
+
+# reason code -> how to fix it; the message says what was wrong with this row.
+FIXES: dict[str, str] = {
+    "missing_identifier": "Give every row a value in the identifier column, or filter such rows out of the view.",
+    "duplicate_identifier": "Make the view return one row per identifier; only the latest row (by cursor) was sent.",
+    "missing_cursor": "Give every row a modified_at (cursor) value; rows without one can never be picked up incrementally.",
+    "invalid_email": "Fix the address in the warehouse (it must look like name@domain.tld).",
+    "missing_email": "Give the row an email address; this destination needs one to create a contact.",
+    "invalid_phone": "Store phone numbers in E.164 (+14155552671) or set default_phone_region for national numbers.",
+    "invalid_consent": "Use one of: yes/no, y/n, true/false, 1/0, subscribed/unsubscribed, opt-in/opt-out (or leave empty for no change).",
+    "invalid_timestamp": "Store timestamps as ISO 8601 (2025-03-01T10:00:00Z) or as a TIMESTAMP column.",
+    "timestamp_too_old": "Timestamps before 1990-01-01 are refused as placeholders; fix or clear the value.",
+    "timestamp_in_future": "The timestamp lies in the future; check the source's time zone or clear the value.",
+    "invalid_date": "Store dates as YYYY-MM-DD or as a DATE column.",
+    "invalid_number": "Store a plain number (no currency signs or thousands separators), or map the column as a string.",
+    "invalid_boolean": "Use true/false, yes/no or 1/0.",
+    "value_too_large": "Shorten the value or stop mapping the column; the destination refuses records this large.",
+    "destination_rejected": "Read the message: the destination refused this record. Fix the data and it is sent again on its next change.",
+    "not_sent": "The destination did not acknowledge this record before the run stopped; the next run sends it again.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    row_number: int
+    identifier: Any
+    column: str
+    value: Any
+    reason: str
+    message: str
+
+
+def cell_text(value: Any) -> str:
+    """Text for one cell, for any value a warehouse driver can return."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return str(value)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """Prefix a quote so spreadsheets show the text instead of running it as a formula."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+class ErrorFileWriter:
+    """Streams row errors to CSV and keeps the per-reason summary."""
+
+    def __init__(self, fh: IO[str], sync: str, run_id: str):
+        self._writer = csv.writer(fh)
+        self._writer.writerow(ERROR_FILE_COLUMNS)
+        self.sync = sync
+        self.run_id = run_id
+        self.by_reason: Counter[str] = Counter()
+        self._lock = threading.Lock()  # the transform thread and the load loop both write
+
+    def write(self, errors: Iterable[RowError]) -> None:
+        with self._lock:
+            self._write(errors)
+
+    def _write(self, errors: Iterable[RowError]) -> None:
+        for e in errors:
+            self.by_reason[e.reason] += 1
+            self._writer.writerow(
+                [
+                    spreadsheet_safe(scrub(cell_text(v)))
+                    for v in (
+                        self.sync,
+                        self.run_id,
+                        e.row_number,
+                        e.identifier,
+                        e.column,
+                        e.value,
+                        e.reason,
+                        e.message,
+                        FIXES.get(e.reason, ""),
+                    )
+                ]
+            )
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_reason.values())

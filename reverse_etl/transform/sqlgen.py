@@ -1,0 +1,140 @@
+"""SQL expressions (DuckDB) that normalise and check one column of a whole batch at once.
+
+Each kind yields a pair: the normalised value and an error code (NULL when the value is
+fine). Codes ending in ``?`` mark values the fast vectorised rule could not accept, which the
+slow path (email-validator, phonenumbers) then decides one by one: only failing rows pay for
+per-row Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.types as pt
+
+from reverse_etl.transform.consent import WORDS
+
+# A conservative ASCII address; anything else (IDN, quoted local parts) goes to email-validator.
+EMAIL_RE = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
+E164_RE = r"\+[1-9][0-9]{6,14}"
+
+
+def region_table(regions: dict[str, tuple[str, str]]) -> pa.Table:
+    """Region → calling code and trunk prefix, joined once per batch to read national numbers."""
+    return pa.table({
+        "region": list(regions),
+        "cc": [v[0] for v in regions.values()],
+        "np": [v[1] for v in regions.values()],
+    })
+
+
+def q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Run-wide bounds, rendered into the SQL as literals."""
+
+    naive_timezone: str
+    min_timestamp: str  # ISO, e.g. 1990-01-01T00:00:00Z
+    max_timestamp: str  # now + skew, ISO
+
+
+def _blank_to_null(col: str, dtype: pa.DataType) -> str:
+    if pt.is_string(dtype) or pt.is_large_string(dtype):
+        return f"NULLIF(TRIM({col}), '')"
+    return col
+
+
+def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) -> tuple[str, str]:
+    """Phone rules read ``b.__cc`` / ``b.__np``: the row's region's calling code and trunk
+    prefix, joined in by the transformer."""
+    col = f"b.{q(column)}"
+    is_text = pt.is_string(dtype) or pt.is_large_string(dtype) or pt.is_null(dtype)
+    src = _blank_to_null(col, dtype)
+    if kind == "email":
+        v = f"LOWER(CAST({src} AS VARCHAR))"
+        return v, f"CASE WHEN {v} IS NOT NULL AND NOT regexp_full_match({v}, {lit(EMAIL_RE)}) THEN 'email?' END"
+    if kind == "phone":
+        cleaned = f"regexp_replace(CAST({src} AS VARCHAR), '[\\s().\\-/]', '', 'g')"
+        international = (
+            f"(CASE WHEN starts_with({cleaned}, '00') THEN '+' || substr({cleaned}, 3) "
+            f"WHEN starts_with({cleaned}, '+') THEN {cleaned} END)"
+        )
+        national = (
+            f"(CASE WHEN b.__cc IS NOT NULL AND regexp_full_match({cleaned}, '[0-9]+') THEN "
+            f"'+' || b.__cc || CASE WHEN b.__np <> '' AND starts_with({cleaned}, b.__np) "
+            f"THEN substr({cleaned}, length(b.__np) + 1) ELSE {cleaned} END END)"
+        )
+        v = f"COALESCE({international}, {national})"
+        return v, (
+            f"CASE WHEN {src} IS NOT NULL AND NOT COALESCE(regexp_full_match({v}, "
+            f"{lit(E164_RE)}), FALSE) THEN 'phone?' END"
+        )
+    if kind == "consent":
+        subs = ", ".join(lit(w) for w, c in WORDS.items() if c == "subscribed")
+        unsubs = ", ".join(lit(w) for w, c in WORDS.items() if c == "unsubscribed")
+        nevers = ", ".join(lit(w) for w, c in WORDS.items() if c == "never_subscribed")
+        if pt.is_boolean(dtype):
+            return f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'unsubscribed' END", "NULL"
+        w = f"LOWER(TRIM(CAST({col} AS VARCHAR)))"
+        v = (
+            f"CASE WHEN {w} IN ({subs}) THEN 'subscribed' WHEN {w} IN ({unsubs}) THEN 'unsubscribed' "
+            f"WHEN {w} IN ({nevers}) THEN 'never_subscribed' END"
+        )
+        return v, f"CASE WHEN NULLIF({w}, '') IS NOT NULL AND ({v}) IS NULL THEN 'invalid_consent' END"
+    if kind == "datetime":
+        if pt.is_timestamp(dtype) and dtype.tz is not None:
+            v = f"CAST({col} AS TIMESTAMPTZ)"
+        elif pt.is_timestamp(dtype) or pt.is_date(dtype):
+            v = f"timezone({lit(checks.naive_timezone)}, CAST({col} AS TIMESTAMP))"
+        else:
+            s = f"CAST({src} AS VARCHAR)"
+            v = (
+                f"(CASE WHEN regexp_matches({s}, '(Z|z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$') "
+                f"THEN TRY_CAST({s} AS TIMESTAMPTZ) "
+                f"ELSE timezone({lit(checks.naive_timezone)}, TRY_CAST({s} AS TIMESTAMP)) END)"
+            )
+        err = (
+            f"CASE WHEN {src} IS NULL THEN NULL WHEN {v} IS NULL THEN 'invalid_timestamp' "
+            f"WHEN {v} < TIMESTAMPTZ {lit(checks.min_timestamp)} THEN 'timestamp_too_old' "
+            f"WHEN {v} > TIMESTAMPTZ {lit(checks.max_timestamp)} THEN 'timestamp_in_future' END"
+        )
+        return v, err
+    if kind == "date":
+        if pt.is_date(dtype) or pt.is_timestamp(dtype):
+            v = f"CAST({col} AS DATE)"
+        else:
+            s = f"CAST({src} AS VARCHAR)"
+            v = f"COALESCE(TRY_CAST({s} AS DATE), CAST(TRY_CAST({s} AS TIMESTAMP) AS DATE))"
+        return v, f"CASE WHEN {src} IS NOT NULL AND {v} IS NULL THEN 'invalid_date' END"
+    if kind in {"integer", "number"}:
+        target = "BIGINT" if kind == "integer" else "DOUBLE"
+        if pt.is_integer(dtype) or pt.is_floating(dtype) or pt.is_decimal(dtype):
+            v = f"TRY_CAST({col} AS {target})"
+        else:
+            v = f"TRY_CAST(TRIM(CAST({src} AS VARCHAR)) AS {target})"
+        return v, f"CASE WHEN {src} IS NOT NULL AND {v} IS NULL THEN 'invalid_number' END"
+    if kind == "boolean":
+        if pt.is_boolean(dtype):
+            return col, "NULL"
+        if pt.is_integer(dtype):
+            return f"({col} <> 0)", "NULL"
+        w = f"LOWER(CAST({src} AS VARCHAR))"
+        v = (
+            f"CASE WHEN {w} IN ('true','t','yes','y','1') THEN TRUE "
+            f"WHEN {w} IN ('false','f','no','n','0') THEN FALSE END"
+        )
+        return v, f"CASE WHEN {w} IS NOT NULL AND ({v}) IS NULL THEN 'invalid_boolean' END"
+    if kind == "json":
+        return col, "NULL"
+    # string
+    if is_text:
+        return src, "NULL"
+    return f"CAST({col} AS VARCHAR)", "NULL"
