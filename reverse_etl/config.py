@@ -25,7 +25,7 @@ from pydantic import (
 
 from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import Schedule, parse_schedule
-from reverse_etl.secrets import register_secret, render_tree
+from reverse_etl.secrets import register_secret, render_tree, scrub
 
 DEFAULT_CONFIG = Path("profiles/profiles.yml")
 FIELD_TYPES = ("string", "number", "integer", "boolean", "date", "datetime", "email", "phone", "json")
@@ -332,7 +332,7 @@ def load_project(
     try:
         project = Project.model_validate({**rendered, "root": root, "file": file})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(file, exc, rendered)) from None
+        raise ConfigError(scrub(format_validation_error(file, exc, rendered))) from None
     for conn in project.connections.values():
         for value in conn.__dict__.values():
             if isinstance(value, SecretStr):
@@ -353,57 +353,6 @@ def _check_destination_options(project: Project) -> None:
             )
 
 
-def format_validation_error(file: Path, exc: ValidationError, data: Any) -> str:
-    lines = [f"{file}: {exc.error_count()} problem(s):"]
-    for err in exc.errors():
-        loc = _loc_path(err["loc"])
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _RefError):
-            lines.append(f"  {ctx_error.loc}: {ctx_error}")
-            continue
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            parent = _lookup(data, err["loc"][:-1])
-            key = err["loc"][-1]
-            valid = _valid_keys(err["loc"])
-            hint = difflib.get_close_matches(str(key), valid, n=1)
-            lines.append(
-                f"  {loc}: unknown key {key!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + (f" Valid keys: {', '.join(valid)}" if valid else "")
-            )
-            del parent
-            continue
-        value = err.get("input")
-        shown = "" if kind == "missing" else f" (got {_short(value)})"
-        message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {message}{shown}")
-    return "\n".join(lines)
-
-
-def _loc_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in {"duckdb", "postgres", "snowflake", "bigquery", "klaviyo", "dotdigital"} or (
-            isinstance(part, str) and part.startswith(("str", "FieldMapping", "function-"))
-        ):
-            continue  # pydantic's union-branch tags, not keys the user wrote
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
 _MODELS_BY_KEY: dict[str, type[BaseModel]] = {
     "source": SourceSpec,
     "consent": ConsentSpec,
@@ -411,6 +360,64 @@ _MODELS_BY_KEY: dict[str, type[BaseModel]] = {
     "email": ConsentColumn,
     "sms": ConsentColumn,
 }
+_TYPE_TAGS = set(WAREHOUSE_TYPES + DESTINATION_TYPES)
+
+
+def format_validation_error(file: Path, exc: ValidationError, data: Any) -> str:
+    lines = [f"{file}: {exc.error_count()} problem(s):"]
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = _loc_path(err["loc"])
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _RefError):
+            lines.append(f"  {ctx_error.loc}: {ctx_error}")
+            continue
+        kind = err["type"]
+        value = err.get("input")
+        if _mapping_branch(err["loc"]) == "str" and isinstance(value, dict):
+            continue  # the long form was meant; its own errors say what is wrong
+        if kind == "extra_forbidden":
+            key = err["loc"][-1]
+            valid = _valid_keys(err["loc"])
+            hint = difflib.get_close_matches(str(key), valid, n=1)
+            line = (
+                f"  {loc}: unknown key {key!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + (f" Valid keys: {', '.join(valid)}" if valid else "")
+            )
+        else:
+            # Only scalars are echoed: a whole mapping may hold a secret.
+            hidden = kind == "missing" or isinstance(value, dict | list)
+            shown = "" if hidden else f" (got {_short(value)})"
+            line = f"  {loc}: {err['msg'].removeprefix('Value error, ')}{shown}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _mapping_branch(loc: tuple[Any, ...]) -> str | None:
+    """Mapping values are ``str | FieldMapping``: pydantic names the branch after the column."""
+    for i in range(2, len(loc) - 1):
+        if loc[i - 1] == "mapping" and loc[0] == "syncs":
+            branch = loc[i + 1]
+            return "str" if str(branch).startswith("str") else str(branch)
+    return None
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    """The key path as the user wrote it, without pydantic's union-branch tags."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        conn_tag = i == 2 and loc[0] == "connections" and part in _TYPE_TAGS
+        mapping_tag = i >= 4 and loc[i - 2] == "mapping" and str(part).startswith(("str", "FieldMapping"))
+        if conn_tag or mapping_tag or str(part).startswith("function-"):
+            continue
+        out += f".{part}" if out else str(part)
+    return out or "(top level)"
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -418,8 +425,10 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Project
     if parents and parents[0] == "syncs":
         model = Sync
+    if parents and parents[0] == "state":
+        model = StateSpec
     if parents and parents[0] == "connections":
-        tag = next((p for p in parents[1:] if p in WAREHOUSE_TYPES + DESTINATION_TYPES), None)
+        tag = loc[2] if len(loc) > 3 and loc[2] in _TYPE_TAGS else None
         model = {
             "duckdb": DuckDBConnection,
             "postgres": PostgresConnection,
@@ -428,9 +437,12 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
             "klaviyo": KlaviyoConnection,
             "dotdigital": DotdigitalConnection,
         }.get(tag or "", Project)
-    for part in parents[1:]:
-        if part in _MODELS_BY_KEY:
-            model = _MODELS_BY_KEY[part]
+    elif "mapping" in parents:
+        model = FieldMapping
+    else:
+        for part in parents[1:]:
+            if part in _MODELS_BY_KEY:
+                model = _MODELS_BY_KEY[part]
     return sorted(
         (f.alias or name) for name, f in model.model_fields.items() if name not in {"root", "file"}
     )

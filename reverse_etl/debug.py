@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+
+import orjson
+from botocore.exceptions import ClientError
 
 from reverse_etl import storage
 from reverse_etl.config import Project, Sync
@@ -20,6 +23,7 @@ from reverse_etl.errors import SchemaMismatchError
 from reverse_etl.extract import plan_read
 from reverse_etl.sources import Source, open_source
 from reverse_etl.sources.duckdb import DuckDBSource
+from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
 from reverse_etl.transform.transformer import Transformer, schema_problems
 
@@ -38,6 +42,11 @@ def export_csv(project: Project, sync: Sync, target: str, batch_size: int = 50_0
     rows = 0
     with open_source(conn, project) as source, storage.open_text_for_write(target) as fh:  # type: ignore[arg-type]
         writer: csv.writer | None = None
+        schema = source.schema(project.source_sql(sync))
+        with storage.open_text_for_write(schema_path(target)) as side:
+            # A CSV holds only text: the column kinds the view's types imply travel beside it,
+            # so validating the file checks what validating the view checks.
+            side.write(orjson.dumps({f.name: kind_of_arrow(f.type) for f in schema}).decode())
         for batch in source.stream(project.source_sql(sync), {}, batch_size):
             if writer is None:
                 writer = csv.writer(fh)
@@ -47,8 +56,21 @@ def export_csv(project: Project, sync: Sync, target: str, batch_size: int = 50_0
                 writer.writerow([cell_text(v) for v in values])
             rows += batch.num_rows
         if writer is None:  # empty view: still write the header
-            csv.writer(fh).writerow(source.schema(project.source_sql(sync)).names)
+            csv.writer(fh).writerow(schema.names)
     return rows
+
+
+def schema_path(csv_target: str) -> str:
+    return f"{csv_target}.kinds.json"
+
+
+def _exported_kinds(csv_path: str) -> dict[str, str]:
+    """Column kinds written by ``export_csv`` beside the file; empty for a hand-made CSV."""
+    try:
+        with storage.open_text_for_read(schema_path(csv_path)) as fh:
+            return dict(orjson.loads(fh.read()))
+    except (OSError, ValueError, ClientError):
+        return {}
 
 
 def _csv_source(path: str) -> tuple[Source, str]:
@@ -68,6 +90,10 @@ def validate(
 ) -> ValidationReport:
     dest = destination_for(project.connections[sync.destination.connection].type)
     spec = transform_spec(sync, dest)
+    if csv_path:
+        kinds = _exported_kinds(csv_path)
+        fields = tuple(replace(f, kind=f.kind or kinds.get(f.column)) for f in spec.fields)
+        spec = replace(spec, fields=fields)
     local_csv = storage.local_copy_path(csv_path) if csv_path else None
     rows = bad = 0
     try:

@@ -27,7 +27,7 @@ from reverse_etl.errors import (
     ReverseEtlError,
     SchemaMismatchError,
 )
-from reverse_etl.extract import batch_watermark, plan_read
+from reverse_etl.extract import batch_watermark, later, plan_read
 from reverse_etl.prefetch import prefetch
 from reverse_etl.secrets import scrub
 from reverse_etl.sources import Source, SourceError, open_source
@@ -162,6 +162,8 @@ def _run(
                 + "\n  - ".join(problems)
             )
         watermark = None if options.full_refresh else store.watermark(sync.name)
+        if options.full_refresh and not options.dry_run:
+            store.reset_watermark(sync.name)  # rebuilt from this run's acknowledged batches
         plan = plan_read(
             source,
             view_sql,
@@ -190,15 +192,17 @@ def _run(
                 errors.write(out.errors)
                 yield LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
 
+        stream = prefetch(batches())
         try:
             if options.dry_run:
-                result.dry_run_file = _dry_run(project, sync, record, destination, prefetch(batches()))
+                result.dry_run_file = _dry_run(project, sync, record, options, destination, stream)
                 return
             destination.prepare()
-            for loaded in destination.load(prefetch(batches())):
+            for loaded in destination.load(stream):
                 _commit(store, sync, record, errors, loaded)
                 store.heartbeat(sync.name, record.run_id)
         finally:
+            stream.close()  # stop the read-ahead thread before its transformer and source close
             destination.close()
             if transformer is not None:
                 transformer.close()
@@ -212,13 +216,21 @@ def _commit(store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileW
     c.failed += loaded.failed
     errors.write(loaded.errors)
     mark: Watermark | None = loaded.token
-    if mark is not None:
+    if mark is not None and later(mark, store.watermark(sync.name)):
         store.set_watermark(sync.name, mark)
 
 
-def _dry_run(project: Project, sync: Sync, record: RunRecord, destination: Destination, batches: Iterator[LoadBatch]) -> str:
+def _dry_run(
+    project: Project,
+    sync: Sync,
+    record: RunRecord,
+    options: RunOptions,
+    destination: Destination,
+    batches: Iterator[LoadBatch],
+) -> str:
     """Write every request the run would send, one JSON line each; send and commit nothing."""
-    target = str(project.path(f".reverse_etl/dry-run/{sync.name}/{record.run_id}.jsonl"))
+    target = options.dry_run_file or f".reverse_etl/dry-run/{sync.name}/{record.run_id}.jsonl"
+    target = str(project.path(target))
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as fh:
         for batch in batches:

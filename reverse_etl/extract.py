@@ -4,7 +4,9 @@ Rows are ordered by (cursor, identifier) and the watermark is that pair, so rows
 cursor value are never skipped at a batch boundary or between runs. With a lookback window,
 the lower bound is instead ``cursor >= watermark - lookback`` (inclusive), which re-reads the
 recent past to catch rows committed late; upserts make re-reading harmless. Rows with no
-cursor value are read every run so they are reported, never silently dropped. Identifiers
+cursor or identifier value are read every run so they are reported, never silently dropped
+(a batch may end among NULL identifiers of one cursor value; re-reading them all is simpler
+than a watermark that points into them). Identifiers
 that occur more than once in a read are found by a separate grouping query, and all but the
 latest row of each are rejected, so one run never sends two versions of a record.
 """
@@ -54,7 +56,7 @@ def build_query(
             params["wm_id"] = watermark.id
             where = f"(v.{c} > {wc} OR (v.{c} = {wc} AND v.{i} > {dialect.param('wm_id')}))"
     sql = (
-        f"SELECT * FROM ({view_sql}) AS v WHERE {where} OR v.{c} IS NULL "
+        f"SELECT * FROM ({view_sql}) AS v WHERE {where} OR v.{c} IS NULL OR v.{i} IS NULL "
         f"ORDER BY v.{c} ASC NULLS FIRST, v.{i} ASC NULLS FIRST"
     )
     return IncrementalQuery(sql, params, where)
@@ -80,17 +82,34 @@ def duplicates_query(
 
 
 def superseded(rows: pa.Table) -> pa.Table:
-    """From the duplicates query's rows, the (id, cursor) pairs that are not their key's latest
-    (greatest cursor, then greatest id): these are rejected as ``duplicate_identifier``."""
+    """From the duplicates query's rows, the (id, cursor) pairs to reject as
+    ``duplicate_identifier``: every row but its key's latest (greatest cursor, then greatest
+    id). ``n`` counts how often a pair occurs; where the latest pair itself occurs more than
+    once (an exact duplicate), ``keep_one`` tells the transformer to send only the first."""
+    keys, ids, curs = rows["k"].to_pylist(), rows["id"].to_pylist(), rows["c"].to_pylist()
     latest: dict[Any, tuple[Any, Any]] = {}
-    for key, ident, cur in zip(rows["k"].to_pylist(), rows["id"].to_pylist(), rows["c"].to_pylist(), strict=True):
+    for key, ident, cur in zip(keys, ids, curs, strict=True):
         if key not in latest or (cur, ident) > latest[key]:
             latest[key] = (cur, ident)
-    keep = [
-        (cur, ident) != latest[key]
-        for key, ident, cur in zip(rows["k"].to_pylist(), rows["id"].to_pylist(), rows["c"].to_pylist(), strict=True)
-    ]
-    return rows.filter(pa.array(keep, pa.bool_())).select(["id", "c"])
+    counts: dict[tuple[Any, Any], int] = {}
+    for ident, cur in zip(ids, curs, strict=True):
+        counts[(ident, cur)] = counts.get((ident, cur), 0) + 1
+    out_ids, out_curs, keep_one = [], [], []
+    for key, ident, cur in zip(keys, ids, curs, strict=True):
+        pair = (ident, cur)
+        is_latest = (cur, ident) == latest[key]
+        if pair in counts and (not is_latest or counts[pair] > 1):
+            out_ids.append(ident)
+            out_curs.append(cur)
+            keep_one.append(is_latest)
+            del counts[pair]
+    return pa.table(
+        {
+            "id": pa.array(out_ids, rows.schema.field("id").type),
+            "c": pa.array(out_curs, rows.schema.field("c").type),
+            "keep_one": pa.array(keep_one, pa.bool_()),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -122,10 +141,22 @@ def plan_read(
 
 
 def batch_watermark(batch: pa.RecordBatch, cursor: str, identifier: str) -> Watermark | None:
-    """The (cursor, id) of the batch's last row with a cursor value; None if it has none."""
-    cursors = batch.column(cursor)
+    """The (cursor, id) of the batch's last row that has both; None if it has none. Rows
+    without either are re-read every run anyway, and must not pull the watermark back."""
+    cursors, ids = batch.column(cursor), batch.column(identifier)
     for pos in range(batch.num_rows - 1, -1, -1):
-        value = cursors[pos].as_py()
-        if value is not None:
-            return Watermark(value, batch.column(identifier)[pos].as_py())
+        value, ident = cursors[pos].as_py(), ids[pos].as_py()
+        if value is not None and ident is not None:
+            return Watermark(value, ident)
     return None
+
+
+def later(mark: Watermark, than: Watermark | None) -> bool:
+    """Whether ``mark`` is past ``than``: a lookback re-reads rows behind the watermark, and
+    their batches must not move it back."""
+    if than is None:
+        return True
+    try:
+        return (mark.cursor, mark.id) > (than.cursor, than.id)
+    except TypeError:  # e.g. the view changed the identifier's type: trust the new value
+        return True

@@ -17,6 +17,7 @@ _ENV_VAR = re.compile(
 _TEMPLATE = re.compile(r"\{\{.*?\}\}")
 
 _known_secrets: set[str] = set()
+_SECRET_KEY = re.compile(r"(key|password|secret|token|credential)", re.IGNORECASE)
 
 
 class MissingEnvVar(Exception):
@@ -55,9 +56,12 @@ def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "")
         return [render_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str) and "{{" in node:
         try:
-            return render(node, env)
+            value = render(node, env)
         except MissingEnvVar as exc:
             raise KeyError((path, exc.name)) from None
+        if _SECRET_KEY.search(path.rsplit(".", 1)[-1]):
+            register_secret(value)  # before validation, so even its error messages are scrubbed
+        return value
     return node
 
 

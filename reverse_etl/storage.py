@@ -43,8 +43,13 @@ def open_text_for_write(target: str) -> Iterator[IO[str]]:
     fd, tmp = tempfile.mkstemp(suffix=".csv")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            yield fh
-        _s3_client().upload_file(tmp, bucket, key)
+            try:
+                yield fh
+            finally:
+                fh.flush()
+                # Uploaded even when the block failed: the rows written so far (a failed run's
+                # rejected rows) are exactly what the user needs to see.
+                _s3_client().upload_file(tmp, bucket, key)
     finally:
         os.unlink(tmp)
 
@@ -69,6 +74,8 @@ def open_text_for_read(source: str) -> Iterator[IO[str]]:
 def local_copy_path(source: str) -> str:
     """A local file path for ``source`` (downloads s3 objects); caller deletes it if s3."""
     if not is_s3(source):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such file")
         return source
     bucket, key = split_s3(source)
     fd, tmp = tempfile.mkstemp(suffix=Path(key).suffix or ".csv")

@@ -124,12 +124,6 @@ def test_check_missing_env_var_names_it(tmp_path: Path) -> None:
     assert "RETL_CLI_UNSET_KEY" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `reverse-etl check` prints the API key when a connection's `type` is mistyped: "
-    "config.format_validation_error echoes the rendered connection dict, and _fail's scrub() "
-    "cannot help because secrets are registered only after validation succeeds",
-)
 def test_check_never_prints_the_api_key_on_a_mistyped_type(tmp_path: Path) -> None:
     data = project_data()
     data["connections"]["klaviyo"]["type"] = "Klaviyo"
@@ -324,13 +318,6 @@ def test_export_missing_warehouse_exits_3(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `validate --csv` with a missing local file crashes with an uncaught "
-    "duckdb.IOException (exit 1, which means 'rows rejected') instead of exit 3 and a message: "
-    "debug._csv_source runs read_csv through DuckDBSource.execute, which does not turn duckdb "
-    "errors into SourceError, and storage.local_copy_path does not check local paths",
-)
 def test_validate_csv_missing_file_exits_3(tmp_path: Path) -> None:
     make_project(tmp_path)
     missing = tmp_path / "missing.csv"

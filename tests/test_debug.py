@@ -146,13 +146,6 @@ def test_live_error_file_names_read_positions(project: Project, tmp_path: Path) 
     assert rows["missing_cursor"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: debug.validate(csv_path=...) reads every CSV column as text, so a kind the live "
-    "view infers from its Arrow type (TIMESTAMP → datetime, DATE → date) becomes 'string' and "
-    "its checks vanish: a 1980 last_order_at is timestamp_too_old live but passes from the "
-    "export",
-)
 def test_round_trip_keeps_checks_inferred_from_column_types(tmp_path: Path) -> None:
     columns = dict(PEOPLE_COLUMNS, last_order_at="TIMESTAMPTZ")
     rows = [person(i) + (datetime(1980 if i == 1 else 2024, 1, 1, tzinfo=UTC),) for i in range(4)]
@@ -305,12 +298,6 @@ def test_run_error_file_in_s3_error_dir(s3, tmp_path: Path) -> None:
     assert not (tmp_path / "errors").exists()  # nothing written locally
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: storage.open_text_for_write uploads only when the block ends without an "
-    "exception, yet engine.run_sync records an s3:// error_file for a failed run anyway: the "
-    "rows rejected before the failure are lost and the run record points at a missing object",
-)
 def test_failed_run_still_uploads_its_s3_error_file(s3, tmp_path: Path) -> None:
     project, store = s3_project(tmp_path, dirty_rows())
     fake = FakeDestination(fail_on_batch=3)

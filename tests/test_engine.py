@@ -205,15 +205,6 @@ def test_failure_on_the_first_batch_leaves_no_watermark(make_env) -> None:
     assert set(env.fake.received_ids()) == {email(i) for i in range(15)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine._run closes the transformer (and `with source` closes the DuckDB "
-    "source) in its finally while the prefetch() producer thread is still running: the "
-    "prefetch generator is only closed when the DestinationError's traceback is dropped. A "
-    "producer caught mid-transform makes close() raise duckdb ResourceInUseException instead "
-    "of a clean 'failed' run, and a producer stuck in items.put(exc) makes a later generator "
-    "finaliser wait 30 s in thread.join",
-)
 def test_read_ahead_stops_before_transformer_closes_on_failure(make_env, monkeypatch) -> None:
     rows, syncs = clean(80)
     env = make_env(rows, syncs=syncs)
@@ -324,12 +315,6 @@ def test_duplicate_identifiers_only_the_latest_is_sent(make_env) -> None:
     assert error["row_number"] == "2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two rows with the same identifier and the same cursor value are both sent in "
-    "one run: extract.superseded keeps every row equal to its key's latest (cursor, id) pair, "
-    "and Transformer matches superseded rows on (id, cursor), which cannot tell them apart",
-)
 def test_exact_duplicate_rows_are_sent_once(make_env) -> None:
     rows = [person(i) for i in range(3)]
     rows.append(person(1, first_name="Twin"))  # same email, same modified_at as person(1)
@@ -365,11 +350,6 @@ def test_dry_run_sends_nothing_moves_nothing_and_writes_payloads(make_env) -> No
     assert env.run().record.counts.sent == 25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RunOptions.dry_run_file is never read; engine._dry_run always writes to "
-    ".reverse_etl/dry-run/<sync>/<run_id>.jsonl",
-)
 def test_dry_run_file_option_is_honoured(make_env, tmp_path: Path) -> None:
     rows, syncs = clean(5)
     env = make_env(rows, syncs=syncs)

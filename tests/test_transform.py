@@ -138,12 +138,6 @@ def test_boolean_and_integer_consent_columns() -> None:
     assert canonical(1) == SUBSCRIBED and canonical(0) == UNSUBSCRIBED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the vectorised consent rule (sqlgen.value_and_error, kind 'consent') uses "
-    "DuckDB TRIM, which strips only spaces, while consent.canonical() uses str.strip(): "
-    "'yes\\r' (CRLF exports) or '\\tno' are invalid_consent in a run but valid per canonical()",
-)
 def test_consent_whitespace_agrees_with_canonical() -> None:
     spellings = ["yes\r", "\tno", "Opt-In\n"]
     result = run({"c": spellings}, [("c", "consent.email", "consent")])
@@ -184,12 +178,6 @@ def test_iso_timestamps_with_z_and_offsets_become_utc() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sqlgen.value_and_error treats a trailing lower-case 'z' as an explicit UTC "
-    "offset (its regex says Z|z, as RFC 3339 allows) but DuckDB's TIMESTAMPTZ cast does not "
-    "accept 'z', so '2025-03-01T10:00:00z' becomes invalid_timestamp",
-)
 def test_lower_case_z_suffix_is_utc() -> None:
     result = ts_run(["2025-03-01T10:00:00z"])
     assert result.errors == []
@@ -221,12 +209,6 @@ def test_date_only_text_is_midnight_in_utc() -> None:
     assert by_row(result, "properties.ts") == {1: utc(2025, 3, 1)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sqlgen.value_and_error (kind 'datetime', text column) detects an explicit "
-    "offset with '(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$', which matches the '-01' day of a date-only "
-    "'2025-03-01', so it is cast as TIMESTAMPTZ in UTC and naive_timezone is ignored",
-)
 def test_date_only_text_is_midnight_in_naive_timezone() -> None:
     result = ts_run(["2025-03-01"], tz="America/New_York")
     assert result.errors == []

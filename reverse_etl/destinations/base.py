@@ -10,6 +10,7 @@ subclass, registered in ``registry.py``.
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,10 +77,22 @@ class Destination(ABC):
             )
         return problems + cls.check_options(sync)
 
+    options: ClassVar[tuple[str, ...]] = ()  # destination-specific keys under `destination:`
+
     @classmethod
     def check_options(cls, sync: Sync) -> list[str]:
-        extra = sync.destination.options()
-        return [f"destination.{k}: unknown option for {cls.type}" for k in extra]
+        valid = ["connection", "list", *cls.options]
+        problems = []
+        for key in sync.destination.options():
+            if key in cls.options:
+                continue
+            hint = difflib.get_close_matches(key, valid, n=1)
+            problems.append(
+                f"destination.{key}: unknown option for {cls.type}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" Valid keys: {', '.join(valid)}"
+            )
+        return problems
 
     @classmethod
     def is_custom_field(cls, name: str) -> bool:

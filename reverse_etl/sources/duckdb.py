@@ -60,7 +60,10 @@ class DuckDBSource(Source):
 
     def execute(self, sql: str) -> None:
         """Run set-up SQL (e.g. a view over a CSV file) on this connection."""
-        self._con.execute(sql)
+        try:
+            self._con.execute(sql)
+        except duckdb.Error as exc:
+            raise SourceError(f"DuckDB could not run set-up SQL: {exc}") from exc
 
     def close(self) -> None:
         self._con.close()

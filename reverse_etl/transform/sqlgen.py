@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.types as pt
 
-from reverse_etl.transform.consent import WORDS
-
 # A conservative ASCII address; anything else (IDN, quoted local parts) goes to email-validator.
 EMAIL_RE = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
 E164_RE = r"\+[1-9][0-9]{6,14}"
@@ -77,18 +75,10 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
             f"CASE WHEN {src} IS NOT NULL AND NOT COALESCE(regexp_full_match({v}, "
             f"{lit(E164_RE)}), FALSE) THEN 'phone?' END"
         )
-    if kind == "consent":
-        subs = ", ".join(lit(w) for w, c in WORDS.items() if c == "subscribed")
-        unsubs = ", ".join(lit(w) for w, c in WORDS.items() if c == "unsubscribed")
-        nevers = ", ".join(lit(w) for w, c in WORDS.items() if c == "never_subscribed")
+    if kind == "consent":  # words are mapped in Arrow (transformer._consent)
         if pt.is_boolean(dtype):
             return f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'unsubscribed' END", "NULL"
-        w = f"LOWER(TRIM(CAST({col} AS VARCHAR)))"
-        v = (
-            f"CASE WHEN {w} IN ({subs}) THEN 'subscribed' WHEN {w} IN ({unsubs}) THEN 'unsubscribed' "
-            f"WHEN {w} IN ({nevers}) THEN 'never_subscribed' END"
-        )
-        return v, f"CASE WHEN NULLIF({w}, '') IS NOT NULL AND ({v}) IS NULL THEN 'invalid_consent' END"
+        return f"CAST({col} AS VARCHAR)", "NULL"
     if kind == "datetime":
         if pt.is_timestamp(dtype) and dtype.tz is not None:
             v = f"CAST({col} AS TIMESTAMPTZ)"
@@ -97,8 +87,8 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
         else:
             s = f"CAST({src} AS VARCHAR)"
             v = (
-                f"(CASE WHEN regexp_matches({s}, '(Z|z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$') "
-                f"THEN TRY_CAST({s} AS TIMESTAMPTZ) "
+                f"(CASE WHEN regexp_matches({s}, '[0-9]:[0-9]{{2}}(:[0-9]{{2}}([.,][0-9]+)?)?\\s*(Z|z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$') "
+                f"THEN TRY_CAST(UPPER({s}) AS TIMESTAMPTZ) "
                 f"ELSE timezone({lit(checks.naive_timezone)}, TRY_CAST({s} AS TIMESTAMP)) END)"
             )
         err = (

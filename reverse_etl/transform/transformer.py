@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl import scratch
+from reverse_etl.transform.consent import WORDS
 from reverse_etl.transform.kinds import compatible, kind_of_arrow
 from reverse_etl.transform.rowerrors import RowError
 from reverse_etl.transform.slowpath import PossibleLength, check_email, check_phone, region_codes
@@ -112,6 +113,8 @@ def schema_problems(spec: TransformSpec, schema: pa.Schema) -> list[str]:
 
 
 class Transformer:
+    """Compiles the batch query once for a schema; ``transform`` runs it on each batch."""
+
     def __init__(self, spec: TransformSpec, schema: pa.Schema, *, now: datetime | None = None):
         missing = schema_problems(spec, schema)
         if spec.phone_region_column and spec.phone_region_column not in schema.names:
@@ -119,63 +122,61 @@ class Transformer:
         if missing:
             raise ValueError("; ".join(missing))
         self.spec = spec
+        self.fields = spec.fields
+        self.id_field = spec.identifier_field().field
         self.kinds = {f.column: f.kind or kind_of_arrow(schema.field(f.column).type) for f in spec.fields}
         moment = (now or datetime.now(UTC)) + spec.max_future_skew
         checks = Checks(spec.naive_timezone, MIN_TIMESTAMP, moment.isoformat())
         self._possible = PossibleLength()
+        self._kept_ties: set[object] = set()  # exact duplicates: the first one is sent
         self.con = scratch.cursor()
-        self._phone_macro()
-        selects = ["b.__row AS __row", "b.__pos AS __pos"]
-        self._errs: list[tuple[str, str]] = []  # (error column alias, source column)
-        if spec.phone_region_column:
-            region = f"UPPER(TRIM(CAST(b0.{q(spec.phone_region_column)} AS VARCHAR)))"
-            if spec.default_phone_region:
-                region = f"COALESCE({region}, {lit(spec.default_phone_region.upper())})"
-        elif spec.default_phone_region:
-            region = lit(spec.default_phone_region.upper())
-        else:
-            region = "NULL"
-        has_phone = any(k == "phone" for k in self.kinds.values())
-        rows = (
-            f"SELECT b0.*, pr.cc AS __cc, pr.np AS __np FROM batch AS b0 "
-            f"LEFT JOIN __phone_region AS pr ON pr.region = {region}"
-            if has_phone
-            else "SELECT * FROM batch"
-        )
-        for i, f in enumerate(spec.fields):
-            dtype = schema.field(f.column).type
-            value, err = value_and_error(self.kinds[f.column], f.column, dtype, checks)
-            selects.append(f"{value} AS {q(f.field)}")
-            selects.append(f"{err} AS __e{i}")
-            self._errs.append((f"__e{i}", f.column))
-        id_field = spec.identifier_field().field
-        selects.append(f"{q(id_field)} AS __id")  # re-aliased below; placeholder
-        cursor = f"b.{q(spec.cursor)}"
-        ident = f"b.{q(spec.identifier)}"
-        row_checks = [
-            f"CASE WHEN {cursor} IS NULL THEN 'missing_cursor' END AS __e_cursor",
-            f"CASE WHEN EXISTS (SELECT 1 FROM superseded AS s WHERE s.id = {ident} AND s.c = {cursor}) "
-            "THEN 'duplicate_identifier' END AS __e_dup",
-        ]
-        self.set_superseded(pa.table({"id": pa.array([], schema.field(spec.identifier).type),
-                                      "c": pa.array([], schema.field(spec.cursor).type)}))
-        inner = ", ".join(s for s in selects if not s.endswith("AS __id"))
-        self.sql = (
-            f"SELECT t.*, t.{q(id_field)} AS __id, "
-            f"CASE WHEN t.{q(id_field)} IS NULL THEN 'missing_identifier' END AS __e_id "
-            f"FROM (SELECT {inner}, {', '.join(row_checks)} FROM ({rows}) AS b) AS t"
-        )
-        self.id_field = id_field
-        self.fields = spec.fields
+        self.con.register("__phone_region", region_table(region_codes()))
+        self._errs = [(f"__e{i}", f.column) for i, f in enumerate(spec.fields)]
         self.row_err_cols = ["__e_id", "__e_cursor", "__e_dup"]
+        selects = ["b.__row AS __row", "b.__pos AS __pos"]
+        for (ecol, column), f in zip(self._errs, spec.fields, strict=True):
+            value, err = value_and_error(self.kinds[column], column, schema.field(column).type, checks)
+            selects += [f"{value} AS {q(f.field)}", f"{err} AS {ecol}"]
+        cursor, ident = f"b.{q(spec.cursor)}", f"b.{q(spec.identifier)}"
+        selects.append(f"CASE WHEN {cursor} IS NULL THEN 'missing_cursor' END AS __e_cursor")
+        dup = (
+            f"(SELECT CASE WHEN s.keep_one THEN 'tie?' ELSE 'duplicate_identifier' END "
+            f"FROM superseded AS s WHERE s.id = {ident} AND s.c = {cursor})"
+        )
+        rows = "SELECT * FROM batch"
+        if "phone" in self.kinds.values():
+            rows = (
+                "SELECT b0.*, pr.cc AS __cc, pr.np AS __np FROM batch AS b0 "
+                f"LEFT JOIN __phone_region AS pr ON pr.region = {self._region_sql()}"
+            )
+        idf = q(self.id_field)
+
+        def query(dup_check: str) -> str:
+            return (
+                f"SELECT t.*, t.{idf} AS __id, CASE WHEN t.{idf} IS NULL THEN 'missing_identifier' "
+                f"END AS __e_id FROM (SELECT {', '.join(selects)}, {dup_check} AS __e_dup "
+                f"FROM ({rows}) AS b) AS t"
+            )
+
+        self._sql_plain = query("CAST(NULL AS VARCHAR)")
+        self._sql_dups = query(dup)
+        self.sql = self._sql_plain
+
+    def _region_sql(self) -> str:
+        """SQL for each row's ISO region, used to read national phone numbers."""
+        default = lit(self.spec.default_phone_region.upper()) if self.spec.default_phone_region else "NULL"
+        if not self.spec.phone_region_column:
+            return default
+        return f"COALESCE(UPPER(TRIM(CAST(b0.{q(self.spec.phone_region_column)} AS VARCHAR))), {default})"
 
     def set_superseded(self, rows: pa.Table) -> None:
-        """(id, cursor) pairs of this read that a later row with the same identifier replaces."""
-        self._superseded = rows
+        """(id, cursor, keep_one) rows from ``extract.superseded``: rows a later row with the
+        same identifier replaces, and exact duplicates of which only the first is sent."""
+        if "keep_one" not in rows.column_names:
+            rows = rows.append_column("keep_one", pa.array([False] * rows.num_rows, pa.bool_()))
+        self._superseded = rows  # keep the Arrow table alive while DuckDB scans it
         self.con.register("superseded", rows)
-
-    def _phone_macro(self) -> None:
-        self.con.register("__phone_region", region_table(region_codes()))
+        self.sql = self._sql_dups if rows.num_rows else self._sql_plain
 
     def transform(self, batch: pa.RecordBatch, first_row: int) -> TransformResult:
         if "__row" not in batch.schema.names:  # a CSV brings its own line numbers
@@ -187,74 +188,112 @@ class Transformer:
             out = _arrow(self.con.execute(self.sql))
         finally:
             self.con.unregister("batch")
-        out, details = self._slow_path(out, batch)
-        err_cols = [c for c, _ in self._errs] + self.row_err_cols
-        bad_mask = None
-        for c in err_cols:
-            valid = pc.is_valid(out[c])
-            bad_mask = valid if bad_mask is None else pc.or_(bad_mask, valid)
-        errors: list[RowError] = []
-        rejected = 0
-        if bad_mask is not None and pc.any(bad_mask).as_py():
-            bad = out.filter(bad_mask)
-            rejected = bad.num_rows
-            errors = self._row_errors(bad, batch, details)
-        good = out.filter(pc.invert(bad_mask)) if bad_mask is not None else out
-        keep = ["__row", "__id"] + [f.field for f in self.fields]
-        return TransformResult(good=good.select(keep), errors=errors, rejected=rejected)
-
-    def _slow_path(
-        self, out: pa.Table, batch: pa.RecordBatch
-    ) -> tuple[pa.Table, dict[tuple[int, str], str]]:
-        """Decide ``email?`` / ``phone?`` values one by one; patch rescued values back in."""
         details: dict[tuple[int, str], str] = {}
         for (ecol, column), f in zip(self._errs, self.fields, strict=True):
             kind = self.kinds[column]
-            if kind not in {"email", "phone"}:
-                continue
-            if kind == "phone":  # E.164-shaped but of impossible length: let phonenumbers decide
-                shaped = pc.and_(pc.is_null(out[ecol]), pc.is_valid(out[f.field]))
-                impossible = pc.and_(shaped, pc.invert(self._possible(out[f.field])))
-                impossible = pc.fill_null(impossible, False)
-                codes = pc.if_else(impossible, pa.scalar("phone?"), out[ecol])
-                out = out.set_column(out.schema.get_field_index(ecol), ecol, codes)
-            suspect = pc.fill_null(pc.equal(out[ecol], f"{kind}?"), False)
-            if not pc.any(suspect).as_py():
-                continue
-            idx = pc.indices_nonzero(suspect).to_pylist()
-            positions = out["__pos"].take(pa.array(idx))
-            raw = batch.column(column).take(positions).to_pylist()
-            row_numbers = out["__row"].take(pa.array(idx)).to_pylist()
-            regions = self._regions(batch, positions, len(idx))
-            values = out[f.field].to_pylist()
-            codes = out[ecol].to_pylist()
-            for i, value, rown, region in zip(idx, raw, row_numbers, regions, strict=True):
-                text = str(value).strip()
-                if kind == "email":
-                    fixed, why = check_email(text)
-                else:
-                    fixed, why = check_phone(text, region)
-                values[i] = fixed
-                codes[i] = None if fixed else f"invalid_{kind}"
-                if why:
-                    details[(rown, column)] = why
-            out = out.set_column(out.schema.get_field_index(f.field), f.field, pa.array(values, out[f.field].type))
-            out = out.set_column(out.schema.get_field_index(ecol), ecol, pa.array(codes, pa.string()))
-            if f.field == self.id_field:
-                out = out.set_column(out.schema.get_field_index("__id"), "__id", pa.array(values, out["__id"].type))
-                ids_missing = pc.if_else(pc.is_null(out["__id"]), "missing_identifier", pa.scalar(None, pa.string()))
-                out = out.set_column(out.schema.get_field_index("__e_id"), "__e_id", ids_missing)
-        return out, details
+            if kind == "consent":
+                out = self._consent(out, f.field, ecol)
+            elif kind == "phone":
+                out = self._flag_impossible_phones(out, f.field, ecol)
+            if kind in {"email", "phone"}:
+                out = self._slow_path(out, batch, f, ecol, column, kind, details)
+        out = self._ties(out)
+        bad_mask = pc.is_valid(out["__e_id"])
+        for c in [c for c, _ in self._errs] + ["__e_cursor", "__e_dup"]:
+            bad_mask = pc.or_(bad_mask, pc.is_valid(out[c]))
+        errors: list[RowError] = []
+        rejected = 0
+        if pc.any(bad_mask).as_py():
+            bad = out.filter(bad_mask)
+            rejected = bad.num_rows
+            errors = self._row_errors(bad, batch, details)
+            out = out.filter(pc.invert(bad_mask))
+        keep = ["__row", "__id"] + [f.field for f in self.fields]
+        return TransformResult(good=out.select(keep), errors=errors, rejected=rejected)
+
+    # ------------------------------------------------------------------ vectorised steps
+
+    @staticmethod
+    def _set(out: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+        return out.set_column(out.schema.get_field_index(name), name, values)
+
+    def _consent(self, out: pa.Table, field_name: str, ecol: str) -> pa.Table:
+        """Consent words to canonical values (Arrow: trims every kind of whitespace, as
+        ``consent.canonical`` does); a non-empty unknown word is ``invalid_consent``."""
+        raw = out[field_name]
+        if not pa.types.is_string(raw.type):
+            return out  # booleans were mapped in SQL
+        words = pc.utf8_lower(pc.utf8_trim_whitespace(raw))
+        words = pc.if_else(pc.equal(words, ""), pa.scalar(None, pa.string()), words)
+        idx = pc.index_in(words, value_set=_CONSENT_WORDS)
+        canonical = pc.take(_CONSENT_VALUES, idx)
+        invalid = pc.and_(pc.is_valid(words), pc.is_null(idx))
+        out = self._set(out, field_name, canonical)
+        return self._set(out, ecol, pc.if_else(invalid, pa.scalar("invalid_consent"), out[ecol]))
+
+    def _flag_impossible_phones(self, out: pa.Table, field_name: str, ecol: str) -> pa.Table:
+        """E.164-shaped numbers of impossible length for their calling code go to phonenumbers."""
+        shaped = pc.and_(pc.is_null(out[ecol]), pc.is_valid(out[field_name]))
+        impossible = pc.fill_null(pc.and_(shaped, pc.invert(self._possible(out[field_name]))), False)
+        return self._set(out, ecol, pc.if_else(impossible, pa.scalar("phone?"), out[ecol]))
+
+    def _slow_path(
+        self,
+        out: pa.Table,
+        batch: pa.RecordBatch,
+        f: FieldSpec,
+        ecol: str,
+        column: str,
+        kind: str,
+        details: dict[tuple[int, str], str],
+    ) -> pa.Table:
+        """Decide ``email?`` / ``phone?`` values one by one; patch rescued values back in."""
+        suspect = pc.fill_null(pc.equal(out[ecol], f"{kind}?"), False)
+        if not pc.any(suspect).as_py():
+            return out
+        idx = pc.indices_nonzero(suspect)
+        positions = out["__pos"].take(idx)
+        raw = batch.column(column).take(positions).to_pylist()
+        row_numbers = out["__row"].take(idx).to_pylist()
+        regions = self._regions(batch, positions, len(raw))
+        fixed_values: list[str | None] = []
+        codes: list[str | None] = []
+        for value, rown, region in zip(raw, row_numbers, regions, strict=True):
+            text = str(value).strip()
+            fixed, why = check_email(text) if kind == "email" else check_phone(text, region)
+            fixed_values.append(fixed)
+            codes.append(None if fixed else f"invalid_{kind}")
+            if why:
+                details[(rown, column)] = why
+        values = _scatter(out[f.field], idx, pa.array(fixed_values, pa.string()))
+        out = self._set(out, f.field, values)
+        out = self._set(out, ecol, _scatter(out[ecol], idx, pa.array(codes, pa.string())))
+        if f.field == self.id_field:
+            out = self._set(out, "__id", values)
+            missing = pc.if_else(pc.is_null(values), pa.scalar("missing_identifier"), pa.scalar(None, pa.string()))
+            out = self._set(out, "__e_id", missing)
+        return out
+
+    def _ties(self, out: pa.Table) -> pa.Table:
+        """Exact duplicates (same identifier and cursor): the first one seen in the run is sent."""
+        tie = pc.fill_null(pc.equal(out["__e_dup"], "tie?"), False)
+        if not pc.any(tie).as_py():
+            return out
+        idx = pc.indices_nonzero(tie)
+        codes: list[str | None] = []
+        for ident in out["__id"].take(idx).to_pylist():  # only the tied winner pairs get here
+            codes.append("duplicate_identifier" if ident in self._kept_ties else None)
+            self._kept_ties.add(ident)
+        return self._set(out, "__e_dup", _scatter(out["__e_dup"], idx, pa.array(codes, pa.string())))
 
     def _regions(self, batch: pa.RecordBatch, positions: pa.Array, n: int) -> list[str | None]:
         default = self.spec.default_phone_region
         if not self.spec.phone_region_column:
             return [default] * n
         values = batch.column(self.spec.phone_region_column).take(positions).to_pylist()
-        return [
-            v.strip().upper() if isinstance(v, str) and len(v.strip()) == 2 else default
-            for v in values
-        ]
+        return [v.strip().upper() if isinstance(v, str) and len(v.strip()) == 2 else default for v in values]
+
+    # ------------------------------------------------------------------ per bad row
 
     def _row_errors(
         self, bad: pa.Table, batch: pa.RecordBatch, details: dict[tuple[int, str], str]
@@ -288,3 +327,14 @@ class Transformer:
 
     def close(self) -> None:
         self.con.close()
+
+
+_CONSENT_WORDS = pa.array(list(WORDS), pa.string())
+_CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
+
+
+def _scatter(target: pa.ChunkedArray | pa.Array, idx: pa.Array, values: pa.Array) -> pa.Array:
+    """``target`` with ``values`` written at positions ``idx`` (a vectorised patch)."""
+    target = target.combine_chunks() if isinstance(target, pa.ChunkedArray) else target
+    mask = pc.is_in(pa.array(range(len(target)), pa.int64()), value_set=pc.cast(idx, pa.int64()))
+    return pc.replace_with_mask(target, mask, pc.cast(values, target.type))

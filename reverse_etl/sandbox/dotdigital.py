@@ -1,0 +1,177 @@
+"""A local Dotdigital for the client's tests, the demo and benchmarks.
+
+Serves the v3 contacts import and lookup, the v3 insight data import and reads, and the v2
+address book and data field calls a sync needs; checks each request against the published
+specs (v3 contacts 3.4.3, v3 insight 3.3.1, v2 swagger) and keeps the account in memory for
+tests (``contacts()``, ``contact()``, ``address_book_members()``, ``data_fields()``,
+``insight()``). Data rules are in ``dotdigital_state``.
+
+Limits: at most 25 contact imports and 5 insight imports in progress (429
+``contacts:tooManyActiveImports`` / ``insightData:tooManyActiveImports``); at most
+``settings.dotdigital_import_limit`` records an import and ``dotdigital_calls_per_hour`` calls an
+hour per API user, reported in ``X-RateLimit-Limit/Remaining/Reset`` (Reset in epoch seconds) on
+every answer. None of these numbers is in the specs (see the package README).
+
+Import status follows each spec's enum: contacts ``NotFinished`` -> ``Finished`` (or ``Failed``),
+insight ``NotStarted`` -> ``Processing`` -> ``Complete`` (or ``Failed``). Errors use the v3 shape
+``{"errorCode", "description", "details": [{"item", "description"}]}``; v2 answers add the v2
+``message`` with its ``ERROR_...`` code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from reverse_etl.sandbox.base import Endpoint, JSONResponse
+from reverse_etl.sandbox.dotdigital_common import V2_CODES, V3_CODES, api_family
+from reverse_etl.sandbox.dotdigital_contacts import ContactsAPI
+from reverse_etl.sandbox.dotdigital_insight import InsightAPI
+from reverse_etl.sandbox.dotdigital_v2 import AddressBooksAPI
+from reverse_etl.sandbox.faults import JOB_FAULTS, REQUEST_FAULTS
+from reverse_etl.sandbox.limits import retry_after_headers
+from reverse_etl.sandbox.spec import Violation
+
+
+class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
+    """Dotdigital's API on loopback (HTTP Basic auth with the settings' API user)."""
+
+    vendor = "dotdigital"
+
+    # --- routing and the vendor's answers ---------------------------------------------------
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        c, i, v2 = "dotdigital/contacts", "dotdigital/insight", "dotdigital/v2"
+        req = REQUEST_FAULTS
+        return [
+            Endpoint("PUT", "/contacts/v3/import", c, self.import_contacts, JOB_FAULTS),
+            Endpoint("GET", "/contacts/v3/import/{importId}", c, self.get_contact_import, req),
+            Endpoint("GET", "/contacts/v3/{identifier}/{value}", c, self.get_contact),
+            Endpoint("PUT", "/insightData/v3/import", i, self.import_insight, JOB_FAULTS),
+            Endpoint("GET", "/insightData/v3/import/{importId}", i, self.get_insight_import, req),
+            Endpoint("GET", "/insightData/v3/collections", i, self.get_collections),
+            Endpoint(
+                "GET", "/insightData/v3/account/{collectionName}", i, self.get_account_records
+            ),
+            Endpoint(
+                "GET",
+                "/insightData/v3/contacts/{identifier}/{value}/{collectionName}",
+                i,
+                self.get_contact_records,
+            ),
+            Endpoint("GET", "/v2/address-books", v2, self.get_address_books),
+            Endpoint("POST", "/v2/address-books", v2, self.create_address_book, req),
+            Endpoint("GET", "/v2/address-books/{id}", v2, self.get_address_book),
+            Endpoint(
+                "GET", "/v2/address-books/{addressBookId}/contacts", v2, self.get_book_contacts
+            ),
+            Endpoint(
+                "POST",
+                "/v2/address-books/{addressBookId}/contacts/delete",
+                v2,
+                self.remove_contacts,
+                req,
+            ),
+            Endpoint(
+                "DELETE",
+                "/v2/address-books/{addressBookId}/contacts/{contactId}",
+                v2,
+                self.remove_contact,
+                req,
+            ),
+            Endpoint("GET", "/v2/data-fields", v2, self.get_data_fields),
+            Endpoint("POST", "/v2/data-fields", v2, self.create_data_field, req),
+        ]
+
+    def authenticate(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        if header == self._basic:
+            return self.settings.username
+        return None
+
+    def throttle(self, principal: str, endpoint: Endpoint, request: Request) -> Response | None:
+        state = self.window.hit(principal)
+        if state.allowed:
+            return None
+        family = api_family(request.url.path)
+        code = "ERROR_RATE_LIMIT_EXCEEDED" if family == "v2" else f"{family}:rateLimitExceeded"
+        body = self._error_body(family, code, "Your API user has exceeded its hourly call limit.")
+        return JSONResponse(body, 429, headers=retry_after_headers(state.wait))
+
+    def decorate(self, response: Response, principal: str | None) -> None:
+        for name, value in self.window.peek(principal).headers().items():
+            response.headers[name] = value
+
+    def throttled_response(self, wait: float) -> Response:
+        body = {"errorCode": "tooManyRequests", "description": "Too many requests; retry later."}
+        return JSONResponse(body, 429, headers=retry_after_headers(wait))
+
+    def server_error(self, status: int) -> Response:
+        text = "Internal server error" if status == 500 else "Service unavailable"
+        return JSONResponse({"errorCode": "serverError", "description": text}, status)
+
+    def error_response(self, violation: Violation) -> Response:
+        family = api_family(violation.path)
+        if family == "v2":
+            code = violation.code or V2_CODES.get(violation.kind, "ERROR_PARAMETER_INVALID")
+        else:
+            code = f"{family}:{violation.code or V3_CODES.get(violation.kind, 'invalidRequest')}"
+        item = violation.pointer or violation.parameter
+        details = [{"item": item, "description": violation.detail}] if item else None
+        headers = (
+            {"WWW-Authenticate": 'Basic realm="dotdigital"'} if violation.status == 401 else None
+        )
+        return JSONResponse(
+            self._error_body(family, code, violation.detail, details),
+            violation.status,
+            headers=headers,
+        )
+
+    # --- inspection (for tests; no HTTP, no faults) -----------------------------------------
+
+    def contacts(self) -> list[dict[str, Any]]:
+        """Every contact as ``GET /contacts/v3/...`` shows it, in creation order."""
+        with self.lock:
+            return [self._contact_doc(c) for c in self.state.contacts.values()]
+
+    def contact(self, email: str) -> dict[str, Any] | None:
+        with self.lock:
+            cid = self.state.find("email", email)
+            return None if cid is None else self._contact_doc(self.state.contacts[cid])
+
+    def address_books(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [self._book_doc(b) for b in self.state.address_books.values()]
+
+    def address_book_members(self, name: str) -> list[dict[str, Any]]:
+        """Contacts in the address book called ``name`` (case-insensitive), in joining order."""
+        with self.lock:
+            for book in self.state.address_books.values():
+                if book["name"].lower() == name.lower():
+                    return [
+                        self._contact_doc(self.state.contacts[c])
+                        for c in self.state.members[book["id"]]
+                    ]
+        return []
+
+    def data_fields(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return orjson.loads(orjson.dumps(list(self.state.data_fields.values())))
+
+    def insight(self, collection: str) -> list[dict[str, Any]]:
+        """Records of a collection (case-insensitive name), sorted by owner and key."""
+        with self.lock:
+            coll = self.state.collections.get(collection.lower())
+            if coll is None:
+                return []
+            rows = sorted(
+                coll["records"].values(), key=lambda r: (r.get("ownerContactId") or 0, r["key"])
+            )
+            return orjson.loads(orjson.dumps(rows))
+
+
+__all__ = ["DotdigitalSandbox"]

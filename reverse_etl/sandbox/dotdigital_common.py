@@ -1,0 +1,183 @@
+"""What every part of the Dotdigital sandbox shares: limits, status words, error shapes,
+and the base class holding the account state, jobs and common lookups."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from reverse_etl.sandbox.base import BaseSandbox, JSONResponse
+from reverse_etl.sandbox.dotdigital_state import DotdigitalState
+from reverse_etl.sandbox.jobs import DONE, FAILED, PROCESSING, QUEUED, Job
+from reverse_etl.sandbox.limits import FixedWindow, retry_after_headers
+from reverse_etl.sandbox.settings import SandboxSettings
+from reverse_etl.sandbox.spec import SpecViolation, Violation
+
+MAX_ACTIVE_CONTACT_IMPORTS = 25
+MAX_ACTIVE_INSIGHT_IMPORTS = 5
+CHUNK = 500
+CONTACT_STATUS = {
+    QUEUED: "NotFinished",
+    PROCESSING: "NotFinished",
+    DONE: "Finished",
+    FAILED: "Failed",
+}
+INSIGHT_STATUS = {
+    QUEUED: "NotStarted",
+    PROCESSING: "Processing",
+    DONE: "Complete",
+    FAILED: "Failed",
+}
+V2_STATUS = {
+    "subscribed": "Subscribed",
+    "unsubscribed": "Unsubscribed",
+    "pendingOptIn": "PendingOptIn",
+    "suppressed": "Suppressed",
+    "softBounced": "SoftBounced",
+    "hardBounced": "HardBounced",
+}
+# Error codes by violation kind, per API family.
+V3_CODES = {
+    "route": "notFound",
+    "auth": "unauthorized",
+    "content_type": "unsupportedMediaType",
+    "parameter": "invalidParameter",
+    "body": "validationFailed",
+    "limit": "batchSizeExceeded",
+    "semantic": "invalidRequest",
+    "not_found": "notFound",
+    "unsupported": "notImplemented",
+}
+V2_CODES = {
+    "route": "ERROR_RESOURCE_NOT_FOUND",
+    "auth": "ERROR_UNAUTHORIZED",
+    "content_type": "ERROR_UNSUPPORTED_MEDIA_TYPE",
+    "parameter": "ERROR_PARAMETER_INVALID",
+    "body": "ERROR_PARAMETER_INVALID",
+    "limit": "ERROR_PARAMETER_INVALID",
+    "semantic": "ERROR_PARAMETER_INVALID",
+    "not_found": "ERROR_RESOURCE_NOT_FOUND",
+    "unsupported": "ERROR_NOT_IMPLEMENTED",
+}
+
+
+def api_family(path: str) -> str:
+    if path.startswith("/insightData/"):
+        return "insightData"
+    if path.startswith("/v2/"):
+        return "v2"
+    return "contacts"
+
+
+def fail(
+    status: int, kind: str, code: str, description: str, item: str | None = None
+) -> SpecViolation:
+    return SpecViolation(Violation(status, kind, description, pointer=item, code=code))
+
+
+class DotdigitalBase(BaseSandbox):
+    """State and lookups the endpoint groups (contacts, insight, v2) share."""
+
+    def __init__(self, settings: SandboxSettings | None = None):
+        self.state = DotdigitalState()
+        super().__init__(settings)
+        self.window = FixedWindow(
+            self.settings.dotdigital_calls_per_hour,
+            3600.0,
+            speedup=self.settings.speedup,
+            enforce=self.settings.enforce_limits,
+        )
+        token = f"{self.settings.username}:{self.settings.password}".encode()
+        self._basic = "Basic " + base64.b64encode(token).decode()
+
+    @staticmethod
+    def _error_body(
+        family: str, code: str, description: str, details: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"errorCode": code, "description": description}
+        if details:
+            body["details"] = details
+        if family == "v2":
+            body["message"] = f"{description} {code}"
+        return body
+
+    def _too_many(self, family: str, what: str) -> Response:
+        body = {
+            "errorCode": f"{family}:tooManyActiveImports",
+            "description": f"Your import request cannot be accepted as too many {what} being processed "
+            "for you account. Please wait for an import to complete and then resubmit.",
+        }
+        with self.lock:
+            self.counters["too_many_active_imports"] += 1
+        return JSONResponse(body, 429, headers=retry_after_headers(self.jobs.duration))
+
+    def _job_of(self, kind: str, job_id: str) -> Job:
+        with self.lock:
+            job = self.jobs.jobs.get(job_id)
+        if job is None or job.kind != kind:
+            raise fail(
+                404,
+                "not_found",
+                "importNotFound",
+                f"The import request '{job_id}' could not be found!",
+            )
+        return job
+
+    def _contact_doc(self, contact: Mapping[str, Any]) -> dict[str, Any]:
+        cid = contact["contactId"]
+        lists = [
+            {"id": bid, "name": self.state.address_books[bid]["name"], "status": members[cid]}
+            for bid, members in self.state.members.items()
+            if cid in members
+        ]
+        doc = {
+            k: contact[k]
+            for k in (
+                "contactId",
+                "status",
+                "created",
+                "updated",
+                "identifiers",
+                "dataFields",
+                "channelProperties",
+            )
+        }
+        doc["lists"] = lists
+        if contact["consentRecords"]:
+            doc["consentRecords"] = contact["consentRecords"]
+        if contact["preferences"]:
+            doc["preferences"] = contact["preferences"]
+        return orjson.loads(orjson.dumps(doc))
+
+    def _lookup(self, identifier: str, value: str) -> int:
+        if identifier not in ("email", "mobileNumber", "contactId"):
+            raise fail(
+                400,
+                "semantic",
+                "invalidIdentifier",
+                f"Unknown identifier {identifier!r}.",
+                identifier,
+            )
+        if identifier == "contactId" and not value.isdigit():
+            raise fail(
+                400,
+                "parameter",
+                "invalidId",
+                f"The id value '{value}' is invalid for the identifier 'contactId'",
+            )
+        cid = self.state.find(identifier, value)
+        if cid is None:
+            raise SpecViolation(
+                Violation(
+                    404,
+                    "not_found",
+                    "The following contacts could not be found",
+                    pointer=value,
+                    code="contactNotFound",
+                )
+            )
+        return cid

@@ -1,0 +1,359 @@
+"""Dotdigital's data as the sandbox keeps it: contacts, data fields, address books, insight data.
+
+No HTTP here; ``dotdigital.py`` turns requests into these calls. The rules:
+
+* Data fields: names of 1-20 letters, digits, ``_`` or ``-``, unique ignoring case and stored
+  upper-cased (as Dotdigital shows them); types String, Numeric, Date, Boolean. The standard
+  fields FIRSTNAME, LASTNAME, FULLNAME, GENDER and POSTCODE exist from the start.
+* A contact's data field values keep their field's type: String takes JSON strings, Numeric
+  numbers, Boolean booleans, Date ISO 8601 dates or date-times; ``null`` clears. A contact keys
+  its values by the field's stored name, whatever case the import used.
+* An import row with a bad identifier (invalid email or mobile number, missing match value,
+  repeated in the same import) is rejected whole. A row whose identifiers are fine is imported
+  and any data field it could not take (unknown field, wrong type) is listed in ``failures``,
+  as the spec says: "contacts are created or updated but if any associated data sets fail to
+  import then details of these are included in the failures results".
+* New contacts' email channel defaults to ``subscribed`` (spec); ``verifiedDouble`` opt-in makes
+  it ``pendingOptIn``. The SMS channel of a new contact defaults to ``noSubscription`` (the
+  spec defers to an account setting the sandbox does not have).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+from reverse_etl.sandbox.jobs import iso, utcnow
+
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+MOBILE_RE = re.compile(r"^\+?[1-9][0-9]{6,14}$")
+FIELD_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
+FIELD_TYPES = ("String", "Numeric", "Date", "Boolean")
+STANDARD_FIELDS = ("FIRSTNAME", "LASTNAME", "FULLNAME", "GENDER", "POSTCODE")
+MERGE_OPTIONS = ("overwrite", "overwriteIfNotEmpty", "overwriteIfEmpty")
+_COUNTRY = {"44": "GB", "1": "US", "31": "NL", "32": "BE", "33": "FR", "49": "DE", "61": "AU"}
+_CAPITAL = {"plainText": "PlainText", "verifiedDouble": "VerifiedDouble"}
+
+
+def _capital(word: str) -> str:
+    return _CAPITAL.get(word, word[:1].upper() + word[1:])
+
+
+class DotdigitalError(Exception):
+    """A refused operation: Dotdigital error code (``ERROR_...`` for v2) and description."""
+
+    def __init__(self, code: str, description: str, status: int = 400):
+        super().__init__(description)
+        self.code = code
+        self.description = description
+        self.status = status
+
+
+def typed_value(kind: str, value: Any) -> tuple[bool, Any]:
+    """(ok, stored value) for ``value`` in a data field of type ``kind``."""
+    if value is None:
+        return True, None
+    if kind == "String":
+        return isinstance(value, str), value
+    if kind == "Numeric":
+        return type(value) in (int, float), value
+    if kind == "Boolean":
+        return type(value) is bool, value
+    if kind == "Date" and isinstance(value, str):
+        try:
+            if len(value) == 10:
+                return True, date.fromisoformat(value).isoformat()
+            return True, datetime.fromisoformat(value.replace("z", "Z")).isoformat()
+        except ValueError:
+            return False, value
+    return False, value
+
+
+@dataclass
+class ImportRow:
+    """The outcome of one contact of an import."""
+
+    outcome: str  # created | updated | invalid | duplicate
+    contact_id: int | None = None
+    identifiers: dict[str, Any] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+class DotdigitalState:
+    """All of one sandbox account's data. Callers hold the sandbox lock."""
+
+    def __init__(self) -> None:
+        self._contact_ids = itertools.count(1_000_001)
+        self._book_ids = itertools.count(101)
+        self.contacts: dict[int, dict[str, Any]] = {}
+        self.by_email: dict[str, int] = {}
+        self.by_mobile: dict[str, int] = {}
+        self.data_fields: dict[str, dict[str, Any]] = {
+            name: {"name": name, "type": "String", "visibility": "Public", "defaultValue": None}
+            for name in STANDARD_FIELDS
+        }
+        self.address_books: dict[int, dict[str, Any]] = {}
+        self.members: dict[int, dict[int, str]] = {}  # book id -> contact id -> status
+        self.collections: dict[str, dict[str, Any]] = {}
+
+    # --- data fields -------------------------------------------------------------------------
+
+    def create_data_field(
+        self, name: str, kind: str | None, visibility: str | None, default: Any
+    ) -> dict[str, Any]:
+        if not FIELD_NAME_RE.match(name or ""):
+            raise DotdigitalError(
+                "ERROR_INVALID_DATAFIELD_NAME",
+                "Data field names are 1-20 letters, digits, hyphens or underscores.",
+            )
+        if kind not in FIELD_TYPES:
+            raise DotdigitalError(
+                "ERROR_INVALID_DATAFIELD_TYPE", f"Data field type must be one of {FIELD_TYPES}."
+            )
+        if name.upper() in self.data_fields:
+            raise DotdigitalError(
+                "ERROR_NON_UNIQUE_DATAFIELD", f"A data field named {name.upper()!r} already exists."
+            )
+        ok, stored = typed_value(kind, default)
+        if not ok:
+            raise DotdigitalError(
+                "ERROR_INVALID_DATAFIELD_DEFAULT", f"The default value does not fit type {kind}."
+            )
+        df = {
+            "name": name.upper(),
+            "type": kind,
+            "visibility": visibility or "Private",
+            "defaultValue": stored,
+        }
+        self.data_fields[df["name"]] = df
+        return df
+
+    # --- address books -----------------------------------------------------------------------
+
+    def create_address_book(self, name: str, visibility: str | None) -> dict[str, Any]:
+        if not name or len(name) > 128:
+            raise DotdigitalError(
+                "ERROR_ADDRESSBOOK_INVALID", "An address book name is 1-128 characters."
+            )
+        if any(b["name"].lower() == name.lower() for b in self.address_books.values()):
+            raise DotdigitalError(
+                "ERROR_ADDRESSBOOK_DUPLICATE", f"An address book named {name!r} already exists."
+            )
+        book = {"id": next(self._book_ids), "name": name, "visibility": visibility or "Private"}
+        self.address_books[book["id"]] = book
+        self.members[book["id"]] = {}
+        return book
+
+    # --- contacts ----------------------------------------------------------------------------
+
+    def find(self, identifier: str, value: Any) -> int | None:
+        if identifier == "email":
+            return self.by_email.get(str(value).lower())
+        if identifier == "mobileNumber":
+            return self.by_mobile.get(str(value).lstrip("+"))
+        if identifier == "contactId":
+            try:
+                cid = int(value)
+            except (TypeError, ValueError):
+                return None
+            return cid if cid in self.contacts else None
+        return None
+
+    def import_contact(
+        self, row: Mapping[str, Any], merge: str, seen: set[tuple[str, str]], stamp: str
+    ) -> ImportRow:
+        ids = dict(row["identifiers"])
+        match = row["matchIdentifier"]
+        result = ImportRow("invalid", identifiers=ids)
+        value = ids.get(match)
+        email, mobile = ids.get("email"), ids.get("mobileNumber")
+        if value is None:
+            return self._reject(
+                result, "invalidIdentifier", f"No value for the match identifier '{match}'"
+            )
+        if email is not None and (not isinstance(email, str) or not EMAIL_RE.match(email)):
+            return self._reject(result, "invalidEmail", "Invalid value for 'email'")
+        if mobile is not None and (not isinstance(mobile, str) or not MOBILE_RE.match(mobile)):
+            return self._reject(result, "invalidMobileNumber", "Invalid value for 'mobileNumber'")
+        key = (match, str(value).lower())
+        if key in seen:
+            result.outcome = "duplicate"
+            return self._reject(
+                result,
+                "duplicateIdentifier",
+                f"Duplicate identifier detected for {match} '{value}'",
+            )
+        seen.add(key)
+        cid = self.find(match, value)
+        if match == "contactId" and cid is None:
+            return self._reject(result, "contactNotFound", f"No contact with contactId {value}")
+        for name, owner in (
+            ("email", self.find("email", email)),
+            ("mobileNumber", self.find("mobileNumber", mobile)),
+        ):
+            if owner is not None and owner != cid:
+                return self._reject(
+                    result,
+                    "duplicateIdentifier",
+                    f"The {name} '{ids[name]}' belongs to another contact",
+                )
+        created = cid is None
+        if cid is None:
+            cid = next(self._contact_ids)
+            contact: dict[str, Any] = {
+                "contactId": cid,
+                "created": stamp,
+                "identifiers": {},
+                "dataFields": {},
+                "channelProperties": {
+                    "email": {"emailType": "Html", "optInType": "Unknown", "status": "subscribed"},
+                },
+                "consentRecords": [],
+                "preferences": [],
+            }
+            self.contacts[cid] = contact
+        else:
+            contact = self.contacts[cid]
+        result.contact_id = cid
+        result.outcome = "created" if created else "updated"
+        self._set_identifiers(contact, email, mobile, created)
+        self._set_fields(contact, row.get("dataFields") or {}, merge, result)
+        self._set_channels(contact, row.get("channelProperties") or {}, created)
+        for list_id in row.get("lists") or ():
+            self.members[list_id].setdefault(cid, "subscribed")
+        for record in row.get("consentRecords") or ():
+            contact["consentRecords"].append({**record, "dateTimeCreated": stamp})
+        if row.get("preferences"):
+            contact["preferences"] = list(row["preferences"])
+        contact["status"] = contact["channelProperties"]["email"]["status"]
+        contact["updated"] = stamp
+        result.identifiers = dict(contact["identifiers"])
+        return result
+
+    @staticmethod
+    def _reject(result: ImportRow, code: str, description: str) -> ImportRow:
+        result.failures.append({"failureCode": code, "description": description})
+        return result
+
+    def _set_identifiers(
+        self, contact: dict[str, Any], email: Any, mobile: Any, created: bool
+    ) -> None:
+        ids = contact["identifiers"]
+        cid = contact["contactId"]
+        if email is not None:
+            old = ids.get("email")
+            if old is not None:
+                self.by_email.pop(old.lower(), None)
+            ids["email"] = email
+            self.by_email[email.lower()] = cid
+        if mobile is not None:
+            old = ids.get("mobileNumber")
+            if old is not None:
+                self.by_mobile.pop(old.lstrip("+"), None)
+            ids["mobileNumber"] = mobile
+            self.by_mobile[mobile.lstrip("+")] = cid
+            channels = contact["channelProperties"]
+            if "sms" not in channels:
+                digits = mobile.lstrip("+")
+                country = next((c for p, c in _COUNTRY.items() if digits.startswith(p)), "ZZ")
+                channels["sms"] = {"countryCode": country, "status": "noSubscription"}
+
+    def _set_fields(
+        self, contact: dict[str, Any], values: Mapping[str, Any], merge: str, result: ImportRow
+    ) -> None:
+        stored = contact["dataFields"]
+        for name, value in values.items():
+            df = self.data_fields.get(name.upper())
+            if df is None:
+                result.failures.append(
+                    {
+                        "failureCode": "unknownDataField",
+                        "description": f"The data field '{name}' does not exist",
+                    }
+                )
+                continue
+            ok, typed = typed_value(df["type"], value)
+            if not ok:
+                result.failures.append(
+                    {
+                        "failureCode": "invalidDataFieldValue",
+                        "description": f"Invalid value for data field '{df['name']}' of type {df['type']}",
+                    }
+                )
+                continue
+            current = stored.get(df["name"])
+            if merge == "overwriteIfNotEmpty" and typed in (None, ""):
+                continue
+            if merge == "overwriteIfEmpty" and current not in (None, ""):
+                continue
+            if typed is None:
+                stored.pop(df["name"], None)
+            else:
+                stored[df["name"]] = typed
+
+    @staticmethod
+    def _set_channels(contact: dict[str, Any], props: Mapping[str, Any], created: bool) -> None:
+        channels = contact["channelProperties"]
+        email = props.get("email") or {}
+        target = channels["email"]
+        if "emailType" in email:
+            target["emailType"] = _capital(email["emailType"])
+        if "optInType" in email:
+            target["optInType"] = _capital(email["optInType"])
+        if "status" in email:
+            target["status"] = email["status"]
+        if (
+            target["optInType"] == "VerifiedDouble"
+            and target["status"] == "subscribed"
+            and (created or "status" in email)
+        ):
+            target["status"] = "pendingOptIn"
+        for name in ("sms", "whatsApp"):
+            status = (props.get(name) or {}).get("status")
+            if status is not None:
+                channels.setdefault(name, {})["status"] = status
+
+    # --- insight data ------------------------------------------------------------------------
+
+    def collection(self, name: str, scope: str, kind: str) -> dict[str, Any]:
+        found = self.collections.get(name.lower())
+        if found is None:
+            found = {
+                "collectionName": name,
+                "collectionScope": scope,
+                "collectionType": kind,
+                "records": {},
+            }
+            self.collections[name.lower()] = found
+        return found
+
+    def upsert_record(
+        self, coll: dict[str, Any], owner: int | None, key: str, data: Any, stamp: str
+    ) -> None:
+        records = coll["records"]
+        rid = (owner, key)
+        old = records.get(rid)
+        records[rid] = {
+            "key": key,
+            "json": data,
+            "created": old["created"] if old else stamp,
+            "updated": stamp,
+            **({"ownerContactId": owner} if owner is not None else {}),
+        }
+
+
+def has_nested_array(value: Any) -> bool:
+    """Insight JSON may hold arrays of objects or scalars, never an array directly in an array."""
+    if isinstance(value, dict):
+        return any(has_nested_array(v) for v in value.values())
+    if isinstance(value, list):
+        return any(isinstance(v, list) or has_nested_array(v) for v in value)
+    return False
+
+
+def now() -> str:
+    return iso(utcnow()) or ""

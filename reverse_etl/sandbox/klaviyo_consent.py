@@ -1,0 +1,166 @@
+"""Klaviyo's bulk subscribe and unsubscribe jobs: email/SMS consent per profile."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from starlette.responses import Response
+
+from reverse_etl.sandbox.base import Call
+from reverse_etl.sandbox.jobs import Job, iso, utcnow
+from reverse_etl.sandbox.klaviyo_common import (
+    CHUNK,
+    MAX_SUBSCRIBE,
+    MAX_UNSUBSCRIBE,
+    KlaviyoBase,
+    accepted,
+    bad,
+    over_limit,
+    parse_time,
+)
+from reverse_etl.sandbox.klaviyo_state import ProfileError
+
+
+class ConsentAPI(KlaviyoBase):
+    """POST /api/profile-subscription-bulk-create-jobs and -delete-jobs."""
+
+    # --- consent ----------------------------------------------------------------------------
+
+    def _consent_list(self, call: Call) -> str | None:
+        rel = ((call.body["data"].get("relationships") or {}).get("list") or {}).get("data")
+        if rel is None:
+            return None
+        self._require_lists([rel["id"]], "/data/relationships/list/data/id")
+        return str(rel["id"])
+
+    async def subscribe(self, call: Call) -> Response:
+        attrs = call.body["data"]["attributes"]
+        profiles = attrs["profiles"]["data"]
+        where = "/data/attributes/profiles/data"
+        if len(profiles) > MAX_SUBSCRIBE:
+            raise over_limit(f"{len(profiles)} profiles; at most {MAX_SUBSCRIBE} per call.", where)
+        historical = bool(attrs.get("historical_import"))
+        list_id = self._consent_list(call)
+        received = utcnow()
+        plan = []
+        for i, p in enumerate(profiles):
+            a = p["attributes"]
+            self._check_identity(i, a, p.get("id"), where)
+            consents = self._consents(i, a, p.get("id"), historical, received, where)
+            plan.append((p.get("id"), a, consents))
+        record = {
+            "historical_import": historical,
+            "custom_source": attrs.get("custom_source"),
+            "list_id": list_id,
+        }
+        self.jobs.submit(
+            Job("profile-subscription-bulk-create-job", len(plan)),
+            self._consent_work(plan, record, list_id, True),
+        )
+        return accepted()
+
+    def _consents(
+        self,
+        i: int,
+        a: Mapping[str, Any],
+        profile_id: str | None,
+        historical: bool,
+        received: datetime,
+        where: str,
+    ) -> list[tuple[str, str, str | None]]:
+        """(channel, kind, consented_at) for each consent asked for; 400s for misuse."""
+        subs = a.get("subscriptions") or {}
+        out: list[tuple[str, str, str | None]] = []
+        for channel, params in subs.items():
+            if params is None:
+                continue
+            needs = (
+                "email"
+                if channel == "email"
+                else "phone_number"
+                if channel in ("sms", "whatsapp")
+                else None
+            )
+            if needs and a.get(needs) is None and profile_id is None:
+                raise bad(
+                    f"Subscribing to {channel} needs {needs}.", f"{where}/{i}/attributes/{needs}"
+                )
+            for kind, detail in params.items():
+                if kind in ("tokens", "anonymous_id") or detail is None:
+                    continue
+                ptr = f"{where}/{i}/attributes/subscriptions/{channel}/{kind}/consented_at"
+                at = detail.get("consented_at")
+                if at is not None and not historical:
+                    raise bad("consented_at may only be given with historical_import: true.", ptr)
+                if historical and kind == "marketing" and at is None:
+                    raise bad(
+                        "historical_import needs consented_at for every marketing consent.", ptr
+                    )
+                if at is not None and parse_time(at) > received:
+                    raise bad("consented_at must be in the past.", ptr)
+                out.append((channel, kind, at))
+        if not out:
+            raise bad("No channel to subscribe to.", f"{where}/{i}/attributes/subscriptions")
+        return out
+
+    def _consent_work(
+        self,
+        plan: list[tuple[str | None, Mapping[str, Any], list[tuple[str, str, str | None]]]],
+        record: Mapping[str, Any],
+        list_id: str | None,
+        subscribe: bool,
+    ) -> Iterator[None]:
+        state = self.state
+        received = iso(utcnow())
+        for start in range(0, len(plan), CHUNK):
+            done = []
+            for profile_id, a, consents in plan[start : start + CHUNK]:
+                ident = {k: a[k] for k in ("email", "phone_number") if a.get(k) is not None}
+                try:
+                    pid, _ = state.upsert(ident, profile_id=profile_id)
+                except ProfileError as e:
+                    self.async_errors.append(
+                        {
+                            "kind": "consent",
+                            "code": e.code,
+                            "detail": e.detail,
+                            "attributes": dict(a),
+                        }
+                    )
+                    continue
+                for channel, kind, at in consents:
+                    consent = "SUBSCRIBED" if subscribe else "UNSUBSCRIBED"
+                    state.set_consent(
+                        pid,
+                        channel,
+                        kind,
+                        {"consent": consent, "consented_at": at or received, **record},
+                    )
+                done.append(pid)
+            if list_id is not None:
+                (state.add_members if subscribe else state.remove_members)(list_id, done)
+            yield
+
+    async def unsubscribe(self, call: Call) -> Response:
+        attrs = call.body["data"]["attributes"]
+        profiles = attrs["profiles"]["data"]
+        where = "/data/attributes/profiles/data"
+        if len(profiles) > MAX_UNSUBSCRIBE:
+            raise over_limit(
+                f"{len(profiles)} profiles; at most {MAX_UNSUBSCRIBE} per call.", where
+            )
+        list_id = self._consent_list(call)
+        plan = []
+        for i, p in enumerate(profiles):
+            a = p["attributes"]
+            self._check_identity(i, a, None, where)
+            consents = self._consents(i, a, None, False, utcnow(), where)
+            plan.append((None, a, consents))
+        record = {"historical_import": False, "custom_source": None, "list_id": list_id}
+        self.jobs.submit(
+            Job("profile-subscription-bulk-delete-job", len(plan)),
+            self._consent_work(plan, record, list_id, False),
+        )
+        return accepted()

@@ -1,0 +1,57 @@
+"""One settings object for both sandboxes, so tests, the demo and benchmarks tune them alike.
+
+Time in the sandbox is *vendor time*: a rate window of one minute or a job that takes two
+seconds at the vendor lasts ``1 / speedup`` of that in real time. Tests use a high speedup to
+see limits and job lifecycles without waiting; benchmarks turn limits off altogether.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Every fault the sandboxes can inject (see ``faults.py``).
+ALL_FAULTS: tuple[str, ...] = ("429", "500", "503", "reset", "timeout", "failed_job")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """Knobs shared by :class:`KlaviyoSandbox` and :class:`DotdigitalSandbox`.
+
+    ``api_key`` is Klaviyo's private key; ``username``/``password`` are Dotdigital's API user.
+    ``fault_rate`` is the chance (0..1) that an eligible request meets one of ``fault_kinds``,
+    drawn from a RNG seeded with ``seed``. ``fault_timeout_seconds`` is how long a ``timeout``
+    fault stalls (real seconds; set it above the client's timeout). ``job_seconds`` is how long
+    an async job runs in vendor time. ``validate`` checks requests against the vendor specs.
+
+    The Dotdigital figures are not in the published specs (see the README of this package):
+    ``dotdigital_calls_per_hour`` is the account-wide request budget,
+    ``dotdigital_import_limit`` the records accepted by one contacts or insight import.
+    """
+
+    api_key: str = "pk_sandbox_0123456789abcdef"
+    username: str = "apiuser-sandbox@apiconnector.com"
+    password: str = "sandbox-password"
+    enforce_limits: bool = True
+    speedup: float = 1.0
+    fault_rate: float = 0.0
+    fault_kinds: tuple[str, ...] = ALL_FAULTS
+    seed: int = 0
+    job_seconds: float = 0.05
+    validate: bool = True
+    fault_timeout_seconds: float = 30.0
+    fault_retry_after: int = 1
+    dotdigital_calls_per_hour: int = 2000
+    dotdigital_import_limit: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.speedup <= 0:
+            raise ValueError("speedup must be > 0")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError("fault_rate must be between 0 and 1")
+        unknown = set(self.fault_kinds) - set(ALL_FAULTS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {ALL_FAULTS}")
+
+    def real_seconds(self, vendor_seconds: float) -> float:
+        """Real time that ``vendor_seconds`` of vendor time lasts under ``speedup``."""
+        return vendor_seconds / self.speedup
