@@ -181,6 +181,9 @@ class Sync(Strict):
     null_values: Literal["skip", "clear"] = "skip"
     default_phone_region: str | None = None  # ISO country for national numbers, e.g. US
     phone_region_column: str | None = None  # or a column with each row's ISO country
+    # fast: E.164 shape and a possible length for the country, vectorised; strict: every
+    # number through phonenumbers' full validation (tens of microseconds a number)
+    phone_validation: Literal["fast", "strict"] = "fast"
     naive_timezone: str = "UTC"
     max_future_skew_minutes: Annotated[int, Field(ge=0)] = 10
 

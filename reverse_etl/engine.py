@@ -87,6 +87,7 @@ def transform_spec(sync: Sync, destination_type: type[Destination]) -> Transform
         fields=tuple(fields),
         default_phone_region=sync.default_phone_region,
         phone_region_column=sync.phone_region_column,
+        strict_phones=sync.phone_validation == "strict",
         naive_timezone=sync.naive_timezone,
         max_future_skew=timedelta(minutes=sync.max_future_skew_minutes),
     )

@@ -24,6 +24,13 @@ class Col:
     name: str
 
 
+@dataclass(frozen=True)
+class Expr:
+    """A SQL expression over the batch (columns as ``t."name"``), for derived values."""
+
+    sql: str
+
+
 def nest(fields: dict[str, str]) -> dict[str, Any]:
     """``{'location.city': 'col'}`` → ``{'location': {'city': Col('col')}}`` (first dot only
     for ``properties.*``, so custom property names may contain dots)."""
@@ -56,6 +63,8 @@ def _leaf(col: Col, schema: pa.Schema) -> str:
 def _render(node: Any, schema: pa.Schema) -> str:
     if isinstance(node, Col):
         return _leaf(node, schema)
+    if isinstance(node, Expr):
+        return node.sql
     if isinstance(node, dict):
         inner = ", ".join(f"{_lit(k)}: {_render(v, schema)}" for k, v in node.items())
         return "{" + inner + "}"

@@ -36,10 +36,15 @@ def check_phone(value: str, region: str | None) -> tuple[str | None, str | None]
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
+_DIALABLE = ("fixed_line", "mobile", "voip")  # what a customer profile holds
+
+
 @cache
 def possible_lengths() -> dict[str, list[int]]:
-    """Calling code → possible total digit counts (code + national number), from phonenumbers'
-    metadata; the vectorised E.164 rule uses it to refuse numbers of impossible length."""
+    """Calling code → possible total digit counts (code + national number) of dialable
+    numbers, from phonenumbers' metadata; the vectorised E.164 rule refuses other lengths.
+    Lengths of the number types a profile can hold (fixed line, mobile, VoIP, ...) are used,
+    not the region's general ones, which also admit short codes such as '12345'."""
     out: dict[str, list[int]] = {}
     for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items():
         lengths: set[int] = set()
@@ -49,8 +54,12 @@ def possible_lengths() -> dict[str, list[int]]:
                 if region == "001"
                 else phonenumbers.PhoneMetadata.metadata_for_region(region)
             )
-            if meta is not None and meta.general_desc is not None:
-                lengths.update(meta.general_desc.possible_length or ())
+            if meta is None:
+                continue
+            for desc in _DIALABLE:
+                number_desc = getattr(meta, desc, None)
+                if number_desc is not None and number_desc.national_number_pattern:
+                    lengths.update(number_desc.possible_length or meta.general_desc.possible_length or ())
         if lengths:
             out[str(code)] = sorted(len(str(code)) + n for n in lengths if n > 0)
     return out

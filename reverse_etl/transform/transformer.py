@@ -72,6 +72,7 @@ class TransformSpec:
     fields: tuple[FieldSpec, ...]
     default_phone_region: str | None = None
     phone_region_column: str | None = None  # per-row ISO country for national phone numbers
+    strict_phones: bool = False  # validate every number with phonenumbers, not the fast rule
     naive_timezone: str = "UTC"
     max_future_skew: timedelta = timedelta(minutes=10)
 
@@ -234,6 +235,8 @@ class Transformer:
     def _flag_impossible_phones(self, out: pa.Table, field_name: str, ecol: str) -> pa.Table:
         """E.164-shaped numbers of impossible length for their calling code go to phonenumbers."""
         shaped = pc.and_(pc.is_null(out[ecol]), pc.is_valid(out[field_name]))
+        if self.spec.strict_phones:
+            return self._set(out, ecol, pc.if_else(shaped, pa.scalar("phone?"), out[ecol]))
         impossible = pc.fill_null(pc.and_(shaped, pc.invert(self._possible(out[field_name]))), False)
         return self._set(out, ecol, pc.if_else(impossible, pa.scalar("phone?"), out[ecol]))
 

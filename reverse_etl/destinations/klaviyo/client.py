@@ -28,8 +28,8 @@ LIMITS: dict[str, tuple[float, float]] = {
 
 # Bulk profile import limits (Klaviyo's API reference for profile-bulk-import-jobs).
 MAX_PROFILES_PER_JOB = 10_000
-MAX_JOB_BYTES = 5 * 1024 * 1024
-MAX_PROFILE_BYTES = 100 * 1024
+MAX_JOB_BYTES = 5_000_000  # "5 MB", read strictly
+MAX_PROFILE_BYTES = 100_000  # "100 KB", read strictly
 
 
 class KlaviyoClient:

@@ -10,8 +10,6 @@ import job does not say which profiles were new, so every completed profile coun
 from __future__ import annotations
 
 import re
-import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,6 +20,8 @@ import pyarrow.compute as pc
 
 from reverse_etl.config import KlaviyoConnection, Sync
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult, Request
+from reverse_etl.destinations.http import error_detail
+from reverse_etl.destinations.jobs import in_order, poll
 from reverse_etl.destinations.klaviyo.client import (
     MAX_JOB_BYTES,
     MAX_PROFILE_BYTES,
@@ -61,9 +61,16 @@ IDENTIFIER_FIELDS = ("email", "phone_number", "external_id")
 
 
 @dataclass
+class _Job:
+    id: str
+    rows: pa.Array  # __row of its profiles, in body order
+    body: bytes  # kept to resubmit a job Klaviyo cancelled
+
+
+@dataclass
 class _InFlight:
     batch: LoadBatch
-    jobs: list[tuple[str, pa.Array]] = field(default_factory=list)  # (job id, __row of its profiles)
+    jobs: list[_Job] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
 
 
@@ -73,6 +80,7 @@ class KlaviyoDestination(Destination):
     objects = ("profiles",)
     max_in_flight = 4
     poll_interval = 0.2
+    job_attempts = 3
 
     def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float = 1.0):
         self.conn = conn
@@ -146,59 +154,57 @@ class KlaviyoDestination(Destination):
             self.list_id = self.client.find_or_create_list(self.sync.destination.list)
 
     def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        flight: deque[_InFlight] = deque()
-        for batch in batches:
-            flight.append(self._submit(batch))
-            while len(flight) >= self.max_in_flight:
-                yield self._finish(flight.popleft())
-        while flight:
-            yield self._finish(flight.popleft())
+        return in_order(batches, self._submit, self._finish, self.max_in_flight)
 
     def _submit(self, batch: LoadBatch) -> _InFlight:
         table, docs, errors = self._docs(batch.table)
         item = _InFlight(batch, errors=errors)
         rows = table["__row"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
         for start, end, body in self._bodies(docs):
-            response = self.client.call("bulk_import_profiles", "POST", IMPORT_PATH, body)
-            if response.status_code >= 400:
-                raise DestinationError(
-                    f"Klaviyo refused a profile import job ({end - start} profiles): "
-                    f"HTTP {response.status_code} {response.text[:300]}"
-                )
-            job_id = orjson.loads(response.content)["data"]["id"]
-            item.jobs.append((job_id, rows.slice(start, end - start)))
+            item.jobs.append(_Job(self._post_job(body, end - start), rows.slice(start, end - start), body))
         return item
+
+    def _post_job(self, body: bytes, count: int) -> str:
+        response = self.client.call("bulk_import_profiles", "POST", IMPORT_PATH, body)
+        if response.status_code >= 400:
+            raise DestinationError(
+                f"Klaviyo refused a profile import job ({count} profiles): {error_detail(response)}"
+            )
+        return orjson.loads(response.content)["data"]["id"]
 
     def _finish(self, item: _InFlight) -> LoadResult:
         result = LoadResult(token=item.batch.token, errors=list(item.errors), failed=len(item.errors))
-        ids = dict(zip(item.batch.table["__row"].to_pylist(), item.batch.table["__id"].to_pylist(), strict=True)) if item.errors or item.jobs else {}
-        for job_id, rows in item.jobs:
-            attrs = self._wait(job_id)
-            sent = attrs.get("total_count") or len(rows)
+        table = item.batch.table
+        ids = dict(zip(table["__row"].to_pylist(), table["__id"].to_pylist(), strict=True))
+        for job in item.jobs:
+            attrs = self._wait(job)
+            sent = attrs.get("total_count") or len(job.rows)
             failed = attrs.get("failed_count") or 0
             result.sent += sent
             result.updated += sent - failed
             if failed:
-                errs = self._import_errors(job_id, rows, ids)
-                result.errors.extend(errs)
+                result.errors.extend(self._import_errors(job.id, job.rows, ids))
                 result.failed += failed
         return result
 
-    def _wait(self, job_id: str) -> dict[str, Any]:
-        delay = self.poll_interval
-        while True:
-            body = self.client.json("get_bulk_import_profiles_job", "GET", f"{IMPORT_PATH}/{job_id}")
+    def _wait(self, job: _Job) -> dict[str, Any]:
+        """Poll a job to its end. A cancelled job failed as a whole (not its profiles' fault):
+        it is submitted again, a few times, before the run gives up with its rows unsent."""
+        for attempt in range(1, self.job_attempts + 1):
+            body = poll(
+                lambda: self.client.json("get_bulk_import_profiles_job", "GET", f"{IMPORT_PATH}/{job.id}"),
+                lambda b: b["data"]["attributes"].get("status") in {"complete", "cancelled"},
+                first=self.poll_interval,
+            )
             attrs = body["data"]["attributes"]
-            status = attrs.get("status")
-            if status == "complete":
+            if attrs.get("status") == "complete":
                 return attrs
-            if status == "cancelled":
-                raise DestinationError(
-                    f"Klaviyo cancelled profile import job {job_id}; its rows stay behind the "
-                    "watermark and are sent again next run"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
+            if attempt < self.job_attempts:
+                job.id = self._post_job(job.body, len(job.rows))
+        raise DestinationError(
+            f"Klaviyo cancelled profile import job {job.id} {self.job_attempts} times; its rows "
+            "stay behind the watermark and are sent again next run"
+        )
 
     def _import_errors(self, job_id: str, rows: pa.Array, ids: dict[int, Any]) -> list[RowError]:
         out: list[RowError] = []
