@@ -41,7 +41,8 @@ class Strict(BaseModel):
 class DuckDBConnection(Strict):
     type: Literal["duckdb"]
     path: str
-    memory_limit: str = "512MB"
+    memory_limit: str = "128MB"  # large sorts spill to disk beyond it: memory stays flat
+    threads: Annotated[int, Field(ge=1, le=64)] = 2
 
 
 class PostgresConnection(Strict):

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+THREADS = int(os.environ.get("BENCH_DUCKDB_THREADS", "2"))
 sys.path.insert(0, str(ROOT))
 
 PROJECT = """
 connections:
-  wh: {{type: duckdb, path: {db}, memory_limit: {mem}}}
+  wh: {{type: duckdb, path: {db}, memory_limit: {mem}, threads: {threads}}}
   klaviyo: {{type: klaviyo, api_key: bench-key, base_url: "http://127.0.0.1:9"}}
 syncs:
   - name: bench
@@ -57,14 +58,14 @@ def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
     Klaviyo destination's payloads built and counted but not sent."""
     from reverse_etl.config import load_project
     from reverse_etl.destinations.base import LoadResult
-    from reverse_etl.runtime import tune_memory
     from reverse_etl.engine import make_destination, run_sync
+    from reverse_etl.runtime import tune_memory
     from reverse_etl.state import StateStore
 
     tune_memory()  # as the CLI does
     work = Path(tempfile.mkdtemp())
     (work / "view.sql").write_text(f"SELECT * FROM bench.profiles WHERE row_id < {rows}")
-    (work / "p.yml").write_text(PROJECT.format(db=db, batch=batch, mem=mem))
+    (work / "p.yml").write_text(PROJECT.format(db=db, batch=batch, mem=mem, threads=THREADS))
     project = load_project(work / "p.yml", work)
     totals = {"requests": 0, "bytes": 0}
 
