@@ -128,6 +128,44 @@ def print_runs(records: list) -> None:  # type: ignore[type-arg]
 
 
 @main.command()
+@click.option("--interval", default=60, show_default=True, help="Seconds between schedule checks.")
+@click.option("--cycles", default=0, help="Stop after this many checks (0: run until stopped).")
+@click.pass_obj
+def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
+    """Run each sync when its schedule says it is due, until stopped (Ctrl-C)."""
+    import time
+
+    from reverse_etl.engine import RunOptions, due_syncs, run_sync
+
+    try:
+        project = obj.project
+        store = obj.store()
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    done = 0
+    try:
+        while True:
+            for name in due_syncs(project, store):
+                try:
+                    result = run_sync(project, name, store, RunOptions())
+                except ReverseEtlError as exc:  # e.g. still running from the last check
+                    err_console.print(f"{name}: {scrub(str(exc))}")
+                    continue
+                rec = result.record
+                console.print(
+                    f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
+                    f"sent {rec.counts.sent}, rejected {rec.counts.rejected}, failed {rec.counts.failed}"
+                    + (f" — {rec.message}" if rec.message else "")
+                )
+            done += 1
+            if cycles and done >= cycles:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        console.print("scheduler stopped")
+
+
+@main.command()
 @click.argument("sync", required=False)
 @click.option("--limit", default=5, show_default=True, help="Runs per sync.")
 @click.pass_obj

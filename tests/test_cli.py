@@ -327,3 +327,24 @@ def test_validate_csv_missing_file_exits_3(tmp_path: Path) -> None:
     assert result.exit_code == 3
     assert "error:" in result.stderr
     assert "missing.csv" in result.stderr
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+def test_scheduler_runs_only_due_syncs(tmp_path: Path, fake_destination: list[dict]) -> None:
+    make_project(
+        tmp_path,
+        syncs=[
+            sync_entry("hourly_people", schedule="hourly"),
+            sync_entry("unscheduled", mapping={"email": "email"}),
+        ],
+    )
+    first = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "0")
+    assert first.exit_code == 0, first.output
+    assert "hourly_people: success, read 12, sent 12" in flat(first.stdout)
+    assert "unscheduled" not in first.stdout  # no schedule: run only by `run`
+    again = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "0")
+    assert again.exit_code == 0
+    assert "hourly_people" not in again.stdout  # ran less than an hour ago: not due
+    assert len(fake_destination) == 12

@@ -84,7 +84,7 @@ def test_unknown_key_in_a_connection(tmp_path: Path) -> None:
     message = load_error(tmp_path, data)
     assert "connections.warehouse.pth: unknown key 'pth'" in message
     assert "did you mean 'path'?" in message
-    assert "Valid keys: memory_limit, path, type" in message
+    assert "Valid keys: memory_limit, path, threads, type" in message
 
 
 def test_unknown_key_in_a_connection_named_like_its_type(tmp_path: Path) -> None:
