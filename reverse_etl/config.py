@@ -41,7 +41,7 @@ class Strict(BaseModel):
 class DuckDBConnection(Strict):
     type: Literal["duckdb"]
     path: str
-    memory_limit: str = "128MB"  # large sorts spill to disk beyond it: memory stays flat
+    memory_limit: str = "256MB"  # large sorts spill to disk beyond it: memory stays flat
     threads: Annotated[int, Field(ge=1, le=64)] = 2
 
 
@@ -177,7 +177,7 @@ class Sync(Strict):
     consent: ConsentSpec = ConsentSpec()
     schedule: Schedule | None = None
     enabled: bool = True
-    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     lookback_minutes: Annotated[int, Field(ge=0, le=60 * 24 * 31)] = 0
     null_values: Literal["skip", "clear"] = "skip"
     default_phone_region: str | None = None  # ISO country for national numbers, e.g. US

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -181,9 +182,9 @@ class Transformer:
 
     def transform(self, batch: pa.RecordBatch, first_row: int) -> TransformResult:
         if "__row" not in batch.schema.names:  # a CSV brings its own line numbers
-            rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
+            rows = pa.array(np.arange(first_row, first_row + batch.num_rows, dtype=np.int64))
             batch = batch.append_column("__row", rows)
-        batch = batch.append_column("__pos", pa.array(range(batch.num_rows), pa.int64()))
+        batch = batch.append_column("__pos", pa.array(np.arange(batch.num_rows, dtype=np.int64)))
         self.con.register("batch", batch)
         try:
             out = _arrow(self.con.execute(self.sql))
@@ -339,5 +340,6 @@ _CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
 def _scatter(target: pa.ChunkedArray | pa.Array, idx: pa.Array, values: pa.Array) -> pa.Array:
     """``target`` with ``values`` written at positions ``idx`` (a vectorised patch)."""
     target = target.combine_chunks() if isinstance(target, pa.ChunkedArray) else target
-    mask = pc.is_in(pa.array(range(len(target)), pa.int64()), value_set=pc.cast(idx, pa.int64()))
-    return pc.replace_with_mask(target, mask, pc.cast(values, target.type))
+    mask = np.zeros(len(target), dtype=bool)
+    mask[idx.to_numpy(zero_copy_only=False)] = True
+    return pc.replace_with_mask(target, pa.array(mask), pc.cast(values, target.type))

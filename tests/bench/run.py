@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-THREADS = int(os.environ.get("BENCH_DUCKDB_THREADS", "2"))
+THREADS = int(os.environ.get("BENCH_DUCKDB_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 
 PROJECT = """
