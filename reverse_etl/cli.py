@@ -45,7 +45,30 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-@click.group()
+class _Scrubbed(logging.Filter):
+    """Log records leave the process without secrets, whatever a library put in them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+class _Group(click.Group):
+    """A bug must not look like 'rows rejected' (exit 1): report it and exit 3."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            err_console.print(f"[red]internal error: {scrub(f'{type(exc).__name__}: {exc}')}[/red]")
+            err_console.print("please report it with the command you ran (run with -v for details)")
+            sys.exit(EXIT_FAILED)
+
+
+@click.group(cls=_Group)
 @click.option("--config", "-c", envvar="REVERSE_ETL_CONFIG", help="Project file (default: profiles/profiles.yml).")
 @click.option("--project-dir", envvar="REVERSE_ETL_PROJECT_DIR", help="Root for relative paths (default: current directory).")
 @click.option("-v", "--verbose", is_flag=True, help="Log HTTP retries and timings.")
@@ -54,6 +77,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 def main(ctx: click.Context, config: str | None, project_dir: str | None, verbose: bool) -> None:
     """Sync warehouse views into Klaviyo and Dotdigital."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Scrubbed())
     tune_memory()
     ctx.obj = Ctx(config, project_dir)
 

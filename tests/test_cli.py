@@ -348,3 +348,15 @@ def test_scheduler_runs_only_due_syncs(tmp_path: Path, fake_destination: list[di
     assert again.exit_code == 0
     assert "hourly_people" not in again.stdout  # ran less than an hour ago: not due
     assert len(fake_destination) == 12
+
+
+def test_an_unexpected_error_exits_3_not_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_project(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"boom with {SECRET}")
+
+    monkeypatch.setattr(engine, "run_sync", broken)
+    result = cli(tmp_path, "run")
+    assert result.exit_code == 3
+    assert "internal error: RuntimeError: boom with ***" in flat(result.stderr)
