@@ -7,7 +7,7 @@ rejected or failed row goes to the run's error file with its reason.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,7 +32,7 @@ from reverse_etl.prefetch import prefetch
 from reverse_etl.secrets import scrub
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.state import RunRecord, StateStore, Watermark, now
-from reverse_etl.transform.rowerrors import ErrorFileWriter
+from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import (
     FieldSpec,
     Transformer,
@@ -177,6 +177,7 @@ def _run(
         destination = destination_factory(project, sync)
         counts = record.counts
         transformer: Transformer | None = None
+        pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
 
         def batches() -> Iterator[LoadBatch]:
             nonlocal transformer
@@ -191,7 +192,9 @@ def _run(
                 counts.read += batch.num_rows
                 counts.rejected += out.rejected
                 errors.write(out.errors)
-                yield LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
+                loaded = LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
+                pending.append(loaded)
+                yield loaded
 
         stream = prefetch(batches())
         try:
@@ -200,8 +203,13 @@ def _run(
                 return
             destination.prepare()
             for loaded in destination.load(stream):
+                pending.popleft()
                 _commit(store, sync, record, errors, loaded)
                 store.heartbeat(sync.name, record.run_id)
+        except BaseException:
+            stream.close()
+            errors.write(_unsent(pending))
+            raise
         finally:
             stream.close()  # stop the read-ahead thread before its transformer and source close
             destination.close()
@@ -219,6 +227,15 @@ def _commit(store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileW
     mark: Watermark | None = loaded.token
     if mark is not None and later(mark, store.watermark(sync.name)):
         store.set_watermark(sync.name, mark)
+
+
+def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:
+    """Rows the run had read and checked but the destination never acknowledged: they stay
+    behind the watermark, and the error file says so rather than leaving them unnamed."""
+    for batch in pending:
+        rows, ids = batch.table["__row"].to_pylist(), batch.table["__id"].to_pylist()
+        for row, ident in zip(rows, ids, strict=True):
+            yield RowError(row, ident, "(row)", None, "not_sent", "not acknowledged before the run stopped")
 
 
 def _dry_run(

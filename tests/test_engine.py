@@ -237,7 +237,11 @@ def test_rows_rejected_before_a_failure_are_in_the_error_file(make_env) -> None:
     assert result.record.status == "failed"
     assert result.exit_code == EXIT_FAILED
     errors = read_csv_rows(result.record.error_file)
-    assert [(e["row_number"], e["reason"]) for e in errors] == [("3", "invalid_email")]
+    rejected = [(e["row_number"], e["reason"]) for e in errors if e["reason"] != "not_sent"]
+    assert rejected == [("3", "invalid_email")]
+    # the batches handed over but never acknowledged are named too: they are sent next run
+    unsent = sorted(int(e["row_number"]) for e in errors if e["reason"] == "not_sent")
+    assert unsent == list(range(11, 31))
 
 
 # --------------------------------------------------------------------------- row problems

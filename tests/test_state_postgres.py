@@ -48,9 +48,8 @@ def test_watermarks_round_trip_with_their_types(pg_url: str, cursor: object, ide
 def test_two_stores_share_one_lock(pg_url: str) -> None:
     first, second = StateStore(pg_url), StateStore(pg_url)
     with first.lock("sync_a", "run-1"):
-        with pytest.raises(LockHeldError, match="already running") as exc:
-            with second.lock("sync_a", "run-2"):
-                pass
+        with pytest.raises(LockHeldError, match="already running") as exc, second.lock("sync_a", "run-2"):
+            pass
         assert "reverse-etl unlock sync_a" in str(exc.value)
         with second.lock("sync_b", "run-3"):  # another sync is not blocked
             pass

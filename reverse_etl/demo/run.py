@@ -37,7 +37,10 @@ def prepare_warehouse(root: Path, profiles: int, console: Console) -> Path:
     try:  # a re-run: a few customers change, as they would between two scheduled runs
         con.execute("SET TimeZone = 'UTC'")
         con.execute(
-            f"UPDATE raw.customers SET loyalty_points = loyalty_points + 10, modified_at = now() "
+            # later than every row already synced, whatever this machine's clock says
+            f"UPDATE raw.customers SET loyalty_points = loyalty_points + 10, modified_at = "
+            f"greatest(now(), (SELECT max(m) FROM (SELECT max(modified_at) AS m FROM raw.customers "
+            f"UNION ALL SELECT max(modified_at) FROM raw.orders)) + INTERVAL 1 MINUTE) "
             f"WHERE customer_id IN (SELECT customer_id FROM raw.customers WHERE customer_id IS NOT NULL "
             f"ORDER BY hash(customer_id || CAST(epoch(now()) AS VARCHAR)) LIMIT {CHANGES_PER_RERUN})"
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
@@ -20,7 +22,14 @@ from reverse_etl.secrets import scrub
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RETRY_STATUS = {429, 500, 502, 503, 504}
+NOT_APPLIED = {429, 503}  # the request was refused before it did anything
+
+
+class Unsure(DestinationError):
+    """A create may or may not have been applied (timeout, dropped connection, 5xx): the
+    caller looks the object up before trying again, so a retry never makes a duplicate."""
 
 
 @dataclass
@@ -63,7 +72,10 @@ class ApiClient:
         params: dict[str, str] | None = None,
         limiter: RateLimiter | None = None,
         content_type: str | None = None,
+        idempotent: bool = True,
     ) -> httpx.Response:
+        """Send with retries. ``idempotent=False`` (creates): only answers that say nothing
+        was done (429, 503) are retried here; any other failure raises ``Unsure``."""
         limiter = limiter or Unlimited()
         headers = {"Content-Type": content_type} if content_type and content is not None else None
         last = ""
@@ -73,11 +85,15 @@ class ApiClient:
                 response = self._http.request(method, path, content=content, params=params, headers=headers)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}"
+                if not idempotent:
+                    raise Unsure(f"{self.name} {method} {path}: {last}; it may have been applied") from None
                 self._backoff(attempt, None, last, method, path)
                 continue
             if response.status_code not in RETRY_STATUS:
                 return response
             last = f"HTTP {response.status_code}"
+            if not idempotent and response.status_code not in NOT_APPLIED:
+                raise Unsure(f"{self.name} {method} {path}: {last}; it may have been applied")
             retry_after = None
             if response.status_code == 429:
                 self.throttled += 1
@@ -119,3 +135,32 @@ def error_detail(response: httpx.Response) -> str:
     """A short, secret-free description of an error answer, for messages."""
     text = response.text[:500]
     return scrub(f"HTTP {response.status_code}: {text}")
+
+
+SETTLE_SECONDS = (0.5, 1.0, 2.0)  # how long a timed-out create may take to show up
+
+
+def find_or_create(
+    find: Callable[[], T | None], create: Callable[[], T], what: str, attempts: int = 3
+) -> T:
+    """Create unless it exists. A create whose answer was lost (``Unsure``: a timeout, a
+    dropped connection, a 5xx) may still be applied later, so the look-up is repeated for a
+    while before creating again; a refused create (perhaps another writer just made it) is
+    looked up again too. Lists and fields are named: a duplicate is worse than a wait."""
+    last: DestinationError | None = None
+    for _ in range(attempts):
+        found = find()
+        if found is not None:
+            return found
+        try:
+            return create()
+        except Unsure as exc:
+            last = exc
+            for delay in SETTLE_SECONDS:
+                time.sleep(delay)
+                found = find()
+                if found is not None:
+                    return found
+        except DestinationError as exc:
+            last = exc
+    raise DestinationError(f"creating {what} failed after {attempts} attempts (last: {last})")

@@ -8,7 +8,6 @@ destination field (named as the field), ``__row`` (1-based position in the run) 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -36,9 +35,7 @@ MIN_TIMESTAMP = "1990-01-01T00:00:00Z"
 def _arrow(result: duckdb.DuckDBPyConnection) -> pa.Table:
     # execute() binds a prepared statement without the relation layer: faster per batch here
     # than con.sql(), whose note about an extra copy does not outweigh that.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return result.to_arrow_table()
+    return result.to_arrow_table()
 
 MESSAGES = {
     "missing_identifier": "the identifier column is empty",

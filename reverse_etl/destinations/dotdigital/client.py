@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from reverse_etl.config import DotdigitalConnection
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail, find_or_create
 from reverse_etl.errors import DestinationError
 
 JSON = "application/json"
@@ -29,17 +29,35 @@ class DotdigitalClient:
             name="Dotdigital",
         )
 
-    def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> httpx.Response:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> httpx.Response:
         content = None if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
-        return self.api.request(method, path, content=content, params=params, content_type=JSON)
+        return self.api.request(
+            method, path, content=content, params=params, content_type=JSON, idempotent=idempotent
+        )
 
-    def json(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        response = self.call(method, path, body, params)
+    def json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
+        response = self.call(method, path, body, params, idempotent=idempotent)
         if response.status_code >= 400:
             raise DestinationError(f"Dotdigital {method} {path}: {error_detail(response)}")
         return orjson.loads(response.content) if response.content else None
 
-    def find_or_create_address_book(self, name: str) -> int:
+    def find_address_book(self, name: str) -> int | None:
         skip = 0
         while True:
             page = self.json("GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)})
@@ -47,17 +65,35 @@ class DotdigitalClient:
                 if book.get("name") == name:
                     return int(book["id"])
             if len(page) < 1000:
-                break
+                return None
             skip += 1000
-        created = self.json("POST", "/v2/address-books", {"name": name, "visibility": "Private"})
-        return int(created["id"])
+
+    def find_or_create_address_book(self, name: str) -> int:
+        return find_or_create(
+            lambda: self.find_address_book(name),
+            lambda: int(self._create("/v2/address-books", {"name": name, "visibility": "Private"})["id"]),
+            f"Dotdigital address book {name!r}",
+        )
 
     def data_fields(self) -> dict[str, str]:
         """Existing data fields: upper-cased name → type."""
         return {f["name"].upper(): f.get("type", "String") for f in self.json("GET", "/v2/data-fields")}
 
     def create_data_field(self, name: str, type_: str) -> None:
-        self.json("POST", "/v2/data-fields", {"name": name, "type": type_, "visibility": "Private"})
+        find_or_create(
+            lambda: self.data_fields().get(name.upper()),
+            lambda: self._create("/v2/data-fields", {"name": name, "type": type_, "visibility": "Private"}),
+            f"Dotdigital data field {name}",
+        )
+
+    def _create(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a create; a lost answer (Unsure) or a 'duplicate' refusal is left to the
+        caller's look-up, never repeated blindly."""
+        response = self.call("POST", path, body, idempotent=False)
+        if response.status_code >= 400:
+            raise DestinationError(f"Dotdigital POST {path}: {error_detail(response)}")
+        return orjson.loads(response.content)
 
     def close(self) -> None:
         self.api.close()
+

@@ -62,7 +62,7 @@ class DotdigitalDestination(Destination):
         self.sync = sync
         opts = sync.destination.options()
         self.consent_mode: str = opts.get("consent_mode", "channel")
-        self.consent_field: str = opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")
+        self.consent_field: str = str(opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")).upper()
         self.opt_in_type: str = opts.get("opt_in_type", "single")
         self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
         self.import_size = int(opts.get("import_size", 5000))
@@ -115,6 +115,13 @@ class DotdigitalDestination(Destination):
                     "(data field names are unique whatever their case)"
                 )
             seen[key] = target.field
+        opts = sync.destination.options()
+        consent_field = str(opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")).upper()
+        if opts.get("consent_mode") == "data_field" and consent_field in seen:
+            problems.append(
+                f"mapping: {seen[consent_field]!r} is also destination.consent_field, which the "
+                "consent column fills; map the column to another data field or rename consent_field"
+            )
         if "email" not in {t.field for t in sync.fields().values()}:
             problems.append("map a column to `email`: Dotdigital contacts are matched by email")
         return problems
@@ -125,11 +132,14 @@ class DotdigitalDestination(Destination):
         identifiers: dict[str, Any] = {"email": Col("email")}
         if "mobileNumber" in table.column_names:
             identifiers["mobileNumber"] = Expr('ltrim(t."mobileNumber", \'+\')')
-        data = {
-            name.upper(): Col(name)
-            for name in table.column_names
-            if not name.startswith(("__", "consent.")) and name not in df.IDENTIFIERS
-        }
+        data: dict[str, Any] = {}
+        for name in table.column_names:
+            if name.startswith(("__", "consent.")) or name in df.IDENTIFIERS:
+                continue
+            dtype = table.schema.field(name).type
+            nested = pa.types.is_list(dtype) or pa.types.is_struct(dtype) or pa.types.is_map(dtype)
+            # a data field holds one value: lists and records travel as their JSON text
+            data[name.upper()] = Expr(f'CAST(to_json(t."{name}") AS VARCHAR)') if nested else Col(name)
         doc: dict[str, Any] = {"matchIdentifier": "email", "identifiers": identifiers}
         consent = 't."consent.email"' if "consent.email" in table.column_names else "NULL"
         if self.consent_mode == "data_field" and consent != "NULL":
@@ -139,14 +149,12 @@ class DotdigitalDestination(Destination):
         if data:
             doc["dataFields"] = data
         if self.consent_mode == "channel" and consent != "NULL":
+            # nulls are never sent inside channelProperties (the spec closes that object),
+            # whatever null_values says: an unknown consent leaves the status as it is
+            status = f"CASE {consent} WHEN 'subscribed' THEN 'subscribed' WHEN 'unsubscribed' THEN 'unsubscribed' END"
+            opt_in = f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' END"
             doc["channelProperties"] = {
-                "email": {
-                    "status": Expr(
-                        f"CASE {consent} WHEN 'subscribed' THEN 'subscribed' "
-                        "WHEN 'unsubscribed' THEN 'unsubscribed' END"
-                    ),
-                    "optInType": Expr(f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' END"),
-                }
+                "email": Expr(f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}))")
             }
         lists = self._lists_sql(consent)
         if lists:
@@ -245,8 +253,9 @@ class DotdigitalDestination(Destination):
             result.sent += len(imp.rows)
             result.created += int(summary.get("newContacts", 0))
             result.updated += int(summary.get("updatedContacts", 0))
-            rejected = {f.get("identifiers", {}).get("email") for f in failures}
-            result.failed += len(rejected)
+            # a failure with a contactId was imported, only part of its data refused: it is
+            # already counted as new or updated, so it is reported but not counted as failed
+            result.failed += len({f.get("identifiers", {}).get("email") for f in failures if not f.get("contactId")})
             for failure in failures:
                 email = failure.get("identifiers", {}).get("email")
                 reasons = "; ".join(

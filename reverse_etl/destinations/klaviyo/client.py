@@ -11,7 +11,7 @@ import httpx
 import orjson
 
 from reverse_etl.config import KlaviyoConnection
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail, find_or_create
 from reverse_etl.destinations.ratelimit import RateLimiter
 from reverse_etl.errors import DestinationError
 
@@ -47,28 +47,56 @@ class KlaviyoClient:
         self.limiters = {op: RateLimiter(b, s, speedup=speedup) for op, (b, s) in LIMITS.items()}
 
     def call(
-        self, op: str, method: str, path: str, body: bytes | None = None, params: dict[str, str] | None = None
+        self,
+        op: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+        *,
+        idempotent: bool = True,
     ) -> httpx.Response:
         return self.api.request(
-            method, path, content=body, params=params, limiter=self.limiters.get(op), content_type=JSONAPI
+            method,
+            path,
+            content=body,
+            params=params,
+            limiter=self.limiters.get(op),
+            content_type=JSONAPI,
+            idempotent=idempotent,
         )
 
-    def json(self, op: str, method: str, path: str, body: bytes | None = None, params: dict[str, str] | None = None) -> Any:
-        response = self.call(op, method, path, body, params)
+    def json(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
+        response = self.call(op, method, path, body, params, idempotent=idempotent)
         if response.status_code >= 400:
             raise DestinationError(f"Klaviyo {method} {path}: {error_detail(response)}")
         return orjson.loads(response.content) if response.content else None
 
-    def find_or_create_list(self, name: str) -> str:
-        """Look the list up by name first: list creation is limited to 150 a day."""
+    def find_list(self, name: str) -> str | None:
         escaped = name.replace("\\", "\\\\").replace('"', '\\"')
         found = self.json("get_lists", "GET", "/api/lists", params={"filter": f'equals(name,"{escaped}")'})
         for item in found.get("data", []):
             if item.get("attributes", {}).get("name") == name:
                 return item["id"]
+        return None
+
+    def find_or_create_list(self, name: str) -> str:
+        """Look the list up by name first: list creation is limited to 150 a day."""
         body = orjson.dumps({"data": {"type": "list", "attributes": {"name": name}}})
-        created = self.json("create_list", "POST", "/api/lists", body)
-        return created["data"]["id"]
+        return find_or_create(
+            lambda: self.find_list(name),
+            lambda: self.json("create_list", "POST", "/api/lists", body, idempotent=False)["data"]["id"],
+            f"Klaviyo list {name!r}",
+        )
 
     def close(self) -> None:
         self.api.close()

@@ -132,7 +132,7 @@ class KlaviyoDestination(Destination):
         return table, docs, errors
 
     def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
-        tail = b"]}}}"
+        tail = b"]}}}}"  # closes data, profiles, attributes, data, the document
         if self.list_id or self.sync.destination.list:
             list_id = self.list_id or f"<id of list {self.sync.destination.list!r}>"
             rel = orjson.dumps({"lists": {"data": [{"type": "list", "id": list_id}]}})
@@ -173,7 +173,8 @@ class KlaviyoDestination(Destination):
         return orjson.loads(response.content)["data"]["id"]
 
     def _finish(self, item: _InFlight) -> LoadResult:
-        result = LoadResult(token=item.batch.token, errors=list(item.errors), failed=len(item.errors))
+        # profiles refused before sending (too large) count as sent and failed: sent = updated + failed
+        result = LoadResult(token=item.batch.token, errors=list(item.errors), sent=len(item.errors), failed=len(item.errors))
         table = item.batch.table
         ids = dict(zip(table["__row"].to_pylist(), table["__id"].to_pylist(), strict=True))
         for job in item.jobs:

@@ -1,0 +1,273 @@
+"""Builders for the destination tests: a project in a temporary directory whose destination
+connections point at the Klaviyo or Dotdigital sandbox, served over real loopback HTTP.
+
+The real engine, clients and destinations run unchanged; only the retry pacing, the job poll
+interval and (when a test asks) the client timeout are shortened, through ``fast_clients``,
+so retries and fault injection take milliseconds instead of the production back-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reverse_etl.config import Project, load_project
+from reverse_etl.destinations import http
+from reverse_etl.destinations.dotdigital.destination import DotdigitalDestination
+from reverse_etl.destinations.klaviyo.destination import KlaviyoDestination
+from reverse_etl.engine import RunOptions, RunResult, run_sync
+from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer, SandboxSettings
+from reverse_etl.sandbox.faults import FaultInjector
+from reverse_etl.state import RunRecord, StateStore, Watermark
+from tests.helpers import at, create_table, read_csv_rows, write_project
+
+Sandbox = KlaviyoSandbox | DotdigitalSandbox
+_RETRY_POLICY = http.RetryPolicy
+
+# --------------------------------------------------------------------------- client pacing
+
+
+def fast_clients(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    max_attempts: int = 8,
+    timeout: float | None = None,
+    poll_interval: float = 0.02,
+) -> None:
+    """Retries in milliseconds (a capped ``Retry-After`` too), quick job polls, and
+    optionally a short HTTP timeout so an injected ``timeout`` fault is a real client timeout.
+    Library code is untouched: only defaults the clients read at construction are replaced."""
+
+    def policy() -> http.RetryPolicy:
+        return _RETRY_POLICY(
+            max_attempts=max_attempts, base_delay=0.01, max_delay=0.1, max_retry_after=0.1
+        )
+
+    monkeypatch.setattr(http, "RetryPolicy", policy)
+    # a create whose answer was lost is looked up again for ~1.5 s instead of ~3.5 s
+    monkeypatch.setattr(http, "SETTLE_SECONDS", (0.05, 0.1, 0.2, 0.4, 0.8))
+    monkeypatch.setattr(KlaviyoDestination, "poll_interval", poll_interval)
+    monkeypatch.setattr(DotdigitalDestination, "poll_interval", poll_interval)
+    if timeout is not None:
+        monkeypatch.setitem(http.ApiClient.__init__.__kwdefaults__, "timeout", timeout)
+
+
+def set_faults(
+    sandbox: Sandbox, rate: float, kinds: Sequence[str] = ("500",), seed: int = 0
+) -> None:
+    """Change a running sandbox's fault injection (its settings are frozen at start)."""
+    sandbox.faults = FaultInjector(rate, tuple(kinds), seed)
+
+
+def seed_hitting(hits: set[int], *, rate: float, kind: str = "timeout", follow: int = 200) -> int:
+    """A seed for ``SandboxSettings(fault_rate=rate, fault_kinds=(kind,))`` that faults exactly
+    the eligible requests numbered ``hits`` (1-based) among the first ``max(hits) + follow``:
+    a fault on a chosen request, through the public settings only."""
+    total = max(hits) + follow
+    for seed in range(200_000):
+        rng = FaultInjector(rate, (kind,), seed)
+        pattern = {n for n in range(1, total + 1) if rng.draw({kind})}
+        if pattern == hits:
+            return seed
+    raise AssertionError(f"no seed faults exactly requests {sorted(hits)}")
+
+
+# --------------------------------------------------------------------------- warehouse rows
+
+PROFILE_COLUMNS: dict[str, str] = {
+    "email": "VARCHAR",
+    "first_name": "VARCHAR",
+    "last_name": "VARCHAR",
+    "phone": "VARCHAR",
+    "city": "VARCHAR",
+    "country": "VARCHAR",
+    "zip": "VARCHAR",
+    "latitude": "DOUBLE",
+    "tier": "VARCHAR",
+    "points": "INTEGER",
+    "lifetime_value": "DECIMAL(12,2)",
+    "is_vip": "BOOLEAN",
+    "birthday": "DATE",
+    "last_order_at": "TIMESTAMPTZ",
+    "email_consent": "VARCHAR",
+    "notes": "VARCHAR",
+    "modified_at": "TIMESTAMPTZ",
+}
+
+
+def email_of(n: int) -> str:
+    return f"customer{n:05d}@example.com"
+
+
+def profile_row(n: int, **overrides: Any) -> tuple[Any, ...]:
+    """One clean row in PROFILE_COLUMNS order; ``modified_at`` is ``at(n)`` unless given."""
+    values: dict[str, Any] = {
+        "email": email_of(n),
+        "first_name": f"First{n}",
+        "last_name": f"Last{n}",
+        "phone": f"(415) 555-{n % 10_000:04d}",
+        "city": "Springfield",
+        "country": "US",
+        "zip": f"{10_000 + n}",
+        "latitude": 40.0 + n / 1000,
+        "tier": ("bronze", "silver", "gold")[n % 3],
+        "points": n * 10,
+        "lifetime_value": Decimal(f"{n}.25"),
+        "is_vip": n % 2 == 0,
+        "birthday": date(1980, 1, 1 + n % 28),
+        "last_order_at": at(3600 + n),
+        "email_consent": ("yes", "no", None)[n % 3],
+        "notes": None,
+        "modified_at": at(n),
+    }
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise KeyError(f"not a profile column: {sorted(unknown)}")
+    values.update(overrides)
+    return tuple(values[c] for c in PROFILE_COLUMNS)
+
+
+def profile_rows(numbers: range | Sequence[int], **overrides: Any) -> list[tuple[Any, ...]]:
+    return [profile_row(n, **overrides) for n in numbers]
+
+
+# --------------------------------------------------------------------------- the project
+
+
+def sync_entry(name: str, connection: str, mapping: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    destination = {"connection": connection, **extra.pop("destination", {})}
+    return {
+        "name": name,
+        "source": {"connection": "warehouse", "table": extra.pop("table", "people")},
+        "object": "profiles",
+        "identifier": "email",
+        "cursor": "modified_at",
+        "destination": destination,
+        "mapping": mapping,
+        "default_phone_region": "US",
+        **extra,
+    }
+
+
+@dataclass
+class Rig:
+    """A project directory, its warehouse and state store, and one served sandbox."""
+
+    root: Path
+    sandbox: Sandbox
+    base_url: str
+    project: Project | None = None
+    store: StateStore | None = None
+
+    @property
+    def db(self) -> Path:
+        return self.root / "warehouse.duckdb"
+
+    def table(
+        self, rows: Sequence[Sequence[Any]], name: str = "people", *, replace: bool = True
+    ) -> None:
+        create_table(self.db, name, PROFILE_COLUMNS, rows, replace=replace)
+
+    def configure(self, syncs: list[dict[str, Any]]) -> Project:
+        settings = self.sandbox.settings
+        connections: dict[str, Any] = {"warehouse": {"type": "duckdb", "path": "warehouse.duckdb"}}
+        if isinstance(self.sandbox, KlaviyoSandbox):
+            connections["klaviyo"] = {
+                "type": "klaviyo",
+                "api_key": settings.api_key,
+                "base_url": self.base_url,
+            }
+        else:
+            connections["dotdigital"] = {
+                "type": "dotdigital",
+                "username": settings.username,
+                "password": settings.password,
+                "base_url": self.base_url,
+            }
+        write_project(
+            self.root,
+            {
+                "connections": connections,
+                "state": {"url": "sqlite:///state/state.db"},
+                "error_dir": "errors",
+                "syncs": syncs,
+            },
+        )
+        self.project = load_project(None, self.root, env={})
+        if self.store is None:
+            self.store = StateStore(self.project.state.url, root=self.root)
+        return self.project
+
+    def run(self, sync: str, **options: Any) -> RunResult:
+        assert self.project is not None and self.store is not None, "configure() first"
+        result = run_sync(self.project, sync, self.store, RunOptions(**options))
+        assert self.sandbox.wait_idle(30), "sandbox jobs did not finish"
+        return result
+
+    def watermark(self, sync: str) -> Watermark | None:
+        assert self.store is not None
+        return self.store.watermark(sync)
+
+    def last_run(self, sync: str) -> RunRecord:
+        assert self.store is not None
+        return self.store.last_runs(sync, limit=1)[0]
+
+    def requests(self, method: str, path_prefix: str) -> list[Any]:
+        return [
+            r
+            for r in self.sandbox.request_log
+            if r.method == method and r.path.startswith(path_prefix)
+        ]
+
+
+def error_rows(result: RunResult) -> list[dict[str, str]]:
+    assert result.record.error_file, "the run wrote no error file"
+    return read_csv_rows(result.record.error_file)
+
+
+def assert_counts_add_up(result: RunResult) -> None:
+    c = result.record.counts
+    assert c.read == c.sent + c.rejected, c
+    assert c.sent == c.created + c.updated + c.failed, c
+
+
+@contextlib.contextmanager
+def served(sandbox: Sandbox, root: Path) -> Iterator[Rig]:
+    with SandboxServer(sandbox) as server:
+        rig = Rig(root, sandbox, server.base_url)
+        try:
+            yield rig
+        finally:
+            if rig.store is not None:
+                rig.store.close()
+
+
+def rig_fixture(
+    request: pytest.FixtureRequest, tmp_path: Path, factory: type[Sandbox]
+) -> Iterator[Callable[..., Rig]]:
+    """Body of the per-file fixtures: ``start(**settings)`` serves a sandbox for the test and
+    stops it afterwards. The sandbox must end with no violation (nothing off-spec was sent)
+    and no internal error; a test marked xfail asserts violations itself instead."""
+    started: list[Sandbox] = []
+    with contextlib.ExitStack() as stack:
+
+        def start(**settings: Any) -> Rig:
+            settings.setdefault("speedup", 50.0)
+            sandbox = factory(SandboxSettings(**settings))
+            started.append(sandbox)
+            root = tmp_path / f"project{len(started)}"
+            root.mkdir()
+            return stack.enter_context(served(sandbox, root))
+
+        yield start
+    for sandbox in started:
+        assert sandbox.internal_errors == [], sandbox.internal_errors
+        if request.node.get_closest_marker("xfail") is None:
+            assert sandbox.violations == [], sandbox.violations

@@ -1,0 +1,397 @@
+"""Dotdigital end to end: the real engine, client and destination against the Dotdigital
+sandbox over loopback HTTP. Every test ends with the sandbox holding no violation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from reverse_etl.config import load_project
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ConfigError
+from reverse_etl.sandbox import DotdigitalSandbox
+from reverse_etl.state import Watermark
+from tests.helpers import at, execute, write_project
+from tests.sandboxes import (
+    Rig,
+    assert_counts_add_up,
+    email_of,
+    error_rows,
+    fast_clients,
+    profile_row,
+    profile_rows,
+    rig_fixture,
+    set_faults,
+    sync_entry,
+)
+
+IMPORT = "/contacts/v3/import"
+FIELDS = "/v2/data-fields"
+
+MAPPING: dict[str, Any] = {
+    "email": "email",
+    "phone": "mobileNumber",
+    "first_name": "FIRSTNAME",
+    "last_name": "LASTNAME",
+    "zip": "POSTCODE",
+    "city": "CITY",
+    "tier": "LOYALTY_TIER",
+    "points": "LOYALTY_POINTS",
+    "lifetime_value": "LIFETIME_VALUE",
+    "is_vip": "IS_VIP",
+    "birthday": "BIRTHDAY",
+    "last_order_at": "LAST_ORDER_AT",
+}
+CUSTOM_TYPES = {
+    "CITY": "String",
+    "LOYALTY_TIER": "String",
+    "LOYALTY_POINTS": "Numeric",
+    "LIFETIME_VALUE": "Numeric",
+    "IS_VIP": "Boolean",
+    "BIRTHDAY": "Date",
+    "LAST_ORDER_AT": "Date",
+}
+STANDARD = ("FIRSTNAME", "LASTNAME", "FULLNAME", "GENDER", "POSTCODE")
+
+
+def dd_sync(
+    name: str = "contacts",
+    *,
+    book: str | None = "Customers",
+    options: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    destination = {**({"list": book} if book else {}), **(options or {})}
+    return sync_entry(
+        name, "dotdigital", dict(extra.pop("mapping", MAPPING)), destination=destination, **extra
+    )
+
+
+@pytest.fixture
+def dotdigital(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Rig]]:
+    fast_clients(monkeypatch)
+    yield from rig_fixture(request, tmp_path, DotdigitalSandbox)
+
+
+def members(rig: Rig, book: str) -> set[str]:
+    return {c["identifiers"]["email"] for c in rig.sandbox.address_book_members(book)}
+
+
+def field_types(rig: Rig) -> dict[str, str]:
+    return {f["name"]: f["type"] for f in rig.sandbox.data_fields()}
+
+
+# --------------------------------------------------------------------------- contacts and fields
+
+
+def test_contacts_land_with_typed_data_fields_created_once(dotdigital):
+    rig = dotdigital()
+    rows = profile_rows(range(20)) + [profile_row(99, email="no-at-sign.example.com")]
+    rig.table(rows)
+    rig.configure([dd_sync()])
+
+    first = rig.run("contacts")
+
+    assert first.exit_code == EXIT_ROW_ERRORS  # the bad email
+    c = first.record.counts
+    assert (c.read, c.rejected, c.sent, c.created, c.updated, c.failed) == (21, 1, 20, 20, 0, 0)
+    assert_counts_add_up(first)
+    assert members(rig, "Customers") == {email_of(n) for n in range(20)}
+    assert len(rig.sandbox.contacts()) == 20
+    [error] = error_rows(first)
+    assert (error["row_number"], error["reason"]) == ("21", "invalid_email")
+
+    contact = rig.sandbox.contact(email_of(4))
+    assert contact["identifiers"] == {"email": email_of(4), "mobileNumber": "14155550004"}
+    assert contact["dataFields"] == {
+        "FIRSTNAME": "First4",
+        "LASTNAME": "Last4",
+        "POSTCODE": "10004",
+        "CITY": "Springfield",
+        "LOYALTY_TIER": "silver",
+        "LOYALTY_POINTS": 40,
+        "LIFETIME_VALUE": 4.25,
+        "IS_VIP": True,
+        "BIRTHDAY": "1980-01-05",
+        "LAST_ORDER_AT": "2025-03-01T13:00:04+00:00",
+    }
+    assert rig.sandbox.contact(email_of(3))["dataFields"]["IS_VIP"] is False
+
+    types = field_types(rig)
+    assert {k: types[k] for k in CUSTOM_TYPES} == CUSTOM_TYPES
+    assert set(types) == set(CUSTOM_TYPES) | set(STANDARD)
+    # one create per custom field; the standard fields exist already and are never created
+    assert len(rig.requests("POST", FIELDS)) == len(CUSTOM_TYPES)
+    assert {
+        f["name"]: f["visibility"] for f in rig.sandbox.data_fields() if f["name"] in STANDARD
+    } == dict.fromkeys(STANDARD, "Public")
+    assert len(rig.requests("POST", "/v2/address-books")) == 1
+
+    # second run: three changed contacts and one new one; nothing is created but the contact
+    for k, n in enumerate((2, 7, 15)):
+        rows[n] = profile_row(n, points=1000 + n, city="Shelbyville", modified_at=at(500 + k))
+    rows.append(profile_row(20, modified_at=at(600)))
+    rig.table(rows)
+    rig.sandbox.reset_log()
+
+    second = rig.run("contacts")
+
+    assert second.exit_code == EXIT_OK
+    c = second.record.counts
+    assert (c.read, c.sent, c.created, c.updated, c.failed) == (4, 4, 1, 3, 0)
+    assert_counts_add_up(second)
+    assert rig.requests("POST", FIELDS) == [] and rig.requests("POST", "/v2/address-books") == []
+    assert len(rig.requests("PUT", IMPORT)) == 1
+    assert rig.sandbox.contact(email_of(7))["dataFields"]["LOYALTY_POINTS"] == 1007
+    assert rig.sandbox.contact(email_of(7))["dataFields"]["CITY"] == "Shelbyville"
+    assert rig.sandbox.contact(email_of(8))["dataFields"]["CITY"] == "Springfield"
+    assert members(rig, "Customers") == {email_of(n) for n in range(21)}
+    assert rig.watermark("contacts") == Watermark(at(600), email_of(20))
+
+
+def test_existing_field_of_another_type_stops_the_run_before_sending(dotdigital):
+    rig = dotdigital()
+    auth = (rig.sandbox.settings.username, rig.sandbox.settings.password)
+    created = httpx.post(
+        f"{rig.base_url}{FIELDS}", json={"name": "LOYALTY_POINTS", "type": "String"}, auth=auth
+    )
+    assert created.status_code == 201
+    rig.table(profile_rows(range(5)))
+    rig.configure([dd_sync()])
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_FAILED
+    assert "LOYALTY_POINTS is String but this sync sends Numeric" in result.record.message
+    assert rig.requests("PUT", IMPORT) == [] and rig.sandbox.contacts() == []
+    assert rig.watermark("contacts") is None
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (
+            {"tier": "LOYALTY_TIER_DESCRIPTION"},
+            [
+                "'LOYALTY_TIER_DESCRIPTION'",
+                "longer than 20 characters",
+                "try 'LOYALTY_TIER_DESCRIP'",
+            ],
+        ),
+        (
+            {"tier": "loyalty tier"},
+            ["'loyalty tier'", "letters, digits, _ and -", "try 'LOYALTY_TIER'"],
+        ),
+        ({"points": "points$"}, ["'points$'", "letters, digits, _ and -", "try 'POINTS'"]),
+        ({"tier": "Tier", "city": "TIER"}, ["mapping.city", "'TIER' collides with 'Tier'"]),
+        (
+            {"last_name": "firstname"},
+            ["mapping.last_name", "'firstname' collides with 'FIRSTNAME'"],
+        ),
+    ],
+    ids=["too-long", "space", "bad-character", "case-collision", "collides-with-standard"],
+)
+def test_invalid_data_field_names_are_refused_at_config_load(tmp_path, mapping, expected):
+    base = {"email": "email", "first_name": "FIRSTNAME"}
+    write_project(tmp_path, project_file([dd_sync(mapping={**base, **mapping})]))
+    with pytest.raises(ConfigError) as raised:
+        load_project(None, tmp_path, env={})
+    message = str(raised.value)
+    assert "syncs[0] (contacts)" in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_invalid_consent_field_name_is_refused_at_config_load(tmp_path):
+    options = {"consent_mode": "data_field", "consent_field": "NEWSLETTER SUBSCRIBE"}
+    write_project(
+        tmp_path, project_file([dd_sync(options=options, consent={"email": "email_consent"})])
+    )
+    with pytest.raises(
+        ConfigError, match="destination.consent_field: data field name 'NEWSLETTER SUBSCRIBE'"
+    ):
+        load_project(None, tmp_path, env={})
+
+
+def project_file(syncs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "connections": {
+            "warehouse": {"type": "duckdb", "path": "warehouse.duckdb"},
+            "dotdigital": {
+                "type": "dotdigital",
+                "username": "apiuser@example.com",
+                "password": "not-used-here",
+                "base_url": "http://127.0.0.1:9",
+            },
+        },
+        "syncs": syncs,
+    }
+
+
+# --------------------------------------------------------------------------- consent
+
+
+def test_consent_as_channel_status_and_unsubscribed_book(dotdigital):
+    rig = dotdigital()
+    rows = profile_rows(range(9))  # email_consent cycles yes, no, NULL
+    rig.table(rows)
+    options = {"unsubscribed_list": "Customers", "consent_mode": "channel"}
+    rig.configure([dd_sync(book="Newsletter", options=options, consent={"email": "email_consent"})])
+
+    assert rig.run("contacts").exit_code == EXIT_OK
+
+    consenting = {email_of(n) for n in range(0, 9, 3)}
+    assert members(rig, "Newsletter") == consenting
+    assert members(rig, "Customers") == {email_of(n) for n in range(9)} - consenting
+    for n in range(9):
+        email = rig.sandbox.contact(email_of(n))["channelProperties"]["email"]
+        if n % 3 == 0:
+            assert (email["status"], email["optInType"]) == ("subscribed", "Single"), n
+        elif n % 3 == 1:
+            assert email["status"] == "unsubscribed", n
+    assert "NEWSLETTER_SUBSCRIBE" not in field_types(rig)  # channel mode writes no field
+
+    rows[0] = profile_row(0, email_consent="no", modified_at=at(100))  # consent withdrawn
+    rows[1] = profile_row(1, email_consent="opt-in", modified_at=at(101))  # consent given
+    rig.table(rows)
+    assert rig.run("contacts").record.counts.updated == 2
+    assert (
+        rig.sandbox.contact(email_of(0))["channelProperties"]["email"]["status"] == "unsubscribed"
+    )
+    assert rig.sandbox.contact(email_of(1))["channelProperties"]["email"]["status"] == "subscribed"
+    assert email_of(1) in members(rig, "Newsletter")
+
+
+@pytest.mark.parametrize("field", [None, "MARKETING_OK"])
+def test_consent_as_data_field_does_not_suppress(dotdigital, field):
+    rig = dotdigital()
+    rig.table(profile_rows(range(6)))
+    options: dict[str, Any] = {"consent_mode": "data_field"}
+    if field:
+        options["consent_field"] = field
+    rig.configure([dd_sync(options=options, consent={"email": "email_consent"})])
+
+    assert rig.run("contacts").exit_code == EXIT_OK
+
+    name = field or "NEWSLETTER_SUBSCRIBE"
+    assert field_types(rig)[name] == "String"
+    for n in range(6):
+        contact = rig.sandbox.contact(email_of(n))
+        assert contact["dataFields"].get(name) == ("YES", "NO", None)[n % 3], n
+        assert contact["channelProperties"]["email"]["status"] == "subscribed", n  # not suppressed
+    assert members(rig, "Customers") == {email_of(n) for n in range(6)}
+
+
+# --------------------------------------------------------------------------- per-contact failures
+
+
+def test_contact_refused_by_dotdigital_is_a_row_error(dotdigital):
+    rig = dotdigital()
+    rows = profile_rows(range(5)) + [profile_row(5, phone="(415) 555-0001")]  # customer 1's mobile
+    rig.table(rows)
+    rig.configure([dd_sync()])
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_ROW_ERRORS
+    c = result.record.counts
+    assert (c.read, c.sent, c.created, c.failed) == (6, 6, 5, 1)
+    assert_counts_add_up(result)
+    [error] = error_rows(result)
+    assert (error["row_number"], error["identifier"], error["reason"]) == (
+        "6",
+        email_of(5),
+        "destination_rejected",
+    )
+    assert "duplicateIdentifier" in error["message"] and "14155550001" in error["message"]
+    assert rig.sandbox.contact(email_of(5)) is None
+    assert rig.sandbox.contact(email_of(1))["identifiers"]["mobileNumber"] == "14155550001"
+
+
+# --------------------------------------------------------------------------- faults
+
+
+# Between them the two seeds inject every kind. They keep faults off the one-off create calls at
+# the start of the run (address book, data fields): a create that times out is applied late, and
+# the client's retry of it makes the late one a duplicate (ERROR_NON_UNIQUE_DATAFIELD).
+@pytest.mark.parametrize("seed", [16, 19])
+def test_sync_completes_through_injected_faults(dotdigital, monkeypatch, seed):
+    fast_clients(monkeypatch, max_attempts=10, timeout=2.0)
+    rig = dotdigital(
+        fault_rate=0.1,
+        fault_kinds=("429", "500", "503", "reset", "timeout", "failed_job"),
+        seed=seed,
+        job_seconds=5.0,
+        fault_timeout_seconds=2.5,
+    )
+    rig.table(profile_rows(range(3000)))
+    rig.configure([dd_sync(batch_size=100)])
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_OK, result.record.message
+    assert_counts_add_up(result)
+    everyone = {email_of(n) for n in range(3000)}
+    assert {c["identifiers"]["email"] for c in rig.sandbox.contacts()} == everyone
+    assert members(rig, "Customers") == everyone
+    assert rig.sandbox.contact(email_of(2999))["dataFields"]["LOYALTY_POINTS"] == 29990
+    assert rig.watermark("contacts") == Watermark(at(2999), email_of(2999))
+    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    assert sum(injected.values()) >= 4, injected
+
+
+def test_api_down_fails_with_exit_3_and_a_later_run_sends_everything(dotdigital, monkeypatch):
+    fast_clients(monkeypatch, max_attempts=3)
+    rig = dotdigital()
+    rig.table(profile_rows(range(300)))
+    rig.configure([dd_sync(batch_size=100)])
+    assert rig.run("contacts").exit_code == EXIT_OK
+
+    rig.table(profile_rows(range(600)))
+    set_faults(rig.sandbox, 1.0, ("500",))
+    failed = rig.run("contacts")
+    assert failed.exit_code == EXIT_FAILED and failed.record.status == "failed"
+    assert rig.watermark("contacts") == Watermark(at(299), email_of(299))
+    assert len(rig.sandbox.contacts()) == 300
+
+    set_faults(rig.sandbox, 0.0)
+    resumed = rig.run("contacts")
+    assert resumed.exit_code == EXIT_OK
+    assert (resumed.record.counts.read, resumed.record.counts.created) == (300, 300)
+    assert members(rig, "Customers") == {email_of(n) for n in range(600)}
+    assert rig.watermark("contacts") == Watermark(at(599), email_of(599))
+
+
+# --------------------------------------------------------------------------- known bugs
+
+
+def test_null_values_clear_with_channel_consent(dotdigital):
+    rig = dotdigital()
+    rig.table(profile_rows(range(3)))  # consent yes, no, NULL
+    rig.configure([dd_sync(null_values="clear", consent={"email": "email_consent"})])
+    result = rig.run("contacts")
+    assert rig.sandbox.violations == []
+    assert result.exit_code == EXIT_OK
+    assert (
+        rig.sandbox.contact(email_of(1))["channelProperties"]["email"]["status"] == "unsubscribed"
+    )
+
+
+def test_counts_add_up_when_a_data_field_value_is_refused(dotdigital):
+    rig = dotdigital()
+    execute(
+        rig.db,
+        "CREATE TABLE people AS SELECT 'p' || i || '@example.com' AS email, ['vip', 'b2b'] AS tags, "
+        "TIMESTAMPTZ '2025-01-01 00:00:00+00' + i * INTERVAL 1 SECOND AS modified_at FROM range(3) t(i)",
+    )
+    rig.configure([dd_sync(mapping={"email": "email", "tags": "TAGS"})])
+    result = rig.run("contacts")
+    assert_counts_add_up(result)
