@@ -346,11 +346,14 @@ def load_project(
 
 
 def _check_destination_options(project: Project) -> None:
-    from reverse_etl.destinations.registry import destination_for
+    from reverse_etl.destinations.registry import UnsupportedObject, destination_for
 
     for i, sync in enumerate(project.syncs):
         conn = project.connections[sync.destination.connection]
-        problems = destination_for(conn.type).check_sync(sync)
+        try:
+            problems = destination_for(conn.type, sync.object).check_sync(sync)
+        except UnsupportedObject as exc:
+            problems = [str(exc)]
         if problems:
             raise ConfigError(
                 "\n".join(f"{project.file}: syncs[{i}] ({sync.name}): {p}" for p in problems)

@@ -88,7 +88,7 @@ def _csv_source(path: str) -> tuple[Source, str]:
 def validate(
     project: Project, sync: Sync, *, csv_path: str | None, error_file: str, batch_size: int = 10_000
 ) -> ValidationReport:
-    dest = destination_for(project.connections[sync.destination.connection].type)
+    dest = destination_for(project.connections[sync.destination.connection].type, sync.object)
     spec = transform_spec(sync, dest)
     if csv_path:
         kinds = _exported_kinds(csv_path)

@@ -68,7 +68,7 @@ DestinationFactory = Callable[[Project, Sync], Destination]
 
 def make_destination(project: Project, sync: Sync) -> Destination:
     conn = project.connections[sync.destination.connection]
-    return destination_for(conn.type)(conn, sync)  # type: ignore[call-arg]
+    return destination_for(conn.type, sync.object)(conn, sync)  # type: ignore[call-arg]
 
 
 def transform_spec(sync: Sync, destination_type: type[Destination]) -> TransformSpec:
@@ -150,7 +150,7 @@ def _run(
     source_factory: Callable[[Project, Sync], Source] | None,
 ) -> None:
     conn = project.connections[sync.destination.connection]
-    dest_type = destination_for(conn.type)
+    dest_type = destination_for(conn.type, sync.object)
     spec = transform_spec(sync, dest_type)
     view_sql = project.source_sql(sync)
     source = (source_factory or _default_source)(project, sync)

@@ -47,7 +47,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def fake_destination(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     CliFake.log = []
-    monkeypatch.setattr(engine, "destination_for", lambda type_: CliFake)
+    monkeypatch.setattr(engine, "destination_for", lambda type_, obj="profiles": CliFake)
     return CliFake.log
 
 

@@ -50,19 +50,14 @@ class LoadResult:
 
 class Destination(ABC):
     type: ClassVar[str]
-    # standard field name -> value kind; fields outside this set must use a custom prefix
+    # standard field name -> value kind, for the object this class writes; other fields must be
+    # custom fields (``is_custom_field``)
     standard_fields: ClassVar[dict[str, str]]
-    objects: ClassVar[tuple[str, ...]] = ("profiles",)
 
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
         """Config-time problems with a sync aimed at this destination (no network)."""
         problems = []
-        if sync.object not in cls.objects:
-            problems.append(
-                f"object {sync.object!r} is not supported by {cls.type} yet; "
-                f"supported: {', '.join(cls.objects)}"
-            )
         for column, target in sync.fields().items():
             if target.field not in cls.standard_fields and not cls.is_custom_field(target.field):
                 problems.append(

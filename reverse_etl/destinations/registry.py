@@ -1,4 +1,5 @@
-"""Destination types by name. A third destination is one more line here."""
+"""Destination classes by connection type and object. A third destination (or a new object
+for an existing one) is one more entry here and a ``Destination`` subclass."""
 
 from __future__ import annotations
 
@@ -6,15 +7,33 @@ from importlib import import_module
 
 from reverse_etl.destinations.base import Destination
 
-_DESTINATIONS = {
-    "klaviyo": "reverse_etl.destinations.klaviyo.destination:KlaviyoDestination",
-    "dotdigital": "reverse_etl.destinations.dotdigital.destination:DotdigitalDestination",
+_DESTINATIONS: dict[str, dict[str, str]] = {
+    "klaviyo": {
+        "profiles": "reverse_etl.destinations.klaviyo.destination:KlaviyoDestination",
+    },
+    "dotdigital": {
+        "profiles": "reverse_etl.destinations.dotdigital.destination:DotdigitalDestination",
+    },
 }
 
 
-def destination_for(type_: str) -> type[Destination]:
+class UnsupportedObject(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def objects_for(type_: str) -> tuple[str, ...]:
+    return tuple(_DESTINATIONS.get(type_, {}))
+
+
+def destination_for(type_: str, obj: str = "profiles") -> type[Destination]:
+    """The class that writes ``obj`` (profiles, orders, catalog) to a ``type_`` connection."""
+    if type_ not in _DESTINATIONS:
+        raise UnsupportedObject(f"unknown destination type {type_!r}; known: {', '.join(_DESTINATIONS)}")
     try:
-        module, _, name = _DESTINATIONS[type_].partition(":")
+        module, _, name = _DESTINATIONS[type_][obj].partition(":")
     except KeyError:
-        raise KeyError(f"unknown destination type {type_!r}; known: {', '.join(_DESTINATIONS)}") from None
+        raise UnsupportedObject(
+            f"object {obj!r} is not supported by {type_}; supported: {', '.join(objects_for(type_))}"
+        ) from None
     return getattr(import_module(module), name)

@@ -51,7 +51,6 @@ class DotdigitalDestination(Destination):
         "mobileNumber": "phone",
         **dict.fromkeys(df.STANDARD, "string"),
     }
-    objects = ("profiles",)
     options = ("consent_mode", "consent_field", "opt_in_type", "unsubscribed_list", "import_size")
     max_in_flight = 4
     poll_interval = 0.2

@@ -77,7 +77,6 @@ class _InFlight:
 class KlaviyoDestination(Destination):
     type = "klaviyo"
     standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
-    objects = ("profiles",)
     max_in_flight = 4
     poll_interval = 0.2
     job_attempts = 3
