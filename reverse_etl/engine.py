@@ -124,9 +124,10 @@ def run_sync(
             record.status = "failed"
             record.message = scrub(str(exc))
             record.error_file = error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
-        except Exception as exc:  # an unforeseen bug: record it, never leave the run 'running'
+        except BaseException as exc:  # a bug, Ctrl-C, SIGTERM: recorded as failed, never 'success'
             record.status = "failed"
-            record.message = scrub(f"{type(exc).__name__}: {exc}")
+            record.error_file = error_target
+            record.message = scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise
         finally:
             record.ended_at = now()

@@ -496,3 +496,24 @@ def test_due_syncs_follow_schedules_and_last_runs(make_env) -> None:
     env.run("hourly")
     assert due_syncs(env.project, env.store) == []
     assert due_syncs(env.project, env.store, now() + timedelta(minutes=61)) == ["hourly"]
+
+
+def test_an_interrupted_run_is_recorded_as_failed(make_env) -> None:
+    rows = [person(i) for i in range(30)]
+    env = make_env(rows, syncs=[sync_entry(batch_size=10)])
+
+    original = env.fake.load
+
+    def load(batches):
+        for i, result in enumerate(original(batches)):
+            if i == 1:  # Ctrl-C while the second batch is being sent
+                raise KeyboardInterrupt
+            yield result
+
+    env.fake.load = load
+    with pytest.raises(KeyboardInterrupt):
+        env.run()
+    run = env.store.last_runs("people", 1)[0]
+    assert run.status == "failed"
+    assert run.message == "KeyboardInterrupt"
+    assert env.store.watermark("people") is not None  # the first batch stays acknowledged
