@@ -194,7 +194,8 @@ def _run(
                 counts.rejected += out.rejected
                 errors.write(out.errors)
                 loaded = LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
-                pending.append(loaded)
+                if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
+                    pending.append(loaded)
                 yield loaded
 
         stream = prefetch(batches())
