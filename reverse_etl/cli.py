@@ -102,12 +102,14 @@ def check(obj: Ctx) -> None:
 @click.pass_obj
 def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due: bool) -> None:
     """Run syncs (all enabled ones when none is named)."""
-    from reverse_etl.engine import RunOptions, due_syncs, run_sync
+    from reverse_etl.engine import RunOptions, due_syncs, in_run_order, run_sync
 
     try:
         project = obj.project
         store = obj.store()
-        names = list(syncs) or (due_syncs(project, store) if due else [s.name for s in project.syncs if s.enabled])
+        names = list(syncs) or (
+            due_syncs(project, store) if due else in_run_order(project, [s.name for s in project.syncs if s.enabled])
+        )
         for name in names:
             project.sync(name)
     except ReverseEtlError as exc:

@@ -270,10 +270,20 @@ def _default_source(project: Project, sync: Sync) -> Source:
     return open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
 
 
+# Objects in the order a run of several syncs takes them: an order is refused while its
+# contact does not exist, so profiles go first.
+_OBJECT_ORDER = {"profiles": 0, "catalog": 1, "orders": 2}
+
+
+def in_run_order(project: Project, names: list[str]) -> list[str]:
+    """``names`` with profile syncs before catalog and order syncs, otherwise as listed."""
+    return sorted(names, key=lambda n: _OBJECT_ORDER.get(project.sync(n).object, 1))
+
+
 def due_syncs(project: Project, store: StateStore, moment: datetime | None = None) -> list[str]:
-    """Enabled syncs whose schedule says they should run now."""
-    return [
+    """Enabled syncs whose schedule says they should run now, contacts before orders."""
+    return in_run_order(project, [
         s.name
         for s in project.syncs
         if s.enabled and s.schedule is not None and s.schedule.is_due(store.last_started(s.name), moment)
-    ]
+    ])

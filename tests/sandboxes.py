@@ -21,7 +21,7 @@ import pytest
 from reverse_etl.config import Project, load_project
 from reverse_etl.destinations import http
 from reverse_etl.destinations.dotdigital.destination import DotdigitalDestination
-from reverse_etl.destinations.klaviyo.destination import KlaviyoDestination
+from reverse_etl.destinations.klaviyo.base import KlaviyoBase
 from reverse_etl.engine import RunOptions, RunResult, run_sync
 from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer, SandboxSettings
 from reverse_etl.sandbox.faults import FaultInjector
@@ -53,7 +53,7 @@ def fast_clients(
     monkeypatch.setattr(http, "RetryPolicy", policy)
     # a create whose answer was lost is looked up again for ~1.5 s instead of ~3.5 s
     monkeypatch.setattr(http, "SETTLE_SECONDS", (0.05, 0.1, 0.2, 0.4, 0.8))
-    monkeypatch.setattr(KlaviyoDestination, "poll_interval", poll_interval)
+    monkeypatch.setattr(KlaviyoBase, "poll_interval", poll_interval)
     monkeypatch.setattr(DotdigitalDestination, "poll_interval", poll_interval)
     if timeout is not None:
         monkeypatch.setitem(http.ApiClient.__init__.__kwdefaults__, "timeout", timeout)

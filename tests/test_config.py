@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reverse_etl.config import KlaviyoConnection, load_project
+from reverse_etl.destinations.registry import UnsupportedObject, destination_for
 from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import parse_schedule
 from reverse_etl.secrets import register_secret, render, scrub
@@ -181,10 +182,15 @@ def test_wrong_object(tmp_path: Path) -> None:
     assert "(got 'contacts')" in message
 
 
-def test_object_the_destination_does_not_support(tmp_path: Path) -> None:
-    message = load_error(tmp_path, project_data(syncs=[sync_entry(object="orders")]))
-    assert "syncs[0] (people): object 'orders' is not supported by klaviyo" in message
-    assert "supported: profiles" in message
+def test_object_the_destination_does_not_support() -> None:
+    # Both destinations take every object a sync may name (profiles, orders, catalog), so the
+    # registry's refusal is checked directly: it names the objects the type does support.
+    with pytest.raises(UnsupportedObject) as info:
+        destination_for("klaviyo", "segments")
+    assert "object 'segments' is not supported by klaviyo" in str(info.value)
+    assert "supported: profiles, orders, catalog" in str(info.value)
+    with pytest.raises(UnsupportedObject, match="unknown destination type 'mailchimp'"):
+        destination_for("mailchimp", "profiles")
 
 
 @pytest.mark.parametrize(

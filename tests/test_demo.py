@@ -108,7 +108,10 @@ def test_demo_runs_end_to_end_and_the_second_run_is_incremental(project, monkeyp
     profiles = klaviyo.profiles()
     contacts = dotdigital.contacts()
     assert len(profiles) > 1000 and len(contacts) > 1000
-    assert len(klaviyo.list_members("Loyalty members")) == len(profiles)
+    # order events also create profiles (guest checkouts), which join no list
+    members = klaviyo.list_members("Loyalty members")
+    assert 1000 < len(members) <= len(profiles)
+    assert all(m.get("email") for m in members)
     books = {b["name"]: b["contacts"] for b in dotdigital.address_books()}
     assert set(books) == {"Newsletter subscribers", "Customers"}
     assert books["Newsletter subscribers"] > 0 and books["Customers"] > 0

@@ -395,3 +395,42 @@ def test_counts_add_up_when_a_data_field_value_is_refused(dotdigital):
     rig.configure([dd_sync(mapping={"email": "email", "tags": "TAGS"})])
     result = rig.run("contacts")
     assert_counts_add_up(result)
+
+
+# --------------------------------------------------------------------------- identifiers, pacing
+
+
+def test_rows_without_email_are_missing_email_when_the_identifier_is_another_column(dotdigital):
+    rig = dotdigital()
+    rows = profile_rows(range(5)) + [profile_row(5, email=None), profile_row(6, email="  ")]
+    rig.table(rows)
+    rig.configure([dd_sync(identifier="zip")])  # zip → POSTCODE: one value a customer here
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_ROW_ERRORS
+    c = result.record.counts
+    assert (c.read, c.rejected, c.sent, c.created, c.failed) == (7, 0, 7, 5, 2)
+    assert_counts_add_up(result)
+    errors = error_rows(result)
+    assert [(e["row_number"], e["identifier"], e["column"], e["reason"]) for e in errors] == [
+        ("6", "10005", "email", "missing_email"),
+        ("7", "10006", "email", "missing_email"),
+    ]
+    assert len(rig.sandbox.contacts()) == 5
+    assert rig.watermark("contacts") == Watermark(at(6), "10006")
+
+
+def test_calls_are_paced_on_the_hourly_budget_without_429s(dotdigital):
+    # 12 calls an hour and an hour of 0.5 s: the run needs several windows and waits for
+    # each reset (X-RateLimit-Reset) instead of spending calls on refusals
+    rig = dotdigital(dotdigital_calls_per_hour=12, speedup=7200)
+    rig.table(profile_rows(range(300)))
+    rig.configure([dd_sync(batch_size=50, options={"import_size": 50})])
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_OK, result.record.message
+    assert len(rig.sandbox.contacts()) == 300
+    assert rig.sandbox.counters["requests"] > 2 * 12  # more than two windows' budget
+    assert rig.sandbox.counters["throttled"] == 0

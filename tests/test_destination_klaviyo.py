@@ -409,11 +409,6 @@ def test_sync_without_a_list(klaviyo):
     assert emails(rig.sandbox.profiles()) == {email_of(n) for n in range(5)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KlaviyoDestination drops the consent.* columns and never calls the "
-    "subscription endpoints, so a mapped `consent:` is accepted and silently ignored",
-)
 def test_email_consent_reaches_klaviyo(klaviyo):
     rig = klaviyo()
     rig.table(profile_rows(range(3)))  # email_consent: yes, no, NULL

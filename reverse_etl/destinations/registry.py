@@ -10,9 +10,13 @@ from reverse_etl.destinations.base import Destination
 _DESTINATIONS: dict[str, dict[str, str]] = {
     "klaviyo": {
         "profiles": "reverse_etl.destinations.klaviyo.destination:KlaviyoDestination",
+        "orders": "reverse_etl.destinations.klaviyo.events:KlaviyoOrdersDestination",
+        "catalog": "reverse_etl.destinations.klaviyo.catalog:KlaviyoCatalogDestination",
     },
     "dotdigital": {
-        "profiles": "reverse_etl.destinations.dotdigital.destination:DotdigitalDestination",
+        "profiles": "reverse_etl.destinations.dotdigital.contacts:DotdigitalContacts",
+        "orders": "reverse_etl.destinations.dotdigital.orders:DotdigitalOrders",
+        "catalog": "reverse_etl.destinations.dotdigital.catalog:DotdigitalCatalog",
     },
 }
 

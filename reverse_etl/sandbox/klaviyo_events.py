@@ -1,4 +1,5 @@
-"""Klaviyo's bulk event creation, de-duplicated by unique_id."""
+"""Klaviyo's bulk event creation, de-duplicated by unique_id; 1,000 events a call and no
+string over 100 KB, as the operation's description says."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ from reverse_etl.sandbox.klaviyo_common import (
     parse_time,
 )
 from reverse_etl.sandbox.klaviyo_state import ProfileError
+
+MAX_STRING_BYTES = 100_000  # "A single string cannot exceed 100KB" (read strictly)
+
+
+def _long_string(value: Any, pointer: str) -> str | None:
+    """The JSON pointer of the first string over the limit in ``value``, if any."""
+    if isinstance(value, str):
+        return pointer if len(value.encode()) > MAX_STRING_BYTES else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _long_string(item, f"{pointer}/{key}")
+        if found:
+            return found
+    return None
 
 
 class EventsAPI(KlaviyoBase):
@@ -44,6 +64,9 @@ class EventsAPI(KlaviyoBase):
                     f"{where}/{i}/attributes/profile/data/attributes",
                 )
             self._check_identity(i, a, prof.get("id"), where)
+            long = _long_string(entry, f"{where}/{i}")
+            if long:
+                raise over_limit(f"A string is over {MAX_STRING_BYTES} bytes.", long)
             seen: set[tuple[str, str]] = set()
             for j, ev in enumerate(entry["attributes"]["events"]["data"]):
                 ea = ev["attributes"]

@@ -476,7 +476,8 @@ def test_catalog_jobs_and_items(klaviyo):
 
 
 def test_rate_limit_answers_429_with_retry_after(klaviyo_factory):
-    sandbox, client = klaviyo_factory(speedup=2)  # burst: 10 tokens, refilled at 20/s
+    # burst: 10 tokens refilled at 2/s, so 20 quick calls are throttled even on a loaded machine
+    sandbox, client = klaviyo_factory(speedup=0.2)
     body = {"data": {"type": "list", "attributes": {"name": "L"}}}
     statuses = [client.post("/api/lists", json=body) for _ in range(20)]
     throttled = [r for r in statuses if r.status_code == 429]
@@ -484,7 +485,7 @@ def test_rate_limit_answers_429_with_retry_after(klaviyo_factory):
     first = throttled[0]
     assert int(first.headers["Retry-After"]) >= 1
     wait_ms = int(first.headers["X-Sandbox-Retry-After-Ms"])
-    assert 0 < wait_ms <= 50
+    assert 0 < wait_ms <= 500
     assert first.json()["errors"][0]["code"] == "throttled"
     time.sleep(wait_ms / 1000)
     assert client.post("/api/lists", json=body).status_code == 201

@@ -1,1 +1,2 @@
-"""Dotdigital: contacts through v3 imports, data fields and address books through v2."""
+"""Dotdigital: contacts through v3 contact imports (with data fields and address books through
+v2), orders and product catalogs as v3 insight data."""

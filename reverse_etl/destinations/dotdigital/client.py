@@ -1,8 +1,10 @@
 """Dotdigital's API: HTTP Basic with an API user, a region host, JSON bodies.
 
-Dotdigital publishes no per-endpoint burst limits; it answers 429 with ``Retry-After`` when
-the account's call budget or its active-import limit (25 contact imports, 5 insight imports)
-is reached, and the shared client waits and retries.
+Dotdigital publishes no per-endpoint burst limits; it counts an API user's calls per hour and
+reports the budget on every answer (``X-RateLimit-*``), which the client paces itself on
+(``pacing.CallBudget``). A 429 (budget spent by someone else, or the active-import limit: 25
+contact imports, 5 insight imports) carries ``Retry-After``, and the shared client waits and
+retries.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import httpx
 import orjson
 
 from reverse_etl.config import DotdigitalConnection
+from reverse_etl.destinations.dotdigital.pacing import CallBudget
 from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail, find_or_create
 from reverse_etl.errors import DestinationError
 
@@ -28,6 +31,7 @@ class DotdigitalClient:
             retry=retry,
             name="Dotdigital",
         )
+        self.budget = CallBudget()
 
     def call(
         self,
@@ -38,10 +42,20 @@ class DotdigitalClient:
         *,
         idempotent: bool = True,
     ) -> httpx.Response:
-        content = None if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
-        return self.api.request(
-            method, path, content=content, params=params, content_type=JSON, idempotent=idempotent
+        content = (
+            None if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
         )
+        response = self.api.request(
+            method,
+            path,
+            content=content,
+            params=params,
+            content_type=JSON,
+            idempotent=idempotent,
+            limiter=self.budget,
+        )
+        self.budget.observe(response.headers)
+        return response
 
     def json(
         self,
@@ -60,7 +74,9 @@ class DotdigitalClient:
     def find_address_book(self, name: str) -> int | None:
         skip = 0
         while True:
-            page = self.json("GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)})
+            page = self.json(
+                "GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)}
+            )
             for book in page:
                 if book.get("name") == name:
                     return int(book["id"])
@@ -71,18 +87,24 @@ class DotdigitalClient:
     def find_or_create_address_book(self, name: str) -> int:
         return find_or_create(
             lambda: self.find_address_book(name),
-            lambda: int(self._create("/v2/address-books", {"name": name, "visibility": "Private"})["id"]),
+            lambda: int(
+                self._create("/v2/address-books", {"name": name, "visibility": "Private"})["id"]
+            ),
             f"Dotdigital address book {name!r}",
         )
 
     def data_fields(self) -> dict[str, str]:
         """Existing data fields: upper-cased name → type."""
-        return {f["name"].upper(): f.get("type", "String") for f in self.json("GET", "/v2/data-fields")}
+        return {
+            f["name"].upper(): f.get("type", "String") for f in self.json("GET", "/v2/data-fields")
+        }
 
     def create_data_field(self, name: str, type_: str) -> None:
         find_or_create(
             lambda: self.data_fields().get(name.upper()),
-            lambda: self._create("/v2/data-fields", {"name": name, "type": type_, "visibility": "Private"}),
+            lambda: self._create(
+                "/v2/data-fields", {"name": name, "type": type_, "visibility": "Private"}
+            ),
             f"Dotdigital data field {name}",
         )
 
@@ -96,4 +118,3 @@ class DotdigitalClient:
 
     def close(self) -> None:
         self.api.close()
-

@@ -1,299 +1,55 @@
-"""Contacts into Dotdigital through v3 contact imports.
+"""What every Dotdigital destination shares: one client per run (paced on the account's call
+budget), import queues, and the polling pace and resubmission count tests shorten.
 
-Mapped columns become identifiers (``email``, ``mobileNumber``) or data fields; a data field
-that does not exist yet is created on first use with the type of its values. Consent is
-written as the user configures it: as the email channel status (``consent_mode: channel``)
-or as a YES/NO data field such as NEWSLETTER_SUBSCRIBE (``consent_mode: data_field``), which
-does not suppress the contact. List membership never implies consent.
+The objects are subclasses: contacts (``contacts.py``, object ``profiles``), orders
+(``orders.py``) and the product catalog (``catalog.py``), the last two as insight data
+(``insight.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import orjson
-import pyarrow as pa
+from typing import Any
 
 from reverse_etl.config import DotdigitalConnection, Sync
-from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult, Request
-from reverse_etl.destinations.dotdigital import fields as df
+from reverse_etl.destinations.base import Destination
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
-from reverse_etl.destinations.http import error_detail
-from reverse_etl.destinations.jobs import in_order, poll
-from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
-from reverse_etl.errors import DestinationError
-from reverse_etl.transform.rowerrors import RowError
+from reverse_etl.destinations.dotdigital.imports import ImportApi, ImportQueue
 
-IMPORT_PATH = "/contacts/v3/import"
-DONE = {"Finished", "Failed", "RejectedByWatchdog", "ExceedsAllowedContactLimit"}
+# Records an import takes. Not published in the specs; 5,000 is the v3 services' own bulk
+# maximum (contacts bulk delete, insight deleteRecords) and what the sandbox enforces.
+MAX_IMPORT_RECORDS = 5000
 MAX_IMPORT_BYTES = 10_000_000
-
-
-@dataclass
-class _Import:
-    id: str
-    rows: pa.Array
-    body: bytes
-
-
-@dataclass
-class _InFlight:
-    batch: LoadBatch
-    imports: list[_Import] = field(default_factory=list)
 
 
 class DotdigitalDestination(Destination):
     type = "dotdigital"
-    standard_fields: ClassVar[dict[str, str]] = {
-        "email": "email",
-        "mobileNumber": "phone",
-        **dict.fromkeys(df.STANDARD, "string"),
-    }
-    options = ("consent_mode", "consent_field", "opt_in_type", "unsubscribed_list", "import_size")
-    max_in_flight = 4
-    poll_interval = 0.2
-    import_attempts = 3
+    poll_interval = 0.2  # first wait before polling an import; backs off to 5 s
+    import_attempts = 3  # submissions of an import that keeps failing as a whole
+    max_in_flight = 4  # batches submitted ahead of the one being acknowledged
 
     def __init__(self, conn: DotdigitalConnection, sync: Sync):
         self.conn = conn
         self.sync = sync
-        opts = sync.destination.options()
-        self.consent_mode: str = opts.get("consent_mode", "channel")
-        self.consent_field: str = str(opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")).upper()
-        self.opt_in_type: str = opts.get("opt_in_type", "single")
-        self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
-        self.import_size = int(opts.get("import_size", 5000))
+        self.import_size = int(sync.destination.options().get("import_size", MAX_IMPORT_RECORDS))
         self.client = DotdigitalClient(conn)
-        self.list_ids: dict[str, int] = {}
-        self._fields_ready = False
-        self._json: RowJson | None = None
-
-    # ------------------------------------------------------------------ config checks
 
     @classmethod
-    def is_custom_field(cls, name: str) -> bool:
-        return df.name_problem(name) is None
+    def check_import_size(cls, opts: dict[str, Any]) -> list[str]:
+        size = opts.get("import_size", MAX_IMPORT_RECORDS)
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or not 1 <= size <= MAX_IMPORT_RECORDS
+        ):
+            return [
+                f"destination.import_size: a whole number from 1 to {MAX_IMPORT_RECORDS} (records an import)"
+            ]
+        return []
 
-    @classmethod
-    def custom_field_hint(cls) -> str:
-        return "a data field name of at most 20 letters, digits, _ or -"
-
-    @classmethod
-    def check_options(cls, sync: Sync) -> list[str]:
-        problems = super().check_options(sync)
-        opts = sync.destination.options()
-        if opts.get("consent_mode", "channel") not in {"channel", "data_field"}:
-            problems.append("destination.consent_mode: use channel or data_field")
-        if opts.get("opt_in_type", "single") not in {"unknown", "single", "double", "verifiedDouble"}:
-            problems.append("destination.opt_in_type: use unknown, single, double or verifiedDouble")
-        name = opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")
-        if df.name_problem(name):
-            problems.append(f"destination.consent_field: {df.name_problem(name)}")
-        size = opts.get("import_size", 5000)
-        if not isinstance(size, int) or not 1 <= size <= 10_000:
-            problems.append("destination.import_size: a whole number from 1 to 10000")
-        return problems
-
-    @classmethod
-    def check_sync(cls, sync: Sync) -> list[str]:
-        problems = super().check_sync(sync)
-        seen: dict[str, str] = {}
-        for column, target in sync.fields().items():
-            if target.field in df.IDENTIFIERS:
-                continue
-            if target.field not in cls.standard_fields:
-                problem = df.name_problem(target.field)
-                if problem:
-                    problems.append(f"mapping.{column}: {problem}")
-            key = target.field.upper()
-            if key in seen:
-                problems.append(
-                    f"mapping.{column}: data field {target.field!r} collides with {seen[key]!r} "
-                    "(data field names are unique whatever their case)"
-                )
-            seen[key] = target.field
-        opts = sync.destination.options()
-        consent_field = str(opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")).upper()
-        if opts.get("consent_mode") == "data_field" and consent_field in seen:
-            problems.append(
-                f"mapping: {seen[consent_field]!r} is also destination.consent_field, which the "
-                "consent column fills; map the column to another data field or rename consent_field"
-            )
-        if "email" not in {t.field for t in sync.fields().values()}:
-            problems.append("map a column to `email`: Dotdigital contacts are matched by email")
-        return problems
-
-    # ------------------------------------------------------------------ payloads
-
-    def _template(self, table: pa.Table) -> dict[str, Any]:
-        identifiers: dict[str, Any] = {"email": Col("email")}
-        if "mobileNumber" in table.column_names:
-            identifiers["mobileNumber"] = Expr('ltrim(t."mobileNumber", \'+\')')
-        data: dict[str, Any] = {}
-        for name in table.column_names:
-            if name.startswith(("__", "consent.")) or name in df.IDENTIFIERS:
-                continue
-            dtype = table.schema.field(name).type
-            nested = pa.types.is_list(dtype) or pa.types.is_struct(dtype) or pa.types.is_map(dtype)
-            # a data field holds one value: lists and records travel as their JSON text
-            data[name.upper()] = Expr(f'CAST(to_json(t."{name}") AS VARCHAR)') if nested else Col(name)
-        doc: dict[str, Any] = {"matchIdentifier": "email", "identifiers": identifiers}
-        consent = 't."consent.email"' if "consent.email" in table.column_names else "NULL"
-        if self.consent_mode == "data_field" and consent != "NULL":
-            data[self.consent_field] = Expr(
-                f"CASE {consent} WHEN 'subscribed' THEN 'YES' WHEN 'unsubscribed' THEN 'NO' END"
-            )
-        if data:
-            doc["dataFields"] = data
-        if self.consent_mode == "channel" and consent != "NULL":
-            # nulls are never sent inside channelProperties (the spec closes that object),
-            # whatever null_values says: an unknown consent leaves the status as it is
-            status = f"CASE {consent} WHEN 'subscribed' THEN 'subscribed' WHEN 'unsubscribed' THEN 'unsubscribed' END"
-            opt_in = f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' END"
-            doc["channelProperties"] = {
-                "email": Expr(f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}))")
-            }
-        lists = self._lists_sql(consent)
-        if lists:
-            doc["lists"] = Expr(lists)
-        return doc
-
-    def _lists_sql(self, consent: str) -> str | None:
-        main = self._list_ref(self.sync.destination.list)
-        other = self._list_ref(self.unsubscribed_list)
-        if main is None:
-            return None
-        if other is None or consent == "NULL":
-            return f"json('[{main}]')"
-        return f"CASE WHEN {consent} = 'subscribed' THEN json('[{main}]') ELSE json('[{other}]') END"
-
-    def _list_ref(self, name: str | None) -> int | None:
-        if name is None:
-            return None
-        return self.list_ids.get(name, 0)  # 0 in a dry run: the book is looked up when sending
-
-    def _docs(self, table: pa.Table) -> pa.Array:
-        if self._json is None:
-            self._json = RowJson(self._template(table), drop_nulls=self.sync.null_values == "skip")
-        return self._json.build(table)
-
-    def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
-        head, tail = b'{"mergeOption":"overwrite","contacts":[', b"]}"
-        for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, len(head) + len(tail)):
-            yield start, end, head + ",".join(docs.slice(start, end - start).to_pylist()).encode() + tail
-
-    def requests(self, table: pa.Table) -> Iterator[Request]:
-        if table.num_rows == 0:
-            return
-        for start, end, body in self._bodies(self._docs(table)):
-            yield Request("PUT", IMPORT_PATH, body, end - start)
-
-    # ------------------------------------------------------------------ sending
-
-    def prepare(self) -> None:
-        for name in filter(None, (self.sync.destination.list, self.unsubscribed_list)):
-            self.list_ids[name] = self.client.find_or_create_address_book(name)
-
-    def _ensure_fields(self, table: pa.Table) -> None:
-        """Create missing data fields with the type their values have; refuse a type clash."""
-        if self._fields_ready:
-            return
-        existing = self.client.data_fields()
-        wanted = {
-            name.upper(): _field_type(table.schema.field(name).type)
-            for name in table.column_names
-            if not name.startswith(("__", "consent.")) and name not in df.IDENTIFIERS
-        }
-        if self.consent_mode == "data_field" and "consent.email" in table.column_names:
-            wanted[self.consent_field.upper()] = "String"
-        for name, type_ in wanted.items():
-            have = existing.get(name)
-            if have is None:
-                self.client.create_data_field(name, type_)
-            elif have != type_ and name not in df.STANDARD:
-                raise DestinationError(
-                    f"Dotdigital data field {name} is {have} but this sync sends {type_} values; "
-                    "change the mapping's type or the column, or rename the field"
-                )
-        self._fields_ready = True
-
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        return in_order(batches, self._submit, self._finish, self.max_in_flight)
-
-    def _submit(self, batch: LoadBatch) -> _InFlight:
-        item = _InFlight(batch)
-        table = batch.table
-        if table.num_rows == 0:
-            return item
-        self._ensure_fields(table)
-        rows = table["__row"].combine_chunks()
-        for start, end, body in self._bodies(self._docs(table)):
-            item.imports.append(_Import(self._put(body, end - start), rows.slice(start, end - start), body))
-        return item
-
-    def _put(self, body: bytes, count: int) -> str:
-        response = self.client.call("PUT", IMPORT_PATH, body)
-        if response.status_code >= 400:
-            raise DestinationError(f"Dotdigital refused a contact import ({count} contacts): {error_detail(response)}")
-        return orjson.loads(response.content)["importId"]
-
-    def _finish(self, item: _InFlight) -> LoadResult:
-        result = LoadResult(token=item.batch.token)
-        table = item.batch.table
-        if not item.imports:
-            return result
-        by_email = dict(zip(table["email"].to_pylist(), table["__row"].to_pylist(), strict=True))
-        for imp in item.imports:
-            report = self._wait(imp)
-            summary = report.get("summary") or {}
-            failures = report.get("failures") or []
-            result.sent += len(imp.rows)
-            result.created += int(summary.get("newContacts", 0))
-            result.updated += int(summary.get("updatedContacts", 0))
-            # a failure with a contactId was imported, only part of its data refused: it is
-            # already counted as new or updated, so it is reported but not counted as failed
-            result.failed += len({f.get("identifiers", {}).get("email") for f in failures if not f.get("contactId")})
-            for failure in failures:
-                email = failure.get("identifiers", {}).get("email")
-                reasons = "; ".join(
-                    f"{r.get('failureCode')}: {r.get('description')}" for r in failure.get("failures", [])
-                )
-                result.errors.append(
-                    RowError(by_email.get(email, 0), email, "(contact)", email, "destination_rejected",
-                             f"Dotdigital: {reasons}")
-                )
-        return result
-
-    def _wait(self, imp: _Import) -> dict[str, Any]:
-        """Poll an import to its end; an import that failed as a whole is submitted again."""
-        for attempt in range(1, self.import_attempts + 1):
-            report = poll(
-                lambda: self.client.json("GET", f"{IMPORT_PATH}/{imp.id}"),
-                lambda r: r.get("status") in DONE,
-                first=self.poll_interval,
-            )
-            if report["status"] == "Finished":
-                return report
-            if attempt < self.import_attempts:
-                imp.id = self._put(imp.body, len(imp.rows))
-        raise DestinationError(
-            f"Dotdigital contact import {imp.id} ended {report['status']!r} {self.import_attempts} "
-            "times; its rows stay behind the watermark and are sent again next run"
+    def queue(self, api: ImportApi) -> ImportQueue:
+        return ImportQueue(
+            self.client, api, poll_interval=self.poll_interval, attempts=self.import_attempts
         )
 
     def close(self) -> None:
         self.client.close()
-        if self._json is not None:
-            self._json.close()
-
-
-def _field_type(dtype: pa.DataType) -> str:
-    if pa.types.is_boolean(dtype):
-        return "Boolean"
-    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
-        return "Numeric"
-    if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
-        return "Date"
-    return "String"

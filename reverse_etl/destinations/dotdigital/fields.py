@@ -34,6 +34,10 @@ def propose_name(column: str) -> str:
 
 def name_problem(name: str) -> str | None:
     if not NAME_RE.match(name):
-        why = "longer than 20 characters" if len(name) > 20 else "made of other than letters, digits, _ and -"
+        why = (
+            "longer than 20 characters"
+            if len(name) > 20
+            else "made of other than letters, digits, _ and -"
+        )
         return f"data field name {name!r} is {why}; try {propose_name(name)!r}"
     return None

@@ -1,10 +1,15 @@
 """Klaviyo's API: JSON:API bodies, the pinned revision header, per-endpoint limits.
 
-Limits are the spec's ``x-klaviyo-ratelimit`` values for revision 2026-07-15.
+Limits are the spec's ``x-klaviyo-ratelimit`` values (revision 2026-07-15) and the batch
+limits its operation descriptions state. The client paces itself a little under the published
+rates (``PACE``): its buckets and Klaviyo's start at slightly different moments and requests
+reach the server with jitter, so pacing at exactly 100 % meets a 429 now and then, and each
+429 costs a ``Retry-After`` pause far longer than the margin.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -24,16 +29,35 @@ LIMITS: dict[str, tuple[float, float]] = {
     "get_errors_for_bulk_import_profiles_job": (10, 150),
     "get_lists": (75, 750),
     "create_list": (10, 150),
+    "bulk_subscribe_profiles": (75, 750),
+    "bulk_unsubscribe_profiles": (75, 750),
+    "bulk_create_events": (10, 150),
+    "get_catalog_items": (350, 3500),
+    "bulk_create_catalog_items": (75, 750),
+    "bulk_update_catalog_items": (75, 750),
+    "get_bulk_create_catalog_items_job": (75, 750),
+    "get_bulk_update_catalog_items_job": (75, 750),
 }
+PACE = 0.97  # share of the published rates the client uses (see the module docstring)
 
 # Bulk profile import limits (Klaviyo's API reference for profile-bulk-import-jobs).
 MAX_PROFILES_PER_JOB = 10_000
 MAX_JOB_BYTES = 5_000_000  # "5 MB", read strictly
 MAX_PROFILE_BYTES = 100_000  # "100 KB", read strictly
+# Other bulk endpoints (their operation descriptions).
+MAX_SUBSCRIBE = 1_000  # profiles a bulk subscribe call
+MAX_UNSUBSCRIBE = 100  # profiles a bulk unsubscribe call
+MAX_EVENTS = 1_000  # events a bulk event call
+MAX_CATALOG_ITEMS = 100  # items a catalog item bulk job
+MAX_BODY_BYTES = 5_000_000  # "5MB" payload of every bulk endpoint
+
+_RECORD_INDEX = re.compile(r"/data/(\d+)(?:/|$)")
 
 
 class KlaviyoClient:
-    def __init__(self, conn: KlaviyoConnection, *, retry: RetryPolicy | None = None, speedup: float = 1.0):
+    def __init__(
+        self, conn: KlaviyoConnection, *, retry: RetryPolicy | None = None, speedup: float = 1.0
+    ):
         self.api = ApiClient(
             conn.base_url,
             headers={
@@ -44,7 +68,9 @@ class KlaviyoClient:
             retry=retry,
             name="Klaviyo",
         )
-        self.limiters = {op: RateLimiter(b, s, speedup=speedup) for op, (b, s) in LIMITS.items()}
+        self.limiters = {
+            op: RateLimiter(b * PACE, s * PACE, speedup=speedup) for op, (b, s) in LIMITS.items()
+        }
 
     def call(
         self,
@@ -82,8 +108,9 @@ class KlaviyoClient:
         return orjson.loads(response.content) if response.content else None
 
     def find_list(self, name: str) -> str | None:
-        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
-        found = self.json("get_lists", "GET", "/api/lists", params={"filter": f'equals(name,"{escaped}")'})
+        found = self.json(
+            "get_lists", "GET", "/api/lists", params={"filter": f"equals(name,{quote(name)})"}
+        )
         for item in found.get("data", []):
             if item.get("attributes", {}).get("name") == name:
                 return item["id"]
@@ -94,9 +121,38 @@ class KlaviyoClient:
         body = orjson.dumps({"data": {"type": "list", "attributes": {"name": name}}})
         return find_or_create(
             lambda: self.find_list(name),
-            lambda: self.json("create_list", "POST", "/api/lists", body, idempotent=False)["data"]["id"],
+            lambda: self.json("create_list", "POST", "/api/lists", body, idempotent=False)["data"][
+                "id"
+            ],
             f"Klaviyo list {name!r}",
         )
 
     def close(self) -> None:
         self.api.close()
+
+
+def quote(value: str) -> str:
+    """A string literal for Klaviyo's ``filter`` expressions."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def refusals(response: httpx.Response) -> list[tuple[int | None, str, str, str]]:
+    """The errors of a refused bulk call, as ``record_errors`` reads them."""
+    try:
+        errors = orjson.loads(response.content).get("errors") or []
+    except (orjson.JSONDecodeError, AttributeError):
+        errors = []
+    return record_errors(errors)
+
+
+def record_errors(errors: list[dict[str, Any]]) -> list[tuple[int | None, str, str, str]]:
+    """(record index, pointer, code, message) for each JSON:API error. The index is the record
+    the JSON pointer names (``.../data/{i}/...``), None when it names none."""
+    out: list[tuple[int | None, str, str, str]] = []
+    for err in errors:
+        pointer = (err.get("source") or {}).get("pointer") or ""
+        found = _RECORD_INDEX.search(pointer)
+        message = f"Klaviyo: {err.get('title', '')} {err.get('detail', '')}".strip()
+        index = int(found.group(1)) if found else None
+        out.append((index, pointer, str(err.get("code") or ""), message))
+    return out

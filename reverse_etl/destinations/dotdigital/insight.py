@@ -1,0 +1,379 @@
+"""Insight data: records into a named collection through ``PUT /insightData/v3/import``.
+
+Each row becomes one record ``{key, json}`` (plus ``contactIdentity`` in a contact-scoped
+collection); the key is the sync's identifier, mapped to the field ``id``, and ``json`` holds
+every mapped field under its name. The API creates the collection on first import and upserts
+records by key, so a resent row replaces its record.
+
+Rows that break the insight data rules (``insight_rules``) are split off before sending as
+row errors, by one DuckDB query over the batch; the rest are packed into imports of up to
+``import_size`` records, at most five of the account's insight imports unfinished at a time,
+each polled to its end. Records the API refuses come back in the import's ``failures`` and
+become row errors (``destination_rejected``) with the API's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reverse_etl import scratch
+from reverse_etl.config import DotdigitalConnection, Sync
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
+from reverse_etl.destinations.dotdigital import insight_rules as rules
+from reverse_etl.destinations.dotdigital.destination import MAX_IMPORT_BYTES, DotdigitalDestination
+from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
+from reverse_etl.destinations.jobs import in_order
+from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
+from reverse_etl.errors import DestinationError
+from reverse_etl.transform.rowerrors import RowError
+
+IMPORT_PATH = "/insightData/v3/import"
+INSIGHT_IMPORTS = ImportApi(
+    IMPORT_PATH,
+    "insight data import",
+    # the spec's status enum says Complete; its own example says Finished
+    finished=frozenset({"Complete", "Finished"}),
+    failed=frozenset({"Failed"}),
+    max_active=5,  # 429 insightData:tooManyActiveImports beyond
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule over the batch: ``sql`` is TRUE for a row that breaks it."""
+
+    field: str  # the destination field whose value breaks it
+    sql: str
+    reason: str
+    message: str
+
+
+@dataclass
+class _InFlight:
+    batch: LoadBatch
+    imports: list[Import] = field(default_factory=list)
+    refused: list[RowError] = field(default_factory=list)  # rows never sent
+
+
+class InsightDestination(DotdigitalDestination):
+    scope: ClassVar[str]  # account | contact
+    collection_type: ClassVar[str]  # the spec's collectionType: catalog, orders ...
+    options: ClassVar[tuple[str, ...]] = ("collection", "import_size")
+
+    def __init__(self, conn: DotdigitalConnection, sync: Sync):
+        super().__init__(conn, sync)
+        self.collection = self.collection_name(sync)
+        self.column_of = {t.field: c for c, t in sync.fields().items()}  # field → view column
+        self.imports = self.queue(INSIGHT_IMPORTS)
+        self._con = scratch.cursor()
+        self._schema: pa.Schema | None = None
+        self._checks: list[Check] = []
+        self._check_sql = ""
+        self._json: RowJson | None = None
+        head = orjson.dumps(
+            {
+                "collectionName": self.collection,
+                "collectionScope": self.scope,
+                "collectionType": self.collection_type,
+            }
+        )
+        self._head, self._tail = head[:-1] + b',"records":[', b"]}"
+
+    # ------------------------------------------------------------------ config checks
+
+    @classmethod
+    def default_collection(cls, sync: Sync) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def collection_name(cls, sync: Sync) -> str:
+        return str(sync.destination.options().get("collection") or cls.default_collection(sync))
+
+    @classmethod
+    def is_custom_field(cls, name: str) -> bool:
+        return not name.startswith("__") and rules.key_problem(name) is None
+
+    @classmethod
+    def custom_field_hint(cls) -> str:
+        return f"an insight data key: {rules.KEY_RULE}"
+
+    @classmethod
+    def check_options(cls, sync: Sync) -> list[str]:
+        problems = super().check_options(sync)
+        problem = rules.collection_problem(cls.collection_name(sync))
+        if problem:
+            problems.append(f"destination.collection: {problem}")
+        return problems + cls.check_import_size(sync.destination.options())
+
+    @classmethod
+    def check_sync(cls, sync: Sync) -> list[str]:
+        fields = sync.fields()
+        # a field that is neither standard nor a valid key: the rule and a valid name to use,
+        # in place of the generic message
+        bad = {
+            f"mapping.{column}: ": rules.key_problem(target.field)
+            or f"{target.field!r}: names starting with __ are the engine's own"
+            for column, target in fields.items()
+            if target.field not in cls.standard_fields and not cls.is_custom_field(target.field)
+        }
+        replaced = (*bad, f"identifier {sync.identifier!r} must also be mapped")
+        problems = [p for p in super().check_sync(sync) if not p.startswith(replaced)]
+        problems += [f"{prefix}{problem}" for prefix, problem in bad.items()]
+        for a, b in rules.clashes(t.field for t in fields.values()):
+            problems.append(
+                f"mapping: fields {a!r} and {b!r} differ only by - and _, which Dotdigital "
+                "refuses side by side in a record (JsonContainsDashUnderscoreClash); rename one"
+            )
+        target = fields.get(sync.identifier)
+        if target is None or target.field != "id":
+            now = "it is not mapped" if target is None else f"it is mapped to {target.field!r}"
+            problems.append(
+                f"identifier {sync.identifier!r} must be mapped to `id`, the record's key "
+                f"({now}); e.g. mapping: {{{sync.identifier}: id}}"
+            )
+        if sync.consent.columns():
+            problems.append(
+                f"consent: {sync.object} records carry no consent; remove the consent block"
+            )
+        if sync.destination.list:
+            problems.append(
+                f"destination.list: {sync.object} go to an insight data collection, not a list; "
+                "use destination.collection"
+            )
+        return problems
+
+    # ------------------------------------------------------------------ per-object hooks
+
+    def value_sql(self, name: str, dtype: pa.DataType) -> Any:
+        """The template leaf for field ``name`` (a column of the batch)."""
+        if pa.types.is_list(dtype) or pa.types.is_struct(dtype) or pa.types.is_map(dtype):
+            return Expr(rules.json_value_sql(f"t.{_q(name)}", dtype))
+        return Col(name)
+
+    def extra_checks(self, schema: pa.Schema) -> list[Check]:
+        """Object-specific rules over the batch (orders: email, status)."""
+        return []
+
+    def json_fields(self, schema: pa.Schema) -> list[str]:
+        return [n for n in schema.names if not n.startswith(("__", "consent."))]
+
+    def record_template(self, schema: pa.Schema) -> dict[str, Any]:
+        doc: dict[str, Any] = {"key": Col("id")}
+        if self.scope == "contact":
+            doc["contactIdentity"] = {"identifier": "email", "value": Col("email")}
+        doc["json"] = {
+            name: self.value_sql(name, schema.field(name).type) for name in self.json_fields(schema)
+        }
+        return doc
+
+    # ------------------------------------------------------------------ checks and payloads
+
+    def _compile(self, table: pa.Table) -> None:
+        """Once per schema: the rules as one query, and the record template."""
+        if self._schema is not None and table.schema.equals(self._schema):
+            return
+        schema = table.schema
+        template = self.record_template(schema)
+        checks = self.extra_checks(schema)
+        for name, leaf in template["json"].items():
+            if not isinstance(leaf, Expr):
+                continue
+            dtype = self._type_of(leaf.sql, table)  # the value as it will be sent
+            column = self.column_of.get(name, name)
+            nested = rules.nested_array_sql(f"({leaf.sql})", dtype)
+            if nested:
+                checks.append(
+                    Check(
+                        name,
+                        nested,
+                        "insight_nested_array",
+                        f"{column}: holds an array directly inside an array, which insight "
+                        "data refuses (JsonContainsNestedArray); flatten it or wrap the "
+                        "inner arrays in records",
+                    )
+                )
+            bad = rules.bad_key_sql(f"({leaf.sql})", dtype)
+            if bad:
+                where = ", ".join(rules.bad_struct_keys(dtype)) or "a map key"
+                checks.append(
+                    Check(
+                        name,
+                        bad,
+                        "insight_invalid_key",
+                        f"{column}: {where}: not an insight data key ({rules.KEY_RULE}, "
+                        "no - and _ twins); rename it in the view",
+                    )
+                )
+        self._checks = checks
+        self._check_sql = (
+            "SELECT "
+            + ", ".join(f"COALESCE({c.sql}, FALSE) AS c{i}" for i, c in enumerate(checks))
+            + " FROM tbl AS t"
+        )
+        if self._json is not None:
+            self._json.close()
+        self._json = RowJson(template, drop_nulls=self.sync.null_values == "skip")
+        self._schema = schema
+
+    def _type_of(self, sql: str, table: pa.Table) -> pa.DataType:
+        empty = table.slice(0, 0)
+        self._con.register("tbl", empty)
+        try:
+            return (
+                self._con.execute(f"SELECT {sql} AS v FROM tbl AS t")
+                .to_arrow_table()
+                .schema.field("v")
+                .type
+            )
+        finally:
+            self._con.unregister("tbl")
+
+    def _checked(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """Split off rows that break a rule, as row errors; only those rows touch Python."""
+        self._compile(table)
+        if not self._checks or table.num_rows == 0:
+            return table, []
+        self._con.register("tbl", table)
+        try:
+            flags = self._con.execute(self._check_sql).to_arrow_table()
+        finally:
+            self._con.unregister("tbl")
+        bad: pa.ChunkedArray | None = None
+        errors: list[RowError] = []
+        for i, check in enumerate(self._checks):
+            hit = flags.column(f"c{i}")
+            if not pc.any(hit).as_py():
+                continue
+            bad = hit if bad is None else pc.or_(bad, hit)
+            idx = pc.indices_nonzero(hit)
+            rows = table["__row"].take(idx).to_pylist()
+            ids = table["__id"].take(idx).to_pylist()
+            values = table[check.field].take(idx).to_pylist()
+            column = self.column_of.get(check.field, check.field)
+            errors += [
+                RowError(row, ident, column, value, check.reason, check.message)
+                for row, ident, value in zip(rows, ids, values, strict=True)
+            ]
+        if bad is None:
+            return table, []
+        return table.filter(pc.invert(bad)), sorted(errors, key=lambda e: e.row_number)
+
+    def _bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
+        assert self._json is not None
+        docs = self._json.build(table)
+        overhead = len(self._head) + len(self._tail)
+        for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, overhead):
+            yield (
+                start,
+                end,
+                self._head
+                + ",".join(docs.slice(start, end - start).to_pylist()).encode()
+                + self._tail,
+            )
+
+    def requests(self, table: pa.Table) -> Iterator[Request]:
+        table, _ = self._checked(table)
+        if table.num_rows == 0:
+            return
+        for start, end, body in self._bodies(table):
+            yield Request("PUT", IMPORT_PATH, body, end - start)
+
+    # ------------------------------------------------------------------ sending
+
+    def prepare(self) -> None:
+        """Refuse to write into an existing collection of the other scope (the import would be
+        refused as a whole): say so before anything is sent."""
+        for coll in self.client.json("GET", "/insightData/v3/collections") or []:
+            if str(coll.get("collectionName", "")).lower() != self.collection.lower():
+                continue
+            scope = coll.get("collectionScope")
+            if scope and scope != self.scope:
+                raise DestinationError(
+                    f"Dotdigital insight collection {coll['collectionName']!r} is {scope}-scoped, but "
+                    f"{self.sync.object} need a {self.scope}-scoped one; set destination.collection "
+                    "to another name"
+                )
+
+    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+        return in_order(batches, self._submit, self._finish, self.max_in_flight)
+
+    def _submit(self, batch: LoadBatch) -> _InFlight:
+        table, refused = self._checked(batch.table)
+        item = _InFlight(batch, refused=refused)
+        if table.num_rows == 0:
+            return item
+        rows = table["__row"].combine_chunks()
+        for start, end, body in self._bodies(table):
+            imp = Import(body, rows.slice(start, end - start))
+            self.imports.submit(imp)
+            item.imports.append(imp)
+        return item
+
+    def _finish(self, item: _InFlight) -> LoadResult:
+        # rows refused before sending count as sent and failed: sent = created + updated + failed
+        refused = len({e.row_number for e in item.refused})
+        result = LoadResult(
+            token=item.batch.token, sent=refused, failed=refused, errors=list(item.refused)
+        )
+        by_key: dict[str, tuple[int, str]] | None = None
+        for imp in item.imports:
+            report = self.imports.wait(imp)
+            failures = report.get("failures") or []
+            summary = report.get("summary") or {}
+            rejected = min(len(imp), int(summary.get("totalRejected", len(failures))))
+            # the import does not tell a new record from a replaced one: upserts count as updated
+            result.sent += len(imp)
+            result.failed += rejected
+            result.updated += len(imp) - rejected
+            if not failures:
+                continue
+            if by_key is None:  # only a batch with failures pays for the look-up table
+                t = item.batch.table
+                by_key = {
+                    str(k): (r, str(c))
+                    for k, r, c in zip(
+                        t["id"].to_pylist(),
+                        t["__row"].to_pylist(),
+                        t["__id"].to_pylist(),
+                        strict=True,
+                    )
+                }
+            for failure in failures:
+                result.errors.append(self._failure_error(failure, by_key))
+        return result
+
+    def _failure_error(
+        self, failure: dict[str, Any], by_key: dict[str, tuple[int, str]]
+    ) -> RowError:
+        key = str(failure.get("key", ""))
+        row, ident = by_key.get(key, (0, key))
+        owner = (failure.get("collectionOwner") or {}).get("contactIdentity") or {}
+        details = "; ".join(str(d) for d in failure.get("details") or [])
+        reason = failure.get("failureReason", "Unknown")
+        about_contact = reason.startswith("Contact") or reason == "InvalidContactIdentifier"
+        column = self.column_of.get("email", "(record)") if about_contact else "(record)"
+        value = owner.get("value") if about_contact else key
+        return RowError(
+            row,
+            ident,
+            column,
+            value,
+            "destination_rejected",
+            f"Dotdigital: {reason}" + (f": {details}" if details else ""),
+        )
+
+    def close(self) -> None:
+        super().close()
+        if self._json is not None:
+            self._json.close()
+        self._con.close()
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,103 @@
+"""Bulk calls that Klaviyo accepts with a bare 202 and no job to poll (subscribe, unsubscribe,
+events): pack records into calls at the endpoint's limits and turn refusals into row errors.
+
+Klaviyo checks such a call as a whole before accepting it: one bad record refuses the call,
+with a JSON pointer naming the record (``/data/attributes/.../data/{i}/...``). That record
+becomes a row error and the call is sent again without it, so one bad row never holds back
+the others. A refusal that names no record (a parameter, the envelope, authentication) is not
+a row's fault: it ends the run and the rows stay behind the watermark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from reverse_etl.destinations.base import Request
+from reverse_etl.destinations.http import error_detail
+from reverse_etl.destinations.klaviyo.client import KlaviyoClient, refusals
+from reverse_etl.destinations.rowjson import pack
+from reverse_etl.errors import DestinationError
+from reverse_etl.transform.rowerrors import RowError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    op: str  # rate-limit name
+    path: str
+    head: bytes  # the body up to the records' array
+    tail: bytes  # the body after it
+    max_records: int
+    max_bytes: int
+    what: str  # "subscribe", for messages
+
+
+@dataclass
+class Records:
+    """JSON docs for one endpoint with the run row (and identifier) each belongs to.
+    Several docs may share a row (an order's events)."""
+
+    docs: pa.Array  # string
+    rows: pa.Array  # int64, __row of each doc
+    ids: pa.Array  # __id of each doc
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+
+def calls(endpoint: Endpoint, records: Records) -> Iterator[tuple[int, int, bytes]]:
+    """[start, end) runs of ``records`` packed to the endpoint's limits, with their body."""
+    overhead = len(endpoint.head) + len(endpoint.tail)
+    for start, end in pack(records.docs, endpoint.max_records, endpoint.max_bytes, overhead):
+        docs = records.docs.slice(start, end - start).to_pylist()
+        yield start, end, _body(endpoint, docs)
+
+
+def requests(endpoint: Endpoint, records: Records, *, counted: bool) -> Iterator[Request]:
+    """The calls a dry run shows. ``counted``: the calls carry the rows themselves (a row is
+    counted in the call holding its first record); otherwise they follow up on rows another
+    request already counted (consent after the profile import) and count none."""
+    rows = records.rows.to_pylist()
+    for start, end, body in calls(endpoint, records):
+        firsts = sum(1 for i in range(start, end) if i == 0 or rows[i] != rows[i - 1])
+        yield Request("POST", endpoint.path, body, firsts if counted else 0)
+
+
+def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[RowError]:
+    """Send every record; return the row errors of those Klaviyo refused. A refused row's
+    other records (an order's other events) are dropped from the calls after it too."""
+    errors: list[RowError] = []
+    refused: set[int] = set()
+    rows = records.rows.to_pylist()
+    ids = records.ids.to_pylist()
+    for start, end, body in calls(endpoint, records):
+        chunk = [i for i in range(start, end) if rows[i] not in refused]
+        if len(chunk) < end - start:  # a row refused in an earlier call: its records go too
+            body = _body(endpoint, [records.docs[i].as_py() for i in chunk])
+        while chunk:
+            response = client.call(endpoint.op, "POST", endpoint.path, body)
+            if response.status_code < 300:
+                break
+            named = [r for r in refusals(response) if r[0] is not None and r[0] < len(chunk)]
+            if response.status_code != 400 or not named:
+                raise DestinationError(
+                    f"Klaviyo refused a {endpoint.what} call ({len(chunk)} records): "
+                    f"{error_detail(response)}; its rows stay behind the watermark"
+                )
+            for index, pointer, _code, message in named:
+                i = chunk[index]
+                if rows[i] not in refused:
+                    refused.add(rows[i])
+                    value = records.docs[i].as_py()
+                    errors.append(
+                        RowError(rows[i], ids[i], pointer, value, "destination_rejected", message)
+                    )
+            chunk = [i for i in chunk if rows[i] not in refused]
+            body = _body(endpoint, [records.docs[i].as_py() for i in chunk])
+    return errors
+
+
+def _body(endpoint: Endpoint, docs: Sequence[str]) -> bytes:
+    return endpoint.head + ",".join(docs).encode() + endpoint.tail

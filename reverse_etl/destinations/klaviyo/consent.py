@@ -1,0 +1,200 @@
+"""Email and SMS consent as Klaviyo subscriptions, for profiles that have landed.
+
+Only the consent columns say anything about consent (list membership never implies it):
+
+* ``subscribed`` with a ``consented_at`` → bulk subscribe with ``historical_import: true`` and
+  that time, so Klaviyo records consent already given and sends no double opt-in email and
+  starts no "added to list" flow for back-filled consent;
+* ``subscribed`` without a time → bulk subscribe without ``historical_import`` (Klaviyo asks
+  for ``consented_at`` with it): the account's opt-in process applies, which is the safe
+  reading of consent whose moment is unknown;
+* ``unsubscribed`` → bulk unsubscribe, without a list, so it is the global unsubscribe the
+  column means;
+* NULL or ``never_subscribed`` → no call: the profile's subscription is left alone.
+
+Email consent needs the row's email and SMS consent its phone number (Klaviyo finds the
+subscription by it): ``subscribed`` without one is a row error, its profile still imported;
+``unsubscribed`` without one makes no call and no error, as a row without a phone number
+holds no SMS subscription to revoke (the common case: SMS "no" for customers who never gave
+a number). No list goes with the calls: membership comes
+from the profile import, and a list here would add (or, unsubscribing, remove) members.
+Payloads are built in DuckDB for the whole batch (``RowJson``): one flag column per channel
+and call kind, computed in Arrow, decides which rows and channels go in which call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request
+from reverse_etl.destinations.klaviyo import bulk
+from reverse_etl.destinations.klaviyo.base import any_true, column_or_null, row_errors
+from reverse_etl.destinations.klaviyo.client import (
+    MAX_BODY_BYTES,
+    MAX_SUBSCRIBE,
+    MAX_UNSUBSCRIBE,
+    KlaviyoClient,
+)
+from reverse_etl.destinations.rowjson import Expr, RowJson
+from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
+from reverse_etl.transform.rowerrors import RowError
+
+# channel -> the profile field holding its address
+CHANNELS: dict[str, str] = {"email": "email", "sms": "phone_number"}
+# call kinds: (flag prefix, endpoint builder)
+HISTORICAL, CURRENT, REVOKED = "hist", "now", "unsub"
+
+
+def _subscribe(historical: bool, source: str) -> bulk.Endpoint:
+    attrs = orjson.dumps({"historical_import": historical, "custom_source": source})
+    head = (
+        b'{"data":{"type":"profile-subscription-bulk-create-job","attributes":'
+        + attrs[:-1]
+        + b',"profiles":{"data":['
+    )
+    return bulk.Endpoint(
+        "bulk_subscribe_profiles",
+        "/api/profile-subscription-bulk-create-jobs",
+        head,
+        b"]}}}}",
+        MAX_SUBSCRIBE,
+        MAX_BODY_BYTES,
+        "bulk subscribe",
+    )
+
+
+UNSUBSCRIBE = bulk.Endpoint(
+    "bulk_unsubscribe_profiles",
+    "/api/profile-subscription-bulk-delete-jobs",
+    b'{"data":{"type":"profile-subscription-bulk-delete-job","attributes":{"profiles":{"data":[',
+    b"]}}}}",
+    MAX_UNSUBSCRIBE,
+    MAX_BODY_BYTES,
+    "bulk unsubscribe",
+)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _channel_json(kind: str, at_column: str) -> str:
+    """SQL for one channel's subscription parameters in a call of ``kind``."""
+    if kind == HISTORICAL:
+        # not after now: Klaviyo refuses a consent time in the future, and the transform lets
+        # timestamps through up to max_future_skew_minutes ahead (clock skew)
+        at = (
+            f"strftime(least(CAST(t.{_quote(at_column)} AS TIMESTAMPTZ), now()) "
+            "AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
+        )
+        return f"{{'marketing': {{'consent': 'SUBSCRIBED', 'consented_at': {at}}}}}"
+    if kind == CURRENT:
+        return "{'marketing': {'consent': 'SUBSCRIBED'}}"
+    return "{'marketing': {'consent': 'UNSUBSCRIBED'}}"
+
+
+class Consent:
+    """Builds and sends the subscription calls for a batch of landed profiles."""
+
+    def __init__(self, sync: Sync):
+        self.columns = {ch: c for ch, c in sync.consent.columns().items() if ch in CHANNELS}
+        self.mapped = {target.field for target in sync.fields().values()}
+        self.endpoints = {
+            HISTORICAL: _subscribe(True, f"reverse-etl sync {sync.name}"),
+            CURRENT: _subscribe(False, f"reverse-etl sync {sync.name}"),
+            REVOKED: UNSUBSCRIBE,
+        }
+        self._json = {
+            kind: RowJson(self._template(kind), drop_nulls=True) for kind in self.endpoints
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.columns)
+
+    def _template(self, kind: str) -> dict[str, object]:
+        attrs: dict[str, object] = {}
+        subscriptions: dict[str, object] = {}
+        for channel, spec in self.columns.items():
+            flag = _quote(f"__{kind}_{channel}")
+            field = CHANNELS[channel]
+            if field not in self.mapped or (kind == HISTORICAL and not spec.consented_at):
+                continue  # never flagged for this kind: no address, or no consent time
+            attrs[field] = Expr(f"CASE WHEN t.{flag} THEN t.{_quote(field)} END")
+            params = _channel_json(kind, f"consent.{channel}.consented_at")
+            subscriptions[channel] = Expr(f"CASE WHEN t.{flag} THEN {params} END")
+        return {"type": "profile", "attributes": {**attrs, "subscriptions": subscriptions}}
+
+    def plan(
+        self, table: pa.Table
+    ) -> tuple[list[tuple[bulk.Endpoint, bulk.Records]], list[RowError]]:
+        """The calls ``table`` needs, and the rows whose consent cannot be sent."""
+        if not self.columns or table.num_rows == 0:
+            return [], []
+        errors: list[RowError] = []
+        flags: dict[str, pa.Array] = {}
+        wanted = {kind: pa.array(np.zeros(table.num_rows, bool)) for kind in self.endpoints}
+        for channel, spec in self.columns.items():
+            consent = table[f"consent.{channel}"]
+            address = column_or_null(table, CHANNELS[channel])
+            at = column_or_null(table, f"consent.{channel}.consented_at", pa.timestamp("us", "UTC"))
+            has_address = pc.is_valid(address)
+            sub = pc.fill_null(pc.equal(consent, SUBSCRIBED), False)
+            unsub = pc.fill_null(pc.equal(consent, UNSUBSCRIBED), False)
+            missing = pc.and_(sub, pc.invert(has_address))
+            if any_true(missing):
+                need = "an email address" if channel == "email" else "a phone number (phone_number)"
+                errors += row_errors(
+                    table,
+                    missing,
+                    spec.column,
+                    "missing_consent_address",
+                    f"{channel} consent needs {need}; the row has none, so its consent was not sent",
+                    value=f"consent.{channel}",
+                )
+            sub = pc.and_(sub, has_address)
+            dated = pc.is_valid(at)
+            flags[f"__{HISTORICAL}_{channel}"] = pc.and_(sub, dated)
+            flags[f"__{CURRENT}_{channel}"] = pc.and_(sub, pc.invert(dated))
+            flags[f"__{REVOKED}_{channel}"] = pc.and_(unsub, has_address)
+            for kind in self.endpoints:
+                wanted[kind] = pc.or_(wanted[kind], flags[f"__{kind}_{channel}"])
+        flagged = table
+        for name, values in flags.items():
+            flagged = flagged.append_column(name, values)
+        calls = []
+        for kind, endpoint in self.endpoints.items():
+            if not any_true(wanted[kind]):
+                continue
+            rows = flagged.filter(wanted[kind])
+            docs = self._json[kind].build(rows)
+            calls.append(
+                (
+                    endpoint,
+                    bulk.Records(
+                        docs, rows["__row"].combine_chunks(), rows["__id"].combine_chunks()
+                    ),
+                )
+            )
+        return calls, errors
+
+    def requests(self, table: pa.Table) -> Iterator[Request]:
+        calls, _ = self.plan(table)
+        for endpoint, records in calls:
+            yield from bulk.requests(endpoint, records, counted=False)
+
+    def send(self, client: KlaviyoClient, table: pa.Table) -> list[RowError]:
+        """Send the batch's consent; return the row errors (no address, refused by Klaviyo)."""
+        calls, errors = self.plan(table)
+        for endpoint, records in calls:
+            errors += bulk.send(client, endpoint, records)
+        return errors
+
+    def close(self) -> None:
+        for builder in self._json.values():
+            builder.close()

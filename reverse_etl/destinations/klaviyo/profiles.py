@@ -1,0 +1,257 @@
+"""Profiles into Klaviyo through bulk import jobs, then their consent as subscriptions.
+
+Each batch becomes jobs packed to Klaviyo's limits (10,000 profiles, 5 MB a job, 100 KB a
+profile: a larger profile is a row error, not a failed job). Jobs of later batches are
+submitted while earlier ones are polled, and results come back in batch order. Klaviyo's
+import job does not say which profiles were new, so every completed profile counts as
+``updated`` (upserted).
+
+Consent (``consent.py``) is sent when a batch's import jobs have completed, so the profiles
+exist, and only for the profiles that landed. A row whose consent cannot be sent or is
+refused moves from ``updated`` to ``failed``: it is counted once, with its error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reverse_etl.config import KlaviyoConnection, Sync
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
+from reverse_etl.destinations.jobs import in_order
+from reverse_etl.destinations.klaviyo import jobs
+from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true
+from reverse_etl.destinations.klaviyo.client import (
+    MAX_JOB_BYTES,
+    MAX_PROFILE_BYTES,
+    MAX_PROFILES_PER_JOB,
+)
+from reverse_etl.destinations.klaviyo.consent import Consent
+from reverse_etl.destinations.rowjson import RowJson, nest, pack
+from reverse_etl.transform.rowerrors import RowError
+
+IMPORT_PATH = "/api/profile-bulk-import-jobs"
+IMPORT = jobs.JobKind(
+    IMPORT_PATH, "bulk_import_profiles", "get_bulk_import_profiles_job", "profile import job"
+)
+_ENVELOPE = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
+_POINTER_INDEX = re.compile(r"/(\d+)(?:/|$)")
+
+STANDARD_FIELDS = {
+    "email": "email",
+    "phone_number": "phone",
+    "external_id": "string",
+    "first_name": "string",
+    "last_name": "string",
+    "organization": "string",
+    "title": "string",
+    "locale": "string",
+    "image": "string",
+    "location.address1": "string",
+    "location.address2": "string",
+    "location.city": "string",
+    "location.country": "string",
+    "location.region": "string",
+    "location.zip": "string",
+    "location.timezone": "string",
+    "location.ip": "string",
+    "location.latitude": "number",
+    "location.longitude": "number",
+}
+IDENTIFIER_FIELDS = ("email", "phone_number", "external_id")
+
+
+@dataclass
+class _Job:
+    job: jobs.Job
+    rows: pa.Array  # __row of its profiles, in body order
+
+
+@dataclass
+class _InFlight:
+    batch: LoadBatch
+    table: pa.Table  # the profiles sent (oversized ones left out)
+    jobs: list[_Job] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+
+
+class KlaviyoDestination(KlaviyoBase):
+    object_name = "profiles"
+    standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
+    custom_prefix = "properties"
+    identifier_fields = IDENTIFIER_FIELDS
+    takes_list = True
+    takes_consent = True
+    max_in_flight = 4
+    profiles_per_job = MAX_PROFILES_PER_JOB  # benchmarks lower it to make many small jobs
+
+    def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float | None = None):
+        super().__init__(conn, sync, speedup=speedup)
+        self.list_id: str | None = None
+        fields = {t.field: t.field for t in sync.fields().values()}
+        self._json = RowJson(
+            {"type": "profile", "attributes": nest(fields)}, drop_nulls=sync.null_values == "skip"
+        )
+        self.consent = Consent(sync)
+
+    @classmethod
+    def check_sync(cls, sync: Sync) -> list[str]:
+        problems = super().check_sync(sync)
+        mapped = {t.field for t in sync.fields().values()}
+        if sync.consent.email and "email" not in mapped:
+            problems.append(
+                "consent.email: email consent needs the email address; map a column to email"
+            )
+        if sync.consent.sms and "phone_number" not in mapped:
+            problems.append(
+                "consent.sms: SMS consent needs a phone number; map a column to phone_number"
+            )
+        return problems
+
+    # ------------------------------------------------------------------ payloads
+
+    def _docs(self, table: pa.Table) -> tuple[pa.Table, pa.Array, list[RowError]]:
+        """Profiles as JSON, minus those over Klaviyo's per-profile size (row errors)."""
+        payload = table.drop_columns([c for c in table.column_names if c.startswith("consent.")])
+        docs = self._json.build(payload)
+        sizes = pc.binary_length(docs)
+        too_big = pc.greater(sizes, MAX_PROFILE_BYTES)
+        errors: list[RowError] = []
+        if any_true(too_big):
+            big = table.filter(too_big)
+            for row, ident, size in zip(
+                big["__row"].to_pylist(),
+                big["__id"].to_pylist(),
+                pc.filter(sizes, too_big).to_pylist(),
+                strict=True,
+            ):
+                errors.append(
+                    RowError(
+                        row,
+                        ident,
+                        "(profile)",
+                        f"{size} bytes",
+                        "value_too_large",
+                        f"the profile is {size} bytes; Klaviyo accepts at most {MAX_PROFILE_BYTES}",
+                    )
+                )
+            keep = pc.invert(too_big)
+            table, docs = table.filter(keep), docs.filter(keep)
+        return table, docs, errors
+
+    def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
+        tail = b"]}}}}"  # closes data, profiles, attributes, data, the document
+        if self.list_id or self.sync.destination.list:
+            list_id = self.list_id or f"<id of list {self.sync.destination.list!r}>"
+            rel = orjson.dumps({"lists": {"data": [{"type": "list", "id": list_id}]}})
+            tail = b']}},"relationships":' + rel + b"}}"
+        overhead = len(_ENVELOPE) + len(tail)
+        for start, end in pack(docs, self.profiles_per_job, MAX_JOB_BYTES, overhead):
+            body = _ENVELOPE + ",".join(docs.slice(start, end - start).to_pylist()).encode() + tail
+            yield start, end, body
+
+    def requests(self, table: pa.Table) -> Iterator[Request]:
+        """Import jobs, then the consent calls (a dry run cannot know which profiles Klaviyo
+        will refuse, so consent is shown for every profile sent)."""
+        sent, docs, _ = self._docs(table)
+        for start, end, body in self._bodies(docs):
+            yield Request("POST", IMPORT_PATH, body, end - start)
+        yield from self.consent.requests(sent)
+
+    # ------------------------------------------------------------------ sending
+
+    def prepare(self) -> None:
+        if self.sync.destination.list:
+            self.list_id = self.client.find_or_create_list(self.sync.destination.list)
+
+    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+        return in_order(batches, self._submit, self._finish, self.max_in_flight)
+
+    def _submit(self, batch: LoadBatch) -> _InFlight:
+        table, docs, errors = self._docs(batch.table)
+        item = _InFlight(batch, table, errors=errors)
+        rows = table["__row"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
+        for start, end, body in self._bodies(docs):
+            job = jobs.submit(self.client, jobs.Job(IMPORT, body, end - start))
+            item.jobs.append(_Job(job, rows.slice(start, end - start)))
+        return item
+
+    def _finish(self, item: _InFlight) -> LoadResult:
+        # profiles refused before sending (too large) count as sent and failed: sent = updated + failed
+        result = LoadResult(
+            token=item.batch.token,
+            errors=list(item.errors),
+            sent=len(item.errors),
+            failed=len(item.errors),
+        )
+        table = item.batch.table
+        ids = dict(zip(table["__row"].to_pylist(), table["__id"].to_pylist(), strict=True))
+        refused: list[RowError] = []
+        for job in item.jobs:
+            body = jobs.wait(
+                self.client, job.job, attempts=self.job_attempts, poll_interval=self.poll_interval
+            )
+            attrs = body["data"]["attributes"]
+            sent = attrs.get("total_count") or len(job.rows)
+            failed = attrs.get("failed_count") or 0
+            result.sent += sent
+            result.updated += sent - failed
+            if failed:
+                refused.extend(self._import_errors(job.job.id, job.rows, ids))
+                result.failed += failed
+        result.errors.extend(refused)
+        if self.consent:
+            landed = item.table
+            if refused:
+                gone = pa.array({e.row_number for e in refused}, pa.int64())
+                landed = landed.filter(pc.invert(pc.is_in(landed["__row"], value_set=gone)))
+            consent_errors = self.consent.send(self.client, landed)
+            moved = len({e.row_number for e in consent_errors})
+            result.updated -= moved
+            result.failed += moved
+            result.errors.extend(consent_errors)
+        return result
+
+    def _import_errors(self, job_id: str, rows: pa.Array, ids: dict[int, Any]) -> list[RowError]:
+        out: list[RowError] = []
+        path = f"{IMPORT_PATH}/{job_id}/import-errors"
+        params: dict[str, str] | None = None
+        row_list = rows.to_pylist()
+        while True:
+            body = self.client.json(
+                "get_errors_for_bulk_import_profiles_job", "GET", path, params=params
+            )
+            for err in body.get("data", []):
+                a = err.get("attributes", {})
+                pointer = (a.get("source") or {}).get("pointer") or ""
+                m = _POINTER_INDEX.search(pointer)
+                idx = int(m.group(1)) if m else None
+                row = row_list[idx] if idx is not None and idx < len(row_list) else 0
+                out.append(
+                    RowError(
+                        row,
+                        ids.get(row),
+                        pointer or "(profile)",
+                        orjson.dumps(a.get("original_payload")).decode(),
+                        "destination_rejected",
+                        f"Klaviyo: {a.get('title', '')}: {a.get('detail', '')}",
+                    )
+                )
+            nxt = (body.get("links") or {}).get("next")
+            if not nxt:
+                return out
+            path, params = nxt, None
+
+    def close(self) -> None:
+        super().close()
+        self._json.close()
+        self.consent.close()
+
+
+__all__ = ["IDENTIFIER_FIELDS", "STANDARD_FIELDS", "KlaviyoDestination"]

@@ -1,0 +1,113 @@
+"""Dotdigital at scale through faults: 50,000 contacts against a sandbox that answers one in ten
+import and poll requests with a fault (429, 500, 503, dropped connection, timeout, failed
+import). The real engine, client and destination run unchanged; only retries, polls and the
+client timeout are shortened (``fast_clients``) and the sandbox runs at a high speedup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from reverse_etl.errors import EXIT_OK
+from reverse_etl.sandbox import DotdigitalSandbox
+from reverse_etl.sandbox.faults import FaultInjector
+from reverse_etl.sandbox.settings import ALL_FAULTS
+from reverse_etl.state import Watermark
+from tests.helpers import at, execute
+from tests.sandboxes import (
+    Rig,
+    assert_counts_add_up,
+    email_of,
+    fast_clients,
+    rig_fixture,
+    sync_entry,
+)
+from tests.test_destination_dotdigital import CUSTOM_TYPES, MAPPING
+
+CONTACTS = 50_000
+RATE = 0.1
+
+
+@pytest.fixture
+def dotdigital(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Rig]]:
+    fast_clients(monkeypatch, max_attempts=12, timeout=1.5)
+    yield from rig_fixture(request, tmp_path, DotdigitalSandbox)
+
+
+def quiet_start(clean: int, *, rate: float = RATE) -> int:
+    """A seed whose first ``clean`` fault draws inject nothing. The first eligible requests
+    of a run are its one-off creates (address book, data fields): a create whose answer times
+    out is applied late, after the client looked it up and made it again, and the sandbox
+    refuses the late one as a duplicate (a violation). Every import and poll after them stays
+    exposed at the full rate."""
+    for seed in range(10_000):
+        injector = FaultInjector(rate, ALL_FAULTS, seed)
+        if all(injector.draw(set(ALL_FAULTS)) is None for _ in range(clean)):
+            return seed
+    raise AssertionError("no seed")
+
+
+def people(rig: Rig, n: int) -> None:
+    """``n`` clean profiles in PROFILE_COLUMNS' shape, generated in DuckDB (unique mobiles)."""
+    execute(
+        rig.db,
+        f"""CREATE OR REPLACE TABLE people AS SELECT
+            'customer' || lpad(i::VARCHAR, 5, '0') || '@example.com' AS email,
+            'First' || i AS first_name, 'Last' || i AS last_name,
+            '+1415' || lpad(i::VARCHAR, 7, '0') AS phone,
+            'Springfield' AS city, 'US' AS country, (10000 + i)::VARCHAR AS zip,
+            40.0 + i / 1000 AS latitude, ['bronze', 'silver', 'gold'][i % 3 + 1] AS tier,
+            (i * 10)::INTEGER AS points, (i + 0.25)::DECIMAL(12, 2) AS lifetime_value,
+            i % 2 = 0 AS is_vip, DATE '1980-01-01' + (i % 28)::INTEGER AS birthday,
+            TIMESTAMPTZ '2025-03-01 13:00:00+00' + i * INTERVAL 1 SECOND AS last_order_at,
+            ['yes', 'no', NULL][i % 3 + 1] AS email_consent, NULL::VARCHAR AS notes,
+            TIMESTAMPTZ '2025-03-01 12:00:00+00' + i * INTERVAL 1 SECOND AS modified_at
+        FROM range({n}) t(i)""",
+    )
+
+
+def test_fifty_thousand_contacts_through_ten_percent_faults_none_lost(dotdigital):
+    creates = 1 + len(CUSTOM_TYPES)  # the address book and the custom data fields
+    rig = dotdigital(
+        speedup=1000.0,
+        job_seconds=5.0,  # 5 ms an import
+        fault_rate=RATE,
+        fault_kinds=ALL_FAULTS,
+        seed=quiet_start(creates),
+        fault_timeout_seconds=2.0,  # above the client's 1.5 s: a real client timeout
+    )
+    people(rig, CONTACTS)
+    rig.configure(
+        [
+            sync_entry(
+                "contacts",
+                "dotdigital",
+                dict(MAPPING),
+                destination={"list": "Customers", "import_size": 1000},
+                batch_size=10_000,
+            )
+        ]
+    )
+
+    result = rig.run("contacts")
+
+    assert result.exit_code == EXIT_OK, result.record.message
+    assert_counts_add_up(result)
+    c = result.record.counts
+    assert (c.read, c.sent, c.rejected, c.failed) == (CONTACTS, CONTACTS, 0, 0)
+    everyone = {email_of(n) for n in range(CONTACTS)}
+    assert {x["identifiers"]["email"] for x in rig.sandbox.contacts()} == everyone
+    assert {
+        x["identifiers"]["email"] for x in rig.sandbox.address_book_members("Customers")
+    } == everyone
+    last = rig.sandbox.contact(email_of(CONTACTS - 1))
+    assert last["dataFields"]["LOYALTY_POINTS"] == (CONTACTS - 1) * 10
+    assert last["identifiers"]["mobileNumber"] == f"1415{CONTACTS - 1:07d}"
+    assert rig.watermark("contacts") == Watermark(at(CONTACTS - 1), email_of(CONTACTS - 1))
+    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    assert sum(injected.values()) >= 0.05 * rig.sandbox.counters["requests"], injected
+    assert len(injected) >= 4, injected  # most kinds met, not one lucky kind

@@ -1,0 +1,235 @@
+"""Klaviyo catalog end to end: products become catalog items through bulk create and update
+jobs, create versus update decided by what the catalog holds, against the sandbox over
+loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
+from reverse_etl.sandbox import KlaviyoSandbox
+from tests.helpers import execute
+from tests.sandboxes import Rig, assert_counts_add_up, error_rows, fast_clients, rig_fixture
+from tests.test_klaviyo_support import klaviyo_speed, klaviyo_sync
+
+CREATE = "/api/catalog-item-bulk-create-jobs"
+UPDATE = "/api/catalog-item-bulk-update-jobs"
+CATALOG_MAPPING: dict[str, Any] = {
+    "product_id": "external_id",
+    "title": "title",
+    "description": "description",
+    "url": "url",
+    "image_url": "image_full_url",
+    "price": "price",
+    "published": "published",
+    "category": "custom_metadata.Category",
+    "stock": "custom_metadata.Stock",
+}
+
+
+@pytest.fixture
+def klaviyo(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Rig]]:
+    fast_clients(monkeypatch)
+    klaviyo_speed(monkeypatch)
+    yield from rig_fixture(request, tmp_path, KlaviyoSandbox)
+
+
+def products_table(rig: Rig, numbers: range, *, price: float = 9.5, shift: int = 0) -> None:
+    execute(
+        rig.db,
+        f"""
+        CREATE OR REPLACE TABLE products AS
+        SELECT
+            'P' || n AS product_id,
+            'Product ' || n AS title,
+            'About product ' || n AS description,
+            'https://shop.example.com/p/' || n AS url,
+            'https://cdn.example.com/p/' || n || '.jpg' AS image_url,
+            CAST({price} + n AS DECIMAL(10, 2)) AS price,
+            n % 4 <> 3 AS published,
+            ['shoes', 'hats'][n % 2 + 1] AS category,
+            CAST(n * 3 AS INTEGER) AS stock,
+            TIMESTAMPTZ '2025-03-01 12:00:00+00' + to_seconds(CAST(n + {shift} AS BIGINT))
+                AS modified_at
+        FROM range({numbers.start}, {numbers.stop}) AS r(n)
+        """,
+    )
+
+
+def catalog_sync(name: str = "catalog", **extra: Any) -> dict[str, Any]:
+    entry = {"table": "products", "object": "catalog", "identifier": "product_id", **extra}
+    return klaviyo_sync(name, mapping=entry.pop("mapping", CATALOG_MAPPING), **entry)
+
+
+def items(rig: Rig) -> dict[str, dict[str, Any]]:
+    return {i["external_id"]: i for i in rig.sandbox.catalog_items()}
+
+
+def test_products_are_created_then_updated(klaviyo):
+    rig = klaviyo()
+    products_table(rig, range(250))
+    rig.configure([catalog_sync()])
+
+    first = rig.run("catalog")
+
+    assert first.exit_code == EXIT_OK, first.record.message
+    c = first.record.counts
+    assert (c.read, c.sent, c.created, c.updated, c.failed) == (250, 250, 250, 0, 0)
+    assert_counts_add_up(first)
+    assert len(rig.requests("POST", CREATE)) == 3  # 100 + 100 + 50
+    assert rig.requests("POST", UPDATE) == []
+    p7 = items(rig)["P7"]
+    assert p7["id"] == "$custom:::$default:::P7"
+    assert (p7["title"], p7["description"], p7["url"]) == (
+        "Product 7",
+        "About product 7",
+        "https://shop.example.com/p/7",
+    )
+    assert p7["image_full_url"] == "https://cdn.example.com/p/7.jpg"
+    assert p7["price"] == 16.5 and p7["published"] is False
+    assert p7["custom_metadata"] == {"Category": "hats", "Stock": 21}
+
+    products_table(rig, range(200, 300), price=100.0, shift=1000)  # 50 known, 50 new
+    rig.sandbox.reset_log()
+    second = rig.run("catalog")
+
+    assert second.exit_code == EXIT_OK
+    c = second.record.counts
+    assert (c.sent, c.created, c.updated, c.failed) == (100, 50, 50, 0)
+    assert len(rig.requests("POST", CREATE)) == 1 and len(rig.requests("POST", UPDATE)) == 1
+    assert len(rig.requests("GET", "/api/catalog-items")) == 1  # one look-up per 100 items
+    catalog = items(rig)
+    assert len(catalog) == 300
+    assert catalog["P210"]["price"] == 310.0 and catalog["P10"]["price"] == 19.5
+
+
+def test_item_created_by_someone_else_meanwhile_is_updated(klaviyo, monkeypatch):
+    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+
+    rig = klaviyo()
+    products_table(rig, range(5))
+    rig.configure([catalog_sync()])
+    assert rig.run("catalog").exit_code == EXIT_OK
+
+    # the look-up misses the items (as if they were created between the look-up and the job)
+    monkeypatch.setattr(KlaviyoCatalogDestination, "_existing", lambda self, ids: set())
+    products_table(rig, range(5), price=50.0, shift=100)
+    result = rig.run("catalog")
+
+    assert result.exit_code == EXIT_OK
+    c = result.record.counts
+    assert (c.created, c.updated, c.failed) == (0, 5, 0)
+    assert {i["price"] for i in items(rig).values()} == {50.0, 51.0, 52.0, 53.0, 54.0}
+
+
+def test_rows_missing_a_required_field_are_row_errors(klaviyo):
+    rig = klaviyo()
+    products_table(rig, range(6))
+    execute(
+        rig.db,
+        "UPDATE products SET title = NULL WHERE product_id = 'P1'",
+        "UPDATE products SET url = '  ', description = NULL WHERE product_id = 'P4'",
+    )
+    rig.configure([catalog_sync()])
+
+    result = rig.run("catalog")
+
+    assert result.exit_code == EXIT_ROW_ERRORS
+    c = result.record.counts
+    assert (c.sent, c.created, c.failed) == (6, 4, 2)
+    assert_counts_add_up(result)
+    found = {(e["identifier"], e["column"], e["reason"]) for e in error_rows(result)}
+    assert found == {
+        ("P1", "title", "missing_required_field"),
+        ("P4", "description", "missing_required_field"),
+        ("P4", "url", "missing_required_field"),
+    }
+    assert sorted(items(rig)) == ["P0", "P2", "P3", "P5"]
+
+
+def test_null_values_skip_leaves_fields_and_clear_clears_them(klaviyo):
+    rig = klaviyo()
+    products_table(rig, range(3))
+    rig.configure(
+        [catalog_sync("skip", null_values="skip"), catalog_sync("clear", null_values="clear")]
+    )
+    assert rig.run("skip").exit_code == EXIT_OK
+    execute(rig.db, "UPDATE products SET price = NULL, modified_at = modified_at + INTERVAL 1 HOUR")
+    assert rig.run("skip").record.counts.updated == 3
+    assert items(rig)["P1"]["price"] == 10.5
+    assert rig.run("clear").record.counts.updated == 3
+    assert "price" not in items(rig)["P1"]
+
+
+def test_catalog_through_injected_faults(klaviyo, monkeypatch):
+    fast_clients(monkeypatch, max_attempts=10)
+    rig = klaviyo(
+        fault_rate=0.1, fault_kinds=("429", "500", "503", "reset", "failed_job"), seed=7
+    )  # seed 7: two cancelled jobs, and 429, 500, 503 and a reset
+    products_table(rig, range(1500))
+    rig.configure([catalog_sync(batch_size=400)])
+
+    result = rig.run("catalog")
+
+    assert result.exit_code == EXIT_OK, result.record.message
+    assert_counts_add_up(result)
+    assert len(items(rig)) == 1500
+    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    assert injected.get("fault_failed_job", 0) >= 1 and len(injected) >= 4, injected
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"mapping": {"product_id": "external_id", "title": "title"}},
+            "map a column to description, url",
+        ),
+        ({"mapping": {**CATALOG_MAPPING, "stock": "stock"}}, "custom_metadata.<Name>"),
+        ({"identifier": "title"}, "must map to external_id"),
+        ({"destination": {"list": "Products"}}, "do not go into lists"),
+    ],
+)
+def test_catalog_config_errors(klaviyo, change, message):
+    rig = klaviyo()
+    products_table(rig, range(1))
+    with pytest.raises(ConfigError) as info:
+        rig.configure([catalog_sync(**change)])
+    assert message in str(info.value)
+
+
+def test_dry_run_shows_create_jobs_and_sends_nothing(klaviyo):
+    rig = klaviyo()
+    products_table(rig, range(150))
+    rig.configure([catalog_sync()])
+
+    result = rig.run("catalog", dry_run=True)
+
+    assert result.record.counts.sent == 150
+    lines = [orjson.loads(x) for x in Path(result.dry_run_file).read_bytes().splitlines()]
+    assert [(x["path"], x["rows"]) for x in lines] == [(CREATE, 100), (CREATE, 50)]
+    assert rig.sandbox.request_log == []
+
+
+def test_item_gone_since_the_look_up_is_created(klaviyo, monkeypatch):
+    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+
+    rig = klaviyo()
+    products_table(rig, range(3))
+    rig.configure([catalog_sync()])
+    # the look-up sees items that are gone by the time the update job runs
+    monkeypatch.setattr(KlaviyoCatalogDestination, "_existing", lambda self, ids: set(ids))
+
+    result = rig.run("catalog")
+
+    assert result.exit_code == EXIT_OK
+    c = result.record.counts
+    assert (c.created, c.updated, c.failed) == (3, 0, 0)
+    assert sorted(items(rig)) == ["P0", "P1", "P2"]
