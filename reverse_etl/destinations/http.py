@@ -12,9 +12,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from reverse_etl.destinations.ratelimit import RateLimiter, Unlimited
 from reverse_etl.errors import DestinationError
@@ -129,6 +130,13 @@ def _retry_after(response: httpx.Response, cap: float) -> float:
         return min(cap, max(0.0, float(value)))
     except ValueError:
         return 1.0
+
+
+def decoded(response: httpx.Response, what: str) -> Any:
+    """The JSON body of a successful answer; an error answer raises, naming ``what`` failed."""
+    if response.status_code >= 400:
+        raise DestinationError(f"{what}: {error_detail(response)}")
+    return orjson.loads(response.content) if response.content else None
 
 
 def error_detail(response: httpx.Response) -> str:

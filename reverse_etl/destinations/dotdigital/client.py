@@ -16,7 +16,13 @@ import orjson
 
 from reverse_etl.config import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.pacing import CallBudget
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail, find_or_create
+from reverse_etl.destinations.http import (
+    ApiClient,
+    RetryPolicy,
+    decoded,
+    error_detail,
+    find_or_create,
+)
 from reverse_etl.errors import DestinationError
 
 JSON = "application/json"
@@ -67,9 +73,7 @@ class DotdigitalClient:
         idempotent: bool = True,
     ) -> Any:
         response = self.call(method, path, body, params, idempotent=idempotent)
-        if response.status_code >= 400:
-            raise DestinationError(f"Dotdigital {method} {path}: {error_detail(response)}")
-        return orjson.loads(response.content) if response.content else None
+        return decoded(response, f"Dotdigital {method} {path}")
 
     def find_address_book(self, name: str) -> int | None:
         skip = 0

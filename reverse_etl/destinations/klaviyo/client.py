@@ -16,9 +16,8 @@ import httpx
 import orjson
 
 from reverse_etl.config import KlaviyoConnection
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, error_detail, find_or_create
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, decoded, find_or_create
 from reverse_etl.destinations.ratelimit import RateLimiter
-from reverse_etl.errors import DestinationError
 
 JSONAPI = "application/vnd.api+json"
 
@@ -103,9 +102,7 @@ class KlaviyoClient:
         idempotent: bool = True,
     ) -> Any:
         response = self.call(op, method, path, body, params, idempotent=idempotent)
-        if response.status_code >= 400:
-            raise DestinationError(f"Klaviyo {method} {path}: {error_detail(response)}")
-        return orjson.loads(response.content) if response.content else None
+        return decoded(response, f"Klaviyo {method} {path}")
 
     def find_list(self, name: str) -> str | None:
         found = self.json(
