@@ -30,6 +30,7 @@ demo: $(STAMP)
 ## sandbox APIs are started by fixtures).
 test: $(STAMP) $(BQEMU)
 	$(BIN)/ruff check reverse_etl tests
+	$(BIN)/ruff format --check reverse_etl tests
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

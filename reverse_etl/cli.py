@@ -69,14 +69,26 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("--config", "-c", envvar="REVERSE_ETL_CONFIG", help="Project file (default: profiles/profiles.yml).")
-@click.option("--project-dir", envvar="REVERSE_ETL_PROJECT_DIR", help="Root for relative paths (default: current directory).")
+@click.option(
+    "--config",
+    "-c",
+    envvar="REVERSE_ETL_CONFIG",
+    help="Project file (default: profiles/profiles.yml).",
+)
+@click.option(
+    "--project-dir",
+    envvar="REVERSE_ETL_PROJECT_DIR",
+    help="Root for relative paths (default: current directory).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log HTTP retries and timings.")
 @click.version_option(package_name="reverse-etl")
 @click.pass_context
 def main(ctx: click.Context, config: str | None, project_dir: str | None, verbose: bool) -> None:
     """Sync warehouse views into Klaviyo and Dotdigital."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Scrubbed())
     tune_memory()
@@ -91,13 +103,17 @@ def check(obj: Ctx) -> None:
         project = obj.project
     except ReverseEtlError as exc:
         _fail(str(exc))
-    console.print(f"{project.file}: OK — {len(project.connections)} connections, {len(project.syncs)} syncs")
+    console.print(
+        f"{project.file}: OK — {len(project.connections)} connections, {len(project.syncs)} syncs"
+    )
 
 
 @main.command()
 @click.argument("syncs", nargs=-1)
 @click.option("--full-refresh", is_flag=True, help="Ignore the watermark and read the whole view.")
-@click.option("--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file.")
+@click.option(
+    "--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file."
+)
 @click.option("--due", is_flag=True, help="Run only syncs whose schedule says they are due.")
 @click.pass_obj
 def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due: bool) -> None:
@@ -108,7 +124,9 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
         project = obj.project
         store = obj.store()
         names = list(syncs) or (
-            due_syncs(project, store) if due else in_run_order(project, [s.name for s in project.syncs if s.enabled])
+            due_syncs(project, store)
+            if due
+            else in_run_order(project, [s.name for s in project.syncs if s.enabled])
         )
         for name in names:
             project.sync(name)
@@ -121,7 +139,9 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
     results = []
     for name in names:
         try:
-            result = run_sync(project, name, store, RunOptions(full_refresh=full_refresh, dry_run=dry_run))
+            result = run_sync(
+                project, name, store, RunOptions(full_refresh=full_refresh, dry_run=dry_run)
+            )
         except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
             err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
             worst = EXIT_FAILED
@@ -139,18 +159,37 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
         if rec.error_file:
             console.print(f"{rec.sync}: error file: {rec.error_file}")
         if r.dry_run_file:
-            console.print(f"{rec.sync}: dry run, payloads written to {r.dry_run_file} (nothing sent, nothing committed)")
+            console.print(
+                f"{rec.sync}: dry run, payloads written to {r.dry_run_file} (nothing sent, nothing committed)"
+            )
     sys.exit(worst)
 
 
 def print_runs(records: list) -> None:  # type: ignore[type-arg]
     table = Table(title="runs")
-    for col in ("sync", "run", "status", "read", "sent", "created", "updated", "rejected", "failed", "seconds"):
+    for col in (
+        "sync",
+        "run",
+        "status",
+        "read",
+        "sent",
+        "created",
+        "updated",
+        "rejected",
+        "failed",
+        "seconds",
+    ):
         table.add_column(col, justify="right" if col not in {"sync", "run", "status"} else "left")
     for r in records:
         c = r.counts
         secs = (r.ended_at - r.started_at).total_seconds() if r.ended_at else 0
-        table.add_row(r.sync, r.run_id, r.status, *(str(v) for v in (c.read, c.sent, c.created, c.updated, c.rejected, c.failed)), f"{secs:.1f}")
+        table.add_row(
+            r.sync,
+            r.run_id,
+            r.status,
+            *(str(v) for v in (c.read, c.sent, c.created, c.updated, c.rejected, c.failed)),
+            f"{secs:.1f}",
+        )
     console.print(table)
 
 
@@ -247,7 +286,9 @@ def export(obj: Ctx, sync: str, csv_target: str) -> None:
 @main.command()
 @click.argument("sync")
 @click.option("--csv", "csv_path", help="Validate this exported CSV instead of the live view.")
-@click.option("--errors", "error_file", help="Where to write the error file (default under error_dir).")
+@click.option(
+    "--errors", "error_file", help="Where to write the error file (default under error_dir)."
+)
 @click.pass_obj
 def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) -> None:
     """Validate a sync's rows (live view or CSV) and write the error file. Sends nothing."""
@@ -255,7 +296,9 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
 
     try:
         s = obj.project.sync(sync)
-        target = error_file or storage.join(storage.join(obj.project.error_dir, s.name), "validate-errors.csv")
+        target = error_file or storage.join(
+            storage.join(obj.project.error_dir, s.name), "validate-errors.csv"
+        )
         if not storage.is_s3(target):
             target = str(obj.project.path(target))
         report = run_validate(obj.project, s, csv_path=csv_path, error_file=target)
@@ -272,15 +315,25 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
 
 
 @main.command()
-@click.option("--profiles", default=12_000, show_default=True, help="Customer profiles to generate.")
-@click.option("--keep-running", is_flag=True, help="Leave the sandbox APIs up after the syncs (Ctrl-C stops).")
+@click.option(
+    "--profiles", default=12_000, show_default=True, help="Customer profiles to generate."
+)
+@click.option(
+    "--keep-running", is_flag=True, help="Leave the sandbox APIs up after the syncs (Ctrl-C stops)."
+)
 @click.pass_obj
 def demo(obj: Ctx, profiles: int, keep_running: bool) -> None:
     """Generate the demo warehouse, start the sandbox APIs on 127.0.0.1 and run every demo sync."""
     from reverse_etl.demo.run import run_demo
 
     try:
-        code = run_demo(obj.project_dir, obj.config, profiles=profiles, keep_running=keep_running, console=console)
+        code = run_demo(
+            obj.project_dir,
+            obj.config,
+            profiles=profiles,
+            keep_running=keep_running,
+            console=console,
+        )
     except (ReverseEtlError, SourceError) as exc:
         _fail(str(exc))
     sys.exit(code)

@@ -28,7 +28,17 @@ from reverse_etl.schedule import Schedule, parse_schedule
 from reverse_etl.secrets import register_secret, render_tree, scrub
 
 DEFAULT_CONFIG = Path("profiles/profiles.yml")
-FIELD_TYPES = ("string", "number", "integer", "boolean", "date", "datetime", "email", "phone", "json")
+FIELD_TYPES = (
+    "string",
+    "number",
+    "integer",
+    "boolean",
+    "date",
+    "datetime",
+    "email",
+    "phone",
+    "json",
+)
 
 
 class Strict(BaseModel):
@@ -100,7 +110,9 @@ class DotdigitalConnection(Strict):
         return (self.base_url or f"https://{self.region}-api.dotdigital.com").rstrip("/")
 
 
-WarehouseConnection = DuckDBConnection | PostgresConnection | SnowflakeConnection | BigQueryConnection
+WarehouseConnection = (
+    DuckDBConnection | PostgresConnection | SnowflakeConnection | BigQueryConnection
+)
 DestinationConnection = KlaviyoConnection | DotdigitalConnection
 Connection = Annotated[
     DuckDBConnection
@@ -239,9 +251,14 @@ class Project(Strict):
             if sync.name in names:
                 raise _at(f"syncs[{i}].name", f"duplicate sync name {sync.name!r}")
             names.add(sync.name)
-            _check_ref(self, f"syncs[{i}].source.connection", sync.source.connection, WAREHOUSE_TYPES)
             _check_ref(
-                self, f"syncs[{i}].destination.connection", sync.destination.connection, DESTINATION_TYPES
+                self, f"syncs[{i}].source.connection", sync.source.connection, WAREHOUSE_TYPES
+            )
+            _check_ref(
+                self,
+                f"syncs[{i}].destination.connection",
+                sync.destination.connection,
+                DESTINATION_TYPES,
             )
         return self
 
@@ -300,14 +317,18 @@ def _check_ref(project: Project, loc: str, name: str, types: tuple[str, ...]) ->
             + f" Connections of type {'/'.join(types)}: {', '.join(candidates) or '(none)'}",
         )
     if conn.type not in types:
-        raise _at(loc, f"connection {name!r} is a {conn.type}; this key needs one of {', '.join(types)}")
+        raise _at(
+            loc, f"connection {name!r} is a {conn.type}; this key needs one of {', '.join(types)}"
+        )
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_project(
-    file: str | Path | None = None, root: str | Path | None = None, env: dict[str, str] | None = None
+    file: str | Path | None = None,
+    root: str | Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Project:
     """Read, render and validate the project file; every failure is a ConfigError."""
     root = Path(root) if root else Path.cwd()
@@ -322,7 +343,9 @@ def load_project(
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping with `connections:` and `syncs:`")
+        raise ConfigError(
+            f"{file}: the top level must be a mapping with `connections:` and `syncs:`"
+        )
     try:
         rendered = render_tree(raw, env)
     except KeyError as exc:
@@ -420,7 +443,9 @@ def _loc_path(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
             continue
         conn_tag = i == 2 and loc[0] == "connections" and part in _TYPE_TAGS
-        mapping_tag = i >= 4 and loc[i - 2] == "mapping" and str(part).startswith(("str", "FieldMapping"))
+        mapping_tag = (
+            i >= 4 and loc[i - 2] == "mapping" and str(part).startswith(("str", "FieldMapping"))
+        )
         if conn_tag or mapping_tag or str(part).startswith("function-"):
             continue
         out += f".{part}" if out else str(part)

@@ -103,16 +103,25 @@ def validate(
         else:
             source, raw_sql = _csv_source(local_csv)
             cursor = _q(sync.cursor)
-            view_sql = f"SELECT * REPLACE (TRY_CAST({cursor} AS TIMESTAMPTZ) AS {cursor}) FROM ({raw_sql})"
+            view_sql = (
+                f"SELECT * REPLACE (TRY_CAST({cursor} AS TIMESTAMPTZ) AS {cursor}) FROM ({raw_sql})"
+            )
             where = csv_path
         with source, storage.open_text_for_write(error_file) as fh:
             writer = ErrorFileWriter(fh, sync.name, "validate")
             problems = schema_problems(spec, source.schema(view_sql))
             if problems:
-                raise SchemaMismatchError(f"{where} does not fit the mapping:\n  - " + "\n  - ".join(problems))
+                raise SchemaMismatchError(
+                    f"{where} does not fit the mapping:\n  - " + "\n  - ".join(problems)
+                )
             plan = plan_read(
-                source, view_sql, cursor=sync.cursor, identifier=sync.identifier,
-                email_identifier=spec.identifier_field().kind == "email", watermark=None, lookback=timedelta(0),
+                source,
+                view_sql,
+                cursor=sync.cursor,
+                identifier=sync.identifier,
+                email_identifier=spec.identifier_field().kind == "email",
+                watermark=None,
+                lookback=timedelta(0),
             )
             transformer: Transformer | None = None
             for batch in source.stream(plan.query.sql, plan.query.params, batch_size):

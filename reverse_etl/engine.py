@@ -79,7 +79,9 @@ def transform_spec(sync: Sync, destination_type: type[Destination]) -> Transform
     for channel, consent in sync.consent.columns().items():
         fields.append(FieldSpec(consent.column, f"consent.{channel}", "consent"))
         if consent.consented_at:
-            fields.append(FieldSpec(consent.consented_at, f"consent.{channel}.consented_at", "datetime"))
+            fields.append(
+                FieldSpec(consent.consented_at, f"consent.{channel}.consented_at", "datetime")
+            )
     return TransformSpec(
         sync=sync.name,
         identifier=sync.identifier,
@@ -105,7 +107,13 @@ def run_sync(
     options = options or RunOptions()
     sync = project.sync(sync_name)
     run_id = store.new_run_id()
-    record = RunRecord(run_id=run_id, sync=sync.name, started_at=now(), status="running", full_refresh=options.full_refresh)
+    record = RunRecord(
+        run_id=run_id,
+        sync=sync.name,
+        started_at=now(),
+        status="running",
+        full_refresh=options.full_refresh,
+    )
     result = RunResult(record)
     with store.lock(sync.name, run_id):
         store.start_run(record)
@@ -116,24 +124,42 @@ def run_sync(
             with storage.open_text_for_write(error_target) as fh:
                 errors = ErrorFileWriter(fh, sync.name, run_id)
                 try:
-                    _run(project, sync, store, options, record, errors, result, destination_factory, source_factory)
+                    _run(
+                        project,
+                        sync,
+                        store,
+                        options,
+                        record,
+                        errors,
+                        result,
+                        destination_factory,
+                        source_factory,
+                    )
                 finally:
                     result.by_reason = errors.by_reason
             record.error_file = error_target
         except (ReverseEtlError, SourceError) as exc:
             record.status = "failed"
             record.message = scrub(str(exc))
-            record.error_file = error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
+            record.error_file = (
+                error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
+            )
         except BaseException as exc:  # a bug, Ctrl-C, SIGTERM: recorded as failed, never 'success'
             record.status = "failed"
             record.error_file = error_target
-            record.message = scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            record.message = scrub(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            )
             raise
         finally:
             record.ended_at = now()
             if record.status == "running":
-                record.status = "dry_run" if options.dry_run else (
-                    "partial" if record.counts.rejected or record.counts.failed else "success"
+                record.status = (
+                    "dry_run"
+                    if options.dry_run
+                    else (
+                        "partial" if record.counts.rejected or record.counts.failed else "success"
+                    )
                 )
             store.save_run(record)
     return result
@@ -219,7 +245,9 @@ def _run(
                 transformer.close()
 
 
-def _commit(store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileWriter, loaded: LoadResult) -> None:
+def _commit(
+    store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileWriter, loaded: LoadResult
+) -> None:
     c = record.counts
     c.sent += loaded.sent
     c.created += loaded.created
@@ -237,7 +265,9 @@ def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:
     for batch in pending:
         rows, ids = batch.table["__row"].to_pylist(), batch.table["__id"].to_pylist()
         for row, ident in zip(rows, ids, strict=True):
-            yield RowError(row, ident, "(row)", None, "not_sent", "not acknowledged before the run stopped")
+            yield RowError(
+                row, ident, "(row)", None, "not_sent", "not acknowledged before the run stopped"
+            )
 
 
 def _dry_run(
@@ -282,8 +312,13 @@ def in_run_order(project: Project, names: list[str]) -> list[str]:
 
 def due_syncs(project: Project, store: StateStore, moment: datetime | None = None) -> list[str]:
     """Enabled syncs whose schedule says they should run now, contacts before orders."""
-    return in_run_order(project, [
-        s.name
-        for s in project.syncs
-        if s.enabled and s.schedule is not None and s.schedule.is_due(store.last_started(s.name), moment)
-    ])
+    return in_run_order(
+        project,
+        [
+            s.name
+            for s in project.syncs
+            if s.enabled
+            and s.schedule is not None
+            and s.schedule.is_due(store.last_started(s.name), moment)
+        ],
+    )

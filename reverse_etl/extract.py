@@ -63,7 +63,13 @@ def build_query(
 
 
 def duplicates_query(
-    view_sql: str, dialect: Dialect, query: IncrementalQuery, *, cursor: str, identifier: str, email: bool
+    view_sql: str,
+    dialect: Dialect,
+    query: IncrementalQuery,
+    *,
+    cursor: str,
+    identifier: str,
+    email: bool,
 ) -> IncrementalQuery:
     """Rows of the read whose identifier (trimmed, lower-cased for emails) occurs more than
     once: few, so this is the only place a whole-run set is fetched. A grouping, not a window
@@ -130,9 +136,21 @@ def plan_read(
 ) -> ReadPlan:
     """The run's main query, and the duplicates it must reject (found before streaming)."""
     query = build_query(
-        view_sql, source.dialect, cursor=cursor, identifier=identifier, watermark=watermark, lookback=lookback
+        view_sql,
+        source.dialect,
+        cursor=cursor,
+        identifier=identifier,
+        watermark=watermark,
+        lookback=lookback,
     )
-    dq = duplicates_query(view_sql, source.dialect, query, cursor=cursor, identifier=identifier, email=email_identifier)
+    dq = duplicates_query(
+        view_sql,
+        source.dialect,
+        query,
+        cursor=cursor,
+        identifier=identifier,
+        email=email_identifier,
+    )
     batches = list(source.stream(dq.sql, dq.params, 100_000))
     rows = pa.Table.from_batches(batches) if batches else None
     if rows is None or rows.num_rows == 0:

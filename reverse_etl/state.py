@@ -137,7 +137,9 @@ def decode_value(text: str) -> Any:
 
 
 class StateStore:
-    def __init__(self, url: str, *, root: Path | None = None, stale_after: timedelta = timedelta(hours=2)):
+    def __init__(
+        self, url: str, *, root: Path | None = None, stale_after: timedelta = timedelta(hours=2)
+    ):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rel = Path(url.removeprefix("sqlite:///"))
             path = (root or Path.cwd()) / rel
@@ -187,9 +189,7 @@ class StateStore:
             yield
         finally:
             with self.engine.begin() as con:
-                con.execute(
-                    sa.delete(locks).where(locks.c.sync == sync, locks.c.run_id == run_id)
-                )
+                con.execute(sa.delete(locks).where(locks.c.sync == sync, locks.c.run_id == run_id))
 
     def heartbeat(self, sync: str, run_id: str) -> None:
         with self.engine.begin() as con:
@@ -200,7 +200,13 @@ class StateStore:
             )
 
     def _acquire(self, sync: str, run_id: str) -> None:
-        row = {"sync": sync, "run_id": run_id, "owner": self.owner, "acquired_at": now(), "heartbeat_at": now()}
+        row = {
+            "sync": sync,
+            "run_id": run_id,
+            "owner": self.owner,
+            "acquired_at": now(),
+            "heartbeat_at": now(),
+        }
         try:
             with self.engine.begin() as con:
                 con.execute(sa.insert(locks).values(**row))

@@ -48,7 +48,10 @@ def test_watermarks_round_trip_with_their_types(pg_url: str, cursor: object, ide
 def test_two_stores_share_one_lock(pg_url: str) -> None:
     first, second = StateStore(pg_url), StateStore(pg_url)
     with first.lock("sync_a", "run-1"):
-        with pytest.raises(LockHeldError, match="already running") as exc, second.lock("sync_a", "run-2"):
+        with (
+            pytest.raises(LockHeldError, match="already running") as exc,
+            second.lock("sync_a", "run-2"),
+        ):
             pass
         assert "reverse-etl unlock sync_a" in str(exc.value)
         with second.lock("sync_b", "run-3"):  # another sync is not blocked
@@ -72,7 +75,9 @@ def test_stale_lock_is_taken_over(pg_url: str) -> None:
 def test_run_history_is_kept_in_order(pg_url: str) -> None:
     store = StateStore(pg_url)
     for i in range(3):
-        record = RunRecord(run_id=f"r{i}", sync="s", started_at=now() + timedelta(seconds=i), status="running")
+        record = RunRecord(
+            run_id=f"r{i}", sync="s", started_at=now() + timedelta(seconds=i), status="running"
+        )
         store.start_run(record)
         record.status = "success"
         record.counts.read, record.counts.sent = 10 * i, 10 * i

@@ -31,7 +31,10 @@ def prepare_warehouse(root: Path, profiles: int, console: Console) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         counts = generate_demo_warehouse(path, profiles=profiles)
-        console.print(f"generated demo warehouse {path}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        console.print(
+            f"generated demo warehouse {path}: "
+            + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        )
         return path
     con = duckdb.connect(str(path))
     try:  # a re-run: a few customers change, as they would between two scheduled runs
@@ -46,11 +49,15 @@ def prepare_warehouse(root: Path, profiles: int, console: Console) -> Path:
         )
     finally:
         con.close()
-    console.print(f"demo warehouse {path} exists: {CHANGES_PER_RERUN} customers changed since the last run")
+    console.print(
+        f"demo warehouse {path} exists: {CHANGES_PER_RERUN} customers changed since the last run"
+    )
     return path
 
 
-def run_demo(root: Path, config: str | None, *, profiles: int, keep_running: bool, console: Console) -> int:
+def run_demo(
+    root: Path, config: str | None, *, profiles: int, keep_running: bool, console: Console
+) -> int:
     prepare_warehouse(root, profiles, console)
     settings = SandboxSettings()
     klaviyo, dotdigital = KlaviyoSandbox(settings), DotdigitalSandbox(settings)
@@ -68,7 +75,9 @@ def run_demo(root: Path, config: str | None, *, profiles: int, keep_running: boo
         os.environ.setdefault("REVERSE_ETL_WAREHOUSE", str(WAREHOUSE))
         project = load_project(config, root)
         store = StateStore(os.environ.get("REVERSE_ETL_STATE_URL") or project.state.url, root=root)
-        results = [run_sync(project, s.name, store, RunOptions()) for s in project.syncs if s.enabled]
+        results = [
+            run_sync(project, s.name, store, RunOptions()) for s in project.syncs if s.enabled
+        ]
         klaviyo.wait_idle(30)
         dotdigital.wait_idle(30)
         from reverse_etl.cli import print_runs
@@ -79,7 +88,9 @@ def run_demo(root: Path, config: str | None, *, profiles: int, keep_running: boo
             if rec.message:
                 console.print(f"[red]{rec.sync}: {rec.message}[/red]")
             reasons = ", ".join(f"{k} {v}" for k, v in r.by_reason.most_common())
-            console.print(f"{rec.sync}: error file {rec.error_file}" + (f" ({reasons})" if reasons else ""))
+            console.print(
+                f"{rec.sync}: error file {rec.error_file}" + (f" ({reasons})" if reasons else "")
+            )
         _landed(console, klaviyo, dotdigital, project)
         if keep_running:
             console.print("sandboxes stay up; Ctrl-C stops them")
@@ -92,11 +103,15 @@ def run_demo(root: Path, config: str | None, *, profiles: int, keep_running: boo
     failed = any(r.record.status == "failed" for r in results)
     violations = klaviyo.violations + dotdigital.violations
     if violations:
-        console.print(f"[red]{len(violations)} requests broke the vendors' specs: {violations[:3]}[/red]")
+        console.print(
+            f"[red]{len(violations)} requests broke the vendors' specs: {violations[:3]}[/red]"
+        )
     return EXIT_FAILED if failed or violations else EXIT_OK
 
 
-def _landed(console: Console, klaviyo: KlaviyoSandbox, dotdigital: DotdigitalSandbox, project: object) -> None:
+def _landed(
+    console: Console, klaviyo: KlaviyoSandbox, dotdigital: DotdigitalSandbox, project: object
+) -> None:
     table = Table(title="what the sandboxes hold now")
     table.add_column("sandbox")
     table.add_column("what")
@@ -106,6 +121,14 @@ def _landed(console: Console, klaviyo: KlaviyoSandbox, dotdigital: DotdigitalSan
         table.add_row("Klaviyo", f"list {name!r} members", f"{len(klaviyo.list_members(name)):,}")
     table.add_row("Dotdigital", "contacts", f"{len(dotdigital.contacts()):,}")
     for book in dotdigital.address_books():
-        table.add_row("Dotdigital", f"address book {book['name']!r}", f"{len(dotdigital.address_book_members(book['name'])):,}")
-    table.add_row("both", "requests refused as off-spec", str(len(klaviyo.violations) + len(dotdigital.violations)))
+        table.add_row(
+            "Dotdigital",
+            f"address book {book['name']!r}",
+            f"{len(dotdigital.address_book_members(book['name'])):,}",
+        )
+    table.add_row(
+        "both",
+        "requests refused as off-spec",
+        str(len(klaviyo.violations) + len(dotdigital.violations)),
+    )
     console.print(table)

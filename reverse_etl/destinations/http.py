@@ -83,11 +83,15 @@ class ApiClient:
         for attempt in range(1, self.retry.max_attempts + 1):
             limiter.acquire()
             try:
-                response = self._http.request(method, path, content=content, params=params, headers=headers)
+                response = self._http.request(
+                    method, path, content=content, params=params, headers=headers
+                )
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}"
                 if not idempotent:
-                    raise Unsure(f"{self.name} {method} {path}: {last}; it may have been applied") from None
+                    raise Unsure(
+                        f"{self.name} {method} {path}: {last}; it may have been applied"
+                    ) from None
                 self._backoff(attempt, None, last, method, path)
                 continue
             if response.status_code not in RETRY_STATUS:
@@ -108,7 +112,9 @@ class ApiClient:
             )
         )
 
-    def _backoff(self, attempt: int, retry_after: float | None, what: str, method: str, path: str) -> None:
+    def _backoff(
+        self, attempt: int, retry_after: float | None, what: str, method: str, path: str
+    ) -> None:
         if attempt >= self.retry.max_attempts:
             return
         self.retries += 1

@@ -33,7 +33,9 @@ def objects_for(type_: str) -> tuple[str, ...]:
 def destination_for(type_: str, obj: str = "profiles") -> type[Destination]:
     """The class that writes ``obj`` (profiles, orders, catalog) to a ``type_`` connection."""
     if type_ not in _DESTINATIONS:
-        raise UnsupportedObject(f"unknown destination type {type_!r}; known: {', '.join(_DESTINATIONS)}")
+        raise UnsupportedObject(
+            f"unknown destination type {type_!r}; known: {', '.join(_DESTINATIONS)}"
+        )
     try:
         module, _, name = _DESTINATIONS[type_][obj].partition(":")
     except KeyError:

@@ -104,7 +104,9 @@ class RowJson:
         self._con.close()
 
 
-def pack(docs: list[bytes] | pa.Array, max_items: int, max_bytes: int, overhead: int) -> list[tuple[int, int]]:
+def pack(
+    docs: list[bytes] | pa.Array, max_items: int, max_bytes: int, overhead: int
+) -> list[tuple[int, int]]:
     """Split docs into [start, end) runs of at most ``max_items`` and ``max_bytes`` (counting
     ``overhead`` bytes of envelope and one comma a doc)."""
     sizes = (

@@ -20,7 +20,9 @@ def open_source(conn: WarehouseConnection, project: Project) -> Source:
     if isinstance(conn, DuckDBConnection):
         from reverse_etl.sources.duckdb import DuckDBSource
 
-        return DuckDBSource(project.path(conn.path), memory_limit=conn.memory_limit, threads=conn.threads)
+        return DuckDBSource(
+            project.path(conn.path), memory_limit=conn.memory_limit, threads=conn.threads
+        )
     if isinstance(conn, PostgresConnection):
         from reverse_etl.sources.postgres import PostgresSource
 

@@ -19,7 +19,12 @@ class DuckDBSource(Source):
     dialect = DIALECT
 
     def __init__(
-        self, path: str | Path, *, memory_limit: str = "512MB", read_only: bool = True, threads: int = 1
+        self,
+        path: str | Path,
+        *,
+        memory_limit: str = "512MB",
+        read_only: bool = True,
+        threads: int = 1,
     ):
         path = str(path)
         if path != ":memory:" and not Path(path).exists():

@@ -59,7 +59,9 @@ def possible_lengths() -> dict[str, list[int]]:
             for desc in _DIALABLE:
                 number_desc = getattr(meta, desc, None)
                 if number_desc is not None and number_desc.national_number_pattern:
-                    lengths.update(number_desc.possible_length or meta.general_desc.possible_length or ())
+                    lengths.update(
+                        number_desc.possible_length or meta.general_desc.possible_length or ()
+                    )
         if lengths:
             out[str(code)] = sorted(len(str(code)) + n for n in lengths if n > 0)
     return out
@@ -82,7 +84,9 @@ class PossibleLength:
     code (phonenumbers' metadata), on a whole Arrow array at once."""
 
     def __init__(self) -> None:
-        keys = [f"{code}:{total}" for code, totals in possible_lengths().items() for total in totals]
+        keys = [
+            f"{code}:{total}" for code, totals in possible_lengths().items() for total in totals
+        ]
         self._allowed = pa.array(keys, pa.string())
 
     def __call__(self, numbers: pa.Array) -> pa.Array:

@@ -20,11 +20,13 @@ E164_RE = r"\+[1-9][0-9]{6,14}"
 
 def region_table(regions: dict[str, tuple[str, str]]) -> pa.Table:
     """Region → calling code and trunk prefix, joined once per batch to read national numbers."""
-    return pa.table({
-        "region": list(regions),
-        "cc": [v[0] for v in regions.values()],
-        "np": [v[1] for v in regions.values()],
-    })
+    return pa.table(
+        {
+            "region": list(regions),
+            "cc": [v[0] for v in regions.values()],
+            "np": [v[1] for v in regions.values()],
+        }
+    )
 
 
 def q(name: str) -> str:
@@ -58,7 +60,10 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
     src = _blank_to_null(col, dtype)
     if kind == "email":
         v = f"LOWER(CAST({src} AS VARCHAR))"
-        return v, f"CASE WHEN {v} IS NOT NULL AND NOT regexp_full_match({v}, {lit(EMAIL_RE)}) THEN 'email?' END"
+        return (
+            v,
+            f"CASE WHEN {v} IS NOT NULL AND NOT regexp_full_match({v}, {lit(EMAIL_RE)}) THEN 'email?' END",
+        )
     if kind == "phone":
         cleaned = f"regexp_replace(CAST({src} AS VARCHAR), '[\\s().\\-/]', '', 'g')"
         international = (
@@ -77,7 +82,10 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
         )
     if kind == "consent":  # words are mapped in Arrow (transformer._consent)
         if pt.is_boolean(dtype):
-            return f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'unsubscribed' END", "NULL"
+            return (
+                f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'unsubscribed' END",
+                "NULL",
+            )
         return f"CAST({col} AS VARCHAR)", "NULL"
     if kind == "datetime":
         if pt.is_timestamp(dtype) and dtype.tz is not None:

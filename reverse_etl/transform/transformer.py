@@ -37,6 +37,7 @@ def _arrow(result: duckdb.DuckDBPyConnection) -> pa.Table:
     # than con.sql(), whose note about an extra copy does not outweigh that.
     return result.to_arrow_table()
 
+
 MESSAGES = {
     "missing_identifier": "the identifier column is empty",
     "duplicate_identifier": "another row with this identifier has a later cursor value; that row was sent instead",
@@ -123,7 +124,9 @@ class Transformer:
         self.spec = spec
         self.fields = spec.fields
         self.id_field = spec.identifier_field().field
-        self.kinds = {f.column: f.kind or kind_of_arrow(schema.field(f.column).type) for f in spec.fields}
+        self.kinds = {
+            f.column: f.kind or kind_of_arrow(schema.field(f.column).type) for f in spec.fields
+        }
         moment = (now or datetime.now(UTC)) + spec.max_future_skew
         checks = Checks(spec.naive_timezone, MIN_TIMESTAMP, moment.isoformat())
         self._possible = PossibleLength()
@@ -134,7 +137,9 @@ class Transformer:
         self.row_err_cols = ["__e_id", "__e_cursor", "__e_dup"]
         selects = ["b.__row AS __row", "b.__pos AS __pos"]
         for (ecol, column), f in zip(self._errs, spec.fields, strict=True):
-            value, err = value_and_error(self.kinds[column], column, schema.field(column).type, checks)
+            value, err = value_and_error(
+                self.kinds[column], column, schema.field(column).type, checks
+            )
             selects += [f"{value} AS {q(f.field)}", f"{err} AS {ecol}"]
         cursor, ident = f"b.{q(spec.cursor)}", f"b.{q(spec.identifier)}"
         selects.append(f"CASE WHEN {cursor} IS NULL THEN 'missing_cursor' END AS __e_cursor")
@@ -163,7 +168,11 @@ class Transformer:
 
     def _region_sql(self) -> str:
         """SQL for each row's ISO region, used to read national phone numbers."""
-        default = lit(self.spec.default_phone_region.upper()) if self.spec.default_phone_region else "NULL"
+        default = (
+            lit(self.spec.default_phone_region.upper())
+            if self.spec.default_phone_region
+            else "NULL"
+        )
         if not self.spec.phone_region_column:
             return default
         return f"COALESCE(UPPER(TRIM(CAST(b0.{q(self.spec.phone_region_column)} AS VARCHAR))), {default})"
@@ -235,7 +244,9 @@ class Transformer:
         shaped = pc.and_(pc.is_null(out[ecol]), pc.is_valid(out[field_name]))
         if self.spec.strict_phones:
             return self._set(out, ecol, pc.if_else(shaped, pa.scalar("phone?"), out[ecol]))
-        impossible = pc.fill_null(pc.and_(shaped, pc.invert(self._possible(out[field_name]))), False)
+        impossible = pc.fill_null(
+            pc.and_(shaped, pc.invert(self._possible(out[field_name]))), False
+        )
         return self._set(out, ecol, pc.if_else(impossible, pa.scalar("phone?"), out[ecol]))
 
     def _slow_path(
@@ -271,7 +282,9 @@ class Transformer:
         out = self._set(out, ecol, _scatter(out[ecol], idx, pa.array(codes, pa.string())))
         if f.field == self.id_field:
             out = self._set(out, "__id", values)
-            missing = pc.if_else(pc.is_null(values), pa.scalar("missing_identifier"), pa.scalar(None, pa.string()))
+            missing = pc.if_else(
+                pc.is_null(values), pa.scalar("missing_identifier"), pa.scalar(None, pa.string())
+            )
             out = self._set(out, "__e_id", missing)
         return out
 
@@ -285,14 +298,19 @@ class Transformer:
         for ident in out["__id"].take(idx).to_pylist():  # only the tied winner pairs get here
             codes.append("duplicate_identifier" if ident in self._kept_ties else None)
             self._kept_ties.add(ident)
-        return self._set(out, "__e_dup", _scatter(out["__e_dup"], idx, pa.array(codes, pa.string())))
+        return self._set(
+            out, "__e_dup", _scatter(out["__e_dup"], idx, pa.array(codes, pa.string()))
+        )
 
     def _regions(self, batch: pa.RecordBatch, positions: pa.Array, n: int) -> list[str | None]:
         default = self.spec.default_phone_region
         if not self.spec.phone_region_column:
             return [default] * n
         values = batch.column(self.spec.phone_region_column).take(positions).to_pylist()
-        return [v.strip().upper() if isinstance(v, str) and len(v.strip()) == 2 else default for v in values]
+        return [
+            v.strip().upper() if isinstance(v, str) and len(v.strip()) == 2 else default
+            for v in values
+        ]
 
     # ------------------------------------------------------------------ per bad row
 
@@ -323,7 +341,9 @@ class Transformer:
                     continue
                 column = self.spec.cursor if code == "missing_cursor" else self.spec.identifier
                 value = (cursor if code == "missing_cursor" else raw_ids)[pos].as_py()
-                errors.append(RowError(rown, ident, column, value, code, f"{column}: {MESSAGES[code]}"))
+                errors.append(
+                    RowError(rown, ident, column, value, code, f"{column}: {MESSAGES[code]}")
+                )
         return errors
 
     def close(self) -> None:
