@@ -25,7 +25,7 @@ from reverse_etl.sources import Source, open_source
 from reverse_etl.sources.duckdb import DuckDBSource
 from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
-from reverse_etl.transform.transformer import Transformer, schema_problems
+from reverse_etl.transform.transformer import StreamTransformer, schema_problems
 
 
 @dataclass
@@ -123,17 +123,14 @@ def validate(
                 watermark=None,
                 lookback=timedelta(0),
             )
-            transformer: Transformer | None = None
-            for batch in source.stream(plan.query.sql, plan.query.params, batch_size):
-                if transformer is None:
-                    transformer = Transformer(spec, batch.schema)
-                    if plan.superseded is not None:
-                        transformer.set_superseded(plan.superseded)
-                out = transformer.transform(batch, rows + 1)
-                rows += batch.num_rows
-                bad += out.rejected
-                writer.write(out.errors)
-            if transformer is not None:
+            transformer = StreamTransformer(spec, plan.superseded)
+            try:
+                for batch in source.stream(plan.query.sql, plan.query.params, batch_size):
+                    out = transformer.transform(batch)
+                    rows += batch.num_rows
+                    bad += out.rejected
+                    writer.write(out.errors)
+            finally:
                 transformer.close()
     finally:
         if csv_path and local_csv and storage.is_s3(csv_path):

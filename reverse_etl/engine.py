@@ -35,7 +35,7 @@ from reverse_etl.state import RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import (
     FieldSpec,
-    Transformer,
+    StreamTransformer,
     TransformSpec,
     schema_problems,
 )
@@ -203,19 +203,13 @@ def _run(
         )
         destination = destination_factory(project, sync)
         counts = record.counts
-        transformer: Transformer | None = None
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
 
+        transformer = StreamTransformer(spec, plan.superseded)
+
         def batches() -> Iterator[LoadBatch]:
-            nonlocal transformer
-            row = 1
             for batch in source.stream(plan.query.sql, plan.query.params, sync.batch_size):
-                if transformer is None:
-                    transformer = Transformer(spec, batch.schema)
-                    if plan.superseded is not None:
-                        transformer.set_superseded(plan.superseded)
-                out = transformer.transform(batch, row)
-                row += batch.num_rows
+                out = transformer.transform(batch)
                 counts.read += batch.num_rows
                 counts.rejected += out.rejected
                 errors.write(out.errors)
@@ -241,8 +235,7 @@ def _run(
         finally:
             stream.close()  # stop the read-ahead thread before its transformer and source close
             destination.close()
-            if transformer is not None:
-                transformer.close()
+            transformer.close()
 
 
 def _commit(

@@ -350,6 +350,31 @@ class Transformer:
         self.con.close()
 
 
+class StreamTransformer:
+    """Transforms the batches of one read: compiles a Transformer for the first batch's
+    schema, numbers rows across the whole stream. The caller closes it when the read is over
+    (after any thread that reads has stopped)."""
+
+    def __init__(self, spec: TransformSpec, superseded: pa.Table | None):
+        self.spec = spec
+        self.superseded = superseded
+        self.next_row = 1
+        self._transformer: Transformer | None = None
+
+    def transform(self, batch: pa.RecordBatch) -> TransformResult:
+        if self._transformer is None:
+            self._transformer = Transformer(self.spec, batch.schema)
+            if self.superseded is not None:
+                self._transformer.set_superseded(self.superseded)
+        out = self._transformer.transform(batch, self.next_row)
+        self.next_row += batch.num_rows
+        return out
+
+    def close(self) -> None:
+        if self._transformer is not None:
+            self._transformer.close()
+
+
 _CONSENT_WORDS = pa.array(list(WORDS), pa.string())
 _CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
 
