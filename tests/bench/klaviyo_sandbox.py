@@ -47,6 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.bench.profile_mapping import PROFILE_MAPPING  # noqa: E402
+
 PROFILES = 200_000
 FAST_SPEEDUP = 1000.0
 BURST, BURST_RATE = 10.0, 10.0  # bulk_import_profiles: 10/s ...
@@ -65,25 +67,7 @@ syncs:
     identifier: email
     destination: {{connection: klaviyo, list: Bench}}
     batch_size: {batch}
-    phone_region_column: country
-    mapping:
-      email: email
-      phone: phone_number
-      customer_id: external_id
-      first_name: first_name
-      last_name: last_name
-      city: location.city
-      country: location.country
-      postcode: location.zip
-      loyalty_tier: properties.Loyalty_Tier
-      loyalty_points: properties.Loyalty_Balance
-      lifetime_value: properties.Lifetime_Value
-      birthday: properties.Birthday
-      is_vip: properties.VIP
-    consent:
-      email: {{column: email_consent, consented_at: consent_updated_at}}
-      sms: sms_consent
-"""
+{mapping}"""
 
 
 # --------------------------------------------------------------------------- the sandbox process
@@ -164,7 +148,9 @@ def run(
     from reverse_etl.state import StateStore
 
     work = Path(tempfile.mkdtemp(prefix="klaviyo-bench-"))
-    text = PROJECT.format(db=db, key=served.key, url=served.url, work=work, batch=batch)
+    text = PROJECT.format(
+        db=db, key=served.key, url=served.url, work=work, batch=batch, mapping=PROFILE_MAPPING
+    )
     if not consent:
         text = re.sub(r"\n    consent:\n(      .*\n)+", "\n", text)
     (work / "p.yml").write_text(text)

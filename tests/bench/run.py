@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("BENCH_DUCKDB_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 
+from tests.bench.profile_mapping import PROFILE_MAPPING  # noqa: E402
+
 PROJECT = """
 connections:
   wh: {{type: duckdb, path: {db}, memory_limit: {mem}, threads: {threads}}}
@@ -32,25 +34,7 @@ syncs:
     identifier: email
     destination: {{connection: klaviyo, list: Bench}}
     batch_size: {batch}
-    phone_region_column: country
-    mapping:
-      email: email
-      phone: phone_number
-      customer_id: external_id
-      first_name: first_name
-      last_name: last_name
-      city: location.city
-      country: location.country
-      postcode: location.zip
-      loyalty_tier: properties.Loyalty_Tier
-      loyalty_points: properties.Loyalty_Balance
-      lifetime_value: properties.Lifetime_Value
-      birthday: properties.Birthday
-      is_vip: properties.VIP
-    consent:
-      email: {{column: email_consent, consented_at: consent_updated_at}}
-      sms: sms_consent
-"""
+{mapping}"""
 
 
 def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
@@ -65,7 +49,9 @@ def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
     tune_memory()  # as the CLI does
     work = Path(tempfile.mkdtemp())
     (work / "view.sql").write_text(f"SELECT * FROM bench.profiles WHERE row_id < {rows}")
-    (work / "p.yml").write_text(PROJECT.format(db=db, batch=batch, mem=mem, threads=THREADS))
+    (work / "p.yml").write_text(
+        PROJECT.format(db=db, batch=batch, mem=mem, threads=THREADS, mapping=PROFILE_MAPPING)
+    )
     project = load_project(work / "p.yml", work)
     totals = {"requests": 0, "bytes": 0}
 
