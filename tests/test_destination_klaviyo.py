@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS
@@ -247,7 +248,7 @@ def test_second_run_sends_only_changed_rows(klaviyo):
 # --------------------------------------------------------------------------- null values
 
 
-def test_null_values_skip_leaves_properties_and_clear_clears_them(klaviyo):
+def test_null_values_skip_leaves_properties_and_clear_unsets_custom_ones(klaviyo):
     rig = klaviyo()
     rows = profile_rows(range(4))
     rig.table(rows)
@@ -263,12 +264,25 @@ def test_null_values_skip_leaves_properties_and_clear_clears_them(klaviyo):
     assert kept["properties"]["Tier"] == "silver" and kept["properties"]["VIP"] is False
     assert kept["location"]["city"] == "Springfield" and kept["last_name"] == "Last1"
 
+    planned = rig.run("clear", dry_run=True)  # the requests it will send, nothing sent
+    lines = Path(planned.dry_run_file).read_text().splitlines()
+    sent = [
+        p
+        for line in lines
+        for p in orjson.loads(line)["body"]["data"]["attributes"]["profiles"]["data"]
+    ]
+    assert len(sent) == 4 and all(None not in p["attributes"].values() for p in sent)
+    meta = {p["attributes"]["email"]: p.get("meta") for p in sent}
+    assert meta[email_of(1)] == {"patch_properties": {"unset": ["Tier", "VIP"]}}
+    assert meta[email_of(2)] is None  # nothing to clear, no meta
+
     assert rig.run("clear").record.counts.sent == 4
     cleared = rig.sandbox.profile_by_email(email_of(1))
     assert "Tier" not in cleared["properties"] and "VIP" not in cleared["properties"]
     assert cleared["properties"]["Points"] == 10  # values that are there are still written
-    assert "city" not in cleared["location"] and cleared["location"]["zip"] == "10001"
-    assert "last_name" not in cleared
+    # the bulk import cannot clear standard fields (it ignores nulls): they keep their value
+    assert cleared["location"]["city"] == "Springfield" and cleared["last_name"] == "Last1"
+    assert cleared["location"]["zip"] == "10001"
     untouched = rig.sandbox.profile_by_email(email_of(2))
     assert (
         untouched["properties"]["Tier"] == "gold" and untouched["location"]["city"] == "Springfield"

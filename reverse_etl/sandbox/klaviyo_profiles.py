@@ -80,10 +80,11 @@ class ProfilesAPI(KlaviyoBase):
                         p["attributes"],
                         profile_id=p.get("id"),
                         meta=p.get("meta"),
-                        pointer=f"/data/attributes/profiles/data/{i}",
                         stamp=stamp,
+                        nulls_clear=False,  # the bulk import ignores nulls
                     )
-                except ProfileError as e:
+                except ProfileError as e:  # its pointer is relative to the profile
+                    e.pointer = f"/data/attributes/profiles/data/{i}{e.pointer}"
                     d["errors"].append(
                         {
                             "code": e.code,

@@ -9,6 +9,7 @@ cleanly; use it as a context manager. ``serve_forever`` runs one in the foregrou
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -96,10 +97,24 @@ class SandboxServer:
         self.stop()
 
 
+def tune_gc() -> None:
+    """For a process that only serves a sandbox: collect young garbage less often.
+
+    A sandbox keeps every profile it was sent as dicts, and a 10,000-profile body parses into
+    ~100,000 more. With CPython's default thresholds the collector re-walks them so often that
+    it takes more time than parsing and applying the body (measured: 7.6 µs a profile to parse
+    instead of 2.6). Cycles are still collected, just in larger, rarer sweeps.
+    """
+    gc.collect()
+    gc.freeze()  # what is alive at start-up (modules, specs) is never garbage
+    gc.set_threshold(50_000, 50, 100)
+
+
 def serve_forever(
     app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "info"
 ) -> None:
     """Serve ``app`` in the foreground until Ctrl-C, printing where it listens."""
+    tune_gc()
     server = SandboxServer(app, host=host, port=port, log_level=log_level)
     with server:
         print(

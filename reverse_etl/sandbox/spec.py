@@ -3,8 +3,8 @@
 A client that passes its tests against the sandbox should not meet a 400 from the vendor, so
 every request is checked the way the vendor would: path, method, query and header parameters
 with openapi-core, the Content-Type against the operation's media types, and the JSON body with
-a compiled validator (``fastschema``) because openapi-core needs about a second for a
-10,000-profile body.
+jsonschema-rs (``bodyschema``) because openapi-core needs about a second for a 10,000-profile
+body.
 
 Specs live in ``shared/api-specs`` beside the repository (``REVERSE_ETL_API_SPECS`` overrides).
 Two published specs reject their own examples; ``_PATCHES`` repairs exactly those spots.
@@ -30,7 +30,7 @@ from openapi_core.validation.request.exceptions import (
 from openapi_core.validation.request.validators import V30RequestParametersValidator
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-from reverse_etl.sandbox.fastschema import BodyValidator
+from reverse_etl.sandbox.bodyschema import BodyValidator
 
 #: Short names for the spec files the sandboxes serve.
 SPEC_FILES: dict[str, str] = {

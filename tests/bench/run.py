@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("BENCH_DUCKDB_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 
-from tests.bench.profile_mapping import PROFILE_MAPPING  # noqa: E402
+from tests.bench.common import PROFILE_MAPPING, unsent  # noqa: E402
 
 PROJECT = """
 connections:
@@ -41,8 +41,7 @@ def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
     """Runs in the child: a real run of the engine over the first ``rows`` rows, with the
     Klaviyo destination's payloads built and counted but not sent."""
     from reverse_etl.config import load_project
-    from reverse_etl.destinations.base import LoadResult
-    from reverse_etl.engine import make_destination, run_sync
+    from reverse_etl.engine import run_sync
     from reverse_etl.runtime import tune_memory
     from reverse_etl.state import StateStore
 
@@ -54,24 +53,9 @@ def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
     )
     project = load_project(work / "p.yml", work)
     totals = {"requests": 0, "bytes": 0}
-
-    def unsent(project, sync):  # the real destination, with load() building payloads only
-        dest = make_destination(project, sync)
-
-        def load(batches):
-            for b in batches:
-                for req in dest.requests(b.table):
-                    totals["requests"] += 1
-                    totals["bytes"] += len(req.body)
-                yield LoadResult(token=b.token, sent=b.table.num_rows, updated=b.table.num_rows)
-
-        dest.load = load
-        dest.prepare = lambda: None  # no list lookup: nothing leaves the process
-        return dest
-
     store = StateStore(f"sqlite:///{work}/state.db")
     start = time.perf_counter()
-    result = run_sync(project, "bench", store, destination_factory=unsent)
+    result = run_sync(project, "bench", store, destination_factory=unsent(totals))
     seconds = time.perf_counter() - start
     if result.record.status == "failed":
         raise SystemExit(f"bench run failed: {result.record.message}")

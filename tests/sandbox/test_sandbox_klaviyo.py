@@ -91,24 +91,28 @@ def test_identity_rules_and_null_semantics(klaviyo):
         location={"city": "Leeds"},
     )
     _run_import(client, [first, profile(external_id="X-9", first_name="Ext")])
-    # matched by email (case-insensitively): omitted keys kept, nulls cleared, properties merged
+    # matched by email (case-insensitively): omitted keys kept, properties merged, and nulls
+    # ignored, as Klaviyo's bulk import does; custom properties go through patch_properties
+    second = profile(
+        "ann@example.com",
+        first_name=None,
+        phone_number="+447700900123",
+        location=None,
+        properties={"a": None, "c": 3},
+    )
+    second["meta"] = {"patch_properties": {"unset": ["b"]}}
     _run_import(
         client,
         [
-            profile(
-                "ann@example.com",
-                first_name=None,
-                phone_number="+447700900123",
-                properties={"a": None, "c": 3},
-            ),
+            second,
             profile(
                 external_id="X-9", email="ext@example.com"
             ),  # matched by external_id, email added
         ],
     )
     ann = sandbox.profile_by_email("ann@example.com")
-    assert "first_name" not in ann and ann["last_name"] == "Lee"
-    assert ann["properties"] == {"b": 2, "c": 3} and ann["location"] == {"city": "Leeds"}
+    assert ann["first_name"] == "Ann" and ann["last_name"] == "Lee"
+    assert ann["properties"] == {"a": 1, "c": 3} and ann["location"] == {"city": "Leeds"}
     assert ann["phone_number"] == "+447700900123"
     assert sandbox.profile_by_email("ext@example.com")["first_name"] == "Ext"
     assert len(sandbox.profiles()) == 2

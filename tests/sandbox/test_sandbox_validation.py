@@ -1,4 +1,4 @@
-"""Spec loading, the compiled body validator (agreement with jsonschema, speed) and limits."""
+"""Spec loading, the body validator (jsonschema-rs, agreement with jsonschema, speed) and limits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import orjson
 import pytest
+from jsonschema import Draft4Validator
 
-from reverse_etl.sandbox.fastschema import BodyValidator
+from reverse_etl.sandbox.bodyschema import FORMAT_CHECKER, BodyValidator
 from reverse_etl.sandbox.limits import (
     FixedWindow,
     TokenBuckets,
@@ -102,10 +103,8 @@ def test_first_error_names_pointer_and_reason():
     assert validator.first_error(body) is None
     del body["data"]["attributes"]["profiles"]["data"][9]["type"]
     error = validator.first_error(body)
-    assert (error.pointer, error.message) == (
-        "/data/attributes/profiles/data/9",
-        "'type' is a required property",
-    )
+    assert error.pointer == "/data/attributes/profiles/data/9"
+    assert "type" in error.message and "required" in error.message
 
 
 def _mutations(document, rng, count):
@@ -246,18 +245,19 @@ SAMPLES = {
 
 
 @pytest.mark.parametrize("operation", sorted(SAMPLES))
-def test_compiled_validator_agrees_with_jsonschema(operation):
+def test_body_validator_agrees_with_jsonschema(operation):
     spec, method, template = operation
     validator: BodyValidator = load_spec(spec).operation(method, template).body_validator()
+    reference = Draft4Validator(validator.schema, format_checker=FORMAT_CHECKER)
     sample = SAMPLES[operation]
-    assert validator.first_error(sample) is None and validator.slow_is_valid(sample)
+    assert validator.first_error(sample) is None and reference.is_valid(sample)
     rng = random.Random(42)
     disagreements = []
     invalid = 0
     for doc in _mutations(sample, rng, 400):
         fast_ok = validator.first_error(doc) is None
         invalid += not fast_ok
-        if fast_ok != validator.slow_is_valid(doc):
+        if fast_ok != reference.is_valid(doc):
             disagreements.append(doc)
     assert disagreements == []
     assert invalid > 50  # the mutations did exercise the failure paths

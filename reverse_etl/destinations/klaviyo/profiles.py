@@ -33,7 +33,7 @@ from reverse_etl.destinations.klaviyo.client import (
     MAX_PROFILES_PER_JOB,
 )
 from reverse_etl.destinations.klaviyo.consent import Consent
-from reverse_etl.destinations.rowjson import RowJson, nest, pack
+from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
 from reverse_etl.transform.rowerrors import RowError
 
 IMPORT_PATH = "/api/profile-bulk-import-jobs"
@@ -81,6 +81,23 @@ class _InFlight:
     errors: list[RowError] = field(default_factory=list)
 
 
+def _template(fields: dict[str, str], clear: bool) -> dict[str, Any]:
+    """One profile of the bulk import. Its nulls are left out: the bulk import ignores them
+    ("does not support setting fields to null to clear them", Klaviyo's Bulk Import Profiles
+    guide). With ``null_values: clear`` the custom properties that are null in the row are
+    named in ``meta.patch_properties.unset``, which removes them; standard fields cannot be
+    cleared through the bulk import and keep their value."""
+    template: dict[str, Any] = {"type": "profile", "attributes": nest(fields)}
+    custom = {f.partition(".")[2]: f for f in fields if f.startswith("properties.")}
+    if clear and custom:
+        unset = null_names(custom)
+        template["meta"] = Expr(
+            f"CASE WHEN ({unset}) IS NULL THEN NULL "
+            f"ELSE {{'patch_properties': {{'unset': {unset}}}}} END"
+        )
+    return template
+
+
 class KlaviyoDestination(KlaviyoBase):
     object_name = "profiles"
     standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
@@ -95,9 +112,7 @@ class KlaviyoDestination(KlaviyoBase):
         super().__init__(conn, sync, speedup=speedup)
         self.list_id: str | None = None
         fields = {t.field: t.field for t in sync.fields().values()}
-        self._json = RowJson(
-            {"type": "profile", "attributes": nest(fields)}, drop_nulls=sync.null_values == "skip"
-        )
+        self._json = RowJson(_template(fields, sync.null_values == "clear"), drop_nulls=True)
         self.consent = Consent(sync)
 
     @classmethod
