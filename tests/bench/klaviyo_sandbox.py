@@ -260,9 +260,10 @@ def throughput(db: Path, consent: bool, ref: float) -> None:
     c, s = r.counts, served.stats
     what = "with consent" if consent else "profiles    "
     cpu = s.get("cpu_seconds", 0)
+    share = "" if consent else f" = {c.read / r.seconds / ref:.0%} of the reference"
     print(
-        f"(a) limits off, {what}: {c.read / r.seconds:>7,.0f} profiles/s = "
-        f"{c.read / r.seconds / ref:.0%} of the reference ({c.read:,} rows in {r.seconds:.1f} s; "
+        f"(a) limits off, {what}: {c.read / r.seconds:>7,.0f} profiles/s{share} "
+        f"({c.read:,} rows in {r.seconds:.1f} s; "
         f"{c.sent:,} sent: {c.updated:,} landed, {c.failed:,} failed; {c.rejected:,} rejected); "
         f"client {r.cpu_seconds:.1f} s CPU, sandbox {cpu:.1f} s CPU "
         f"({cpu / max(c.sent, 1) * 1e6:.1f} µs a profile); sandbox holds {s.get('profiles', 0):,} "
