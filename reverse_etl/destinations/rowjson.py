@@ -48,13 +48,11 @@ def _quote(name: str) -> str:
 
 
 def null_names(columns: dict[str, str]) -> str:
-    """SQL: the list of the ``columns`` keys (names) whose column is null in the row, or NULL
-    when none is, so that a template can leave a key out with ``drop_nulls``."""
+    """SQL: the list of the ``columns`` keys (names) whose column is null in the row."""
     items = ", ".join(
         f"CASE WHEN t.{_quote(col)} IS NULL THEN {_lit(name)} END" for name, col in columns.items()
     )
-    listed = f"list_filter([{items}], lambda x: x IS NOT NULL)"
-    return f"CASE WHEN len({listed}) = 0 THEN NULL ELSE {listed} END"
+    return f"list_filter([{items}], lambda x: x IS NOT NULL)"
 
 
 def _leaf(col: Col, schema: pa.Schema) -> str:

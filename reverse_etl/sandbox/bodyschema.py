@@ -39,6 +39,8 @@ _ANNOTATIONS = frozenset(
         "id",
     }
 )
+
+
 # --- formats: one predicate per name, for jsonschema-rs and the jsonschema reference ----------
 
 

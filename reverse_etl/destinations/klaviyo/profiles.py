@@ -91,8 +91,8 @@ def _template(fields: dict[str, str], clear: bool) -> dict[str, Any]:
     custom = {f.partition(".")[2]: f for f in fields if f.startswith("properties.")}
     if clear and custom:
         unset = null_names(custom)
-        template["meta"] = Expr(
-            f"CASE WHEN ({unset}) IS NULL THEN NULL "
+        template["meta"] = Expr(  # left out (null) when nothing is to be cleared
+            f"CASE WHEN len({unset}) = 0 THEN NULL "
             f"ELSE {{'patch_properties': {{'unset': {unset}}}}} END"
         )
     return template
