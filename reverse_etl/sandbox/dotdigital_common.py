@@ -4,7 +4,7 @@ and the base class holding the account state, jobs and common lookups."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import Any
 
 import orjson
@@ -104,6 +104,18 @@ class DotdigitalBase(BaseSandbox):
         if family == "v2":
             body["message"] = f"{description} {code}"
         return body
+
+    def _check_import_size(self, rows: Sized, noun: str, pointer: str) -> None:
+        """Both v3 imports share one batch cap (``dotdigital_import_limit``), refused alike."""
+        limit = self.settings.dotdigital_import_limit
+        if len(rows) > limit:
+            raise fail(
+                400,
+                "limit",
+                "batchSizeExceeded",
+                f"{len(rows)} {noun}; an import takes at most {limit}.",
+                pointer,
+            )
 
     def _too_many(self, family: str, what: str) -> Response:
         body = {

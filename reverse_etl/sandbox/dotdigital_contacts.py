@@ -35,15 +35,7 @@ class ContactsAPI(DotdigitalBase):
     async def import_contacts(self, call: Call) -> Response:
         body = call.body
         rows = body["contacts"]
-        limit = self.settings.dotdigital_import_limit
-        if len(rows) > limit:
-            raise fail(
-                400,
-                "limit",
-                "batchSizeExceeded",
-                f"{len(rows)} contacts; an import takes at most {limit}.",
-                "/contacts",
-            )
+        self._check_import_size(rows, "contacts", "/contacts")
         merge = body.get("mergeOption", "overwrite")
         if merge not in MERGE_OPTIONS:  # the schema's enum already says so; kept for validate=False
             raise fail(

@@ -31,15 +31,7 @@ class InsightAPI(DotdigitalBase):
     async def import_insight(self, call: Call) -> Response:
         body = call.body
         records = body["records"]
-        limit = self.settings.dotdigital_import_limit
-        if len(records) > limit:
-            raise fail(
-                400,
-                "limit",
-                "batchSizeExceeded",
-                f"{len(records)} records; an import takes at most {limit}.",
-                "/records",
-            )
+        self._check_import_size(records, "records", "/records")
         name, scope, kind = body["collectionName"], body["collectionScope"], body["collectionType"]
         with self.lock:
             existing = self.state.collections.get(name.lower())

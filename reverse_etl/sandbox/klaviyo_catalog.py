@@ -22,6 +22,8 @@ from reverse_etl.sandbox.klaviyo_common import (
     jsonapi,
     over_limit,
     page_size,
+    related_links,
+    resource,
     sort_rows,
     sparse,
 )
@@ -84,7 +86,7 @@ class CatalogAPI(KlaviyoBase):
         yield
 
     def _item_job_doc(self, job: Job, call: Call) -> dict[str, Any]:
-        status, completed, failed = self._counts(job)
+        progress = self._job_progress(job)  # before `done`, so "complete" never lacks its items
         route = (
             "catalog-item-bulk-create-jobs"
             if job.kind.endswith("create-job")
@@ -104,12 +106,7 @@ class CatalogAPI(KlaviyoBase):
                 }
             ]
         attrs = {
-            "status": status,
-            "created_at": iso(job.created_at),
-            "total_count": job.total,
-            "completed_count": completed,
-            "failed_count": failed,
-            "completed_at": iso(self.jobs.finished_at(job)),
+            **progress,
             "errors": errors,
             "expires_at": iso(job.created_at + timedelta(days=7)),
         }
@@ -122,10 +119,7 @@ class CatalogAPI(KlaviyoBase):
                 "relationships": {
                     "items": {
                         "data": [{"type": "catalog-item", "id": i} for i in item_ids],
-                        "links": {
-                            "self": f"{base}/relationships/items",
-                            "related": f"{base}/items",
-                        },
+                        "links": related_links(base, "items"),
                     }
                 },
                 "links": {"self": base},
@@ -150,21 +144,8 @@ class CatalogAPI(KlaviyoBase):
         return jsonapi(self._item_job_doc(self._job(kind, call.path_params["job_id"]), call))
 
     def _item_resource(self, item: dict[str, Any], call: Call) -> dict[str, Any]:
-        link = f"{call.base_url}/api/catalog-items/{item['id']}"
-        return {
-            "type": "catalog-item",
-            "id": item["id"],
-            "attributes": sparse({k: item.get(k) for k in ITEM_ATTRS}, call, "catalog-item"),
-            "relationships": {
-                "variants": {
-                    "links": {
-                        "self": f"{link}/relationships/variants",
-                        "related": f"{link}/variants",
-                    }
-                }
-            },
-            "links": {"self": link},
-        }
+        attrs = {k: item.get(k) for k in ITEM_ATTRS}
+        return resource(call, "catalog-item", "catalog-items", item["id"], attrs, ("variants",))
 
     async def get_items(self, call: Call) -> Response:
         conds = self._filter(call, ITEM_FILTERS, ITEM_FILTERS_DONE)

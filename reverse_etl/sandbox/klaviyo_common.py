@@ -11,9 +11,16 @@ import orjson
 from starlette.responses import Response
 
 from reverse_etl.sandbox.base import BaseSandbox, Call, JSONResponse
-from reverse_etl.sandbox.jobs import DONE, FAILED, PROCESSING, QUEUED, Job
+from reverse_etl.sandbox.jobs import DONE, FAILED, PROCESSING, QUEUED, Job, iso
 from reverse_etl.sandbox.jsonapi import MEDIA_TYPE, Condition, check_filter, parse_filter
-from reverse_etl.sandbox.klaviyo_state import KlaviyoState, ProfileError, check_email, check_phone
+from reverse_etl.sandbox.klaviyo_state import (
+    IDENTIFIERS,
+    PERSONAL,
+    KlaviyoState,
+    ProfileError,
+    check_email,
+    check_phone,
+)
 from reverse_etl.sandbox.limits import TokenBuckets
 from reverse_etl.sandbox.settings import SandboxSettings
 from reverse_etl.sandbox.spec import SpecViolation, Violation
@@ -32,15 +39,8 @@ CHUNK = 500  # records applied per step of a job, between which other requests a
 
 JOB_STATUS = {QUEUED: "queued", PROCESSING: "processing", DONE: "complete", FAILED: "cancelled"}
 PROFILE_ATTRS = (
-    "email",
-    "phone_number",
-    "external_id",
-    "first_name",
-    "last_name",
-    "organization",
-    "locale",
-    "title",
-    "image",
+    *IDENTIFIERS,
+    *PERSONAL,
     "created",
     "updated",
     "last_event_date",
@@ -147,6 +147,25 @@ def sparse(attrs: dict[str, Any], call: Call, resource: str) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k in tops}
 
 
+def related_links(base: str, rel: str) -> dict[str, str]:
+    """A relationship's two links, the linkage and the related resources, as Klaviyo gives them."""
+    return {"self": f"{base}/relationships/{rel}", "related": f"{base}/{rel}"}
+
+
+def resource(
+    call: Call, kind: str, path: str, rid: str, attrs: dict[str, Any], rels: Iterable[str]
+) -> dict[str, Any]:
+    """A resource object in Klaviyo's one shape: sparse attributes, relationship links, self."""
+    link = f"{call.base_url}/api/{path}/{rid}"
+    return {
+        "type": kind,
+        "id": rid,
+        "attributes": sparse(attrs, call, kind),
+        "relationships": {rel: {"links": related_links(link, rel)} for rel in rels},
+        "links": {"self": link},
+    }
+
+
 def parse_time(text: str) -> datetime:
     """An ISO 8601 time (already format-checked); naive times are taken as UTC."""
     moment = datetime.fromisoformat(text.replace("z", "Z"))
@@ -190,6 +209,18 @@ class KlaviyoBase(BaseSandbox):
             return JOB_STATUS[phase], 0, (job.total if phase == FAILED else 0)
         return JOB_STATUS[phase], job.data["completed"], job.data["failed"]
 
+    def _job_progress(self, job: Job) -> dict[str, Any]:
+        """The attributes every bulk job reports first, in the spec's order; each kind adds more."""
+        status, completed, failed = self._counts(job)
+        return {
+            "status": status,
+            "created_at": iso(job.created_at),
+            "total_count": job.total,
+            "completed_count": completed,
+            "failed_count": failed,
+            "completed_at": iso(self.jobs.finished_at(job)),
+        }
+
     def _filter(
         self, call: Call, allowed: Mapping[str, set[str]], supported: Mapping[str, set[str]]
     ) -> list[Condition]:
@@ -201,20 +232,12 @@ class KlaviyoBase(BaseSandbox):
         return conds
 
     def _list_resource(self, lst: dict[str, Any], call: Call) -> dict[str, Any]:
-        link = f"{call.base_url}/api/lists/{lst['id']}"
         attrs = {k: lst[k] for k in ("name", "created", "updated", "opt_in_process")}
         if "profile_count" in csv_arg(call, "additional-fields[list]"):
             attrs["profile_count"] = len(self.state.members[lst["id"]])
-        return {
-            "type": "list",
-            "id": lst["id"],
-            "attributes": sparse(attrs, call, "list"),
-            "relationships": {
-                rel: {"links": {"self": f"{link}/relationships/{rel}", "related": f"{link}/{rel}"}}
-                for rel in ("profiles", "tags", "flow-triggers")
-            },
-            "links": {"self": link},
-        }
+        return resource(
+            call, "list", "lists", lst["id"], attrs, ("profiles", "tags", "flow-triggers")
+        )
 
     def _require_lists(self, list_ids: Iterable[str], pointer: str) -> None:
         with self.lock:

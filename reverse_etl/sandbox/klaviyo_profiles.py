@@ -26,6 +26,8 @@ from reverse_etl.sandbox.klaviyo_common import (
     jsonapi,
     over_limit,
     page_size,
+    related_links,
+    resource,
     sort_rows,
     sparse,
 )
@@ -102,15 +104,9 @@ class ProfilesAPI(KlaviyoBase):
             yield
 
     def _import_job_doc(self, job: Job, call: Call) -> dict[str, Any]:
-        status, completed, failed = self._counts(job)
         base = f"{call.base_url}/api/profile-bulk-import-jobs/{job.id}"
         attrs = {
-            "status": status,
-            "created_at": iso(job.created_at),
-            "total_count": job.total,
-            "completed_count": completed,
-            "failed_count": failed,
-            "completed_at": iso(self.jobs.finished_at(job)),
+            **self._job_progress(job),
             "expires_at": iso(job.created_at + timedelta(days=7)),
             "started_at": iso(self.jobs.started_at(job)),
         }
@@ -122,17 +118,9 @@ class ProfilesAPI(KlaviyoBase):
                 "relationships": {
                     "lists": {
                         "data": [{"type": "list", "id": i} for i in job.data["lists"]],
-                        "links": {
-                            "self": f"{base}/relationships/lists",
-                            "related": f"{base}/lists",
-                        },
+                        "links": related_links(base, "lists"),
                     },
-                    "profiles": {
-                        "links": {
-                            "self": f"{base}/relationships/profiles",
-                            "related": f"{base}/profiles",
-                        }
-                    },
+                    "profiles": {"links": related_links(base, "profiles")},
                     "import-errors": {"links": {"related": f"{base}/import-errors"}},
                 },
                 "links": {"self": base},
@@ -186,20 +174,11 @@ class ProfilesAPI(KlaviyoBase):
     # --- profiles ---------------------------------------------------------------------------
 
     def _profile_resource(self, profile: dict[str, Any], call: Call) -> dict[str, Any]:
-        link = f"{call.base_url}/api/profiles/{profile['id']}"
         attrs = {k: profile.get(k) for k in PROFILE_ATTRS}
         if "subscriptions" in csv_arg(call, "additional-fields[profile]"):
             attrs["subscriptions"] = self._subscriptions_of(profile["id"])
-        return {
-            "type": "profile",
-            "id": profile["id"],
-            "attributes": sparse(attrs, call, "profile"),
-            "relationships": {
-                rel: {"links": {"self": f"{link}/relationships/{rel}", "related": f"{link}/{rel}"}}
-                for rel in ("lists", "segments", "push-tokens")
-            },
-            "links": {"self": link},
-        }
+        rels = ("lists", "segments", "push-tokens")
+        return resource(call, "profile", "profiles", profile["id"], attrs, rels)
 
     def _subscriptions_of(self, profile_id: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

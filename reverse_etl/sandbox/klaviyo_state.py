@@ -28,18 +28,9 @@ EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 IDENTIFIERS = ("email", "phone_number", "external_id")
-STANDARD = (
-    "email",
-    "phone_number",
-    "external_id",
-    "_kx",
-    "first_name",
-    "last_name",
-    "organization",
-    "locale",
-    "title",
-    "image",
-)
+#: Klaviyo's standard personal attributes: set like identifiers, and shown back on every profile.
+PERSONAL = ("first_name", "last_name", "organization", "locale", "title", "image")
+STANDARD = (*IDENTIFIERS, "_kx", *PERSONAL)
 _STANDARD = frozenset(STANDARD)
 _MERGED = frozenset({"location", "properties"})
 _KNOWN = _STANDARD | _MERGED
