@@ -20,7 +20,7 @@ from reverse_etl.sandbox.klaviyo_common import (
     over_limit,
     parse_time,
 )
-from reverse_etl.sandbox.klaviyo_state import ProfileError
+from reverse_etl.sandbox.klaviyo_state import ProfileError, now_iso
 
 
 class ConsentAPI(KlaviyoBase):
@@ -116,10 +116,11 @@ class ConsentAPI(KlaviyoBase):
         received = iso(utcnow())
         for start in range(0, len(plan), CHUNK):
             done = []
+            stamp = now_iso()  # one clock read a chunk, as the import does
             for profile_id, a, consents in plan[start : start + CHUNK]:
                 ident = {k: a[k] for k in ("email", "phone_number") if a.get(k) is not None}
                 try:
-                    pid, _ = state.upsert(ident, profile_id=profile_id)
+                    pid, _ = state.upsert(ident, profile_id=profile_id, stamp=stamp)
                 except ProfileError as e:
                     self.async_errors.append(
                         {
@@ -137,6 +138,7 @@ class ConsentAPI(KlaviyoBase):
                         channel,
                         kind,
                         {"consent": consent, "consented_at": at or received, **record},
+                        stamp=stamp,
                     )
                 done.append(pid)
             if list_id is not None:

@@ -275,7 +275,7 @@ class KlaviyoState:
     # --- consent -----------------------------------------------------------------------------
 
     def set_consent(
-        self, profile_id: str, channel: str, kind: str, record: Mapping[str, Any]
+        self, profile_id: str, channel: str, kind: str, record: Mapping[str, Any], stamp: str
     ) -> None:
         profile = self.profiles[profile_id]
         self.subscriptions[(profile_id, channel, kind)] = {
@@ -284,7 +284,7 @@ class KlaviyoState:
             "phone_number": profile.get("phone_number"),
             "channel": channel,
             "type": kind,
-            "updated": now_iso(),
+            "updated": stamp,
             **record,
         }
 
