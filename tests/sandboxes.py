@@ -23,6 +23,7 @@ from reverse_etl.destinations import http
 from reverse_etl.destinations.dotdigital.destination import DotdigitalDestination
 from reverse_etl.destinations.klaviyo.base import KlaviyoBase
 from reverse_etl.engine import RunOptions, RunResult, run_sync
+from reverse_etl.errors import ConfigError
 from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer, SandboxSettings
 from reverse_etl.sandbox.faults import FaultInjector
 from reverse_etl.state import RunRecord, StateStore, Watermark
@@ -77,6 +78,28 @@ def seed_hitting(hits: set[int], *, rate: float, kind: str = "timeout", follow: 
         if pattern == hits:
             return seed
     raise AssertionError(f"no seed faults exactly requests {sorted(hits)}")
+
+
+# Every kind a run can meet, in the order the seeds in the tests were chosen against.
+EVERY_FAULT = ("429", "500", "503", "reset", "timeout", "failed_job")
+
+
+def every_fault(seed: int) -> dict[str, Any]:
+    """Sandbox settings for a run through 10% faults of every kind, so both destinations' fault
+    tests meet the same weather: jobs take a few polls (5 s sandbox time, 0.1 s real) and a held
+    answer (2.5 s) outlasts a 2 s client timeout (``fast_clients(timeout=2.0)``), a real one."""
+    return {
+        "fault_rate": 0.1,
+        "fault_kinds": EVERY_FAULT,
+        "seed": seed,
+        "job_seconds": 5.0,
+        "fault_timeout_seconds": 2.5,
+    }
+
+
+def faults_met(sandbox: Sandbox) -> dict[str, int]:
+    """The sandbox's ``fault_*`` counters: shows a run really met the faults it was given."""
+    return {k: v for k, v in sandbox.counters.items() if k.startswith("fault_")}
 
 
 # --------------------------------------------------------------------------- warehouse rows
@@ -154,6 +177,30 @@ def sync_entry(name: str, connection: str, mapping: dict[str, Any], **extra: Any
         "default_phone_region": "US",
         **extra,
     }
+
+
+def dotdigital_project(syncs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A project whose Dotdigital connection points nowhere: config checks need no sandbox."""
+    return {
+        "connections": {
+            "warehouse": {"type": "duckdb", "path": "warehouse.duckdb"},
+            "dotdigital": {
+                "type": "dotdigital",
+                "username": "apiuser@example.com",
+                "password": "not-used-here",
+                "base_url": "http://127.0.0.1:9",
+            },
+        },
+        "syncs": syncs,
+    }
+
+
+def dotdigital_config_error(root: Path, sync: dict[str, Any]) -> str:
+    """The ConfigError message loading a Dotdigital project holding only ``sync`` gives."""
+    write_project(root, dotdigital_project([sync]))
+    with pytest.raises(ConfigError) as raised:
+        load_project(None, root, env={})
+    return str(raised.value)
 
 
 @dataclass
@@ -236,6 +283,14 @@ def assert_counts_add_up(result: RunResult) -> None:
     c = result.record.counts
     assert c.read == c.sent + c.rejected, c
     assert c.sent == c.created + c.updated + c.failed, c
+
+
+def assert_counts(result: RunResult, exit_code: int, **expected: int) -> None:
+    """The exit code and the named counts of a run, which must add up: most runs end so."""
+    assert result.exit_code == exit_code, result.record.message
+    got = {name: getattr(result.record.counts, name) for name in expected}
+    assert got == expected, got
+    assert_counts_add_up(result)
 
 
 @contextlib.contextmanager

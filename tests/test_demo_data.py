@@ -20,6 +20,28 @@ KNOWN_CONSENT = (
     "'yes','no','y','n','true','false','1','0','subscribed','unsubscribed','opt-in','opted_out'"
 )
 
+# raw.customers as generated; the profiles view adds the order columns after them
+CUSTOMER_COLUMNS = {
+    "customer_id": "VARCHAR",
+    "email": "VARCHAR",
+    "phone": "VARCHAR",
+    "first_name": "VARCHAR",
+    "last_name": "VARCHAR",
+    "city": "VARCHAR",
+    "country": "VARCHAR",
+    "postcode": "VARCHAR",
+    "loyalty_tier": "VARCHAR",
+    "loyalty_points": "INTEGER",
+    "lifetime_value": "DECIMAL(12,2)",
+    "birthday": "DATE",
+    "is_vip": "BOOLEAN",
+    "email_consent": "VARCHAR",
+    "sms_consent": "VARCHAR",
+    "consent_updated_at": "VARCHAR",
+    "created_at": "TIMESTAMP",
+    "modified_at": "TIMESTAMP WITH TIME ZONE",
+}
+
 
 def view_sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text()
@@ -88,26 +110,7 @@ def test_same_seed_same_contents_and_overwrites(tmp_path):
 
 
 def test_schemas(con):
-    assert _types(con, "raw.customers") == {
-        "customer_id": "VARCHAR",
-        "email": "VARCHAR",
-        "phone": "VARCHAR",
-        "first_name": "VARCHAR",
-        "last_name": "VARCHAR",
-        "city": "VARCHAR",
-        "country": "VARCHAR",
-        "postcode": "VARCHAR",
-        "loyalty_tier": "VARCHAR",
-        "loyalty_points": "INTEGER",
-        "lifetime_value": "DECIMAL(12,2)",
-        "birthday": "DATE",
-        "is_vip": "BOOLEAN",
-        "email_consent": "VARCHAR",
-        "sms_consent": "VARCHAR",
-        "consent_updated_at": "VARCHAR",
-        "created_at": "TIMESTAMP",
-        "modified_at": "TIMESTAMP WITH TIME ZONE",
-    }
+    assert _types(con, "raw.customers") == CUSTOMER_COLUMNS
     assert _types(con, "raw.products")["price"] == "DECIMAL(10,2)"
     assert _types(con, "raw.orders")["ordered_at"] == "TIMESTAMP WITH TIME ZONE"
     assert _types(con, "raw.order_items")["line_no"] == "INTEGER"
@@ -289,24 +292,7 @@ def test_orders_shape(con):
 # --- the views --------------------------------------------------------------------------------
 
 PROFILE_COLUMNS = {
-    "customer_id": "VARCHAR",
-    "email": "VARCHAR",
-    "phone": "VARCHAR",
-    "first_name": "VARCHAR",
-    "last_name": "VARCHAR",
-    "city": "VARCHAR",
-    "country": "VARCHAR",
-    "postcode": "VARCHAR",
-    "loyalty_tier": "VARCHAR",
-    "loyalty_points": "INTEGER",
-    "lifetime_value": "DECIMAL(12,2)",
-    "birthday": "DATE",
-    "is_vip": "BOOLEAN",
-    "email_consent": "VARCHAR",
-    "sms_consent": "VARCHAR",
-    "consent_updated_at": "VARCHAR",
-    "created_at": "TIMESTAMP",
-    "modified_at": "TIMESTAMP WITH TIME ZONE",
+    **CUSTOMER_COLUMNS,
     "order_count": "BIGINT",
     "last_order_at": "TIMESTAMP WITH TIME ZONE",
 }

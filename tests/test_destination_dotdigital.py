@@ -3,27 +3,26 @@ sandbox over loopback HTTP. Every test ends with the sandbox holding no violatio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from reverse_etl.config import load_project
-from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ConfigError
-from reverse_etl.sandbox import DotdigitalSandbox
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS
 from reverse_etl.state import Watermark
-from tests.helpers import at, execute, write_project
+from tests.helpers import at, execute
 from tests.sandboxes import (
     Rig,
+    assert_counts,
     assert_counts_add_up,
+    dotdigital_config_error,
     email_of,
     error_rows,
+    every_fault,
     fast_clients,
+    faults_met,
     profile_row,
     profile_rows,
-    rig_fixture,
     set_faults,
     sync_entry,
 )
@@ -70,14 +69,6 @@ def dd_sync(
     )
 
 
-@pytest.fixture
-def dotdigital(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Rig]]:
-    fast_clients(monkeypatch)
-    yield from rig_fixture(request, tmp_path, DotdigitalSandbox)
-
-
 def members(rig: Rig, book: str) -> set[str]:
     return {c["identifiers"]["email"] for c in rig.sandbox.address_book_members(book)}
 
@@ -97,10 +88,9 @@ def test_contacts_land_with_typed_data_fields_created_once(dotdigital):
 
     first = rig.run("contacts")
 
-    assert first.exit_code == EXIT_ROW_ERRORS  # the bad email
-    c = first.record.counts
-    assert (c.read, c.rejected, c.sent, c.created, c.updated, c.failed) == (21, 1, 20, 20, 0, 0)
-    assert_counts_add_up(first)
+    assert_counts(
+        first, EXIT_ROW_ERRORS, read=21, rejected=1, sent=20, created=20, updated=0, failed=0
+    )  # the bad email
     assert members(rig, "Customers") == {email_of(n) for n in range(20)}
     assert len(rig.sandbox.contacts()) == 20
     [error] = error_rows(first)
@@ -141,10 +131,7 @@ def test_contacts_land_with_typed_data_fields_created_once(dotdigital):
 
     second = rig.run("contacts")
 
-    assert second.exit_code == EXIT_OK
-    c = second.record.counts
-    assert (c.read, c.sent, c.created, c.updated, c.failed) == (4, 4, 1, 3, 0)
-    assert_counts_add_up(second)
+    assert_counts(second, EXIT_OK, read=4, sent=4, created=1, updated=3, failed=0)
     assert rig.requests("POST", FIELDS) == [] and rig.requests("POST", "/v2/address-books") == []
     assert len(rig.requests("PUT", IMPORT)) == 1
     assert rig.sandbox.contact(email_of(7))["dataFields"]["LOYALTY_POINTS"] == 1007
@@ -201,10 +188,7 @@ def test_existing_field_of_another_type_stops_the_run_before_sending(dotdigital)
 )
 def test_invalid_data_field_names_are_refused_at_config_load(tmp_path, mapping, expected):
     base = {"email": "email", "first_name": "FIRSTNAME"}
-    write_project(tmp_path, project_file([dd_sync(mapping={**base, **mapping})]))
-    with pytest.raises(ConfigError) as raised:
-        load_project(None, tmp_path, env={})
-    message = str(raised.value)
+    message = dotdigital_config_error(tmp_path, dd_sync(mapping={**base, **mapping}))
     assert "syncs[0] (contacts)" in message
     for fragment in expected:
         assert fragment in message
@@ -212,28 +196,9 @@ def test_invalid_data_field_names_are_refused_at_config_load(tmp_path, mapping, 
 
 def test_invalid_consent_field_name_is_refused_at_config_load(tmp_path):
     options = {"consent_mode": "data_field", "consent_field": "NEWSLETTER SUBSCRIBE"}
-    write_project(
-        tmp_path, project_file([dd_sync(options=options, consent={"email": "email_consent"})])
-    )
-    with pytest.raises(
-        ConfigError, match="destination.consent_field: data field name 'NEWSLETTER SUBSCRIBE'"
-    ):
-        load_project(None, tmp_path, env={})
-
-
-def project_file(syncs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "connections": {
-            "warehouse": {"type": "duckdb", "path": "warehouse.duckdb"},
-            "dotdigital": {
-                "type": "dotdigital",
-                "username": "apiuser@example.com",
-                "password": "not-used-here",
-                "base_url": "http://127.0.0.1:9",
-            },
-        },
-        "syncs": syncs,
-    }
+    sync = dd_sync(options=options, consent={"email": "email_consent"})
+    message = dotdigital_config_error(tmp_path, sync)
+    assert "destination.consent_field: data field name 'NEWSLETTER SUBSCRIBE'" in message
 
 
 # --------------------------------------------------------------------------- consent
@@ -301,10 +266,7 @@ def test_contact_refused_by_dotdigital_is_a_row_error(dotdigital):
 
     result = rig.run("contacts")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.read, c.sent, c.created, c.failed) == (6, 6, 5, 1)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, read=6, sent=6, created=5, failed=1)
     [error] = error_rows(result)
     assert (error["row_number"], error["identifier"], error["reason"]) == (
         "6",
@@ -325,13 +287,7 @@ def test_contact_refused_by_dotdigital_is_a_row_error(dotdigital):
 @pytest.mark.parametrize("seed", [16, 19])
 def test_sync_completes_through_injected_faults(dotdigital, monkeypatch, seed):
     fast_clients(monkeypatch, max_attempts=10, timeout=2.0)
-    rig = dotdigital(
-        fault_rate=0.1,
-        fault_kinds=("429", "500", "503", "reset", "timeout", "failed_job"),
-        seed=seed,
-        job_seconds=5.0,
-        fault_timeout_seconds=2.5,
-    )
+    rig = dotdigital(**every_fault(seed))
     rig.table(profile_rows(range(3000)))
     rig.configure([dd_sync(batch_size=100)])
 
@@ -344,7 +300,7 @@ def test_sync_completes_through_injected_faults(dotdigital, monkeypatch, seed):
     assert members(rig, "Customers") == everyone
     assert rig.sandbox.contact(email_of(2999))["dataFields"]["LOYALTY_POINTS"] == 29990
     assert rig.watermark("contacts") == Watermark(at(2999), email_of(2999))
-    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    injected = faults_met(rig.sandbox)
     assert sum(injected.values()) >= 4, injected
 
 
@@ -408,10 +364,7 @@ def test_rows_without_email_are_missing_email_when_the_identifier_is_another_col
 
     result = rig.run("contacts")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.read, c.rejected, c.sent, c.created, c.failed) == (7, 0, 7, 5, 2)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, read=7, rejected=0, sent=7, created=5, failed=2)
     errors = error_rows(result)
     assert [(e["row_number"], e["identifier"], e["column"], e["reason"]) for e in errors] == [
         ("6", "10005", "email", "missing_email"),

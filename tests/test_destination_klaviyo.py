@@ -17,10 +17,13 @@ from reverse_etl.state import Watermark
 from tests.helpers import at
 from tests.sandboxes import (
     Rig,
+    assert_counts,
     assert_counts_add_up,
     email_of,
     error_rows,
+    every_fault,
     fast_clients,
+    faults_met,
     profile_row,
     profile_rows,
     rig_fixture,
@@ -91,10 +94,9 @@ def test_standard_location_and_typed_custom_fields_land(klaviyo):
 
     result = rig.run("profiles")
 
-    assert result.exit_code == EXIT_ROW_ERRORS  # three rows refused, every other one landed
-    c = result.record.counts
-    assert (c.read, c.rejected, c.sent, c.updated, c.failed) == (15, 3, 12, 12, 0)
-    assert_counts_add_up(result)
+    assert_counts(
+        result, EXIT_ROW_ERRORS, read=15, rejected=3, sent=12, updated=12, failed=0
+    )  # three rows refused, every other one landed
     assert emails(rig.sandbox.profiles()) == {email_of(n) for n in range(12)}
 
     p = rig.sandbox.profile_by_email(email_of(4))
@@ -156,10 +158,7 @@ def test_profile_refused_by_klaviyo_is_a_row_error(klaviyo):
     rig.table(rows)  # customer 5 now claims customer 1's phone number: Klaviyo refuses it
     result = rig.run("profiles")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.read, c.sent, c.updated, c.failed) == (2, 2, 1, 1)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, read=2, sent=2, updated=1, failed=1)
     [error] = error_rows(result)
     assert (error["row_number"], error["identifier"], error["reason"]) == (
         "1",
@@ -333,13 +332,7 @@ def test_sync_completes_through_injected_faults(klaviyo, monkeypatch, seed):
     # A client timeout shorter than the sandbox's held answer makes `timeout` a real timeout:
     # the request is applied later, after the client has retried it.
     fast_clients(monkeypatch, max_attempts=10, timeout=2.0)
-    rig = klaviyo(
-        fault_rate=0.1,
-        fault_kinds=("429", "500", "503", "reset", "timeout", "failed_job"),
-        seed=seed,
-        job_seconds=5.0,  # 0.1 s real: each job is polled a few times
-        fault_timeout_seconds=2.5,
-    )
+    rig = klaviyo(**every_fault(seed))
     rig.table(profile_rows(range(3000)))
     rig.configure([klaviyo_sync(batch_size=100)])
 
@@ -352,7 +345,7 @@ def test_sync_completes_through_injected_faults(klaviyo, monkeypatch, seed):
     assert emails(rig.sandbox.profiles()) == everyone
     assert emails(rig.sandbox.list_members("VIP Club")) == everyone
     assert rig.watermark("profiles") == Watermark(at(2999), email_of(2999))
-    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    injected = faults_met(rig.sandbox)
     assert sum(injected.values()) >= 4, injected  # the run really met faults
 
 

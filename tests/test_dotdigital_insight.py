@@ -5,7 +5,6 @@ sandbox holding no violation (the rig's fixture checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,18 @@ import httpx
 import orjson
 import pytest
 
-from reverse_etl.config import load_project
-from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ConfigError
-from reverse_etl.sandbox import DotdigitalSandbox
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS
 from reverse_etl.state import Watermark
-from tests.helpers import at, create_table, execute, write_project
+from tests.helpers import at, create_table, execute
 from tests.sandboxes import (
     Rig,
+    assert_counts,
     assert_counts_add_up,
+    dotdigital_config_error,
     email_of,
     error_rows,
     fast_clients,
     profile_rows,
-    rig_fixture,
     sync_entry,
 )
 
@@ -85,14 +83,6 @@ CATALOG_MAPPING: dict[str, Any] = {
     "stock": "stock",
     "published": "is_published",  # a custom key
 }
-
-
-@pytest.fixture
-def dotdigital(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Rig]]:
-    fast_clients(monkeypatch)  # polls every 20 ms, for contacts and insight imports alike
-    yield from rig_fixture(request, tmp_path, DotdigitalSandbox)
 
 
 def order_row(n: int, **overrides: Any) -> tuple[Any, ...]:
@@ -192,10 +182,7 @@ def test_orders_land_in_the_contact_scoped_collection_with_mapped_statuses(dotdi
 
     result = rig.run("orders")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.read, c.rejected, c.sent, c.updated, c.failed) == (15, 0, 15, 12, 3)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, read=15, rejected=0, sent=15, updated=12, failed=3)
     errors = {e["row_number"]: e for e in error_rows(result)}
     assert {n: e["reason"] for n, e in errors.items()} == {
         "13": "unknown_order_status",
@@ -494,28 +481,6 @@ def test_failed_insight_imports_are_resubmitted(dotdigital, monkeypatch):
 # --------------------------------------------------------------------------- config checks
 
 
-def project_file(syncs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "connections": {
-            "warehouse": {"type": "duckdb", "path": "warehouse.duckdb"},
-            "dotdigital": {
-                "type": "dotdigital",
-                "username": "apiuser@example.com",
-                "password": "not-used-here",
-                "base_url": "http://127.0.0.1:9",
-            },
-        },
-        "syncs": syncs,
-    }
-
-
-def config_error(tmp_path: Path, sync: dict[str, Any]) -> str:
-    write_project(tmp_path, project_file([sync]))
-    with pytest.raises(ConfigError) as raised:
-        load_project(None, tmp_path, env={})
-    return str(raised.value)
-
-
 @pytest.mark.parametrize(
     ("sync", "expected"),
     [
@@ -582,6 +547,6 @@ def config_error(tmp_path: Path, sync: dict[str, Any]) -> str:
     ],
 )
 def test_insight_config_errors(tmp_path, sync, expected):
-    message = config_error(tmp_path, sync)
+    message = dotdigital_config_error(tmp_path, sync)
     for fragment in expected:
         assert fragment in message, message

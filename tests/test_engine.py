@@ -56,6 +56,16 @@ class Env:
     def watermark(self, sync: str = "people") -> Watermark | None:
         return self.store.watermark(sync)
 
+    def plant_lock(self, run_id: str, owner: str, age: timedelta) -> None:
+        """A lock on ``people`` as another process left it, last heartbeat ``age`` ago."""
+        beat = now() - age
+        with self.store.engine.begin() as con:
+            con.execute(
+                sa.insert(locks).values(
+                    sync="people", run_id=run_id, owner=owner, acquired_at=beat, heartbeat_at=beat
+                )
+            )
+
 
 @pytest.fixture()
 def make_env(tmp_path: Path):
@@ -390,13 +400,7 @@ def test_lock_refuses_a_concurrent_run_of_the_same_sync(make_env) -> None:
 def test_a_stale_lock_is_taken_over(make_env) -> None:
     rows, syncs = clean(5)
     env = make_env(rows, syncs=syncs)
-    with env.store.engine.begin() as con:
-        old = now() - timedelta(hours=3)
-        con.execute(
-            sa.insert(locks).values(
-                sync="people", run_id="dead-run", owner="gone:1", acquired_at=old, heartbeat_at=old
-            )
-        )
+    env.plant_lock("dead-run", "gone:1", timedelta(hours=3))
     result = env.run()
     assert result.exit_code == EXIT_OK
     assert result.record.counts.sent == 5
@@ -407,17 +411,7 @@ def test_a_stale_lock_is_taken_over(make_env) -> None:
 def test_a_fresh_lock_of_another_process_is_not_taken_over(make_env) -> None:
     rows, syncs = clean(5)
     env = make_env(rows, syncs=syncs)
-    with env.store.engine.begin() as con:
-        recent = now() - timedelta(minutes=5)
-        con.execute(
-            sa.insert(locks).values(
-                sync="people",
-                run_id="live-run",
-                owner="elsewhere:42",
-                acquired_at=recent,
-                heartbeat_at=recent,
-            )
-        )
+    env.plant_lock("live-run", "elsewhere:42", timedelta(minutes=5))
     with pytest.raises(LockHeldError, match="live-run on elsewhere:42"):
         env.run()
     assert env.store.unlock("people") is True

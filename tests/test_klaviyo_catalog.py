@@ -4,7 +4,6 @@ loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,16 @@ import orjson
 import pytest
 
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
-from reverse_etl.sandbox import KlaviyoSandbox
 from tests.helpers import execute
-from tests.sandboxes import Rig, assert_counts_add_up, error_rows, fast_clients, rig_fixture
-from tests.test_klaviyo_support import klaviyo_speed, klaviyo_sync
+from tests.sandboxes import (
+    Rig,
+    assert_counts,
+    assert_counts_add_up,
+    error_rows,
+    fast_clients,
+    faults_met,
+)
+from tests.test_klaviyo_support import klaviyo_sync
 
 CREATE = "/api/catalog-item-bulk-create-jobs"
 UPDATE = "/api/catalog-item-bulk-update-jobs"
@@ -30,15 +35,6 @@ CATALOG_MAPPING: dict[str, Any] = {
     "category": "custom_metadata.Category",
     "stock": "custom_metadata.Stock",
 }
-
-
-@pytest.fixture
-def klaviyo(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Rig]]:
-    fast_clients(monkeypatch)
-    klaviyo_speed(monkeypatch)
-    yield from rig_fixture(request, tmp_path, KlaviyoSandbox)
 
 
 def products_table(rig: Rig, numbers: range, *, price: float = 9.5, shift: int = 0) -> None:
@@ -79,10 +75,7 @@ def test_products_are_created_then_updated(klaviyo):
 
     first = rig.run("catalog")
 
-    assert first.exit_code == EXIT_OK, first.record.message
-    c = first.record.counts
-    assert (c.read, c.sent, c.created, c.updated, c.failed) == (250, 250, 250, 0, 0)
-    assert_counts_add_up(first)
+    assert_counts(first, EXIT_OK, read=250, sent=250, created=250, updated=0, failed=0)
     assert len(rig.requests("POST", CREATE)) == 3  # 100 + 100 + 50
     assert rig.requests("POST", UPDATE) == []
     p7 = items(rig)["P7"]
@@ -141,10 +134,7 @@ def test_rows_missing_a_required_field_are_row_errors(klaviyo):
 
     result = rig.run("catalog")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.sent, c.created, c.failed) == (6, 4, 2)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, sent=6, created=4, failed=2)
     found = {(e["identifier"], e["column"], e["reason"]) for e in error_rows(result)}
     assert found == {
         ("P1", "title", "missing_required_field"),
@@ -181,7 +171,7 @@ def test_catalog_through_injected_faults(klaviyo, monkeypatch):
     assert result.exit_code == EXIT_OK, result.record.message
     assert_counts_add_up(result)
     assert len(items(rig)) == 1500
-    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    injected = faults_met(rig.sandbox)
     assert injected.get("fault_failed_job", 0) >= 1 and len(injected) >= 4, injected
 
 

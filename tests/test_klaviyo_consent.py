@@ -4,7 +4,6 @@ membership never implies consent and an empty consent changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from reverse_etl.destinations.klaviyo.consent import UNSUBSCRIBE
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from reverse_etl.sandbox import KlaviyoSandbox, SandboxServer, SandboxSettings
 from tests.helpers import at, create_table
-from tests.sandboxes import Rig, assert_counts_add_up, error_rows, fast_clients, rig_fixture
-from tests.test_klaviyo_support import klaviyo_speed, klaviyo_sync
+from tests.sandboxes import Rig, assert_counts, assert_counts_add_up, error_rows
+from tests.test_klaviyo_support import klaviyo_sync
 
 SUBSCRIBE = "/api/profile-subscription-bulk-create-jobs"
 UNSUBSCRIBE_PATH = "/api/profile-subscription-bulk-delete-jobs"
@@ -39,15 +38,6 @@ CONSENT = {
     "sms": "sms_consent",
 }
 CONSENTED = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def klaviyo(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Rig]]:
-    fast_clients(monkeypatch)
-    klaviyo_speed(monkeypatch)
-    yield from rig_fixture(request, tmp_path, KlaviyoSandbox)
 
 
 def person(n: int, email_consent: str | None, sms_consent: str | None = None, **kw: Any) -> tuple:
@@ -179,10 +169,7 @@ def test_consent_without_an_address_is_a_row_error_and_the_profile_lands(klaviyo
 
     result = rig.run("profiles")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.sent, c.updated, c.failed) == (3, 2, 1)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, sent=3, updated=2, failed=1)
     [error] = error_rows(result)
     assert (error["identifier"], error["column"], error["value"]) == (
         "p0@example.com",

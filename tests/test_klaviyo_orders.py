@@ -4,7 +4,6 @@ line when asked), identified by the order id so a re-sent order is one event."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ from reverse_etl.sandbox import KlaviyoSandbox, SandboxSettings
 from tests.helpers import execute
 from tests.sandboxes import (
     Rig,
+    assert_counts,
     assert_counts_add_up,
     error_rows,
     fast_clients,
-    rig_fixture,
     served,
 )
 from tests.test_klaviyo_support import klaviyo_speed, klaviyo_sync
@@ -36,15 +35,6 @@ ORDER_MAPPING: dict[str, Any] = {
     "items": "items",
     "channel": "properties.Channel",
 }
-
-
-@pytest.fixture
-def klaviyo(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Rig]]:
-    fast_clients(monkeypatch)
-    klaviyo_speed(monkeypatch)
-    yield from rig_fixture(request, tmp_path, KlaviyoSandbox)
 
 
 def orders_table(rig: Rig, count: int, *, first: int = 0, shift: int = 0) -> None:
@@ -93,10 +83,7 @@ def test_orders_land_as_placed_order_events(klaviyo):
 
     result = rig.run("orders")
 
-    assert result.exit_code == EXIT_OK, result.record.message
-    c = result.record.counts
-    assert (c.read, c.sent, c.created, c.failed) == (6, 6, 6, 0)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_OK, read=6, sent=6, created=6, failed=0)
     events = {e["unique_id"]: e for e in placed(rig)}
     assert set(events) == {f"o{n}" for n in range(6)}
     o2 = events["o2"]
@@ -190,10 +177,7 @@ def test_order_without_a_profile_or_with_an_overlong_value_is_a_row_error(klaviy
 
     result = rig.run("orders")
 
-    assert result.exit_code == EXIT_ROW_ERRORS
-    c = result.record.counts
-    assert (c.sent, c.created, c.failed) == (6, 4, 2)
-    assert_counts_add_up(result)
+    assert_counts(result, EXIT_ROW_ERRORS, sent=6, created=4, failed=2)
     errors = {e["identifier"]: e for e in error_rows(result)}
     assert {k: e["reason"] for k, e in errors.items()} == {
         "o1": "missing_required_field",

@@ -13,7 +13,7 @@ from reverse_etl.errors import EXIT_OK
 from reverse_etl.sandbox import KlaviyoSandbox
 from reverse_etl.state import Watermark
 from tests.helpers import at, execute
-from tests.sandboxes import Rig, assert_counts_add_up, fast_clients, rig_fixture
+from tests.sandboxes import Rig, assert_counts_add_up, fast_clients, faults_met, rig_fixture
 from tests.test_klaviyo_support import klaviyo_sync
 
 PROFILES = 50_000
@@ -86,5 +86,5 @@ def test_50000_profiles_through_faults_none_lost(klaviyo):
     }
     last = PROFILES - 1
     assert rig.watermark("profiles") == Watermark(at(last), f"customer{last:05d}@example.com")
-    injected = {k: v for k, v in rig.sandbox.counters.items() if k.startswith("fault_")}
+    injected = faults_met(rig.sandbox)
     assert injected.get("fault_failed_job", 0) >= 1 and len(injected) == len(FAULTS), injected

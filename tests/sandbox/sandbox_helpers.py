@@ -55,3 +55,66 @@ def import_body(profiles: list[dict[str, Any]], list_id: str | None = None) -> d
     if list_id is not None:
         data["relationships"] = {"lists": {"data": [{"type": "list", "id": list_id}]}}
     return {"data": data}
+
+
+def marketing(consent: str, consented_at: str | None = None) -> dict[str, Any]:
+    """One channel of a profile's ``subscriptions``, nested as Klaviyo nests it."""
+    entry: dict[str, Any] = {"consent": consent}
+    if consented_at is not None:
+        entry["consented_at"] = consented_at
+    return {"marketing": entry}
+
+
+def subscriber(email: str, subscriptions: dict[str, Any], **attrs: Any) -> dict[str, Any]:
+    """A profile in a subscription job; keys in the order Klaviyo's examples use."""
+    return {
+        "type": "profile",
+        "attributes": {"email": email, **attrs, "subscriptions": subscriptions},
+    }
+
+
+def subscription_job(
+    profiles: list[dict[str, Any]],
+    *,
+    delete: bool = False,
+    historical_import: bool | None = None,
+    list_id: str | None = None,
+) -> dict[str, Any]:
+    """A bulk subscribe (``delete``: unsubscribe) job body, so a test states only what varies."""
+    attributes: dict[str, Any] = {}
+    if historical_import is not None:
+        attributes["historical_import"] = historical_import
+    attributes["profiles"] = {"data": profiles}
+    kind = "delete" if delete else "create"
+    data: dict[str, Any] = {
+        "type": f"profile-subscription-bulk-{kind}-job",
+        "attributes": attributes,
+    }
+    if list_id is not None:
+        data["relationships"] = {"list": {"data": {"type": "list", "id": list_id}}}
+    return {"data": data}
+
+
+def events_job(
+    events: list[dict[str, Any]], email: str = "buyer@example.com", **profile_attrs: Any
+) -> dict[str, Any]:
+    """An event bulk-create job body: ``events`` for one profile, found by ``email``."""
+    profile = {"type": "profile", "attributes": {"email": email, **profile_attrs}}
+    return {
+        "data": {
+            "type": "event-bulk-create-job",
+            "attributes": {
+                "events-bulk-create": {
+                    "data": [
+                        {
+                            "type": "event-bulk-create",
+                            "attributes": {
+                                "profile": {"data": profile},
+                                "events": {"data": events},
+                            },
+                        }
+                    ]
+                }
+            },
+        }
+    }

@@ -7,7 +7,15 @@ import time
 import orjson
 import pytest
 
-from tests.sandbox.sandbox_helpers import import_body, poll, profile
+from tests.sandbox.sandbox_helpers import (
+    events_job,
+    import_body,
+    marketing,
+    poll,
+    profile,
+    subscriber,
+    subscription_job,
+)
 
 IMPORT = "/api/profile-bulk-import-jobs"
 
@@ -248,40 +256,15 @@ def test_subscriptions_record_consent(klaviyo):
     sandbox, client = klaviyo
     vip = _create_list(client, "Newsletter")
     consented = "2024-05-01T10:00:00+00:00"
-    body = {
-        "data": {
-            "type": "profile-subscription-bulk-create-job",
-            "attributes": {
-                "historical_import": True,
-                "profiles": {
-                    "data": [
-                        {
-                            "type": "profile",
-                            "attributes": {
-                                "email": "sub@example.com",
-                                "phone_number": "+15005550006",
-                                "subscriptions": {
-                                    "email": {
-                                        "marketing": {
-                                            "consent": "SUBSCRIBED",
-                                            "consented_at": consented,
-                                        }
-                                    },
-                                    "sms": {
-                                        "marketing": {
-                                            "consent": "SUBSCRIBED",
-                                            "consented_at": consented,
-                                        }
-                                    },
-                                },
-                            },
-                        }
-                    ]
-                },
-            },
-            "relationships": {"list": {"data": {"type": "list", "id": vip}}},
-        }
+    channels = {
+        "email": marketing("SUBSCRIBED", consented),
+        "sms": marketing("SUBSCRIBED", consented),
     }
+    body = subscription_job(
+        [subscriber("sub@example.com", channels, phone_number="+15005550006")],
+        historical_import=True,
+        list_id=vip,
+    )
     assert client.post("/api/profile-subscription-bulk-create-jobs", json=body).status_code == 202
     assert sandbox.wait_idle()
     subs = {(s["channel"], s["type"]): s for s in sandbox.subscriptions()}
@@ -303,26 +286,9 @@ def test_subscriptions_record_consent(klaviyo):
     assert client.post("/api/profile-subscription-bulk-create-jobs", json=body).status_code == 400
     assert [v.kind for v in sandbox.violations] == ["semantic", "semantic", "limit"]
 
-    unsub = {
-        "data": {
-            "type": "profile-subscription-bulk-delete-job",
-            "attributes": {
-                "profiles": {
-                    "data": [
-                        {
-                            "type": "profile",
-                            "attributes": {
-                                "email": "sub@example.com",
-                                "subscriptions": {
-                                    "email": {"marketing": {"consent": "UNSUBSCRIBED"}}
-                                },
-                            },
-                        }
-                    ]
-                }
-            },
-        }
-    }
+    unsub = subscription_job(
+        [subscriber("sub@example.com", {"email": marketing("UNSUBSCRIBED")})], delete=True
+    )
     assert client.post("/api/profile-subscription-bulk-delete-jobs", json=unsub).status_code == 202
     assert sandbox.wait_idle()
     subs = {(s["channel"], s["type"]): s for s in sandbox.subscriptions()}
@@ -330,29 +296,6 @@ def test_subscriptions_record_consent(klaviyo):
     assert subs[("sms", "marketing")]["consent"] == "SUBSCRIBED"
     unsub["data"]["attributes"]["profiles"]["data"] *= 101
     assert client.post("/api/profile-subscription-bulk-delete-jobs", json=unsub).status_code == 400
-
-
-def _events_body(events, email="buyer@example.com"):
-    return {
-        "data": {
-            "type": "event-bulk-create-job",
-            "attributes": {
-                "events-bulk-create": {
-                    "data": [
-                        {
-                            "type": "event-bulk-create",
-                            "attributes": {
-                                "profile": {
-                                    "data": {"type": "profile", "attributes": {"email": email}}
-                                },
-                                "events": {"data": events},
-                            },
-                        }
-                    ]
-                }
-            },
-        }
-    }
 
 
 def _event(unique_id, value=10.0):
@@ -371,9 +314,9 @@ def _event(unique_id, value=10.0):
 def test_events_are_deduplicated_by_unique_id(klaviyo):
     sandbox, client = klaviyo
     url = "/api/event-bulk-create-jobs"
-    assert client.post(url, json=_events_body([_event("o-1"), _event("o-2")])).status_code == 202
+    assert client.post(url, json=events_job([_event("o-1"), _event("o-2")])).status_code == 202
     assert (
-        client.post(url, json=_events_body([_event("o-2"), _event("o-3")])).status_code == 202
+        client.post(url, json=events_job([_event("o-2"), _event("o-3")])).status_code == 202
     )  # a resend
     assert sandbox.wait_idle()
     events = sandbox.events()
@@ -381,14 +324,13 @@ def test_events_are_deduplicated_by_unique_id(klaviyo):
     assert {e["metric"] for e in events} == {"Placed Order"} and events[0][
         "email"
     ] == "buyer@example.com"
-    assert client.post(url, json=_events_body([_event("d"), _event("d")])).status_code == 400
+    assert client.post(url, json=events_job([_event("d"), _event("d")])).status_code == 400
     assert (
-        client.post(url, json=_events_body([_event(f"e{i}") for i in range(1001)])).status_code
-        == 400
+        client.post(url, json=events_job([_event(f"e{i}") for i in range(1001)])).status_code == 400
     )
     late = _event("late")
     late["attributes"]["time"] = "1985-01-01T00:00:00Z"
-    assert client.post(url, json=_events_body([late])).status_code == 400
+    assert client.post(url, json=events_job([late])).status_code == 400
     assert [v.kind for v in sandbox.violations] == ["semantic", "limit", "semantic"]
 
 
@@ -530,26 +472,7 @@ def test_validation_off_for_benchmarks(klaviyo_factory):
 
 def test_profiles_show_their_consent(klaviyo):
     sandbox, client = klaviyo
-    body = {
-        "data": {
-            "type": "profile-subscription-bulk-create-job",
-            "attributes": {
-                "profiles": {
-                    "data": [
-                        {
-                            "type": "profile",
-                            "attributes": {
-                                "email": "c@example.com",
-                                "subscriptions": {
-                                    "email": {"marketing": {"consent": "SUBSCRIBED"}}
-                                },
-                            },
-                        }
-                    ]
-                }
-            },
-        }
-    }
+    body = subscription_job([subscriber("c@example.com", {"email": marketing("SUBSCRIBED")})])
     assert client.post("/api/profile-subscription-bulk-create-jobs", json=body).status_code == 202
     assert sandbox.wait_idle()
     got = client.get(

@@ -19,6 +19,7 @@ from reverse_etl.sandbox.limits import (
     retry_after_headers,
 )
 from reverse_etl.sandbox.spec import SPEC_FILES, SpecViolation, load_spec
+from tests.sandbox.sandbox_helpers import events_job, marketing, subscriber, subscription_job
 
 
 def _ten_thousand_profiles():
@@ -136,75 +137,25 @@ def _mutations(document, rng, count):
 
 
 SAMPLES = {
-    ("klaviyo/profiles", "post", "/api/profile-subscription-bulk-create-jobs"): {
-        "data": {
-            "type": "profile-subscription-bulk-create-job",
-            "attributes": {
-                "historical_import": True,
-                "profiles": {
-                    "data": [
-                        {
-                            "type": "profile",
-                            "attributes": {
-                                "email": "a@b.io",
-                                "subscriptions": {
-                                    "email": {
-                                        "marketing": {
-                                            "consent": "SUBSCRIBED",
-                                            "consented_at": "2024-01-01T00:00:00Z",
-                                        }
-                                    }
-                                },
-                            },
-                        }
-                    ]
+    ("klaviyo/profiles", "post", "/api/profile-subscription-bulk-create-jobs"): subscription_job(
+        [subscriber("a@b.io", {"email": marketing("SUBSCRIBED", "2024-01-01T00:00:00Z")})],
+        historical_import=True,
+    ),
+    ("klaviyo/events", "post", "/api/event-bulk-create-jobs"): events_job(
+        [
+            {
+                "type": "event",
+                "attributes": {
+                    "properties": {"a": 1},
+                    "metric": {"data": {"type": "metric", "attributes": {"name": "Placed Order"}}},
+                    "value": 3.5,
+                    "unique_id": "u1",
                 },
-            },
-        }
-    },
-    ("klaviyo/events", "post", "/api/event-bulk-create-jobs"): {
-        "data": {
-            "type": "event-bulk-create-job",
-            "attributes": {
-                "events-bulk-create": {
-                    "data": [
-                        {
-                            "type": "event-bulk-create",
-                            "attributes": {
-                                "profile": {
-                                    "data": {
-                                        "type": "profile",
-                                        "attributes": {
-                                            "email": "a@b.io",
-                                            "location": {"latitude": "1"},
-                                        },
-                                    }
-                                },
-                                "events": {
-                                    "data": [
-                                        {
-                                            "type": "event",
-                                            "attributes": {
-                                                "properties": {"a": 1},
-                                                "metric": {
-                                                    "data": {
-                                                        "type": "metric",
-                                                        "attributes": {"name": "Placed Order"},
-                                                    }
-                                                },
-                                                "value": 3.5,
-                                                "unique_id": "u1",
-                                            },
-                                        }
-                                    ]
-                                },
-                            },
-                        }
-                    ]
-                }
-            },
-        }
-    },
+            }
+        ],
+        "a@b.io",
+        location={"latitude": "1"},
+    ),
     ("dotdigital/contacts", "put", "/contacts/v3/import"): {
         "mergeOption": "overwrite",
         "contacts": [
