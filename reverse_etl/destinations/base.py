@@ -39,6 +39,18 @@ class LoadBatch:
 
 
 @dataclass
+class Screened:
+    """What ``Destination.screen`` leaves of a batch: the rows to send (``table``), the row
+    errors found without the network, and how many rows were removed entirely (``rejected``).
+    An error may also name a row that stays in ``table`` with part of it dropped (consent
+    without an address: the profile is sent, its consent is not)."""
+
+    table: pa.Table
+    errors: list[RowError] = field(default_factory=list)
+    rejected: int = 0
+
+
+@dataclass
 class LoadResult:
     token: Any
     sent: int = 0
@@ -100,6 +112,15 @@ class Destination(ABC):
     @abstractmethod
     def requests(self, table: pa.Table) -> Iterator[Request]:
         """The API calls ``table`` becomes, without sending them."""
+
+    def screen(self, table: pa.Table) -> Screened:
+        """Rows this destination would refuse, found before anything is sent (a missing
+        required field, consent without an address ...). Pure and offline: the run, ``validate``
+        and the dry run all call it on every transformed batch, so each reports the same rows.
+        It runs on the read-ahead thread while ``load`` sends earlier batches, so it must not
+        share mutable state (or a DuckDB cursor) with ``load``. ``load`` receives only what
+        ``screen`` returned and does not report these rows again."""
+        return Screened(table)
 
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Network set-up before the first batch (find or create the list, fields ...)."""
