@@ -16,16 +16,18 @@ import orjson
 from botocore.exceptions import ClientError
 
 from reverse_etl import storage
+from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
 from reverse_etl.destinations.registry import destination_for
-from reverse_etl.engine import transform_spec
+from reverse_etl.engine import make_destination, transform_spec
 from reverse_etl.errors import SchemaMismatchError
 from reverse_etl.extract import plan_read
-from reverse_etl.sources import Source, open_source
+from reverse_etl.pipeline import preflight, transformed_batches
+from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.sources.duckdb import DuckDBSource
+from reverse_etl.state import RunCounts
 from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
-from reverse_etl.transform.transformer import StreamTransformer, schema_problems
 
 
 @dataclass
@@ -73,43 +75,59 @@ def _exported_kinds(csv_path: str) -> dict[str, str]:
         return {}
 
 
-def _csv_source(path: str) -> tuple[Source, str]:
-    """The CSV as a DuckDB source: every column text (as a user's file holds it), the cursor
-    read back as a timestamp, and ``__row`` = the line in the file (header = line 1)."""
+CURSOR_TEXT = "__retl_cursor_text"
+
+
+def _csv_source(path: str, cursor: str) -> tuple[Source, str]:
+    """The CSV as a DuckDB source: every column text (as a user's file holds it), except the
+    cursor, read back as a timestamp so rows order as they would in the view, with its text
+    kept beside it (``CURSOR_TEXT``) so an unreadable value is reported as itself; ``__row`` =
+    the line in the file (header = line 1)."""
     literal = "'" + path.replace("'", "''") + "'"
     source = DuckDBSource(":memory:")
     source.execute(
         f"CREATE VIEW csv_raw AS SELECT *, CAST(row_number() OVER () + 1 AS BIGINT) AS __row "
         f"FROM read_csv({literal}, all_varchar = true, header = true)"
     )
-    return source, "SELECT * FROM csv_raw"
+    names = source.schema("SELECT * FROM csv_raw").names
+    try:
+        column = DuckDBSource.dialect.resolve_column(cursor, names)
+    except SourceError:
+        return source, "SELECT * FROM csv_raw"  # the schema check names the missing cursor
+    c = _q(column)
+    return source, (
+        f"SELECT * REPLACE (TRY_CAST({c} AS TIMESTAMPTZ) AS {c}), {c} AS {CURSOR_TEXT} FROM csv_raw"
+    )
 
 
 def validate(
     project: Project, sync: Sync, *, csv_path: str | None, error_file: str, batch_size: int = 10_000
 ) -> ValidationReport:
-    dest = destination_for(project.connections[sync.destination.connection].type, sync.object)
-    spec = transform_spec(sync, dest)
-    if csv_path:
-        kinds = _exported_kinds(csv_path)
-        fields = tuple(replace(f, kind=f.kind or kinds.get(f.column)) for f in spec.fields)
-        spec = replace(spec, fields=fields)
+    """Check every row of the view (or an exported CSV) as a run would, destination's offline
+    checks included, and write the error file; nothing is sent and no state moves."""
     local_csv = storage.local_copy_path(csv_path) if csv_path else None
-    rows = bad = 0
+    counts = RunCounts()
     try:
         if local_csv is None:
             source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
             view_sql, where = project.source_sql(sync), "the view"
         else:
-            source, raw_sql = _csv_source(local_csv)
-            cursor = _q(sync.cursor)
-            view_sql = (
-                f"SELECT * REPLACE (TRY_CAST({cursor} AS TIMESTAMPTZ) AS {cursor}) FROM ({raw_sql})"
-            )
+            source, view_sql = _csv_source(local_csv, sync.cursor)
             where = csv_path
-        with source, storage.open_text_for_write(error_file) as fh:
-            writer = ErrorFileWriter(fh, sync.name, "validate")
-            problems = schema_problems(spec, source.schema(view_sql))
+        with (
+            source,
+            storage.open_text_for_write(error_file) as fh,
+            ErrorFileWriter(fh, sync.name, "validate") as writer,
+        ):
+            schema = source.schema(view_sql)
+            sync = resolve_sync_columns(sync, schema.names, source.dialect)
+            conn = project.connections[sync.destination.connection]
+            spec = transform_spec(sync, destination_for(conn.type, sync.object))
+            if csv_path:
+                kinds = _exported_kinds(csv_path)
+                fields = tuple(replace(f, kind=f.kind or kinds.get(f.column)) for f in spec.fields)
+                spec = replace(spec, fields=fields, cursor_text=CURSOR_TEXT)
+            problems = preflight(sync.name, spec, schema)
             if problems:
                 raise SchemaMismatchError(
                     f"{where} does not fit the mapping:\n  - " + "\n  - ".join(problems)
@@ -123,19 +141,24 @@ def validate(
                 watermark=None,
                 lookback=timedelta(0),
             )
-            transformer = StreamTransformer(spec, plan.superseded)
+            destination = make_destination(project, sync)
             try:
-                for batch in source.stream(plan.query.sql, plan.query.params, batch_size):
-                    out = transformer.transform(batch)
-                    rows += batch.num_rows
-                    bad += out.rejected
-                    writer.write(out.errors)
+                for _ in transformed_batches(
+                    source,
+                    plan.query,
+                    spec,
+                    destination,
+                    batch_size=batch_size,
+                    errors=writer,
+                    counts=counts,
+                ):
+                    pass
             finally:
-                transformer.close()
+                destination.close()
     finally:
         if csv_path and local_csv and storage.is_s3(csv_path):
             Path(local_csv).unlink(missing_ok=True)
-    return ValidationReport(rows, bad, writer.by_reason, error_file)
+    return ValidationReport(counts.read, counts.rejected, writer.by_reason, error_file)
 
 
 def _q(name: str) -> str:

@@ -7,6 +7,7 @@ rejected or failed row goes to the run's error file with its reason.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import orjson
 
 from reverse_etl import storage
+from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult
 from reverse_etl.destinations.registry import destination_for
@@ -24,21 +26,19 @@ from reverse_etl.errors import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_ROW_ERRORS,
+    DestinationError,
     ReverseEtlError,
     SchemaMismatchError,
 )
-from reverse_etl.extract import batch_watermark, later, plan_read
+from reverse_etl.extract import later, plan_read
+from reverse_etl.interrupt import Interrupt
+from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.prefetch import prefetch
 from reverse_etl.secrets import scrub
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.state import RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
-from reverse_etl.transform.transformer import (
-    FieldSpec,
-    StreamTransformer,
-    TransformSpec,
-    schema_problems,
-)
+from reverse_etl.transform.transformer import FieldSpec, TransformSpec
 
 
 @dataclass
@@ -46,6 +46,7 @@ class RunOptions:
     full_refresh: bool = False
     dry_run: bool = False
     dry_run_file: str | None = None
+    interrupt: Interrupt | None = None  # set by a signal: stop reading, commit what is in flight
 
 
 @dataclass
@@ -56,9 +57,9 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if self.record.status == "failed":
+        if self.record.status in {"failed", "interrupted"}:
             return EXIT_FAILED
-        if self.record.counts.rejected or self.record.counts.failed:
+        if self.record.counts.rejected or self.record.counts.failed or self.by_reason:
             return EXIT_ROW_ERRORS
         return EXIT_OK
 
@@ -121,8 +122,10 @@ def run_sync(
         if not storage.is_s3(error_target):
             error_target = str(project.path(error_target))
         try:
-            with storage.open_text_for_write(error_target) as fh:
-                errors = ErrorFileWriter(fh, sync.name, run_id)
+            with (
+                storage.open_text_for_write(error_target) as fh,
+                ErrorFileWriter(fh, sync.name, run_id) as errors,
+            ):
                 try:
                     _run(
                         project,
@@ -144,25 +147,35 @@ def run_sync(
             record.error_file = (
                 error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
             )
-        except BaseException as exc:  # a bug, Ctrl-C, SIGTERM: recorded as failed, never 'success'
-            record.status = "failed"
+        except BaseException as exc:  # a bug, or a signal's grace ran out: never 'success'
+            signal_name = options.interrupt.name if options.interrupt else ""
+            record.status = "interrupted" if signal_name else "failed"
             record.error_file = error_target
             record.message = scrub(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                f"{signal_name}: stopped before the batches in flight were acknowledged"
+                if signal_name
+                else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             )
             raise
         finally:
             record.ended_at = now()
             if record.status == "running":
-                record.status = (
-                    "dry_run"
-                    if options.dry_run
-                    else (
-                        "partial" if record.counts.rejected or record.counts.failed else "success"
-                    )
-                )
+                record.status = _final_status(record, options, result)
             store.save_run(record)
     return result
+
+
+def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> str:
+    if options.interrupt is not None and options.interrupt.requested:
+        record.message = (
+            f"{options.interrupt.name}: stopped reading; the batches in flight were "
+            "acknowledged and committed, the next run goes on from there"
+        )
+        return "interrupted"
+    if options.dry_run:
+        return "dry_run"
+    c = record.counts
+    return "partial" if c.rejected or c.failed or result.by_reason else "success"
 
 
 def _run(
@@ -178,20 +191,22 @@ def _run(
 ) -> None:
     conn = project.connections[sync.destination.connection]
     dest_type = destination_for(conn.type, sync.object)
-    spec = transform_spec(sync, dest_type)
     view_sql = project.source_sql(sync)
     source = (source_factory or _default_source)(project, sync)
     with source:
         schema = source.schema(view_sql)
-        problems = schema_problems(spec, schema)
+        sync = resolve_sync_columns(sync, schema.names, source.dialect)
+        spec = transform_spec(sync, dest_type)
+        stored = store.watermark(sync.name)
+        # a full refresh reads from the start, but the stored watermark stays until the first
+        # batch is acknowledged: a refresh that fails at once (a wrong API key) loses nothing
+        watermark = None if options.full_refresh else stored
+        problems = preflight(sync.name, spec, schema, watermark)
         if problems:
             raise SchemaMismatchError(
                 f"sync {sync.name!r}: the view no longer fits the mapping, nothing was sent:\n  - "
                 + "\n  - ".join(problems)
             )
-        watermark = None if options.full_refresh else store.watermark(sync.name)
-        if options.full_refresh and not options.dry_run:
-            store.reset_watermark(sync.name)  # rebuilt from this run's acknowledged batches
         plan = plan_read(
             source,
             view_sql,
@@ -202,18 +217,22 @@ def _run(
             lookback=timedelta(minutes=sync.lookback_minutes),
         )
         destination = destination_factory(project, sync)
-        counts = record.counts
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
-
-        transformer = StreamTransformer(spec, plan.superseded)
+        seq = itertools.count()
+        interrupt = options.interrupt
 
         def batches() -> Iterator[LoadBatch]:
-            for batch in source.stream(plan.query.sql, plan.query.params, sync.batch_size):
-                out = transformer.transform(batch)
-                counts.read += batch.num_rows
-                counts.rejected += out.rejected
-                errors.write(out.errors)
-                loaded = LoadBatch(out.good, batch_watermark(batch, sync.cursor, sync.identifier))
+            for loaded in transformed_batches(
+                source,
+                plan.query,
+                spec,
+                destination,
+                batch_size=sync.batch_size,
+                errors=errors,
+                counts=record.counts,
+                stop=lambda: interrupt is not None and interrupt.requested,
+            ):
+                loaded = LoadBatch(loaded.table, _Token(next(seq), loaded.token))
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     pending.append(loaded)
                 yield loaded
@@ -224,32 +243,60 @@ def _run(
                 result.dry_run_file = _dry_run(project, sync, record, options, destination, stream)
                 return
             destination.prepare()
+            replace = options.full_refresh and stored is not None
             for loaded in destination.load(stream):
+                if not pending or loaded.token is not pending[0].token:
+                    raise DestinationError(
+                        f"the {conn.type} destination acknowledged a batch other than the oldest "
+                        "one in flight; nothing after the last in-order batch was committed"
+                    )
                 pending.popleft()
-                _commit(store, sync, record, errors, loaded)
+                _commit(store, sync, record, errors, loaded, replace=replace)
+                replace = False
                 store.heartbeat(sync.name, record.run_id)
         except BaseException:
             stream.close()
             errors.write(_unsent(pending))
             raise
         finally:
-            stream.close()  # stop the read-ahead thread before its transformer and source close
+            stream.close()  # stop the read-ahead thread before its source closes
             destination.close()
-            transformer.close()
 
 
 def _commit(
-    store: StateStore, sync: Sync, record: RunRecord, errors: ErrorFileWriter, loaded: LoadResult
+    store: StateStore,
+    sync: Sync,
+    record: RunRecord,
+    errors: ErrorFileWriter,
+    loaded: LoadResult,
+    *,
+    replace: bool = False,
 ) -> None:
+    """Count the batch and move the watermark past it. ``replace``: the first acknowledged
+    batch of a full refresh, which takes the place of the old watermark (even behind it)."""
     c = record.counts
     c.sent += loaded.sent
     c.created += loaded.created
     c.updated += loaded.updated
     c.failed += loaded.failed
     errors.write(loaded.errors)
-    mark: Watermark | None = loaded.token
-    if mark is not None and later(mark, store.watermark(sync.name)):
+    mark: Watermark | None = loaded.token.mark
+    if replace:
+        if mark is None:
+            store.reset_watermark(sync.name)
+        else:
+            store.set_watermark(sync.name, mark)
+    elif mark is not None and later(mark, store.watermark(sync.name)):
         store.set_watermark(sync.name, mark)
+
+
+@dataclass(eq=False)
+class _Token:
+    """What the engine hands the destination with a batch and must get back with its result:
+    compared by identity, so a result is matched to its own batch, never to an equal one."""
+
+    seq: int
+    mark: Watermark | None
 
 
 def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:

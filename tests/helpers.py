@@ -279,5 +279,5 @@ def free_port() -> int:
 def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
     import csv
 
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))

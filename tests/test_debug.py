@@ -187,7 +187,9 @@ def test_validate_a_hand_written_csv(project: Project, tmp_path: Path) -> None:
     )
     assert report.rows == 3
     found = {(e["row_number"], e["reason"]) for e in read_csv_rows(report.error_file)}
-    assert found == {("3", "invalid_email"), ("4", "missing_cursor")}
+    assert found == {("3", "invalid_email"), ("4", "invalid_cursor")}
+    bad_cursor = [e for e in read_csv_rows(report.error_file) if e["reason"] == "invalid_cursor"]
+    assert (bad_cursor[0]["column"], bad_cursor[0]["value"]) == ("modified_at", "not a time")
 
 
 # --------------------------------------------------------------------------- s3 (moto)
@@ -228,7 +230,7 @@ def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
 
 
 def s3_text(client, key: str) -> str:
-    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode("utf-8")
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode("utf-8-sig")
 
 
 def s3_problems(client, key: str) -> Counter[tuple[str, str, str]]:

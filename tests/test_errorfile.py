@@ -25,9 +25,11 @@ def write(
     errors: list[RowError], sync: str = "people", run_id: str = "run-1"
 ) -> tuple[str, ErrorFileWriter]:
     fh = io.StringIO(newline="")
-    writer = ErrorFileWriter(fh, sync, run_id)
-    writer.write(errors)
-    return fh.getvalue(), writer
+    with ErrorFileWriter(fh, sync, run_id) as writer:
+        writer.write(errors)
+    text = fh.getvalue()
+    assert text.startswith("\ufeff")  # so Excel on Windows reads it as UTF-8
+    return text.removeprefix("\ufeff"), writer
 
 
 def parse(text: str) -> list[list[str]]:
@@ -42,6 +44,8 @@ def test_header_is_the_documented_columns() -> None:
             "run_id",
             "row_number",
             "identifier",
+            "email",
+            "cursor",
             "column",
             "value",
             "reason",
@@ -72,6 +76,8 @@ def test_one_row_per_problem_with_every_field() -> None:
         "run_id": "20250301T120000-abcd",
         "row_number": "3",
         "identifier": "a@x.com",
+        "email": "",
+        "cursor": "",
         "column": "phone",
         "value": "12345",
         "reason": "invalid_phone",
@@ -104,7 +110,7 @@ def test_unknown_reason_gets_an_empty_fix_not_a_crash() -> None:
 def test_formula_cells_are_neutralised(value: str) -> None:
     text, _ = write([RowError(1, value, value, value, "invalid_email", value)])
     row = parse(text)[1]
-    for cell in (row[3], row[4], row[5], row[7]):  # identifier, column, value, message
+    for cell in (row[3], row[6], row[7], row[9]):  # identifier, column, value, message
         assert cell == "'" + value
     assert spreadsheet_safe(value) == "'" + value
 
@@ -116,13 +122,13 @@ def test_safe_cells_are_unchanged() -> None:
 
 def test_negative_number_values_are_neutralised_too() -> None:
     text, _ = write([RowError(1, "id", "points", -5, "invalid_number", "points: not a number")])
-    assert parse(text)[1][5] == "'-5"
+    assert parse(text)[1][7] == "'-5"
 
 
 def test_csv_quoting_of_commas_quotes_and_newlines() -> None:
     value = 'a, "b"\nc'
     text, _ = write([RowError(1, "id", "col", value, "invalid_email", "m")])
-    assert parse(text)[1][5] == value
+    assert parse(text)[1][7] == value
 
 
 @pytest.mark.parametrize(
@@ -137,7 +143,8 @@ def test_csv_quoting_of_commas_quotes_and_newlines() -> None:
         (Decimal("-0.01"), "-0.01"),
         (Decimal("1E+3"), "1E+3"),
         (1.5, "1.5"),
-        (float("nan"), ""),
+        (float("nan"), "NaN"),
+        (float("-inf"), "-Infinity"),
         (datetime(2025, 3, 1, 10, 0, tzinfo=UTC), "2025-03-01T10:00:00+00:00"),
         (
             datetime(2025, 3, 1, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=-5))),
@@ -169,8 +176,8 @@ def test_cell_text_in_the_file() -> None:
         RowError(6, "x", "flag", True, "invalid_boolean", "m"),
     ]
     text, _ = write(errors)
-    values = [r[5] for r in parse(text)[1:]]
-    assert values == ["10.50", "2025-01-01T00:00:00+00:00", "dead", '["a","b"]', "", "true"]
+    values = [r[7] for r in parse(text)[1:]]
+    assert values == ["10.50", "2025-01-01T00:00:00+00:00", "dead", '["a","b"]', "NaN", "true"]
     assert parse(text)[1][3] == "10.50"  # the identifier goes through cell_text too
 
 
@@ -192,5 +199,30 @@ def test_registered_secret_never_appears_in_the_file() -> None:
     assert secret not in text
     assert "***" in text
     row = parse(text)[1]
-    assert row[5] == "token=***"
-    assert row[7] == "HTTP 401 for ***"
+    assert row[7] == "token=***"
+    assert row[9] == "HTTP 401 for ***"
+
+
+def test_rows_are_ordered_by_row_number_whatever_order_they_were_found_in() -> None:
+    fh = io.StringIO(newline="")
+    with ErrorFileWriter(fh, "people", "run-1") as writer:
+        writer.write([RowError(9, "a", "c", "v", "invalid_email", "m")])  # the transform's
+        writer.write([RowError(2, "b", "c", "v", "missing_required_field", "m")])  # screen's
+        writer.write(
+            [
+                RowError(5, "c", "c", "v", "destination_rejected", "first"),  # the API's
+                RowError(5, "c", "c", "v", "destination_rejected", "second"),
+            ]
+        )
+    rows = parse(fh.getvalue().removeprefix("\ufeff"))[1:]
+    assert [(r[2], r[9]) for r in rows] == [("2", "m"), ("5", "first"), ("5", "second"), ("9", "m")]
+    assert writer.by_reason["destination_rejected"] == 2
+
+
+def test_where_to_find_the_row_is_in_the_file() -> None:
+    when = datetime(2025, 3, 1, 10, tzinfo=UTC)
+    error = RowError(4, None, "id", None, "missing_identifier", "m", email="a@x.com", cursor=when)
+    text, _ = write([error])
+    header, row = parse(text)
+    record = dict(zip(header, row, strict=True))
+    assert (record["email"], record["cursor"]) == ("a@x.com", "2025-03-01T10:00:00+00:00")

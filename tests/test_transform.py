@@ -4,11 +4,13 @@ dates, row-level checks, and that good and bad rows partition every batch."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
+from reverse_etl.extract import DUP_RANK
 from reverse_etl.transform.consent import (
     NEVER_SUBSCRIBED,
     SUBSCRIBED,
@@ -34,7 +36,6 @@ def run(
     *,
     identifier: str = "email",
     first_row: int = 1,
-    superseded: pa.Table | None = None,
     now: datetime = NOW,
     **spec: Any,
 ) -> TransformResult:
@@ -56,8 +57,6 @@ def run(
     )
     transformer = Transformer(tspec, batch.schema, now=now)
     try:
-        if superseded is not None:
-            transformer.set_superseded(superseded)
         return transformer.transform(batch, first_row)
     finally:
         transformer.close()
@@ -431,7 +430,7 @@ def test_number_coercion_and_errors() -> None:
     assert by_row(result, "properties.n") == {1: 12, 2: 7, 6: None, 7: None}
     assert by_row(result, "properties.x") == {1: 3.5, 2: 1000.0, 6: 1.0, 7: 2.0}
     messages = {(e.row_number, e.column): e.message for e in result.errors}
-    assert messages[(5, "x")] == "x: not a number"
+    assert messages[(5, "x")].startswith("x: not a number")
 
 
 def test_numeric_arrow_columns_cast() -> None:
@@ -439,8 +438,10 @@ def test_numeric_arrow_columns_cast() -> None:
         {"n": pa.array([1.0, 2.5, None]), "d": pa.array([1, 2, 3], pa.int32())},
         [("n", "properties.n", "integer"), ("d", "properties.d", "number")],
     )
-    assert result.errors == []
-    assert by_row(result, "properties.d") == {1: 1.0, 2: 2.0, 3: 3.0}
+    # 2.5 is not rounded into an integer field: the row says so instead
+    assert errors_by_row(result) == {2: ["invalid_number"]}
+    assert by_row(result, "properties.n") == {1: 1, 3: None}
+    assert by_row(result, "properties.d") == {1: 1, 3: 3}
 
 
 def test_boolean_coercion_and_errors() -> None:
@@ -520,11 +521,13 @@ def test_missing_cursor() -> None:
 def test_superseded_duplicates_are_rejected() -> None:
     older, newer = NOW - timedelta(days=2), NOW - timedelta(days=1)
     cursor = pa.array([older, newer, older], CURSOR)
-    superseded = pa.table({"id": pa.array(["A@example.com"]), "c": pa.array([older], CURSOR)})
     result = run(
-        {"email": ["A@example.com", "a@example.com", "b@example.com"], "modified_at": cursor},
+        {
+            "email": ["A@example.com", "a@example.com", "b@example.com"],
+            "modified_at": cursor,
+            DUP_RANK: pa.array([2, 1, 1], pa.int64()),  # ranked by the read (extract.build_query)
+        },
         [],
-        superseded=superseded,
     )
     assert errors_by_row(result) == {1: ["duplicate_identifier"]}
     assert result.errors[0].column == "email"
@@ -595,3 +598,135 @@ def test_schema_problems_name_missing_and_mistyped_columns() -> None:
     assert any("column 'n' is list<item: int64>" in p and "needs a integer" in p for p in problems)
     with pytest.raises(ValueError, match="not in the view"):
         Transformer(spec, schema)
+
+
+# --------------------------------------------------------------------------- hostile numbers
+
+
+def test_nan_and_infinity_are_row_errors_and_the_good_rows_pass() -> None:
+    values = [1.5, float("nan"), float("inf"), float("-inf"), None, -2.0]
+    result = run(
+        {"x": pa.array(values, pa.float64()), "r": pa.array(values, pa.float32())},
+        [("x", "properties.x", None), ("r", "properties.r", None)],
+    )
+    assert errors_by_row(result) == {
+        2: ["invalid_number", "invalid_number"],
+        3: ["invalid_number", "invalid_number"],
+        4: ["invalid_number", "invalid_number"],
+    }
+    shown = {(e.row_number, e.column): e.value for e in result.errors}
+    assert shown[(2, "x")] != shown[(2, "x")]  # the NaN itself is what the error file names
+    assert (shown[(3, "x")], shown[(4, "r")]) == (float("inf"), float("-inf"))
+    assert by_row(result, "properties.x") == {1: 1.5, 5: None, 6: -2.0}
+    # REAL is sent as the number it prints as, not as its widened binary value
+    assert by_row(result, "properties.r")[1] == 1.5
+    real = run({"r": pa.array([1.1], pa.float32())}, [("r", "properties.r", None)])
+    assert by_row(real, "properties.r") == {1: 1.1}
+
+
+def test_wide_integers_and_decimals_keep_every_digit() -> None:
+    big = 2**53 + 1
+    result = run(
+        {
+            "i": pa.array([big, -big], pa.int64()),
+            "u": pa.array([2**64 - 1, 0], pa.uint64()),
+            "d": pa.array(
+                [Decimal("1234567890123456789012345.1234567890"), Decimal("0.1000000000")],
+                pa.decimal128(38, 10),
+            ),
+        },
+        [("i", "properties.i", None), ("u", "properties.u", None), ("d", "properties.d", None)],
+    )
+    assert result.errors == []
+    assert by_row(result, "properties.i") == {1: big, 2: -big}
+    assert by_row(result, "properties.u") == {1: 2**64 - 1, 2: 0}
+    assert by_row(result, "properties.d")[1] == Decimal("1234567890123456789012345.1234567890")
+
+
+def test_text_numbers_are_exact_or_refused() -> None:
+    result = run(
+        {
+            "x": ["0.1", "123456789012345", "1234567890123456789", "NaN", "inf", "1e400", "7"],
+            "n": ["9007199254740993", "2.0", "2.5", "99999999999999999999", "1", "1", "1"],
+        },
+        [("x", "properties.x", "number"), ("n", "properties.n", "integer")],
+    )
+    assert errors_by_row(result) == {
+        3: ["number_out_of_range", "invalid_number"],  # 19 digits; 2.5 is not an integer
+        4: ["invalid_number", "number_out_of_range"],
+        5: ["invalid_number"],
+        6: ["invalid_number"],
+    }
+    assert by_row(result, "properties.x") == {1: 0.1, 2: 123456789012345.0, 7: 7.0}
+    assert by_row(result, "properties.n") == {1: 2**53 + 1, 2: 2, 7: 1}
+    assert errors_by_row(run({"n": ["2.5"]}, [("n", "properties.n", "integer")])) == {
+        1: ["invalid_number"]
+    }
+
+
+def test_nested_values_holding_nan_are_row_errors() -> None:
+    nested = pa.array(
+        [[1.0, 2.0], [1.0, float("nan")], None, [float("inf")]], pa.list_(pa.float64())
+    )
+    labels = pa.array([{"k": "NaN"}, {"k": "fine"}, {"k": "x"}, {"k": "y"}])
+    result = run(
+        {"l": nested, "s": labels}, [("l", "properties.l", None), ("s", "properties.s", None)]
+    )
+    assert errors_by_row(result) == {2: ["invalid_number"], 4: ["invalid_number"]}
+    assert "NaN" in next(e.message for e in result.errors if e.row_number == 2)
+    # a string "NaN" inside a record is text, not a number: sent as it is
+    assert by_row(result, "properties.s")[1] == {"k": "NaN"}
+
+
+# --------------------------------------------------------------------------- the cursor
+
+
+def test_cursor_in_the_future_is_a_row_error_that_holds_back_the_watermark() -> None:
+    cursor = pa.array(
+        [NOW - timedelta(days=1), NOW + timedelta(minutes=5), NOW + timedelta(days=3650)], CURSOR
+    )
+    result = run({"email": ["a@x.com", "b@x.com", "c@x.com"], "modified_at": cursor}, [])
+    assert errors_by_row(result) == {3: ["cursor_in_future"]}  # 5 minutes is within the skew
+    assert result.future == frozenset({2})  # batch position of row 3
+    err = result.errors[0]
+    assert (err.column, err.cursor) == ("modified_at", NOW + timedelta(days=3650))
+
+
+def test_naive_and_date_cursors_are_checked_for_the_future_too() -> None:
+    naive = pa.array([datetime(2099, 1, 1), datetime(2025, 1, 1)], pa.timestamp("us"))
+    assert errors_by_row(run({"modified_at": naive}, [])) == {1: ["cursor_in_future"]}
+    days = pa.array([date(9999, 12, 31), date(2025, 1, 1)], pa.date32())
+    assert errors_by_row(run({"modified_at": days}, [])) == {1: ["cursor_in_future"]}
+    counter = pa.array([10**15, 1], pa.int64())  # a counter has no future
+    assert run({"modified_at": counter}, []).errors == []
+
+
+def test_unreadable_cursor_text_is_reported_as_itself() -> None:
+    cursor = pa.array([None, None, NOW - timedelta(days=1)], CURSOR)
+    text = pa.array(["yesterday", " ", "2025-05-31T12:00:00Z"])
+    result = run(
+        {"email": ["a@x.com", "b@x.com", "c@x.com"], "modified_at": cursor, "raw": text},
+        [],
+        cursor_text="raw",
+    )
+    assert errors_by_row(result) == {1: ["invalid_cursor"], 2: ["missing_cursor"]}
+    bad = result.errors[0]
+    assert (bad.column, bad.value) == ("modified_at", "yesterday")
+    assert "modified_at" in bad.message
+
+
+def test_row_errors_carry_the_email_and_cursor_to_find_the_row() -> None:
+    when = NOW - timedelta(days=1)
+    result = run(
+        {
+            "id": [None, "c2"],
+            "mail": ["Lost@Example.com", "bad"],
+            "modified_at": pa.array([when, when], CURSOR),
+        },
+        [("id", "external_id", "string"), ("mail", "email", "email")],
+        identifier="id",
+    )
+    by_reason = {e.reason: e for e in result.errors}
+    missing = by_reason["missing_identifier"]
+    assert (missing.email, missing.cursor) == ("Lost@Example.com", when)
+    assert by_reason["invalid_email"].email == "bad"

@@ -60,7 +60,8 @@ class Dialect:
         """The view's spelling of the configured column ``name``.
 
         Exact match first, then ``name`` folded as the warehouse folds an unquoted identifier,
-        then a unique case-insensitive match; ``SourceError`` when there is none or several.
+        then a unique case-insensitive match. ``MissingColumnError`` when there is none,
+        ``AmbiguousColumnError`` when there are several (both are ``SourceError``s).
         """
         columns = list(columns)
         if name in columns:
@@ -72,15 +73,35 @@ class Dialect:
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise SourceError(
-                f"column {name!r} is ambiguous in the view: it matches {matches}; "
-                "use the exact spelling"
-            )
-        raise SourceError(f"the view has no column {name!r}; its columns are {columns}")
+            raise AmbiguousColumnError(name, matches)
+        raise MissingColumnError(name, columns)
 
 
 class SourceError(Exception):
     """A warehouse refused or failed a query; the message says which and why (no secrets)."""
+
+
+class MissingColumnError(SourceError):
+    """``Dialect.resolve_column`` found no spelling of the name in the view. A class of its own
+    so a caller can tell "not there" (leave it to the schema check) from "ambiguous"."""
+
+    def __init__(self, name: str, columns: list[str]):
+        super().__init__(f"the view has no column {name!r}; its columns are {columns}")
+        self.name = name
+        self.columns = columns
+
+
+class AmbiguousColumnError(SourceError):
+    """``Dialect.resolve_column`` found several columns differing from the name only in case
+    (``Email`` and ``EMAIL``) and none spelled exactly or as the warehouse folds it."""
+
+    def __init__(self, name: str, candidates: list[str]):
+        super().__init__(
+            f"column {name!r} is ambiguous in the view: it matches {candidates}; "
+            "use the exact spelling"
+        )
+        self.name = name
+        self.candidates = candidates
 
 
 class Source(ABC):

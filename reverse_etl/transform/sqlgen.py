@@ -46,10 +46,71 @@ class Checks:
     max_timestamp: str  # now + skew, ISO
 
 
+def _holds_floats(dtype: pa.DataType) -> bool:
+    if pt.is_floating(dtype):
+        return True
+    if pt.is_list(dtype) or pt.is_large_list(dtype) or pt.is_fixed_size_list(dtype):
+        return _holds_floats(dtype.value_type)
+    if pt.is_struct(dtype):
+        return any(_holds_floats(dtype.field(i).type) for i in range(dtype.num_fields))
+    if pt.is_map(dtype):
+        return _holds_floats(dtype.key_type) or _holds_floats(dtype.item_type)
+    return False
+
+
 def _blank_to_null(col: str, dtype: pa.DataType) -> str:
     if pt.is_string(dtype) or pt.is_large_string(dtype):
         return f"NULLIF(TRIM({col}), '')"
     return col
+
+
+# A JSON number is read as a binary double by the receiving APIs: more significant digits than
+# this are not kept exactly, so text holding more is refused rather than rounded.
+MAX_EXACT_DIGITS = 15
+
+
+def _number(kind: str, col: str, src: str, dtype: pa.DataType) -> tuple[str, str]:
+    """Numbers are sent exactly or refused, never rounded: integer and DECIMAL columns keep
+    their type (DuckDB's ``to_json`` writes HUGEINT, UBIGINT and DECIMAL(38,x) digit for digit);
+    NaN and ±Infinity, which JSON cannot carry, are ``invalid_number``; a fraction where an
+    integer is wanted is ``invalid_number``, not a rounded value; text with more significant
+    digits than a double keeps is ``number_out_of_range``."""
+    if pt.is_integer(dtype):
+        return col, "NULL"
+    if pt.is_decimal(dtype):
+        if kind == "number" or dtype.scale == 0:
+            return col, "NULL"
+        v = f"CASE WHEN {col} = trunc({col}) THEN CAST({col} AS DECIMAL(38, 0)) END"
+        return v, f"CASE WHEN {col} IS NOT NULL AND {v} IS NULL THEN 'invalid_number' END"
+    if pt.is_floating(dtype):
+        # REAL widened to DOUBLE would read 1.1 as 1.100000023841858: go through its shortest text.
+        x = f"CAST(CAST({col} AS VARCHAR) AS DOUBLE)" if pt.is_float32(dtype) else col
+        if kind == "number":
+            v = f"CASE WHEN isfinite({x}) THEN {x} END"
+        else:
+            v = (
+                f"CASE WHEN isfinite({x}) AND {x} = trunc({x}) AND abs({x}) < 9.2e18 "
+                f"THEN CAST({x} AS BIGINT) END"
+            )
+        return v, f"CASE WHEN {col} IS NOT NULL AND {v} IS NULL THEN 'invalid_number' END"
+    t = f"TRIM(CAST({src} AS VARCHAR))"
+    if kind == "integer":
+        whole = f"regexp_full_match({t}, '[+-]?[0-9]+([.]0*)?')"
+        v = f"CASE WHEN {whole} THEN TRY_CAST(regexp_replace({t}, '[.]0*$', '') AS BIGINT) END"
+        err = (
+            f"CASE WHEN {src} IS NULL THEN NULL WHEN {v} IS NOT NULL THEN NULL "
+            f"WHEN {whole} THEN 'number_out_of_range' ELSE 'invalid_number' END"
+        )
+        return v, err
+    parsed = f"TRY_CAST({t} AS DOUBLE)"
+    mantissa = f"regexp_replace({t}, '[eE].*$', '')"
+    digits = f"length(trim(regexp_replace({mantissa}, '[^0-9]', '', 'g'), '0'))"
+    v = f"CASE WHEN isfinite({parsed}) AND {digits} <= {MAX_EXACT_DIGITS} THEN {parsed} END"
+    err = (
+        f"CASE WHEN {src} IS NULL THEN NULL WHEN {v} IS NOT NULL THEN NULL "
+        f"WHEN isfinite({parsed}) THEN 'number_out_of_range' ELSE 'invalid_number' END"
+    )
+    return v, err
 
 
 def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) -> tuple[str, str]:
@@ -113,12 +174,7 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
             v = f"COALESCE(TRY_CAST({s} AS DATE), CAST(TRY_CAST({s} AS TIMESTAMP) AS DATE))"
         return v, f"CASE WHEN {src} IS NOT NULL AND {v} IS NULL THEN 'invalid_date' END"
     if kind in {"integer", "number"}:
-        target = "BIGINT" if kind == "integer" else "DOUBLE"
-        if pt.is_integer(dtype) or pt.is_floating(dtype) or pt.is_decimal(dtype):
-            v = f"TRY_CAST({col} AS {target})"
-        else:
-            v = f"TRY_CAST(TRIM(CAST({src} AS VARCHAR)) AS {target})"
-        return v, f"CASE WHEN {src} IS NOT NULL AND {v} IS NULL THEN 'invalid_number' END"
+        return _number(kind, col, src, dtype)
     if kind == "boolean":
         if pt.is_boolean(dtype):
             return col, "NULL"
@@ -131,7 +187,14 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
         )
         return v, f"CASE WHEN {w} IS NOT NULL AND ({v}) IS NULL THEN 'invalid_boolean' END"
     if kind == "json":
-        return col, "NULL"
+        if not _holds_floats(dtype):
+            return col, "NULL"
+        # JSON has no NaN or Infinity; DuckDB's to_json writes them bare. Rows whose text shows
+        # one (or a string that looks like one) are decided exactly by the slow path.
+        return col, (
+            f"CASE WHEN regexp_matches(CAST(to_json({col}) AS VARCHAR), "
+            f"'(^|[\\[,:])-?(NaN|Infinity)([,\\]}}]|$)') THEN 'json?' END"
+        )
     # string
     if is_text:
         return src, "NULL"

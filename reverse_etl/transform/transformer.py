@@ -8,6 +8,7 @@ destination field (named as the field), ``__row`` (1-based position in the run) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -17,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl import scratch
+from reverse_etl.extract import DUP_RANK
 from reverse_etl.transform.consent import WORDS
 from reverse_etl.transform.kinds import compatible, kind_of_arrow
-from reverse_etl.transform.rowerrors import RowError
+from reverse_etl.transform.rowerrors import RowError, cell_text
 from reverse_etl.transform.slowpath import PossibleLength, check_email, check_phone, region_codes
 from reverse_etl.transform.sqlgen import (
     Checks,
@@ -42,6 +44,8 @@ MESSAGES = {
     "missing_identifier": "the identifier column is empty",
     "duplicate_identifier": "another row with this identifier has a later cursor value; that row was sent instead",
     "missing_cursor": "the cursor column is empty",
+    "invalid_cursor": "the cursor value is not a timestamp that can be read",
+    "cursor_in_future": "the cursor value lies in the future (beyond now + max_future_skew_minutes); the row is held back and the watermark does not pass it",
     "invalid_email": "not a valid email address",
     "invalid_phone": "not a valid phone number",
     "invalid_consent": "not a recognised consent value",
@@ -49,7 +53,8 @@ MESSAGES = {
     "timestamp_too_old": "before 1990-01-01",
     "timestamp_in_future": "in the future",
     "invalid_date": "not a date that can be read",
-    "invalid_number": "not a number",
+    "invalid_number": "not a number (NaN and Infinity included), or not a whole number where an integer is needed",
+    "number_out_of_range": "more digits than the destination keeps exactly (15 significant digits, or beyond 64-bit for integers)",
     "invalid_boolean": "not a true/false value",
 }
 
@@ -74,6 +79,9 @@ class TransformSpec:
     strict_phones: bool = False  # validate every number with phonenumbers, not the fast rule
     naive_timezone: str = "UTC"
     max_future_skew: timedelta = timedelta(minutes=10)
+    # A column holding the cursor as the user wrote it (CSV files), so a value that could not
+    # be read is reported as itself (``invalid_cursor``) rather than as an empty cursor.
+    cursor_text: str | None = None
 
     def identifier_field(self) -> FieldSpec:
         for f in self.fields:
@@ -87,6 +95,8 @@ class TransformResult:
     good: pa.Table
     errors: list[RowError] = field(default_factory=list)
     rejected: int = 0
+    # positions in the batch of rows whose cursor lies in the future: the watermark skips them
+    future: frozenset[int] = frozenset()
 
 
 def schema_problems(spec: TransformSpec, schema: pa.Schema) -> list[str]:
@@ -130,7 +140,6 @@ class Transformer:
         moment = (now or datetime.now(UTC)) + spec.max_future_skew
         checks = Checks(spec.naive_timezone, MIN_TIMESTAMP, moment.isoformat())
         self._possible = PossibleLength()
-        self._kept_ties: set[object] = set()  # exact duplicates: the first one is sent
         self.con = scratch.cursor()
         self.con.register("__phone_region", region_table(region_codes()))
         self._errs = [(f"__e{i}", f.column) for i, f in enumerate(spec.fields)]
@@ -141,11 +150,11 @@ class Transformer:
                 self.kinds[column], column, schema.field(column).type, checks
             )
             selects += [f"{value} AS {q(f.field)}", f"{err} AS {ecol}"]
-        cursor, ident = f"b.{q(spec.cursor)}", f"b.{q(spec.identifier)}"
-        selects.append(f"CASE WHEN {cursor} IS NULL THEN 'missing_cursor' END AS __e_cursor")
+        selects.append(f"{self._cursor_check(schema, checks)} AS __e_cursor")
         dup = (
-            f"(SELECT CASE WHEN s.keep_one THEN 'tie?' ELSE 'duplicate_identifier' END "
-            f"FROM superseded AS s WHERE s.id = {ident} AND s.c = {cursor})"
+            f"CASE WHEN b.{q(DUP_RANK)} > 1 THEN 'duplicate_identifier' END"
+            if DUP_RANK in schema.names
+            else "CAST(NULL AS VARCHAR)"
         )
         rows = "SELECT * FROM batch"
         if "phone" in self.kinds.values():
@@ -155,16 +164,32 @@ class Transformer:
             )
         idf = q(self.id_field)
 
-        def query(dup_check: str) -> str:
-            return (
-                f"SELECT t.*, t.{idf} AS __id, CASE WHEN t.{idf} IS NULL THEN 'missing_identifier' "
-                f"END AS __e_id FROM (SELECT {', '.join(selects)}, {dup_check} AS __e_dup "
-                f"FROM ({rows}) AS b) AS t"
-            )
+        self.sql = (
+            f"SELECT t.*, t.{idf} AS __id, CASE WHEN t.{idf} IS NULL THEN 'missing_identifier' "
+            f"END AS __e_id FROM (SELECT {', '.join(selects)}, {dup} AS __e_dup "
+            f"FROM ({rows}) AS b) AS t"
+        )
 
-        self._sql_plain = query("CAST(NULL AS VARCHAR)")
-        self._sql_dups = query(dup)
-        self.sql = self._sql_plain
+    def _cursor_check(self, schema: pa.Schema, checks: Checks) -> str:
+        """SQL for the cursor's error: empty, unreadable (CSV text), or in the future. A future
+        cursor would carry the watermark past every change made until then."""
+        cursor = f"b.{q(self.spec.cursor)}"
+        dtype = schema.field(self.spec.cursor).type
+        missing = "'missing_cursor'"
+        if self.spec.cursor_text and self.spec.cursor_text in schema.names:
+            text = f"NULLIF(TRIM(b.{q(self.spec.cursor_text)}), '')"
+            missing = f"CASE WHEN {text} IS NULL THEN 'missing_cursor' ELSE 'invalid_cursor' END"
+        future = "FALSE"
+        if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
+            moment = (
+                f"CAST({cursor} AS TIMESTAMPTZ)"
+                if pa.types.is_timestamp(dtype) and dtype.tz is not None
+                else f"timezone({lit(checks.naive_timezone)}, CAST({cursor} AS TIMESTAMP))"
+            )
+            future = f"{moment} > TIMESTAMPTZ {lit(checks.max_timestamp)}"
+        return (
+            f"CASE WHEN {cursor} IS NULL THEN {missing} WHEN {future} THEN 'cursor_in_future' END"
+        )
 
     def _region_sql(self) -> str:
         """SQL for each row's ISO region, used to read national phone numbers."""
@@ -176,15 +201,6 @@ class Transformer:
         if not self.spec.phone_region_column:
             return default
         return f"COALESCE(UPPER(TRIM(CAST(b0.{q(self.spec.phone_region_column)} AS VARCHAR))), {default})"
-
-    def set_superseded(self, rows: pa.Table) -> None:
-        """(id, cursor, keep_one) rows from ``extract.superseded``: rows a later row with the
-        same identifier replaces, and exact duplicates of which only the first is sent."""
-        if "keep_one" not in rows.column_names:
-            rows = rows.append_column("keep_one", pa.array([False] * rows.num_rows, pa.bool_()))
-        self._superseded = rows  # keep the Arrow table alive while DuckDB scans it
-        self.con.register("superseded", rows)
-        self.sql = self._sql_dups if rows.num_rows else self._sql_plain
 
     def transform(self, batch: pa.RecordBatch, first_row: int) -> TransformResult:
         if "__row" not in batch.schema.names:  # a CSV brings its own line numbers
@@ -205,7 +221,14 @@ class Transformer:
                 out = self._flag_impossible_phones(out, f.field, ecol)
             if kind in {"email", "phone"}:
                 out = self._slow_path(out, batch, f, ecol, column, kind, details)
-        out = self._ties(out)
+            elif kind == "json":
+                out = self._non_finite(out, f.field, ecol, column, details)
+        future = pc.fill_null(pc.equal(out["__e_cursor"], "cursor_in_future"), False)
+        future_positions = (
+            frozenset(out["__pos"].filter(future).to_pylist())
+            if pc.any(future).as_py()
+            else frozenset()
+        )
         bad_mask = pc.is_valid(out["__e_id"])
         for c in [c for c, _ in self._errs] + ["__e_cursor", "__e_dup"]:
             bad_mask = pc.or_(bad_mask, pc.is_valid(out[c]))
@@ -217,7 +240,9 @@ class Transformer:
             errors = self._row_errors(bad, batch, details)
             out = out.filter(pc.invert(bad_mask))
         keep = ["__row", "__id"] + [f.field for f in self.fields]
-        return TransformResult(good=out.select(keep), errors=errors, rejected=rejected)
+        return TransformResult(
+            good=out.select(keep), errors=errors, rejected=rejected, future=future_positions
+        )
 
     # ------------------------------------------------------------------ vectorised steps
 
@@ -288,19 +313,24 @@ class Transformer:
             out = self._set(out, "__e_id", missing)
         return out
 
-    def _ties(self, out: pa.Table) -> pa.Table:
-        """Exact duplicates (same identifier and cursor): the first one seen in the run is sent."""
-        tie = pc.fill_null(pc.equal(out["__e_dup"], "tie?"), False)
-        if not pc.any(tie).as_py():
+    def _non_finite(
+        self, out: pa.Table, field_name: str, ecol: str, column: str, details: dict
+    ) -> pa.Table:
+        """Nested values the SQL flagged: ``invalid_number`` where a NaN or Infinity really is
+        inside (JSON cannot carry it), else fine (a string that only looked like one)."""
+        suspect = pc.fill_null(pc.equal(out[ecol], "json?"), False)
+        if not pc.any(suspect).as_py():
             return out
-        idx = pc.indices_nonzero(tie)
+        idx = pc.indices_nonzero(suspect)
         codes: list[str | None] = []
-        for ident in out["__id"].take(idx).to_pylist():  # only the tied winner pairs get here
-            codes.append("duplicate_identifier" if ident in self._kept_ties else None)
-            self._kept_ties.add(ident)
-        return self._set(
-            out, "__e_dup", _scatter(out["__e_dup"], idx, pa.array(codes, pa.string()))
-        )
+        for value, rown in zip(
+            out[field_name].take(idx).to_pylist(), out["__row"].take(idx).to_pylist(), strict=True
+        ):
+            bad = _first_non_finite(value)
+            codes.append(None if bad is None else "invalid_number")
+            if bad is not None:
+                details[(rown, column)] = f"holds {bad}, which JSON cannot carry"
+        return self._set(out, ecol, _scatter(out[ecol], idx, pa.array(codes, pa.string())))
 
     def _regions(self, batch: pa.RecordBatch, positions: pa.Array, n: int) -> list[str | None]:
         default = self.spec.default_phone_region
@@ -319,6 +349,10 @@ class Transformer:
     ) -> list[RowError]:
         raw_ids = batch.column(self.spec.identifier)
         cursor = batch.column(self.spec.cursor)
+        text = self.spec.cursor_text
+        cursor_text = batch.column(text) if text and text in batch.schema.names else None
+        emails = [f.column for f in self.fields if self.kinds[f.column] == "email"]
+        email = batch.column(emails[0]) if emails else None
         errors: list[RowError] = []
         rows = bad["__row"].to_pylist()
         positions = bad["__pos"].to_pylist()
@@ -326,6 +360,11 @@ class Transformer:
         row_codes = {c: bad[c].to_pylist() for c in self.row_err_cols}
         for n, (rown, pos) in enumerate(zip(rows, positions, strict=True)):
             ident = raw_ids[pos].as_py()
+            # what else finds the row in the warehouse, above all when its identifier is empty
+            where = {
+                "cursor": (cursor_text or cursor)[pos].as_py(),
+                "email": email[pos].as_py() if email is not None else None,
+            }
             id_failed = False
             for ecol, column in self._errs:
                 code = codes[ecol][n]
@@ -333,16 +372,21 @@ class Transformer:
                     continue
                 value = batch.column(column)[pos].as_py()
                 msg = details.get((rown, column)) or MESSAGES.get(code, code)
-                errors.append(RowError(rown, ident, column, value, code, f"{column}: {msg}"))
+                errors.append(
+                    RowError(rown, ident, column, value, code, f"{column}: {msg}", **where)
+                )
                 id_failed = id_failed or column == self.spec.identifier
             for ecol in self.row_err_cols:
                 code = row_codes[ecol][n]
                 if not code or (code == "missing_identifier" and id_failed):
                     continue
-                column = self.spec.cursor if code == "missing_cursor" else self.spec.identifier
-                value = (cursor if code == "missing_cursor" else raw_ids)[pos].as_py()
+                on_cursor = ecol == "__e_cursor"
+                column = self.spec.cursor if on_cursor else self.spec.identifier
+                value = where["cursor"] if on_cursor else raw_ids[pos].as_py()
                 errors.append(
-                    RowError(rown, ident, column, value, code, f"{column}: {MESSAGES[code]}")
+                    RowError(
+                        rown, ident, column, value, code, f"{column}: {MESSAGES[code]}", **where
+                    )
                 )
         return errors
 
@@ -355,17 +399,14 @@ class StreamTransformer:
     schema, numbers rows across the whole stream. The caller closes it when the read is over
     (after any thread that reads has stopped)."""
 
-    def __init__(self, spec: TransformSpec, superseded: pa.Table | None):
+    def __init__(self, spec: TransformSpec):
         self.spec = spec
-        self.superseded = superseded
         self.next_row = 1
         self._transformer: Transformer | None = None
 
     def transform(self, batch: pa.RecordBatch) -> TransformResult:
         if self._transformer is None:
             self._transformer = Transformer(self.spec, batch.schema)
-            if self.superseded is not None:
-                self._transformer.set_superseded(self.superseded)
         out = self._transformer.transform(batch, self.next_row)
         self.next_row += batch.num_rows
         return out
@@ -377,6 +418,19 @@ class StreamTransformer:
 
 _CONSENT_WORDS = pa.array(list(WORDS), pa.string())
 _CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
+
+
+def _first_non_finite(value: object) -> str | None:
+    """The first NaN or ±Infinity inside a nested value, as text; None if there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return cell_text(value)
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(items, list | tuple) or isinstance(value, dict):
+        for item in items:
+            found = _first_non_finite(item[1] if isinstance(item, tuple) else item)
+            if found:
+                return found
+    return None
 
 
 def _scatter(target: pa.ChunkedArray | pa.Array, idx: pa.Array, values: pa.Array) -> pa.Array:

@@ -1,0 +1,107 @@
+"""The read-and-transform path that a run, a dry run and ``validate`` all share.
+
+Everything knowable before sending is decided here, the same way for all three: the view's
+fit to the mapping (``preflight``), then per batch the transform's row checks and the
+destination's offline ``screen``. So ``validate`` and ``--dry-run`` report exactly the rows a
+run would refuse, and ``failed`` is left to mean only "the API refused it".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import date, datetime
+from decimal import Decimal
+
+import pyarrow as pa
+import pyarrow.types as pt
+
+from reverse_etl.destinations.base import Destination, LoadBatch
+from reverse_etl.extract import IncrementalQuery, batch_watermark
+from reverse_etl.sources import Source
+from reverse_etl.state import RunCounts, Watermark
+from reverse_etl.transform.rowerrors import ErrorFileWriter
+from reverse_etl.transform.transformer import StreamTransformer, TransformSpec, schema_problems
+
+
+def cursor_problems(sync_name: str, cursor: str, dtype: pa.DataType) -> list[str]:
+    """A cursor must order as time or as a counter: text compares character by character
+    ('9' > '10', '2025-1-9' > '2025-1-10'), so a watermark over text skips rows silently."""
+    if pt.is_timestamp(dtype) or pt.is_date(dtype) or pt.is_integer(dtype):
+        return []
+    if pt.is_decimal(dtype) and dtype.scale == 0:
+        return []
+    return [
+        f"sync {sync_name!r}: cursor column {cursor!r} is {dtype} in the view; a cursor must be a "
+        "timestamp, a date or an integer (text compares in string order, so rows would be "
+        f"skipped). Cast it in the view's SQL, e.g. CAST({cursor} AS TIMESTAMP) AS {cursor}"
+    ]
+
+
+def watermark_problems(
+    sync_name: str, cursor: str, dtype: pa.DataType, mark: Watermark | None
+) -> list[str]:
+    """The stored watermark must be of the cursor's kind: after the cursor column (or its
+    type) changed, comparing the old value with the new column is meaningless or an error."""
+    if mark is None or mark.cursor is None:
+        return []
+    value = mark.cursor
+    if pt.is_timestamp(dtype):
+        fits = isinstance(value, datetime)
+    elif pt.is_date(dtype):
+        fits = isinstance(value, date) and not isinstance(value, datetime)
+    else:  # integer or whole decimal (cursor_problems refused the rest)
+        fits = isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+    if fits:
+        return []
+    shown = value.isoformat() if isinstance(value, date) else repr(value)
+    return [
+        f"sync {sync_name!r}: its stored watermark ({shown}, a {type(value).__name__}) does not "
+        f"fit cursor column {cursor!r} ({dtype}): the cursor column or its type changed since "
+        f"the last run. Run `reverse-etl run {sync_name} --full-refresh` to read the whole view "
+        "from the new cursor (upserts make re-sending safe)"
+    ]
+
+
+def preflight(
+    sync_name: str, spec: TransformSpec, schema: pa.Schema, mark: Watermark | None = None
+) -> list[str]:
+    """Everything wrong with the view before a row is read: mapped columns missing or of the
+    wrong type, a cursor that cannot order rows, a watermark from another cursor."""
+    problems = schema_problems(spec, schema)
+    if spec.cursor in schema.names:
+        dtype = schema.field(spec.cursor).type
+        problems += cursor_problems(sync_name, spec.cursor, dtype)
+        if not problems:
+            problems += watermark_problems(sync_name, spec.cursor, dtype, mark)
+    return problems
+
+
+def transformed_batches(
+    source: Source,
+    query: IncrementalQuery,
+    spec: TransformSpec,
+    destination: Destination,
+    *,
+    batch_size: int,
+    errors: ErrorFileWriter,
+    counts: RunCounts,
+    stop: Callable[[], bool] = lambda: False,
+) -> Iterator[LoadBatch]:
+    """Read, transform and screen the query's batches; each comes with the watermark it
+    earns once acknowledged. ``stop()`` is asked before each read (a signal, a lost lock):
+    what was read is still handed on, so it can be acknowledged and committed."""
+    transformer = StreamTransformer(spec)
+    try:
+        for batch in source.stream(query.sql, query.params, batch_size):
+            out = transformer.transform(batch)
+            screened = destination.screen(out.good)
+            counts.read += batch.num_rows
+            counts.rejected += out.rejected + screened.rejected
+            errors.write(out.errors)
+            errors.write(screened.errors)
+            mark = batch_watermark(batch, spec.cursor, spec.identifier, out.future)
+            yield LoadBatch(screened.table, mark)
+            if stop():
+                return
+    finally:
+        transformer.close()
