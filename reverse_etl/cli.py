@@ -14,8 +14,9 @@ from rich.table import Table
 from reverse_etl import storage
 from reverse_etl.config import Project, load_project
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
+from reverse_etl.interrupt import Interrupt
 from reverse_etl.runtime import tune_memory
-from reverse_etl.secrets import scrub
+from reverse_etl.secrets import scrub, scrub_log_records
 from reverse_etl.sources import SourceError
 from reverse_etl.state import StateStore
 
@@ -45,13 +46,13 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-class _Scrubbed(logging.Filter):
-    """Log records leave the process without secrets, whatever a library put in them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = scrub(record.getMessage())
-        record.args = None
-        return True
+def _stop_grace() -> float:
+    """Seconds a run may take, after SIGTERM or Ctrl-C, to have its batches in flight
+    acknowledged: below Kubernetes' default 30 s grace period, so the run ends on its own terms."""
+    try:
+        return float(os.environ.get("REVERSE_ETL_STOP_GRACE_SECONDS", "20"))
+    except ValueError:
+        return 20.0
 
 
 class _Group(click.Group):
@@ -89,22 +90,42 @@ def main(ctx: click.Context, config: str | None, project_dir: str | None, verbos
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_Scrubbed())
+    scrub_log_records()
     tune_memory()
     ctx.obj = Ctx(config, project_dir)
 
 
 @main.command()
+@click.option(
+    "--offline", is_flag=True, help="Check the project file only; do not probe the warehouses."
+)
 @click.pass_obj
-def check(obj: Ctx) -> None:
-    """Validate the project file (no network)."""
+def check(obj: Ctx, offline: bool) -> None:
+    """Validate the project file, then each sync's view against its mapping (schema only)."""
+    from reverse_etl.engine import view_problems
+    from reverse_etl.sources import open_source
+
     try:
         project = obj.project
     except ReverseEtlError as exc:
         _fail(str(exc))
+    problems: list[str] = []
+    if not offline:
+        by_source: dict[str, list] = {}  # type: ignore[type-arg]
+        for s in project.syncs:
+            by_source.setdefault(s.source.connection, []).append(s)
+        for connection, syncs in by_source.items():
+            try:
+                with open_source(project.connections[connection], project) as source:  # type: ignore[arg-type]
+                    for s in syncs:
+                        problems += [f"{s.name}: {p}" for p in view_problems(project, s, source)]
+            except (ReverseEtlError, SourceError) as exc:
+                problems.append(f"connection {connection!r}: {scrub(str(exc))}")
+    if problems:
+        _fail(f"{project.file}:\n  - " + "\n  - ".join(problems))
     console.print(
         f"{project.file}: OK — {len(project.connections)} connections, {len(project.syncs)} syncs"
+        + (" (views not probed)" if offline else ", every view fits its mapping")
     )
 
 
@@ -137,17 +158,22 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
         sys.exit(EXIT_OK)
     worst = EXIT_OK
     results = []
-    for name in names:
-        try:
-            result = run_sync(
-                project, name, store, RunOptions(full_refresh=full_refresh, dry_run=dry_run)
-            )
-        except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
-            err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
-            worst = EXIT_FAILED
-            continue
-        results.append(result)
-        worst = max(worst, result.exit_code)
+    interrupt = Interrupt(grace=_stop_grace())
+    with interrupt.installed():
+        for name in names:
+            if interrupt.requested:
+                break
+            options = RunOptions(full_refresh=full_refresh, dry_run=dry_run, interrupt=interrupt)
+            try:
+                result = run_sync(project, name, store, options)
+            except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
+                err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
+                worst = EXIT_FAILED
+                continue
+            except KeyboardInterrupt:  # the signal's grace ran out: the run is recorded
+                break
+            results.append(result)
+            worst = max(worst, result.exit_code)
     print_runs([r.record for r in results])
     for r in results:
         rec = r.record
@@ -162,6 +188,9 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
             console.print(
                 f"{rec.sync}: dry run, payloads written to {r.dry_run_file} (nothing sent, nothing committed)"
             )
+    if interrupt.requested:
+        err_console.print(f"stopped by {interrupt.name}; what was acknowledged is committed")
+        sys.exit(interrupt.exit_code)
     sys.exit(worst)
 
 
@@ -209,14 +238,19 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
     except ReverseEtlError as exc:
         _fail(str(exc))
     done = 0
-    try:
-        while True:
+    interrupt = Interrupt(grace=_stop_grace())
+    with interrupt.installed():
+        while not interrupt.requested:
             for name in due_syncs(project, store):
+                if interrupt.requested:
+                    break
                 try:
-                    result = run_sync(project, name, store, RunOptions())
+                    result = run_sync(project, name, store, RunOptions(interrupt=interrupt))
                 except ReverseEtlError as exc:  # e.g. still running from the last check
                     err_console.print(f"{name}: {scrub(str(exc))}")
                     continue
+                except KeyboardInterrupt:
+                    break
                 rec = result.record
                 console.print(
                     f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
@@ -226,9 +260,12 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
             done += 1
             if cycles and done >= cycles:
                 return
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        console.print("scheduler stopped")
+            slept = 0.0
+            while slept < interval and not interrupt.requested:
+                time.sleep(min(1.0, interval - slept))
+                slept += 1.0
+    console.print(f"scheduler stopped by {interrupt.name}")
+    sys.exit(interrupt.exit_code)
 
 
 @main.command()
@@ -311,7 +348,7 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
         table.add_row(reason, str(count))
     console.print(table)
     console.print(f"error file: {report.error_file}")
-    sys.exit(EXIT_ROW_ERRORS if report.bad_rows else EXIT_OK)
+    sys.exit(EXIT_ROW_ERRORS if report.by_reason else EXIT_OK)
 
 
 @main.command()

@@ -34,7 +34,7 @@ from reverse_etl.extract import later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.prefetch import prefetch
-from reverse_etl.secrets import scrub
+from reverse_etl.secrets import scrub, scrub_log_records
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.state import RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
@@ -106,6 +106,7 @@ def run_sync(
     source_factory: Callable[[Project, Sync], Source] | None = None,
 ) -> RunResult:
     options = options or RunOptions()
+    scrub_log_records()
     sync = project.sync(sync_name)
     run_id = store.new_run_id()
     record = RunRecord(
@@ -163,6 +164,22 @@ def run_sync(
                 record.status = _final_status(record, options, result)
             store.save_run(record)
     return result
+
+
+def view_problems(project: Project, sync: Sync, source: Source) -> list[str]:
+    """What a run of ``sync`` would refuse before reading a row (``reverse-etl check``): the
+    SQL file, the view's columns and types against the mapping, the cursor's type. Reads the
+    view's schema only, never its rows."""
+    try:
+        view_sql = project.source_sql(sync)
+        schema = source.schema(view_sql)
+        sync = resolve_sync_columns(sync, schema.names, source.dialect)
+    except (ReverseEtlError, SourceError) as exc:
+        return [scrub(str(exc))]
+    conn = project.connections[sync.destination.connection]
+    return preflight(
+        sync.name, transform_spec(sync, destination_for(conn.type, sync.object)), schema
+    )
 
 
 def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> str:

@@ -6,6 +6,7 @@ log lines, error files and exception texts can be scrubbed of it before they lea
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -76,3 +77,28 @@ def scrub(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+_factory_installed = False
+
+
+def scrub_log_records() -> None:
+    """Make every log record scrubbed from its creation, whichever handler takes it (a
+    scheduler's, Airflow's, pytest's caplog), not only the handlers the CLI installs: httpx
+    and the warehouse drivers log URLs and errors that may carry a secret. Idempotent."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    make = logging.getLogRecordFactory()
+
+    def scrubbed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if _known_secrets:
+            record.msg = scrub(record.getMessage())
+            record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    logging.setLogRecordFactory(scrubbed)
+    _factory_installed = True

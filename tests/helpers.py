@@ -191,7 +191,10 @@ class FakeDestination(Destination):
     With ``drain_on_failure`` the failing call first pulls every remaining batch, as a
     destination with requests in flight does, so the engine's read-ahead has finished by the
     time the error propagates. ``reject_ids`` are reported as failed by the destination
-    (LoadResult.failed + errors)."""
+    (LoadResult.failed + errors). ``lag=N`` acknowledges batch k only after it has pulled
+    batch k+N (as a destination with N requests in flight does), so an engine that commits a
+    batch before its result, or matches results to the wrong batch, loses rows in the tests;
+    ``swap_results`` hands back the results of the first two batches in the wrong order."""
 
     type = "klaviyo"
     standard_fields: ClassVar[dict[str, str]] = dict(KLAVIYO_FIELDS)
@@ -204,7 +207,11 @@ class FakeDestination(Destination):
         record_failed_batch: bool = True,
         drain_on_failure: bool = True,
         reject_ids: Sequence[str] = (),
+        lag: int = 0,
+        swap_results: bool = False,
     ):
+        self.lag = lag
+        self.swap_results = swap_results
         self.fail_on_batch = fail_on_batch
         self.record_failed_batch = record_failed_batch
         self.drain_on_failure = drain_on_failure
@@ -226,6 +233,17 @@ class FakeDestination(Destination):
         self.prepared += 1
 
     def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+        held: list[LoadResult] = []  # accepted, not yet acknowledged
+        for result in self._accept(batches):
+            held.append(result)
+            if self.swap_results and len(held) == 2:
+                held.reverse()
+                self.swap_results = False
+            while len(held) > self.lag:
+                yield held.pop(0)
+        yield from held
+
+    def _accept(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
         for n, batch in enumerate(batches, start=1):
             rows = batch.table.to_pylist()
             if n == self.fail_on_batch:

@@ -3,7 +3,8 @@
 A template is a nested dict whose leaves are ``Col(name)`` (a column of the batch) or plain
 literals. With ``drop_nulls`` a null leaf is left out (the property is untouched at the
 destination); without it the null is sent (the property is cleared). Timestamps are written
-as ISO 8601 UTC (``2025-03-01T10:00:00Z``), dates as ``YYYY-MM-DD``.
+as ISO 8601 UTC (``2025-03-01T10:00:00Z``), dates as ``YYYY-MM-DD``, numbers exactly as the
+column holds them (the transform has refused NaN and Infinity, which JSON cannot carry).
 """
 
 from __future__ import annotations
@@ -62,9 +63,7 @@ def _leaf(col: Col, schema: pa.Schema) -> str:
         if dtype.tz is None:
             return f"strftime({ref}, '%Y-%m-%dT%H:%M:%S')"
         return f"strftime(CAST({ref} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
-    if pt.is_decimal(dtype):
-        return f"CAST({ref} AS DOUBLE)"
-    return ref
+    return ref  # DECIMAL, HUGEINT and UBIGINT: to_json writes every digit, never a rounded double
 
 
 def _render(node: Any, schema: pa.Schema) -> str:
