@@ -48,9 +48,7 @@ class Interrupt:
         if main is not None:
             # a real signal, not interrupt_main(): it also wakes a main thread blocked in a
             # lock or a socket wait, where a simulated one would wait for the call to return
-            self._timer = threading.Timer(
-                self.grace, signal.pthread_kill, (main, signal.SIGINT)
-            )
+            self._timer = threading.Timer(self.grace, signal.pthread_kill, (main, signal.SIGINT))
             self._timer.daemon = True
             self._timer.start()
 

@@ -29,7 +29,6 @@ from tests.helpers import (
     write_project,
 )
 
-
 # Every engine test runs against a destination that keeps two batches in flight: a batch
 # is acknowledged only after the next two were pulled, as the real clients do.
 LAG = 2
