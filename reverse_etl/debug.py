@@ -49,7 +49,9 @@ def export_csv(project: Project, sync: Sync, target: str, batch_size: int = 50_0
             # A CSV holds only text: the column kinds the view's types imply travel beside it,
             # so validating the file checks what validating the view checks.
             side.write(orjson.dumps({f.name: kind_of_arrow(f.type) for f in schema}).decode())
-        for batch in source.stream(project.source_sql(sync), {}, batch_size):
+        for batch in source.stream(
+            source.dialect.embed_sql(project.source_sql(sync)), {}, batch_size
+        ):
             if writer is None:
                 writer = csv.writer(fh)
                 writer.writerow(batch.schema.names)

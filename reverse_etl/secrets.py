@@ -93,12 +93,30 @@ def scrub_log_records() -> None:
 
     def scrubbed(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        if _known_secrets:
-            record.msg = scrub(record.getMessage())
-            record.args = None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        if not _known_secrets:
+            return record
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: logging reports it at emit time
+            return record
+        if scrub(message) != message:
+            # scrub the template and each argument, keeping the arguments' shape: formatters
+            # such as uvicorn's access log unpack ``record.args`` themselves
+            record.msg = scrub(str(record.msg))
+            if isinstance(record.args, tuple):
+                record.args = tuple(_scrub_arg(a) for a in record.args)
+            elif isinstance(record.args, Mapping):
+                record.args = {k: _scrub_arg(v) for k, v in record.args.items()}
+            if scrub(record.getMessage()) != record.getMessage():  # a secret spanning both
+                record.msg, record.args = scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
         return record
 
     logging.setLogRecordFactory(scrubbed)
     _factory_installed = True
+
+
+def _scrub_arg(value: Any) -> Any:
+    text = str(value)
+    return value if scrub(text) == text else scrub(text)
