@@ -67,8 +67,11 @@ def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "")
 
 
 def register_secret(value: str | None) -> None:
+    """Scrub ``value`` from every text that leaves the process, log records included (from
+    now on, whichever handler takes them)."""
     if value and len(value) >= 4:
         _known_secrets.add(value)
+        scrub_log_records()
 
 
 def scrub(text: str) -> str:
