@@ -9,6 +9,7 @@ end. A missing prerequisite fails the test with the command that installs it; se
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -143,7 +144,11 @@ def snowflake_kwargs() -> Iterator[dict[str, Any]]:
     except ImportError:
         _missing("fakesnow is not installed: `pip install -e '.[dev]'` (fakesnow[server]==0.12.1)")
     started = time.monotonic()
-    with _fakesnow_null_timestamps_fixed(), fakesnow.server(host="127.0.0.1") as server_kwargs:
+    with (
+        _fakesnow_null_timestamps_fixed(),
+        fakesnow.server(host="127.0.0.1") as server_kwargs,
+        _quiet_access_log(),  # after the start: uvicorn sets its loggers' levels as it starts
+    ):
         print(f"\n[warehouses] fakesnow ready in {time.monotonic() - started:.2f}s")
         yield {
             "user": "retl",
@@ -157,6 +162,19 @@ def snowflake_kwargs() -> Iterator[dict[str, Any]]:
             "database": "RETL_TEST",
             "schema": "PUBLIC",
         }
+
+
+@contextlib.contextmanager
+def _quiet_access_log() -> Iterator[None]:
+    """fakesnow serves through uvicorn in this process, whose access log writes a line per
+    query into every captured test output; warnings and errors still show."""
+    access = logging.getLogger("uvicorn.access")
+    level = access.level
+    access.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        access.setLevel(level)
 
 
 @contextlib.contextmanager

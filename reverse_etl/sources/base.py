@@ -25,7 +25,8 @@ class Dialect:
 
     With ``pyformat`` every ``%`` of the statement is significant, so the user's SQL must pass
     through ``embed_sql`` before it is wrapped in a statement that ``Source.stream`` runs
-    (``LIKE 'a%'`` becomes ``LIKE 'a%%'``). ``Source.schema`` takes the user's SQL as written.
+    (``LIKE 'a%'`` becomes ``LIKE 'a%%'``). ``Source.schema`` takes the user's SQL as written
+    (it runs no parameters) and wraps it on lines of its own, as ``embed_sql`` does.
 
     ``unquoted_case`` is how the warehouse folds an unquoted identifier: Snowflake stores
     ``email`` as ``EMAIL``, PostgreSQL as ``email``; DuckDB and BigQuery match names
@@ -53,8 +54,11 @@ class Dialect:
         return '"' + ident.replace('"', '""') + '"'
 
     def embed_sql(self, sql: str) -> str:
-        """The user's SQL made safe to embed in a statement with this dialect's parameters."""
-        return sql.replace("%", "%%") if self.param_style == "pyformat" else sql
+        """The user's SQL made safe to embed in a statement with this dialect's parameters:
+        ``%`` doubled for pyformat, and a line break after it, so that a view ending in a
+        ``-- comment`` does not comment out what the statement adds after it (``) AS v``)."""
+        escaped = sql.replace("%", "%%") if self.param_style == "pyformat" else sql
+        return escaped + "\n"
 
     def resolve_column(self, name: str, columns: Iterable[str]) -> str:
         """The view's spelling of the configured column ``name``.
@@ -111,7 +115,8 @@ class Source(ABC):
 
     @abstractmethod
     def schema(self, sql: str) -> pa.Schema:
-        """Column names and Arrow types of ``sql`` without reading its rows."""
+        """Column names and Arrow types of ``sql`` (the user's SQL as written, ``%`` and
+        trailing ``-- comment`` included) without reading its rows."""
 
     @abstractmethod
     def stream(
@@ -131,6 +136,12 @@ class Source(ABC):
 
 
 _PYFORMAT_TOKEN = re.compile(r"%\((?P<name>[^()]*)\)s|%%|%")
+
+
+def probe_sql(sql: str) -> str:
+    """The statement ``Source.schema`` types: the user's SQL as written, with a line break
+    before the closing parenthesis so a trailing ``-- comment`` cannot swallow it."""
+    return f"SELECT * FROM (\n{sql}\n) AS q"
 
 
 def render_pyformat(sql: str, params: Mapping[str, Any], literal: Callable[[Any], str]) -> str:

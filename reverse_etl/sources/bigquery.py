@@ -29,7 +29,7 @@ from google.auth.exceptions import GoogleAuthError
 from google.cloud import bigquery
 from google.cloud.bigquery import _pandas_helpers
 
-from reverse_etl.sources.base import Dialect, Source, SourceError, rebatch, utc_schema
+from reverse_etl.sources.base import Dialect, Source, SourceError, probe_sql, rebatch, utc_schema
 
 DIALECT = Dialect(name="bigquery", param_style="at", string_type="STRING")
 
@@ -68,7 +68,7 @@ class BigQuerySource(Source):
     def schema(self, sql: str) -> pa.Schema:
         config = bigquery.QueryJobConfig(dry_run=True, use_query_cache=False)
         try:  # a dry run validates and types the query without running it
-            job = self._client.query(f"SELECT * FROM ({sql}) AS q", job_config=config)
+            job = self._client.query(probe_sql(sql), job_config=config)
         except _ERRORS as exc:
             raise self._error(exc) from None
         fields = job.schema or []

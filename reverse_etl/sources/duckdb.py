@@ -10,7 +10,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from reverse_etl.sources.base import Dialect, Source, SourceError, rebatch
+from reverse_etl.sources.base import Dialect, Source, SourceError, probe_sql, rebatch
 
 DIALECT = Dialect(name="duckdb", param_style="dollar")
 
@@ -50,7 +50,7 @@ class DuckDBSource(Source):
 
     def schema(self, sql: str) -> pa.Schema:
         try:
-            return self._con.sql(f"SELECT * FROM ({sql}) AS q LIMIT 0").to_arrow_table().schema
+            return self._con.sql(probe_sql(sql) + " LIMIT 0").to_arrow_table().schema
         except duckdb.Error as exc:
             raise SourceError(f"DuckDB could not run the sync's SQL: {exc}") from exc
 

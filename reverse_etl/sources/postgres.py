@@ -34,6 +34,7 @@ from reverse_etl.sources.base import (
     Dialect,
     Source,
     SourceError,
+    probe_sql,
     rebatch,
     render_pyformat,
     utc_schema,
@@ -97,7 +98,7 @@ class PostgresSource(Source):
     def schema(self, sql: str) -> pa.Schema:
         try:
             with self._con.cursor() as cur:
-                raw = cur.adbc_execute_schema(f"SELECT * FROM ({sql}) AS q")  # prepare only
+                raw = cur.adbc_execute_schema(probe_sql(sql))  # prepare only
         except adbc_driver_manager.Error as exc:
             raise self._error(exc) from None
         return _plain_schema(raw)

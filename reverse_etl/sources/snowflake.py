@@ -32,6 +32,7 @@ from reverse_etl.sources.base import (
     Source,
     SourceError,
     conform,
+    probe_sql,
     rebatch,
     render_pyformat,
 )
@@ -64,7 +65,7 @@ class SnowflakeSource(Source):
     def schema(self, sql: str) -> pa.Schema:
         try:
             with self._con.cursor() as cur:
-                described = cur.describe(f"SELECT * FROM ({sql}) AS q")
+                described = cur.describe(probe_sql(sql))
         except SnowflakeError as exc:
             raise self._error(exc) from None
         return pa.schema([pa.field(m.name, _arrow_type(m)) for m in described or []])
