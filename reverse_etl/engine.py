@@ -27,6 +27,7 @@ from reverse_etl.errors import (
     EXIT_OK,
     EXIT_ROW_ERRORS,
     DestinationError,
+    LockLostError,
     ReverseEtlError,
     SchemaMismatchError,
 )
@@ -36,7 +37,7 @@ from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.prefetch import prefetch
 from reverse_etl.secrets import scrub, scrub_log_records
 from reverse_etl.sources import Source, SourceError, open_source
-from reverse_etl.state import RunRecord, StateStore, Watermark, now
+from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import FieldSpec, TransformSpec
 
@@ -117,7 +118,7 @@ def run_sync(
         full_refresh=options.full_refresh,
     )
     result = RunResult(record)
-    with store.lock(sync.name, run_id):
+    with store.lock(sync.name, run_id) as lock:
         store.start_run(record)
         error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
         if not storage.is_s3(error_target):
@@ -132,6 +133,7 @@ def run_sync(
                         project,
                         sync,
                         store,
+                        lock,
                         options,
                         record,
                         errors,
@@ -199,6 +201,7 @@ def _run(
     project: Project,
     sync: Sync,
     store: StateStore,
+    lock: LockHandle,
     options: RunOptions,
     record: RunRecord,
     errors: ErrorFileWriter,
@@ -247,7 +250,7 @@ def _run(
                 batch_size=sync.batch_size,
                 errors=errors,
                 counts=record.counts,
-                stop=lambda: interrupt is not None and interrupt.requested,
+                stop=lambda: lock.lost or (interrupt is not None and interrupt.requested),
             ):
                 loaded = LoadBatch(loaded.table, _Token(next(seq), loaded.token))
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
@@ -267,10 +270,15 @@ def _run(
                         f"the {conn.type} destination acknowledged a batch other than the oldest "
                         "one in flight; nothing after the last in-order batch was committed"
                     )
+                if lock.lost or not store.heartbeat(sync.name, record.run_id):
+                    raise LockLostError(
+                        f"sync {sync.name!r}: run {record.run_id} lost its lock (another run took "
+                        "it over as stale, or it was unlocked); it stopped without committing "
+                        "more, and the rows it sent past its watermark are sent again next run"
+                    )
                 pending.popleft()
                 _commit(store, sync, record, errors, loaded, replace=replace)
                 replace = False
-                store.heartbeat(sync.name, record.run_id)
         except BaseException:
             stream.close()
             errors.write(_unsent(pending))

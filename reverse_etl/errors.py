@@ -26,6 +26,11 @@ class LockHeldError(ReverseEtlError):
     """Another run of the same sync holds its lock."""
 
 
+class LockLostError(ReverseEtlError):
+    """Another run took this run's lock over (it looked stale) or it was unlocked: the run
+    stops before committing more, so two runs never move one watermark."""
+
+
 class SchemaMismatchError(ReverseEtlError):
     """The view's columns or types no longer fit the sync's mapping; nothing was sent."""
 

@@ -121,7 +121,7 @@ def batch_watermark(
             continue
         value, ident = cursors[pos].as_py(), ids[pos].as_py()
         if value is not None and ident is not None:
-            return Watermark(value, ident)
+            return Watermark(value, ident, cursor)
     return None
 
 

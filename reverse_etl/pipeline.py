@@ -44,6 +44,13 @@ def watermark_problems(
     type) changed, comparing the old value with the new column is meaningless or an error."""
     if mark is None or mark.cursor is None:
         return []
+    if mark.column is not None and mark.column != cursor:
+        return [
+            f"sync {sync_name!r}: its stored watermark was read from cursor column "
+            f"{mark.column!r}, but the sync's cursor is now {cursor!r}. Run `reverse-etl run "
+            f"{sync_name} --full-refresh` to read the whole view from the new cursor (upserts "
+            "make re-sending safe)"
+        ]
     value = mark.cursor
     if pt.is_timestamp(dtype):
         fits = isinstance(value, datetime)

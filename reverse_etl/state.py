@@ -2,14 +2,20 @@
 
 A SQLite file under the project by default; a PostgreSQL URL lets a team share one store.
 The lock is a row with a unique key, so it works the same on both without advisory-lock
-features; a lock whose owner stopped heartbeating for ``stale_after`` is taken over.
+features. The holder heartbeats it from a background thread; a lock whose owner stopped
+heartbeating for ``stale_after`` is taken over with a compare-and-swap on (run_id, heartbeat),
+so two runs can never both take over one stale lock, and the dead run is marked ``abandoned``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,12 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from reverse_etl.errors import LockHeldError
+from reverse_etl.secrets import scrub
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -42,7 +51,8 @@ runs = sa.Table(
     sa.Column("sync", sa.String(200), nullable=False, index=True),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("ended_at", sa.DateTime(timezone=True)),
-    sa.Column("status", sa.String(20), nullable=False),  # running|success|partial|failed|dry_run
+    # running|success|partial|failed|dry_run|interrupted|abandoned (free text: never checked here)
+    sa.Column("status", sa.String(20), nullable=False),
     sa.Column("full_refresh", sa.Boolean, nullable=False, default=False),
     sa.Column("read", sa.BigInteger, nullable=False, default=0),
     sa.Column("sent", sa.BigInteger, nullable=False, default=0),
@@ -67,10 +77,13 @@ locks = sa.Table(
 
 @dataclass(frozen=True)
 class Watermark:
-    """Compound cursor: the last acknowledged (cursor value, identifier) pair."""
+    """Compound cursor: the last acknowledged (cursor value, identifier) pair. ``column`` is
+    the cursor column it was read from, so a sync whose cursor changed is told so instead of
+    comparing one column's value with another's (not part of equality)."""
 
     cursor: Any
     id: Any
+    column: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -104,23 +117,30 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _utc(value: datetime) -> datetime: ...
+@overload
+def _utc(value: None) -> None: ...
 def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes for timezone=True columns; they were stored as UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+    """In UTC, so messages that say "UTC" are: SQLite hands back naive datetimes for
+    timezone=True columns (stored as UTC), PostgreSQL hands them back in the session's zone."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def encode_value(value: Any) -> str:
-    """Typed JSON for a cursor or id value, so it binds back as the same SQL type."""
+def encode_value(value: Any, *, column: str | None = None) -> str:
+    """Typed JSON for a cursor or id value, so it binds back as the same SQL type (with the
+    column it came from, for a cursor)."""
+    extra = {"col": column} if column else {}
     if isinstance(value, datetime):
-        return json.dumps({"t": "datetime", "v": value.isoformat()})
+        return json.dumps({"t": "datetime", "v": value.isoformat(), **extra})
     if isinstance(value, date):
-        return json.dumps({"t": "date", "v": value.isoformat()})
+        return json.dumps({"t": "date", "v": value.isoformat(), **extra})
     if isinstance(value, Decimal):
-        return json.dumps({"t": "decimal", "v": str(value)})
+        return json.dumps({"t": "decimal", "v": str(value), **extra})
     if value is None or isinstance(value, bool | int | float | str):
-        return json.dumps({"t": "plain", "v": value})
+        return json.dumps({"t": "plain", "v": value, **extra})
     raise TypeError(f"cannot store a cursor of type {type(value).__name__}")
 
 
@@ -136,21 +156,51 @@ def decode_value(text: str) -> Any:
     return value
 
 
+class LockHandle:
+    """What ``StateStore.lock()`` yields: the run holding the lock and whether it still does.
+
+    ``lost`` turns true when a heartbeat finds the row no longer ours (another run took the lock
+    over as stale, or someone ran ``reverse-etl unlock``); the run should stop committing then.
+    """
+
+    def __init__(self, sync: str, run_id: str) -> None:
+        self.sync = sync
+        self.run_id = run_id
+        self._lost = threading.Event()  # set from the heartbeat thread, read from the run's
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def __repr__(self) -> str:
+        return f"LockHandle(sync={self.sync!r}, run_id={self.run_id!r}, lost={self.lost})"
+
+
 class StateStore:
     def __init__(
-        self, url: str, *, root: Path | None = None, stale_after: timedelta = timedelta(hours=2)
+        self,
+        url: str,
+        *,
+        root: Path | None = None,
+        stale_after: timedelta = timedelta(hours=2),
+        heartbeat_every: timedelta | None = None,
     ):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rel = Path(url.removeprefix("sqlite:///"))
             path = (root or Path.cwd()) / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{path}"
+        if heartbeat_every is None:  # several beats per stale period, so one missed beat is fine
+            heartbeat_every = min(max(stale_after / 6, _MIN_HEARTBEAT), _MAX_HEARTBEAT)
+        if heartbeat_every <= timedelta(0):
+            raise ValueError(f"heartbeat_every must be positive, not {heartbeat_every}")
         self.url = url
         self.engine = sa.create_engine(url, future=True)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        _create_schema(self.engine)
         self.stale_after = stale_after
+        self.heartbeat_every = heartbeat_every
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     # ---------------------------------------------------------------- watermarks
@@ -160,11 +210,12 @@ class StateStore:
             row = con.execute(sa.select(watermarks).where(watermarks.c.sync == sync)).first()
         if row is None:
             return None
-        return Watermark(decode_value(row.cursor_value), decode_value(row.id_value))
+        column = json.loads(row.cursor_value).get("col")
+        return Watermark(decode_value(row.cursor_value), decode_value(row.id_value), column)
 
     def set_watermark(self, sync: str, mark: Watermark) -> None:
         values = {
-            "cursor_value": encode_value(mark.cursor),
+            "cursor_value": encode_value(mark.cursor, column=mark.column),
             "id_value": encode_value(mark.id),
             "updated_at": now(),
         }
@@ -182,59 +233,143 @@ class StateStore:
     # ---------------------------------------------------------------- locks
 
     @contextmanager
-    def lock(self, sync: str, run_id: str) -> Iterator[None]:
-        """Hold the sync's lock for the block; refuse if another live run holds it."""
-        self._acquire(sync, run_id)
-        try:
-            yield
-        finally:
-            with self.engine.begin() as con:
-                con.execute(sa.delete(locks).where(locks.c.sync == sync, locks.c.run_id == run_id))
+    def lock(self, sync: str, run_id: str) -> Iterator[LockHandle]:
+        """Hold the sync's lock for the block; refuse if another live run holds it.
 
-    def heartbeat(self, sync: str, run_id: str) -> None:
+        A daemon thread heartbeats every ``heartbeat_every`` while the block runs, so a long
+        job poll or rate-limit wait never makes a live run look stale. On exit the thread is
+        stopped and joined, then only this run's lock is released: if another run took it
+        over meanwhile, its lock stays.
+        """
+        self._acquire(sync, run_id)
+        handle = LockHandle(sync, run_id)
+        stop = threading.Event()
+        beater = threading.Thread(
+            target=self._beat, args=(handle, stop), name=f"retl-heartbeat-{sync}", daemon=True
+        )
+        try:
+            beater.start()
+            yield handle
+        finally:
+            stop.set()
+            if beater.ident is not None:  # started
+                beater.join()
+            self.release(sync, run_id)
+
+    def heartbeat(self, sync: str, run_id: str) -> bool:
+        """Refresh this run's lock; False if the lock is no longer this run's."""
         with self.engine.begin() as con:
-            con.execute(
+            done = con.execute(
                 sa.update(locks)
                 .where(locks.c.sync == sync, locks.c.run_id == run_id)
                 .values(heartbeat_at=now())
-            )
+            ).rowcount
+        return done == 1
 
-    def _acquire(self, sync: str, run_id: str) -> None:
-        row = {
-            "sync": sync,
-            "run_id": run_id,
-            "owner": self.owner,
-            "acquired_at": now(),
-            "heartbeat_at": now(),
-        }
-        try:
-            with self.engine.begin() as con:
-                con.execute(sa.insert(locks).values(**row))
-            return
-        except IntegrityError:
-            pass
+    def release(self, sync: str, run_id: str) -> bool:
+        """Delete the sync's lock only if ``run_id`` holds it; True if it did."""
         with self.engine.begin() as con:
-            held = con.execute(sa.select(locks).where(locks.c.sync == sync)).first()
-            if held is None:  # released between our insert and this read
-                con.execute(sa.insert(locks).values(**row))
-                return
-            beat = _utc(held.heartbeat_at)
-            if beat is not None and now() - beat > self.stale_after:
-                con.execute(
-                    sa.update(locks)
-                    .where(locks.c.sync == sync, locks.c.run_id == held.run_id)
-                    .values(**row)
-                )
-                return
-        raise LockHeldError(
-            f"sync {sync!r} is already running (run {held.run_id} on {held.owner}, "
-            f"started {_utc(held.acquired_at):%Y-%m-%d %H:%M:%S} UTC); wait for it to finish, or, "
-            f"if that process is gone, run `reverse-etl unlock {sync}`"
-        )
+            done = con.execute(
+                sa.delete(locks).where(locks.c.sync == sync, locks.c.run_id == run_id)
+            ).rowcount
+        return bool(done)
 
-    def unlock(self, sync: str) -> bool:
+    def unlock(self, sync: str, run_id: str | None = None) -> bool:
+        """Release the sync's lock whoever holds it (for a dead process), or only ``run_id``'s."""
+        if run_id is not None:
+            return self.release(sync, run_id)
         with self.engine.begin() as con:
             return bool(con.execute(sa.delete(locks).where(locks.c.sync == sync)).rowcount)
+
+    def _beat(self, handle: LockHandle, stop: threading.Event) -> None:
+        """The heartbeat thread: a failed beat is logged and retried next tick, never raised
+        (the run must not die of a state-store blip); a lost lock is flagged and ends it."""
+        interval = self.heartbeat_every.total_seconds()
+        while not stop.wait(interval):
+            try:
+                held = self.heartbeat(handle.sync, handle.run_id)
+            except Exception as exc:
+                log.warning(
+                    "sync %r, run %s: lock heartbeat failed, retrying in %ss: %s",
+                    handle.sync,
+                    handle.run_id,
+                    interval,
+                    scrub(f"{type(exc).__name__}: {exc}"),
+                )
+                continue
+            if not held:
+                handle._lost.set()
+                log.warning(
+                    "sync %r, run %s: lost its lock (another run took it over as stale, or it "
+                    "was unlocked); this run no longer holds the sync",
+                    handle.sync,
+                    handle.run_id,
+                )
+                return
+
+    def _acquire(self, sync: str, run_id: str) -> None:
+        """Insert the lock row, or take over a stale one; raise LockHeldError if a live run
+        holds it. A few attempts, because the lock can change hands between our steps."""
+        held: Any = None
+        for _attempt in range(3):
+            row = {
+                "sync": sync,
+                "run_id": run_id,
+                "owner": self.owner,
+                "acquired_at": now(),
+                "heartbeat_at": now(),
+            }
+            try:
+                with self.engine.begin() as con:
+                    con.execute(sa.insert(locks).values(**row))
+                return
+            except IntegrityError:
+                pass
+            with self.engine.connect() as con:
+                held = con.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+            if held is None:  # released between our insert and this read: insert again
+                continue
+            if now() - _utc(held.heartbeat_at) <= self.stale_after:
+                break
+            if self._take_over(sync, held, row):
+                return
+            # another run took this stale lock first (or its holder beat again): look again,
+            # which finds that run's fresh lock and refuses
+        raise _held_error(sync, held)
+
+    def _take_over(self, sync: str, held: Any, row: dict[str, Any]) -> bool:
+        """Compare-and-swap a stale lock to this run: it changes the row only if it still holds
+        the run and heartbeat we read, so of two racing takers exactly one wins. The winner
+        marks the dead run ``abandoned`` in the same transaction."""
+        with self.engine.begin() as con:
+            taken = (
+                con.execute(
+                    sa.update(locks)
+                    .where(
+                        locks.c.sync == sync,
+                        locks.c.run_id == held.run_id,
+                        locks.c.heartbeat_at == held.heartbeat_at,  # the value as read, unconverted
+                    )
+                    .values(**row)
+                ).rowcount
+                == 1
+            )
+            if taken:
+                beat = _utc(held.heartbeat_at)
+                con.execute(
+                    sa.update(runs)
+                    .where(runs.c.run_id == held.run_id, runs.c.status == "running")
+                    .values(
+                        status="abandoned",
+                        ended_at=beat,
+                        message=(
+                            f"abandoned: the process stopped heartbeating at "
+                            f"{beat:%Y-%m-%d %H:%M:%S} UTC (killed or lost); a later run took "
+                            f"over its lock"
+                        ),
+                    )
+                )
+        return taken
 
     # ---------------------------------------------------------------- runs
 
@@ -271,10 +406,46 @@ class StateStore:
         self.engine.dispose()
 
 
+def _held_error(sync: str, held: Any) -> LockHeldError:
+    if held is None:  # the lock kept changing hands under us
+        return LockHeldError(
+            f"sync {sync!r} is being locked and released by other runs right now; try again"
+        )
+    return LockHeldError(
+        f"sync {sync!r} is already running (run {held.run_id} on {held.owner}, "
+        f"started {_utc(held.acquired_at):%Y-%m-%d %H:%M:%S} UTC); wait for it to finish, or, "
+        f"if that process is gone, run `reverse-etl unlock {sync}`"
+    )
+
+
+_MIN_HEARTBEAT = timedelta(seconds=1)
+_MAX_HEARTBEAT = timedelta(seconds=60)
+_SCHEMA_ATTEMPTS = 6
+# What a first run that raced another one to create the schema sees: the table or its row type
+# appeared in between (SQLite, PostgreSQL's DuplicateTable and pg_type UniqueViolation), or the
+# fresh SQLite file was locked while the other run created it or switched it to WAL.
+_SCHEMA_RACE = ("already exists", "duplicate key", "pg_type", "is locked", "deadlock detected")
+
+
+def _create_schema(engine: sa.Engine) -> None:
+    """``create_all``, safe when several first runs start at once on a store that does not
+    exist yet: the loser of the race retries (its check then finds the tables) instead of
+    failing with a raw SQL error."""
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            text = str(exc.orig if exc.orig is not None else exc).lower()
+            if attempt == _SCHEMA_ATTEMPTS - 1 or not any(m in text for m in _SCHEMA_RACE):
+                raise
+            time.sleep(0.05 * 2**attempt * (1 + random.random()))
+
+
 def _sqlite_pragmas(dbapi_con: Any, _record: Any) -> None:
     cur = dbapi_con.cursor()
+    cur.execute("PRAGMA busy_timeout=10000")  # first: switching a new file to WAL may wait
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
 
 

@@ -254,6 +254,23 @@ def test_a_text_cursor_is_refused_before_reading(env, tmp_path: Path) -> None:
     assert any("cursor column 'modified_at'" in p for p in problems)
 
 
+def test_a_new_cursor_column_of_the_same_type_is_noticed_too(env, tmp_path: Path) -> None:
+    e = env([person(i) for i in range(5)])
+    e.run(FakeDestination())
+    assert e.watermark().column == "modified_at"  # type: ignore[union-attr]
+    execute(
+        tmp_path / "warehouse.duckdb",
+        "ALTER TABLE people ADD COLUMN updated_at TIMESTAMPTZ",
+        "UPDATE people SET updated_at = modified_at",
+    )
+    e2 = Env(tmp_path, None, cursor="updated_at")
+    result = e2.run(FakeDestination())
+    e2.store.close()
+    assert result.exit_code == EXIT_FAILED
+    assert "'modified_at'" in (result.record.message or "")
+    assert "--full-refresh" in (result.record.message or "")
+
+
 def test_changing_the_cursor_column_says_what_to_run(env, tmp_path: Path) -> None:
     e = env([person(i) for i in range(5)])
     e.run(FakeDestination())
@@ -308,18 +325,21 @@ def test_a_run_whose_lock_was_taken_over_does_not_release_the_new_holder(env) ->
     class TakenOver(FakeDestination):
         def _accept(self, batches):  # type: ignore[no-untyped-def]
             for n, result in enumerate(super()._accept(batches), start=1):
-                if n == 2:  # another process decides the lock is stale and takes it
+                if n == 3:  # another process decides the lock is stale and takes it
                     with other.engine.begin() as con:
                         con.exec_driver_sql(
                             "UPDATE retl_locks SET run_id = 'intruder', owner = 'elsewhere'"
                         )
                 yield result
 
-    e.run(TakenOver())
+    result = e.run(TakenOver(lag=1))
     with other.engine.connect() as con:
         holders = con.exec_driver_sql("SELECT run_id FROM retl_locks").fetchall()
     other.close()
     assert holders == [("intruder",)]
+    # it stopped committing the moment it knew: two runs never move one watermark
+    assert result.record.status == "failed" and "lost its lock" in (result.record.message or "")
+    assert e.watermark() == Watermark(at(9), email(9))
 
 
 def test_log_records_never_carry_a_secret(tmp_path: Path, caplog, monkeypatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from reverse_etl.errors import LockHeldError
-from reverse_etl.state import RunRecord, StateStore, Watermark, now
+from reverse_etl.state import RunRecord, StateStore, Watermark, locks, now
 
 
 @pytest.fixture()
@@ -66,7 +66,11 @@ def test_stale_lock_is_taken_over(pg_url: str) -> None:
     dead = StateStore(pg_url)
     dead._acquire("s", "run-dead")  # a process that died without releasing
     live = StateStore(pg_url, stale_after=timedelta(seconds=0))
-    with live.lock("s", "run-live"):
+    with live.lock("s", "run-live") as handle:
+        assert handle.run_id == "run-live" and not handle.lost
+        # the old run, were it only paused, can neither beat nor release the new holder's lock
+        assert dead.heartbeat("s", "run-dead") is False
+        assert dead.release("s", "run-dead") is False
         assert live.unlock("s") is True
     dead.close()
     live.close()
@@ -88,3 +92,28 @@ def test_run_history_is_kept_in_order(pg_url: str) -> None:
     assert runs[0].counts.read == 20 and runs[0].started_at.tzinfo is not None
     assert store.last_started("s") == runs[0].started_at
     store.close()
+
+
+def test_lock_messages_give_utc_times_whatever_the_session_time_zone(pg_url: str) -> None:
+    url = pg_url + "?options=-ctimezone%3DAmerica/New_York"  # timestamptz come back in -05:00
+    store = StateStore(url)
+    with store.engine.connect() as con:
+        assert con.execute(sa.text("SHOW timezone")).scalar() == "America/New_York"
+    beat = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
+    store.start_run(RunRecord(run_id="dead", sync="s", started_at=beat, status="running"))
+    with store.engine.begin() as con:
+        con.execute(
+            sa.insert(locks).values(
+                sync="s", run_id="dead", owner="gone:1", acquired_at=beat, heartbeat_at=beat
+            )
+        )
+    patient = StateStore(url, stale_after=timedelta(days=365 * 100))
+    with pytest.raises(LockHeldError, match="started 2025-03-01 10:00:00 UTC"):
+        patient._acquire("s", "other")
+    with store.lock("s", "next"):  # stale for the default stale_after: taken over
+        pass
+    (dead,) = store.last_runs("s")
+    assert dead.status == "abandoned" and dead.ended_at == beat
+    assert "stopped heartbeating at 2025-03-01 10:00:00 UTC" in (dead.message or "")
+    store.close()
+    patient.close()
