@@ -10,15 +10,22 @@ from typing import Any
 import orjson
 import pytest
 
-from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
+from reverse_etl.destinations.klaviyo import catalog, jobs
+from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+from reverse_etl.engine import make_destination
+from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, DestinationError
 from tests.helpers import execute
 from tests.sandboxes import (
+    FAULT_SEEDS,
     Rig,
     assert_counts,
-    assert_counts_add_up,
+    assert_created_once,
     error_rows,
+    every_fault,
     fast_clients,
+    fast_faulty_clients,
     faults_met,
+    set_faults,
 )
 from tests.test_klaviyo_support import klaviyo_sync
 
@@ -134,7 +141,8 @@ def test_rows_missing_a_required_field_are_row_errors(klaviyo):
 
     result = rig.run("catalog")
 
-    assert_counts(result, EXIT_ROW_ERRORS, sent=6, created=4, failed=2)
+    # found before sending (screen): rejected, never sent
+    assert_counts(result, EXIT_ROW_ERRORS, read=6, rejected=2, sent=4, created=4, failed=0)
     found = {(e["identifier"], e["column"], e["reason"]) for e in error_rows(result)}
     assert found == {
         ("P1", "title", "missing_required_field"),
@@ -158,21 +166,87 @@ def test_null_values_skip_leaves_fields_and_clear_clears_them(klaviyo):
     assert "price" not in items(rig)["P1"]
 
 
-def test_catalog_through_injected_faults(klaviyo, monkeypatch):
-    fast_clients(monkeypatch, max_attempts=10)
-    rig = klaviyo(
-        fault_rate=0.1, fault_kinds=("429", "500", "503", "reset", "failed_job"), seed=7
-    )  # seed 7: two cancelled jobs, and 429, 500, 503 and a reset
-    products_table(rig, range(1500))
-    rig.configure([catalog_sync(batch_size=400)])
+@pytest.mark.parametrize("seed", FAULT_SEEDS)
+def test_catalog_through_injected_faults(klaviyo, monkeypatch, seed):
+    # A create job whose answer was lost and that lands after the look-ups gave up is sent
+    # again and its items come back as conflicts, which go to update jobs: no duplicate either
+    # way, so a short margin keeps the many futile look-ups (after a reset or a 500) short.
+    fast_faulty_clients(monkeypatch, settle_margin=0.5)
+    # twice the usual rate: a catalog run makes few calls (a job holds 100 items)
+    rig = klaviyo(**{**every_fault(seed), "fault_rate": 0.2})
+    products_table(rig, range(3000))
+    rig.configure([catalog_sync(batch_size=500)])
 
     result = rig.run("catalog")
 
-    assert result.exit_code == EXIT_OK, result.record.message
-    assert_counts_add_up(result)
-    assert len(items(rig)) == 1500
+    assert_counts(result, EXIT_OK, read=3000, sent=3000, rejected=0, failed=0)
+    # every item is new; one whose create job was lost and sent again after all is an update
+    assert result.record.counts.created + result.record.counts.updated == 3000
+    assert len(items(rig)) == 3000
+    assert_created_once(rig.sandbox)
     injected = faults_met(rig.sandbox)
-    assert injected.get("fault_failed_job", 0) >= 1 and len(injected) >= 4, injected
+    assert sum(injected.values()) >= 3, injected  # the run really met faults
+
+
+@pytest.mark.parametrize("kind", ["timeout", "reset", "500"])
+def test_create_job_whose_answer_is_lost_is_not_sent_twice(klaviyo, monkeypatch, kind):
+    # A held create job (timeout) is applied after the client gave up: its items are looked up
+    # and found, so the job is done without a second one. After a reset or a 500 nothing ran:
+    # the items never show and the job is sent again, and faulted again, until the client
+    # gives up; the next run creates them.
+    fast_clients(monkeypatch, timeout=0.5, settle_margin=1.0 if kind == "timeout" else 0.2)
+    rig = klaviyo(fault_rate=1.0, fault_kinds=(kind,), fault_timeout_seconds=1.0)
+    products_table(rig, range(3))
+    project = rig.configure([catalog_sync()])
+    destination = make_destination(project, project.sync("catalog"))
+    assert isinstance(destination, KlaviyoCatalogDestination)
+    job = jobs.Job(
+        catalog.CREATE,
+        orjson.dumps(
+            {
+                "data": {
+                    "type": "catalog-item-bulk-create-job",
+                    "attributes": {"items": {"data": [_item(n) for n in range(2)]}},
+                }
+            }
+        ),
+        2,
+        landed_check=destination._all_exist(["P0", "P1"]),
+    )
+    try:
+        if kind == "timeout":
+            jobs.submit(destination.client, job)
+            assert job.landed
+            done = jobs.wait(destination.client, job, attempts=1, poll_interval=0.01)
+            assert done["data"]["attributes"]["completed_count"] == 2
+        else:
+            with pytest.raises(DestinationError, match="creating a Klaviyo catalog item create"):
+                jobs.submit(destination.client, job)
+    finally:
+        destination.close()
+    assert len(rig.requests("POST", CREATE)) == (1 if kind == "timeout" else 3)
+    set_faults(rig.sandbox, 0.0)
+
+    result = rig.run("catalog")
+
+    landed = 2 if kind == "timeout" else 0
+    assert_counts(result, EXIT_OK, read=3, created=3 - landed, updated=landed, failed=0)
+    assert sorted(items(rig)) == ["P0", "P1", "P2"]
+    assert_created_once(rig.sandbox)
+
+
+def _item(n: int) -> dict[str, Any]:
+    return {
+        "type": "catalog-item",
+        "attributes": {
+            "external_id": f"P{n}",
+            "title": f"Product {n}",
+            "description": f"About product {n}",
+            "url": f"https://shop.example.com/p/{n}",
+            "integration_type": "$custom",
+            "catalog_type": "$default",
+        },
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,13 @@
-"""The HTTP layer shared by destinations: pacing, retries, and errors without secrets.
+"""The HTTP layer shared by destinations: pacing, retries, creates that never happen twice, and
+errors without secrets.
 
 Retried: 429 (after ``Retry-After``), 5xx, timeouts and dropped connections, with
 exponential backoff and jitter, up to ``max_attempts``; then a DestinationError says what
 failed. Other 4xx answers are the caller's to read (a refused record is data, not an outage).
+
+Creates (a list, a data field, an address book, a catalog item job) are not idempotent: sent
+twice, they make two objects or meet a "duplicate" refusal. ``ApiClient.create_once`` is the
+one path every such create takes; see its docstring.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,11 +31,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_STATUS = {429, 500, 502, 503, 504}
 NOT_APPLIED = {429, 503}  # the request was refused before it did anything
+STILL_RUNNING = {502, 504}  # a gateway gave up waiting: the vendor may still be working on it
+# Failures before the request left: nothing can have been applied, so even a create is retried.
+NOT_SENT: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+)
 
 
 class Unsure(DestinationError):
     """A create may or may not have been applied (timeout, dropped connection, 5xx): the
-    caller looks the object up before trying again, so a retry never makes a duplicate."""
+    caller looks the object up before trying again, so a retry never makes a duplicate.
+    ``pending`` is how many seconds from now the lost request may still be applied."""
+
+    def __init__(self, message: str, *, pending: float):
+        super().__init__(message)
+        self.pending = pending
+
+
+class Exists(DestinationError):
+    """A create refused because the object is already there (409 Conflict, or the vendor's
+    duplicate code: Dotdigital's ``ERROR_NON_UNIQUE_DATAFIELD``): look it up, it is ours to use
+    (our own earlier create whose answer was lost, or another writer's)."""
 
 
 @dataclass
@@ -39,6 +62,13 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_retry_after: float = 120.0
+    # A create whose answer was lost may still be under way at the vendor: it is looked up
+    # until the client's timeout (as long again as the client waited) plus this margin have
+    # passed since the loss, ``settle_first`` seconds apart at first, backing off to
+    # ``settle_max``.
+    settle_margin: float = 10.0
+    settle_first: float = 0.25
+    settle_max: float = 5.0
 
 
 class ApiClient:
@@ -54,6 +84,7 @@ class ApiClient:
     ):
         self.name = name
         self.retry = retry or RetryPolicy()
+        self.timeout = timeout
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers=headers,
@@ -75,8 +106,8 @@ class ApiClient:
         content_type: str | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
-        """Send with retries. ``idempotent=False`` (creates): only answers that say nothing
-        was done (429, 503) are retried here; any other failure raises ``Unsure``."""
+        """Send with retries. ``idempotent=False`` (creates): only failures that say nothing
+        was done (429, 503, no connection) are retried here; any other raises ``Unsure``."""
         limiter = limiter or Unlimited()
         headers = {"Content-Type": content_type} if content_type and content is not None else None
         last = ""
@@ -88,17 +119,18 @@ class ApiClient:
                 )
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}"
-                if not idempotent:
-                    raise Unsure(
-                        f"{self.name} {method} {path}: {last}; it may have been applied"
-                    ) from None
+                if not idempotent and not isinstance(exc, NOT_SENT):
+                    raise self._unsure(method, path, last, self.timeout) from None
                 self._backoff(attempt, None, last, method, path)
                 continue
             if response.status_code not in RETRY_STATUS:
                 return response
             last = f"HTTP {response.status_code}"
             if not idempotent and response.status_code not in NOT_APPLIED:
-                raise Unsure(f"{self.name} {method} {path}: {last}; it may have been applied")
+                # a 500 was answered once the work had stopped: if it was applied, it shows at
+                # once; behind a 502/504 the vendor may still be working on it
+                running = self.timeout if response.status_code in STILL_RUNNING else 0.0
+                raise self._unsure(method, path, last, running)
             retry_after = None
             if response.status_code == 429:
                 self.throttled += 1
@@ -111,6 +143,68 @@ class ApiClient:
                 "again next run"
             )
         )
+
+    def _unsure(self, method: str, path: str, what: str, running: float) -> Unsure:
+        return Unsure(
+            f"{self.name} {method} {path}: {what}; it may have been applied",
+            pending=running + self.retry.settle_margin,
+        )
+
+    def create_once(
+        self,
+        find: Callable[[], T | None],
+        create: Callable[[], T],
+        what: str,
+        *,
+        look_first: bool = True,
+        attempts: int = 3,
+    ) -> T:
+        """Find the object, else create it, never twice.
+
+        A create whose outcome is unknown (``Unsure``: a timeout or a connection dropped after
+        the request left, a 5xx) may be applied late: the sandbox's ``timeout`` fault holds the
+        answer past the client's timeout and then applies it, as a vendor under load does. So
+        the object is looked up again, with backoff, for as long as the lost request can still
+        land (``Unsure.pending``: the client's timeout plus ``settle_margin``), and created again
+        only if it never shows. A create the vendor refuses as a duplicate (``Exists``) is
+        looked up the same way. Lookups are the only protection where names may repeat
+        (Klaviyo lists: a second "Create List" with the same name makes a second list).
+
+        ``find`` returns the object or None; ``look_first=False`` when the caller has just
+        looked. Other refusals of the create propagate at once: sending it again changes
+        nothing."""
+        if look_first:
+            found = find()
+            if found is not None:
+                return found
+        last: DestinationError | None = None
+        for _ in range(attempts):
+            try:
+                return create()
+            except Unsure as exc:
+                last, window = exc, exc.pending
+            except Exists as exc:
+                last, window = exc, self.retry.settle_margin
+            log.info(
+                "%s: %s; looking it up for up to %.1fs before creating again", what, last, window
+            )
+            found = self._settle(find, window)
+            if found is not None:
+                return found
+        raise DestinationError(
+            scrub(f"creating {what} failed after {attempts} attempts (last: {last})")
+        )
+
+    def _settle(self, find: Callable[[], T | None], seconds: float) -> T | None:
+        """``find`` until it finds, or until ``seconds`` have passed (one look at the end)."""
+        deadline = time.monotonic() + seconds
+        delay = self.retry.settle_first
+        while True:
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            found = find()
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            delay = min(delay * 2, self.retry.settle_max)
 
     def _backoff(
         self, attempt: int, retry_after: float | None, what: str, method: str, path: str
@@ -145,36 +239,19 @@ def decoded(response: httpx.Response, what: str) -> Any:
     return orjson.loads(response.content) if response.content else None
 
 
+def created(response: httpx.Response, what: str, *, duplicate: Collection[str] = ()) -> Any:
+    """The JSON body of a create's answer. A refusal saying the object exists (409 Conflict,
+    or a 4xx whose body names one of the vendor's ``duplicate`` codes) raises ``Exists`` for
+    ``create_once`` to look it up; any other refusal a DestinationError."""
+    if response.status_code >= 400:
+        exists = response.status_code == 409 or (
+            response.status_code < 500 and any(code in response.text for code in duplicate)
+        )
+        raise (Exists if exists else DestinationError)(f"{what}: {error_detail(response)}")
+    return orjson.loads(response.content) if response.content else None
+
+
 def error_detail(response: httpx.Response) -> str:
     """A short, secret-free description of an error answer, for messages."""
     text = response.text[:500]
     return scrub(f"HTTP {response.status_code}: {text}")
-
-
-SETTLE_SECONDS = (0.5, 1.0, 2.0)  # how long a timed-out create may take to show up
-
-
-def find_or_create(
-    find: Callable[[], T | None], create: Callable[[], T], what: str, attempts: int = 3
-) -> T:
-    """Create unless it exists. A create whose answer was lost (``Unsure``: a timeout, a
-    dropped connection, a 5xx) may still be applied later, so the look-up is repeated for a
-    while before creating again; a refused create (perhaps another writer just made it) is
-    looked up again too. Lists and fields are named: a duplicate is worse than a wait."""
-    last: DestinationError | None = None
-    for _ in range(attempts):
-        found = find()
-        if found is not None:
-            return found
-        try:
-            return create()
-        except Unsure as exc:
-            last = exc
-            for delay in SETTLE_SECONDS:
-                time.sleep(delay)
-                found = find()
-                if found is not None:
-                    return found
-        except DestinationError as exc:
-            last = exc
-    raise DestinationError(f"creating {what} failed after {attempts} attempts (last: {last})")

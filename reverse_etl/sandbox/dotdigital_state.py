@@ -4,7 +4,11 @@ No HTTP here; ``dotdigital.py`` turns requests into these calls. The rules:
 
 * Data fields: names of 1-20 letters, digits, ``_`` or ``-``, unique ignoring case and stored
   upper-cased (as Dotdigital shows them); types String, Numeric, Date, Boolean. The standard
-  fields FIRSTNAME, LASTNAME, FULLNAME, GENDER and POSTCODE exist from the start.
+  fields FIRSTNAME, LASTNAME, FULLNAME, GENDER and POSTCODE exist from the start. A second
+  field or address book of an existing name is refused with 400 and the v2 code
+  (``ERROR_NON_UNIQUE_DATAFIELD``, ``ERROR_ADDRESSBOOK_DUPLICATE``), as Dotdigital does; the
+  sandbox counts it a violation (a client looks before it creates), which a client meets only
+  if another writer creates the same name between its look-up and its create.
 * A contact's data field values keep their field's type: String takes JSON strings, Numeric
   numbers, Boolean booleans, Date ISO 8601 dates or date-times; ``null`` clears. A contact keys
   its values by the field's stored name, whatever case the import used.
@@ -115,9 +119,10 @@ class DotdigitalState:
                 "ERROR_INVALID_DATAFIELD_TYPE", f"Data field type must be one of {FIELD_TYPES}."
             )
         if name.upper() in self.data_fields:
-            raise DotdigitalError(
-                "ERROR_NON_UNIQUE_DATAFIELD", f"A data field named {name.upper()!r} already exists."
-            )
+            # Dotdigital's answer, a 400 (not a 409): "Field already exists.
+            # ERROR_NON_UNIQUE_DATAFIELD" (the v2 message as Dotdigital's Magento connector,
+            # Apiconnector/Client.php, and the dotmailer gem's README quote it)
+            raise DotdigitalError("ERROR_NON_UNIQUE_DATAFIELD", "Field already exists.")
         ok, stored = typed_value(kind, default)
         if not ok:
             raise DotdigitalError(
@@ -140,8 +145,10 @@ class DotdigitalState:
                 "ERROR_ADDRESSBOOK_INVALID", "An address book name is 1-128 characters."
             )
         if any(b["name"].lower() == name.lower() for b in self.address_books.values()):
+            # the v2 message Dotdigital's Magento connector (Apiconnector/Client.php) quotes
             raise DotdigitalError(
-                "ERROR_ADDRESSBOOK_DUPLICATE", f"An address book named {name!r} already exists."
+                "ERROR_ADDRESSBOOK_DUPLICATE",
+                "That name is in use already, please choose another.",
             )
         book = {"id": next(self._book_ids), "name": name, "visibility": visibility or "Private"}
         self.address_books[book["id"]] = book

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
@@ -35,6 +37,8 @@ _STANDARD = frozenset(STANDARD)
 _MERGED = frozenset({"location", "properties"})
 _KNOWN = _STANDARD | _MERGED
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+MAX_CUSTOM_METADATA_BYTES = 100_000  # a catalog item's custom_metadata: "100kb"
 
 
 def now_iso() -> str:
@@ -328,7 +332,20 @@ class KlaviyoState:
         catalog = attrs.get("catalog_type") or "$default"
         return f"{integration}:::{catalog}:::{attrs['external_id']}"
 
+    @staticmethod
+    def _check_metadata(attrs: Mapping[str, Any], pointer: str) -> None:
+        """custom_metadata "May not exceed 100kb" (the catalogs spec's CatalogItem; read
+        strictly, as the other 100 KB limits): an item over it is refused."""
+        metadata = attrs.get("custom_metadata")
+        if metadata is not None and len(orjson.dumps(metadata)) > MAX_CUSTOM_METADATA_BYTES:
+            raise ProfileError(
+                "invalid",
+                "custom_metadata may not exceed 100kb.",
+                f"{pointer}/attributes/custom_metadata",
+            )
+
     def create_item(self, attrs: Mapping[str, Any], pointer: str) -> str:
+        self._check_metadata(attrs, pointer)
         if (attrs.get("catalog_type") or "$default") != "$default":
             raise ProfileError(
                 "invalid",
@@ -350,6 +367,7 @@ class KlaviyoState:
         return item_id
 
     def update_item(self, item_id: str, attrs: Mapping[str, Any], pointer: str) -> str:
+        self._check_metadata(attrs, pointer)
         item = self.catalog.get(item_id)
         if item is None:
             raise ProfileError(

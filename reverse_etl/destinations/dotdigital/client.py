@@ -16,16 +16,11 @@ import orjson
 
 from reverse_etl.config import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.pacing import CallBudget
-from reverse_etl.destinations.http import (
-    ApiClient,
-    RetryPolicy,
-    decoded,
-    error_detail,
-    find_or_create,
-)
-from reverse_etl.errors import DestinationError
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
 
 JSON = "application/json"
+# v2 error codes of a create that met an existing object of the same name
+DUPLICATE_CODES = ("ERROR_NON_UNIQUE_DATAFIELD", "ERROR_ADDRESSBOOK_DUPLICATE")
 
 
 class DotdigitalClient:
@@ -76,7 +71,10 @@ class DotdigitalClient:
         return decoded(response, f"Dotdigital {method} {path}")
 
     def find_address_book(self, name: str) -> int | None:
+        """The address book named ``name``; Dotdigital refuses a second book whose name
+        differs only in case (``ERROR_ADDRESSBOOK_DUPLICATE``), so such a book is the one."""
         skip = 0
+        fallback: int | None = None
         while True:
             page = self.json(
                 "GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)}
@@ -84,12 +82,14 @@ class DotdigitalClient:
             for book in page:
                 if book.get("name") == name:
                     return int(book["id"])
+                if fallback is None and str(book.get("name", "")).lower() == name.lower():
+                    fallback = int(book["id"])
             if len(page) < 1000:
-                return None
+                return fallback
             skip += 1000
 
     def find_or_create_address_book(self, name: str) -> int:
-        return find_or_create(
+        return self.api.create_once(
             lambda: self.find_address_book(name),
             lambda: int(
                 self._create("/v2/address-books", {"name": name, "visibility": "Private"})["id"]
@@ -103,22 +103,28 @@ class DotdigitalClient:
             f["name"].upper(): f.get("type", "String") for f in self.json("GET", "/v2/data-fields")
         }
 
-    def create_data_field(self, name: str, type_: str) -> None:
-        find_or_create(
+    def create_data_field(self, name: str, type_: str) -> str:
+        """Create the data field (the caller has just seen it missing); its type, which may be
+        another writer's if that writer created it first."""
+        return self.api.create_once(
             lambda: self.data_fields().get(name.upper()),
             lambda: self._create(
                 "/v2/data-fields", {"name": name, "type": type_, "visibility": "Private"}
-            ),
+            ).get("type", type_),
             f"Dotdigital data field {name}",
+            look_first=False,
         )
 
     def _create(self, path: str, body: dict[str, Any]) -> Any:
-        """POST a create; a lost answer (Unsure) or a 'duplicate' refusal is left to the
-        caller's look-up, never repeated blindly."""
+        """POST a create. A lost answer raises ``Unsure`` and a duplicate refusal ``Exists``,
+        both for ``create_once`` to look the object up: Dotdigital answers a second data field
+        of the same name with 400 "Field already exists. ERROR_NON_UNIQUE_DATAFIELD" and a
+        second address book with "That name is in use already, please choose another.
+        ERROR_ADDRESSBOOK_DUPLICATE" (v2 error messages, as Dotdigital's own Magento connector
+        ``Apiconnector/Client.php`` and the ``dotmailer`` gem, which maps the 400 to
+        ``InvalidRequest``, quote them); it is not a 409."""
         response = self.call("POST", path, body, idempotent=False)
-        if response.status_code >= 400:
-            raise DestinationError(f"Dotdigital POST {path}: {error_detail(response)}")
-        return orjson.loads(response.content)
+        return created(response, f"Dotdigital POST {path}", duplicate=DUPLICATE_CODES)
 
     def close(self) -> None:
         self.api.close()

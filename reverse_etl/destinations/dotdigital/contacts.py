@@ -7,8 +7,10 @@ or as a YES/NO data field such as NEWSLETTER_SUBSCRIBE (``consent_mode: data_fie
 does not suppress the contact. List membership never implies consent.
 
 Contacts are matched by email, so a row without one cannot become a contact: when the sync's
-identifier is another column (a customer id), such rows are row errors (``missing_email``)
-and never reach the API.
+identifier is another column (a customer id), ``screen`` leaves such rows out as row errors
+(``missing_email``) and they never reach the API. ``load`` and ``requests`` take screened
+batches and run the same cheap check as a safety net (a batch that was not screened: such
+rows count as sent and failed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import DotdigitalConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
 from reverse_etl.destinations.dotdigital import fields as df
 from reverse_etl.destinations.dotdigital.destination import (
     MAX_IMPORT_BYTES,
@@ -185,6 +187,11 @@ class DotdigitalContacts(DotdigitalDestination):
             return None
         return self.list_ids.get(name, 0)  # 0 in a dry run: the book is looked up when sending
 
+    def screen(self, table: pa.Table) -> Screened:
+        """Rows without an email left out with their row errors: no contact can be made."""
+        kept, errors = self._without_email(table)
+        return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
+
     def _without_email(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Rows with no email (possible when the identifier is another column) split off as
         row errors: a contact is created and matched by its email."""
@@ -245,10 +252,8 @@ class DotdigitalContacts(DotdigitalDestination):
         if self.consent_mode == "data_field" and "consent.email" in table.column_names:
             wanted[self.consent_field.upper()] = "String"
         for name, type_ in wanted.items():
-            have = existing.get(name)
-            if have is None:
-                self.client.create_data_field(name, type_)
-            elif have != type_ and name not in df.STANDARD:
+            have = existing.get(name) or self.client.create_data_field(name, type_)
+            if have != type_ and name not in df.STANDARD:
                 raise DestinationError(
                     f"Dotdigital data field {name} is {have} but this sync sends {type_} values; "
                     "change the mapping's type or the column, or rename the field"
@@ -272,7 +277,8 @@ class DotdigitalContacts(DotdigitalDestination):
         return item
 
     def _finish(self, item: _InFlight) -> LoadResult:
-        # rows refused before sending count as sent and failed: sent = created + updated + failed
+        # rows refused here (no email; only in a batch that was not screened) count as sent
+        # and failed: sent = created + updated + failed
         n = len(item.refused)
         result = LoadResult(token=item.batch.token, sent=n, failed=n, errors=list(item.refused))
         by_email: dict[str, int] | None = None

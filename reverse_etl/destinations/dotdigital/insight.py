@@ -5,11 +5,15 @@ collection); the key is the sync's identifier, mapped to the field ``id``, and `
 every mapped field under its name. The API creates the collection on first import and upserts
 records by key, so a resent row replaces its record.
 
-Rows that break the insight data rules (``insight_rules``) are split off before sending as
-row errors, by one DuckDB query over the batch; the rest are packed into imports of up to
-``import_size`` records, at most five of the account's insight imports unfinished at a time,
-each polled to its end. Records the API refuses come back in the import's ``failures`` and
-become row errors (``destination_rejected``) with the API's reason.
+Rows that break the insight data rules (``insight_rules``) are left out by ``screen`` before
+sending, as row errors, by one DuckDB query over the batch (its own cursor: ``screen`` runs on
+the read-ahead thread). ``load`` and ``requests`` take screened batches: the rest are packed
+into imports of up to ``import_size`` records, at most five of the account's insight imports
+unfinished at a time, each polled to its end. Records the API refuses come back in the
+import's ``failures`` and become row errors (``destination_rejected``) with the API's reason.
+A batch that was not screened still cannot send a record without its owner (``load`` checks
+that cheaply: one such record would void the whole import); the other rules are then left to
+the API's verdict on each record.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pyarrow.compute as pc
 
 from reverse_etl import scratch
 from reverse_etl.config import DotdigitalConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
 from reverse_etl.destinations.dotdigital import insight_rules as rules
 from reverse_etl.destinations.dotdigital.destination import MAX_IMPORT_BYTES, DotdigitalDestination
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
@@ -71,11 +75,9 @@ class InsightDestination(DotdigitalDestination):
         self.collection = self.collection_name(sync)
         self.column_of = {t.field: c for c, t in sync.fields().items()}  # field → view column
         self.imports = self.queue(INSIGHT_IMPORTS)
-        self._con = scratch.cursor()
+        self._rules: _Rules | None = None  # screen's
         self._schema: pa.Schema | None = None
-        self._checks: list[Check] = []
-        self._check_sql = ""
-        self._json: RowJson | None = None
+        self._json: RowJson | None = None  # load's and requests'
         head = orjson.dumps(
             {
                 "collectionName": self.collection,
@@ -174,99 +176,48 @@ class InsightDestination(DotdigitalDestination):
 
     # ------------------------------------------------------------------ checks and payloads
 
-    def _compile(self, table: pa.Table) -> None:
-        """Once per schema: the rules as one query, and the record template."""
-        if self._schema is not None and table.schema.equals(self._schema):
-            return
-        schema = table.schema
-        template = self.record_template(schema)
-        checks = self.extra_checks(schema)
-        for name, leaf in template["json"].items():
-            if not isinstance(leaf, Expr):
-                continue
-            dtype = self._type_of(leaf.sql, table)  # the value as it will be sent
-            column = self.column_of.get(name, name)
-            nested = rules.nested_array_sql(f"({leaf.sql})", dtype)
-            if nested:
-                checks.append(
-                    Check(
-                        name,
-                        nested,
-                        "insight_nested_array",
-                        f"{column}: holds an array directly inside an array, which insight "
-                        "data refuses (JsonContainsNestedArray); flatten it or wrap the "
-                        "inner arrays in records",
-                    )
-                )
-            bad = rules.bad_key_sql(f"({leaf.sql})", dtype)
-            if bad:
-                where = ", ".join(rules.bad_struct_keys(dtype)) or "a map key"
-                checks.append(
-                    Check(
-                        name,
-                        bad,
-                        "insight_invalid_key",
-                        f"{column}: {where}: not an insight data key ({rules.KEY_RULE}, "
-                        "no - and _ twins); rename it in the view",
-                    )
-                )
-        self._checks = checks
-        self._check_sql = (
-            "SELECT "
-            + ", ".join(f"COALESCE({c.sql}, FALSE) AS c{i}" for i, c in enumerate(checks))
-            + " FROM tbl AS t"
-        )
-        if self._json is not None:
-            self._json.close()
-        self._json = RowJson(template, drop_nulls=self.sync.null_values == "skip")
-        self._schema = schema
+    def screen(self, table: pa.Table) -> Screened:
+        """Rows that break an insight data rule (or an object's own: orders' email and
+        status), left out with their row errors."""
+        if self._rules is None:
+            self._rules = _Rules(self)
+        kept, errors = self._rules.checked(table)
+        return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
 
-    def _type_of(self, sql: str, table: pa.Table) -> pa.DataType:
-        empty = table.slice(0, 0)
-        self._con.register("tbl", empty)
-        try:
-            return (
-                self._con.execute(f"SELECT {sql} AS v FROM tbl AS t")
-                .to_arrow_table()
-                .schema.field("v")
-                .type
+    def _with_owner(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """A contact-scoped record needs its owner's email; a screened batch has it always."""
+        if self.scope != "contact":
+            return table, []
+        missing = pc.is_null(table["email"])
+        if not pc.any(missing).as_py():
+            return table, []
+        bad = table.filter(missing)
+        column = self.column_of.get("email", "email")
+        errors = [
+            RowError(
+                row,
+                ident,
+                column,
+                None,
+                "missing_email",
+                f"{column}: empty; the record belongs to the contact with its email",
             )
-        finally:
-            self._con.unregister("tbl")
+            for row, ident in zip(bad["__row"].to_pylist(), bad["__id"].to_pylist(), strict=True)
+        ]
+        return table.filter(pc.invert(missing)), errors
 
-    def _checked(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
-        """Split off rows that break a rule, as row errors; only those rows touch Python."""
-        self._compile(table)
-        if not self._checks or table.num_rows == 0:
-            return table, []
-        self._con.register("tbl", table)
-        try:
-            flags = self._con.execute(self._check_sql).to_arrow_table()
-        finally:
-            self._con.unregister("tbl")
-        bad: pa.ChunkedArray | None = None
-        errors: list[RowError] = []
-        for i, check in enumerate(self._checks):
-            hit = flags.column(f"c{i}")
-            if not pc.any(hit).as_py():
-                continue
-            bad = hit if bad is None else pc.or_(bad, hit)
-            idx = pc.indices_nonzero(hit)
-            rows = table["__row"].take(idx).to_pylist()
-            ids = table["__id"].take(idx).to_pylist()
-            values = table[check.field].take(idx).to_pylist()
-            column = self.column_of.get(check.field, check.field)
-            errors += [
-                RowError(row, ident, column, value, check.reason, check.message)
-                for row, ident, value in zip(rows, ids, values, strict=True)
-            ]
-        if bad is None:
-            return table, []
-        return table.filter(pc.invert(bad)), sorted(errors, key=lambda e: e.row_number)
+    def _builder(self, schema: pa.Schema) -> RowJson:
+        """The record template for this schema, compiled once."""
+        if self._json is None or not schema.equals(self._schema):
+            if self._json is not None:
+                self._json.close()
+            drop = self.sync.null_values == "skip"
+            self._json = RowJson(self.record_template(schema), drop_nulls=drop)
+            self._schema = schema
+        return self._json
 
     def _bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
-        assert self._json is not None
-        docs = self._json.build(table)
+        docs = self._builder(table.schema).build(table)
         overhead = len(self._head) + len(self._tail)
         for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, overhead):
             yield (
@@ -278,7 +229,7 @@ class InsightDestination(DotdigitalDestination):
             )
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
-        table, _ = self._checked(table)
+        table, _ = self._with_owner(table)
         if table.num_rows == 0:
             return
         for start, end, body in self._bodies(table):
@@ -304,7 +255,7 @@ class InsightDestination(DotdigitalDestination):
         return in_order(batches, self._submit, self._finish, self.max_in_flight)
 
     def _submit(self, batch: LoadBatch) -> _InFlight:
-        table, refused = self._checked(batch.table)
+        table, refused = self._with_owner(batch.table)
         item = _InFlight(batch, refused=refused)
         if table.num_rows == 0:
             return item
@@ -316,7 +267,8 @@ class InsightDestination(DotdigitalDestination):
         return item
 
     def _finish(self, item: _InFlight) -> LoadResult:
-        # rows refused before sending count as sent and failed: sent = created + updated + failed
+        # rows refused here (no owner; only in a batch that was not screened) count as sent
+        # and failed: sent = created + updated + failed
         refused = len({e.row_number for e in item.refused})
         result = LoadResult(
             token=item.batch.token, sent=refused, failed=refused, errors=list(item.refused)
@@ -372,6 +324,113 @@ class InsightDestination(DotdigitalDestination):
         super().close()
         if self._json is not None:
             self._json.close()
+        if self._rules is not None:
+            self._rules.close()
+
+
+class _Rules:
+    """The insight data rules as one query over a batch, compiled once per schema, with a
+    DuckDB cursor of their own (``screen`` runs on the read-ahead thread, beside ``load``).
+    Only the rows that break a rule touch Python."""
+
+    def __init__(self, dest: InsightDestination):
+        self.dest = dest
+        self._con = scratch.cursor()
+        self._schema: pa.Schema | None = None
+        self._checks: list[Check] = []
+        self._sql = ""
+
+    def checked(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """``table`` without the rows that break a rule, and their row errors (in row order)."""
+        self._compile(table)
+        if not self._checks or table.num_rows == 0:
+            return table, []
+        self._con.register("tbl", table)
+        try:
+            flags = self._con.execute(self._sql).to_arrow_table()
+        finally:
+            self._con.unregister("tbl")
+        bad: pa.ChunkedArray | None = None
+        errors: list[RowError] = []
+        for i, check in enumerate(self._checks):
+            hit = flags.column(f"c{i}")
+            if not pc.any(hit).as_py():
+                continue
+            bad = hit if bad is None else pc.or_(bad, hit)
+            errors += self._errors(table, check, pc.indices_nonzero(hit))
+        if bad is None:
+            return table, []
+        return table.filter(pc.invert(bad)), sorted(errors, key=lambda e: e.row_number)
+
+    def _errors(self, table: pa.Table, check: Check, idx: pa.Array) -> list[RowError]:
+        rows = table["__row"].take(idx).to_pylist()
+        ids = table["__id"].take(idx).to_pylist()
+        values = table[check.field].take(idx).to_pylist()
+        column = self.dest.column_of.get(check.field, check.field)
+        return [
+            RowError(row, ident, column, value, check.reason, check.message)
+            for row, ident, value in zip(rows, ids, values, strict=True)
+        ]
+
+    def _compile(self, table: pa.Table) -> None:
+        """Once per schema: every rule as one boolean column of one query."""
+        if self._schema is not None and table.schema.equals(self._schema):
+            return
+        schema = table.schema
+        checks = self.dest.extra_checks(schema)
+        for name, leaf in self.dest.record_template(schema)["json"].items():
+            if isinstance(leaf, Expr):
+                checks += self._value_checks(name, leaf, table)
+        self._checks = checks
+        self._sql = (
+            "SELECT "
+            + ", ".join(f"COALESCE({c.sql}, FALSE) AS c{i}" for i, c in enumerate(checks))
+            + " FROM tbl AS t"
+        )
+        self._schema = schema
+
+    def _value_checks(self, name: str, leaf: Expr, table: pa.Table) -> list[Check]:
+        """The rules on a nested value, as it will be sent: no array directly in an array, no
+        key outside the naming rule."""
+        dtype = self._type_of(leaf.sql, table)
+        column = self.dest.column_of.get(name, name)
+        checks = []
+        nested = rules.nested_array_sql(f"({leaf.sql})", dtype)
+        if nested:
+            checks.append(
+                Check(
+                    name,
+                    nested,
+                    "insight_nested_array",
+                    f"{column}: holds an array directly inside an array, which insight data "
+                    "refuses (JsonContainsNestedArray); flatten it or wrap the inner arrays in "
+                    "records",
+                )
+            )
+        bad = rules.bad_key_sql(f"({leaf.sql})", dtype)
+        if bad:
+            where = ", ".join(rules.bad_struct_keys(dtype)) or "a map key"
+            checks.append(
+                Check(
+                    name,
+                    bad,
+                    "insight_invalid_key",
+                    f"{column}: {where}: not an insight data key ({rules.KEY_RULE}, no - and _ "
+                    "twins); rename it in the view",
+                )
+            )
+        return checks
+
+    def _type_of(self, sql: str, table: pa.Table) -> pa.DataType:
+        """The type of ``sql`` over the batch (the value as it will be sent)."""
+        self._con.register("tbl", table.slice(0, 0))
+        try:
+            result = self._con.execute(f"SELECT {sql} AS v FROM tbl AS t").to_arrow_table()
+            return result.schema.field("v").type
+        finally:
+            self._con.unregister("tbl")
+
+    def close(self) -> None:
         self._con.close()
 
 

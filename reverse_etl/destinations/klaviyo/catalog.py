@@ -6,18 +6,21 @@ Create or update: before a batch is sent, the items it holds are looked up by id
 items go to create jobs, known ones to update jobs. The look-up costs one cheap call per 100
 items, where "create everything and route conflicts to updates" would cost a second job
 round (75 jobs/s, at most 500 in progress) for every item on each re-sync. Races are still
-covered: a create that meets an existing item (another writer, a job that timed out but ran)
-is sent again as an update, and an update whose item is gone as a create, once.
+covered: a create that meets an existing item (another writer) is sent again as an update,
+and an update whose item is gone as a create, once. A create job whose answer was lost is
+not sent again while its items may still appear (``jobs.submit``): its items are looked up.
 
 Klaviyo needs ``external_id``, ``title``, ``description`` and ``url`` to create an item: the
-config check asks that they are mapped, and a row with one of them NULL is a row error
-(counted as sent and failed, so sent = created + updated + failed). Item ids are Klaviyo's
-``$custom:::$default:::<external_id>``.
+config check asks that they are mapped, and ``screen`` leaves out a row with one of them NULL
+(``missing_required_field``) or with custom metadata over Klaviyo's 100 KB
+(``value_too_large``), so they are rejected before anything is sent. ``load`` takes screened batches and runs the cheap
+required-field check again as a safety net (a batch that was not screened: such rows count as
+sent and failed). Item ids are Klaviyo's ``$custom:::$default:::<external_id>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
-from reverse_etl.destinations.klaviyo import jobs
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.destinations.klaviyo import jobs, sizes
 from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.klaviyo.client import (
     MAX_BODY_BYTES,
@@ -68,6 +71,7 @@ _HEAD = {
     UPDATE.path: b'{"data":{"type":"catalog-item-bulk-update-job","attributes":{"items":{"data":[',
 }
 _TAIL = b"]}}}}"
+MAX_METADATA_BYTES = 100_000  # custom_metadata "May not exceed 100kb" (read strictly)
 CONFLICT_CODES = {"conflict", "duplicate", "duplicate_item"}
 MAX_LOOKUP_IDS = 100  # ids a look-up asks for: one page of at most 100 items
 MAX_LOOKUP_CHARS = 6_000  # keeps the filter well inside URL length limits
@@ -106,6 +110,7 @@ class KlaviyoCatalogDestination(KlaviyoBase):
             },
             drop_nulls=drop,
         )
+        self._screen_metadata: RowJson | None = None  # screen's own: it runs on another thread
         update_attrs = {k: v for k, v in attrs.items() if k != "external_id"}
         self._update = RowJson(
             {
@@ -129,6 +134,44 @@ class KlaviyoCatalogDestination(KlaviyoBase):
         return problems
 
     # ------------------------------------------------------------------ payloads
+
+    def screen(self, table: pa.Table) -> Screened:
+        """Rows without a field Klaviyo requires, and items whose custom metadata passes
+        Klaviyo's 100 KB, left out with their row errors."""
+        kept, errors = self._complete(table)
+        kept, too_big = self._metadata_within_limit(kept)
+        errors = sorted(errors + too_big, key=lambda e: e.row_number)
+        return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
+
+    def _metadata_within_limit(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """Items whose ``custom_metadata`` JSON fits Klaviyo's "May not exceed 100kb" (the
+        catalogs spec's CatalogItem). Only rows whose size bound passes that are built, with
+        screen's own builder."""
+        fields = [c for c in table.column_names if self.is_custom_field(c)]
+        if not fields or table.num_rows == 0:
+            return table, []
+        suspects = sizes.row_bound(table, fields) > MAX_METADATA_BYTES
+        if not suspects.any():
+            return table, []
+        if self._screen_metadata is None:
+            template = nest({f: f for f in fields})[self.custom_prefix]
+            self._screen_metadata = RowJson(template, drop_nulls=self._create.drop_nulls)
+        candidates = table.filter(pa.array(suspects))
+        lengths = pc.binary_length(self._screen_metadata.build(candidates))
+        too_big = pc.greater(lengths, MAX_METADATA_BYTES)
+        if not any_true(too_big):
+            return table, []
+        errors = row_errors(
+            candidates,
+            too_big,
+            "(custom_metadata)",
+            "value_too_large",
+            f"the item's custom_metadata is larger than the {MAX_METADATA_BYTES} bytes Klaviyo "
+            "takes; map fewer or shorter columns to custom_metadata.*",
+            value="external_id",
+        )
+        gone = pa.array([e.row_number for e in errors], pa.int64())
+        return table.filter(pc.invert(pc.is_in(table["__row"], value_set=gone))), errors
 
     def _complete(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Rows with every field Klaviyo requires, and a row error per missing value."""
@@ -157,11 +200,21 @@ class KlaviyoCatalogDestination(KlaviyoBase):
         builder = self._create if kind is CREATE else self._update
         docs = builder.build(subset)
         head = _HEAD[kind.path]
+        externals = subset["external_id"].to_pylist()
         out = []
         for start, end in pack(docs, MAX_CATALOG_ITEMS, MAX_BODY_BYTES, len(head) + len(_TAIL)):
             body = head + ",".join(docs.slice(start, end - start).to_pylist()).encode() + _TAIL
-            out.append(_Job(jobs.Job(kind, body, end - start), positions[start:end]))
+            job = jobs.Job(kind, body, end - start)
+            if kind is CREATE:
+                job.landed_check = self._all_exist(externals[start:end])
+            out.append(_Job(job, positions[start:end]))
         return out
+
+    def _all_exist(self, external_ids: list[str]) -> Callable[[], bool]:
+        """Whether a create job's items all exist: how a create job whose answer was lost is
+        known to have run (``jobs.submit``), so it is not submitted twice."""
+        wanted = set(external_ids)
+        return lambda: self._existing(external_ids) >= wanted
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         """A dry run cannot look up what exists, so every item is shown in a create job."""
@@ -284,3 +337,5 @@ class KlaviyoCatalogDestination(KlaviyoBase):
         super().close()
         self._create.close()
         self._update.close()
+        if self._screen_metadata is not None:
+            self._screen_metadata.close()

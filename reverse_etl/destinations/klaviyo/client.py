@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from reverse_etl.config import KlaviyoConnection
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, decoded, find_or_create
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
 from reverse_etl.destinations.ratelimit import RateLimiter
 
 JSONAPI = "application/vnd.api+json"
@@ -105,8 +105,12 @@ class KlaviyoClient:
         return decoded(response, f"Klaviyo {method} {path}")
 
     def find_list(self, name: str) -> str | None:
+        """The id of the list named ``name``; the oldest when several share it."""
         found = self.json(
-            "get_lists", "GET", "/api/lists", params={"filter": f"equals(name,{quote(name)})"}
+            "get_lists",
+            "GET",
+            "/api/lists",
+            params={"filter": f"equals(name,{quote(name)})", "sort": "created"},
         )
         for item in found.get("data", []):
             if item.get("attributes", {}).get("name") == name:
@@ -114,15 +118,16 @@ class KlaviyoClient:
         return None
 
     def find_or_create_list(self, name: str) -> str:
-        """Look the list up by name first: list creation is limited to 150 a day."""
+        """Look the list up by name first: list creation is limited to 150 a day, and Klaviyo
+        lets lists share a name ("Create List" takes any name and answers 201), so a second
+        create would make a second list. ``create_once`` keeps looking after a lost answer."""
         body = orjson.dumps({"data": {"type": "list", "attributes": {"name": name}}})
-        return find_or_create(
-            lambda: self.find_list(name),
-            lambda: self.json("create_list", "POST", "/api/lists", body, idempotent=False)["data"][
-                "id"
-            ],
-            f"Klaviyo list {name!r}",
-        )
+
+        def create() -> str:
+            response = self.call("create_list", "POST", "/api/lists", body, idempotent=False)
+            return str(created(response, f"Klaviyo POST /api/lists ({name!r})")["data"]["id"])
+
+        return self.api.create_once(lambda: self.find_list(name), create, f"Klaviyo list {name!r}")
 
     def close(self) -> None:
         self.api.close()

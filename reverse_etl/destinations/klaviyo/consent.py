@@ -13,7 +13,8 @@ Only the consent columns say anything about consent (list membership never impli
 * NULL or ``never_subscribed`` → no call: the profile's subscription is left alone.
 
 Email consent needs the row's email and SMS consent its phone number (Klaviyo finds the
-subscription by it): ``subscribed`` without one is a row error, its profile still imported;
+subscription by it): ``subscribed`` without one is a row error found by ``screen``, which takes
+that consent off the row (set to NULL) and leaves the profile to be imported;
 ``unsubscribed`` without one makes no call and no error, as a row without a phone number
 holds no SMS subscription to revoke (the common case: SMS "no" for customers who never gave
 a number). No list goes with the calls: membership comes
@@ -130,33 +131,56 @@ class Consent:
             subscriptions[channel] = Expr(f"CASE WHEN t.{flag} THEN {params} END")
         return {"type": "profile", "attributes": {**attrs, "subscriptions": subscriptions}}
 
+    def _without_address(self, table: pa.Table, channel: str) -> tuple[pa.Array, list[RowError]]:
+        """The rows subscribing ``channel`` without its address, and their row errors."""
+        spec = self.columns[channel]
+        sub = pc.fill_null(pc.equal(table[f"consent.{channel}"], SUBSCRIBED), False)
+        missing = pc.and_(sub, pc.invert(pc.is_valid(column_or_null(table, CHANNELS[channel]))))
+        if not any_true(missing):
+            return missing, []
+        need = "an email address" if channel == "email" else "a phone number (phone_number)"
+        errors = row_errors(
+            table,
+            missing,
+            spec.column,
+            "missing_consent_address",
+            f"{channel} consent needs {need}; the row has none, so its consent was not sent "
+            "(the profile was)",
+            value=f"consent.{channel}",
+        )
+        return missing, errors
+
+    def screen(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """Consent that cannot be sent, taken off its row (the channel's consent set to NULL,
+        so the profile still goes and its subscription is left alone), with a row error."""
+        errors: list[RowError] = []
+        for channel in self.columns:
+            missing, found = self._without_address(table, channel)
+            if found:
+                name = f"consent.{channel}"
+                cleared = pc.if_else(missing, pa.scalar(None, table[name].type), table[name])
+                table = table.set_column(table.column_names.index(name), name, cleared)
+                errors += found
+        return table, errors
+
     def plan(
         self, table: pa.Table
     ) -> tuple[list[tuple[bulk.Endpoint, bulk.Records]], list[RowError]]:
-        """The calls ``table`` needs, and the rows whose consent cannot be sent."""
+        """The calls ``table`` needs, and the rows whose consent cannot be sent (none in a
+        screened batch: ``screen`` took that consent off)."""
         if not self.columns or table.num_rows == 0:
             return [], []
         errors: list[RowError] = []
         flags: dict[str, pa.Array] = {}
         wanted = {kind: pa.array(np.zeros(table.num_rows, bool)) for kind in self.endpoints}
-        for channel, spec in self.columns.items():
+        for channel in self.columns:
             consent = table[f"consent.{channel}"]
             address = column_or_null(table, CHANNELS[channel])
             at = column_or_null(table, f"consent.{channel}.consented_at", pa.timestamp("us", "UTC"))
             has_address = pc.is_valid(address)
             sub = pc.fill_null(pc.equal(consent, SUBSCRIBED), False)
             unsub = pc.fill_null(pc.equal(consent, UNSUBSCRIBED), False)
-            missing = pc.and_(sub, pc.invert(has_address))
-            if any_true(missing):
-                need = "an email address" if channel == "email" else "a phone number (phone_number)"
-                errors += row_errors(
-                    table,
-                    missing,
-                    spec.column,
-                    "missing_consent_address",
-                    f"{channel} consent needs {need}; the row has none, so its consent was not sent",
-                    value=f"consent.{channel}",
-                )
+            errors += self._without_address(table, channel)[1]
             sub = pc.and_(sub, has_address)
             dated = pc.is_valid(at)
             flags[f"__{HISTORICAL}_{channel}"] = pc.and_(sub, dated)

@@ -8,8 +8,8 @@ bulk event calls (1,000 events, 5 MB a call).
   already sent (its status, say) does not reach Klaviyo; events are history, not state.
 * ``time`` is the order's timestamp, ``value`` its total and ``value_currency`` its currency.
 * The profile is found by the email, phone_number and external_id the sync maps; a row with
-  none of them is a row error. ``destination.backfill: true`` marks the events as backfill
-  (recorded without triggering flows), for loading past orders.
+  none of them is a row error (``missing_required_field``). ``destination.backfill: true``
+  marks the events as backfill (recorded without triggering flows), for loading past orders.
 * Placed Order properties: ``OrderId``, ``Status``, ``Items`` (the view's list as it is),
   ``ItemNames`` (each line's name, when its lines have one) and every ``properties.*`` field.
   An Ordered Product event's properties are its line plus ``OrderId`` and ``ProductName``; its
@@ -21,6 +21,12 @@ becomes a row error and the call is sent again without that row's events (``bulk
 Events are new records, so a landed row counts as ``created``. Payloads are built in DuckDB
 for the whole batch (``RowJson``; order lines unnested there too) and joined into entries
 with Arrow string kernels.
+
+``screen`` leaves out, before anything is sent, an order without a profile identifier, one
+holding a string over Klaviyo's 100 KB and one with an event larger than a call may carry
+(``value_too_large``; measured only for rows whose size bound passes the limit, see
+``sizes.py``). ``load`` and ``requests`` take screened batches; the same cheap checks run
+there as a safety net (a batch that was not screened: such rows count as sent and failed).
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ import pyarrow.types as pt
 
 from reverse_etl import scratch
 from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
-from reverse_etl.destinations.klaviyo import bulk
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.destinations.klaviyo import bulk, sizes
 from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.klaviyo.client import MAX_BODY_BYTES, MAX_EVENTS
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson
@@ -104,20 +110,15 @@ class KlaviyoOrdersDestination(KlaviyoBase):
         super().__init__(conn, sync, speedup=speedup)
         self.fields = {t.field for t in sync.fields().values()}
         self.products = bool(self.option("ordered_product_events", False))
-        self.profile = RowJson(
-            {f: Col(f) for f in PROFILE_FIELDS if f in self.fields}, drop_nulls=True
-        )
-        self._con = scratch.cursor()
-        self._schema: pa.Schema | None = None
-        self._placed: RowJson | None = None
-        self._ordered: RowJson | None = None
         backfill = ',"backfill":true' if self.option("backfill", False) else ""
-        self._entry = (
+        self.entry = (
             '{"type":"event-bulk-create","attributes":{"profile":{"data":{"type":"profile",'
             '"attributes":',
             '}},"events":{"data":[{"type":"event","attributes":',
             "}]}" + backfill + "}}",
         )
+        self._events = _Events(self)  # load's and requests'
+        self._screen_events: _Events | None = None  # screen's own: it runs on another thread
 
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
@@ -135,85 +136,38 @@ class KlaviyoOrdersDestination(KlaviyoBase):
             )
         return problems
 
-    # ------------------------------------------------------------------ payloads
+    # ------------------------------------------------------------------ checks
 
-    def _compile(self, schema: pa.Schema) -> tuple[RowJson, RowJson]:
-        """Event templates for this schema: the order lines' fields decide the item names and
-        a line's value, so the templates are made once the batch's types are known."""
-        if self._placed is None or self._ordered is None or not schema.equals(self._schema):
-            self._close_templates()
-            fields, scalar = _line_fields(schema)
-            name = _pick(LINE_NAME, fields)
-            self._placed = RowJson(self._placed_event(name, scalar), drop_nulls=True)
-            self._ordered = RowJson(self._ordered_event(fields, name, scalar), drop_nulls=True)
-            self._schema = schema
-        return self._placed, self._ordered
+    def screen(self, table: pa.Table) -> Screened:
+        """Orders that cannot become events, left out with their row errors: no profile
+        identifier, a string over 100 KB, an event larger than a call may carry."""
+        kept, errors = self._checked(table)
+        suspects = self._size_bound(kept) > MAX_ENTRY_BYTES
+        if suspects.any():
+            if self._screen_events is None:
+                self._screen_events = _Events(self)
+            _, too_big = self._screen_events.records(kept.filter(pa.array(suspects)))
+            if too_big:
+                gone = pa.array([e.row_number for e in too_big], pa.int64())
+                kept = kept.filter(pc.invert(pc.is_in(kept["__row"], value_set=gone)))
+                errors += too_big
+        errors.sort(key=lambda e: e.row_number)
+        return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
 
-    def _common(self, metric: str) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "metric": {"data": {"type": "metric", "attributes": {"name": metric}}}
-        }
-        for f in ("value_currency", "time"):
-            if f in self.fields:
-                event[f] = Col(f)
-        return event
+    def _size_bound(self, table: pa.Table) -> np.ndarray:
+        """At least the size of each row's largest event entry: every mapped value (an Ordered
+        Product event holds a subset of its order's), the order id and the lines twice
+        (``OrderId`` and ``unique_id``; ``Items`` and ``ItemNames``) and the envelope."""
+        fields = [c for c in table.column_names if not c.startswith("__")]
+        bound = sizes.row_bound(table, fields) + sum(len(part) for part in self.entry) + 500
+        for twice in ("order_id", "items"):
+            if twice in fields:
+                bound = bound + sizes.value_bound(table[twice])
+        return bound
 
-    def _placed_event(self, name: str | None, scalar: bool) -> dict[str, Any]:
-        props: dict[str, Any] = {"OrderId": Col("order_id")}
-        if "status" in self.fields:
-            props["Status"] = Col("status")
-        if "items" in self.fields:
-            props["Items"] = Col("items")
-            if name or scalar:
-                pick = f"x.{_q(name)}" if name else "x"
-                props["ItemNames"] = Expr(f"list_transform(t.items, lambda x: {pick})")
-        for field in sorted(self.fields):
-            if self.is_custom_field(field):
-                props[field.partition(".")[2]] = Col(field)
-        event = self._common(PLACED_ORDER)
-        event.update(properties=props, unique_id=Col("order_id"))
-        if "value" in self.fields:
-            event["value"] = Col("value")
-        return event
-
-    def _ordered_event(self, fields: set[str], name: str | None, scalar: bool) -> dict[str, Any]:
-        if scalar:
-            props = Expr("to_json({'OrderId': t.order_id, 'ProductName': t.line})")
-        else:
-            extra = "'OrderId': t.order_id"
-            if name:
-                extra += f", 'ProductName': t.line.{_q(name)}"
-            props = Expr(f"json_merge_patch(to_json(t.line), to_json({{{extra}}}))")
-        event = self._common(ORDERED_PRODUCT)
-        event.update(
-            properties=props, unique_id=Expr("t.order_id || ':' || CAST(t.line_no AS VARCHAR)")
-        )
-        quantity, price = _pick(LINE_QUANTITY, fields), _pick(LINE_PRICE, fields)
-        if quantity and price:
-            event["value"] = Expr(f"CAST(t.line.{_q(quantity)} * t.line.{_q(price)} AS DOUBLE)")
-        return event
-
-    def _lines(self, table: pa.Table) -> pa.Table:
-        """One row per order line (``line``, 1-based ``line_no``), with its order's columns."""
-        self._con.register("orders", table)
-        try:
-            return self._con.execute(
-                "SELECT o.*, unnest(o.items) AS line, generate_subscripts(o.items, 1) AS line_no "
-                "FROM orders AS o"
-            ).to_arrow_table()
-        finally:
-            self._con.unregister("orders")
-
-    def _entries(self, table: pa.Table, events: pa.Array) -> pa.Array:
-        """Bulk entries: each row's profile and one event, joined with Arrow string kernels."""
-        head, middle, tail = (pa.scalar(s) for s in self._entry)
-        profiles = (
-            table["__profile"].combine_chunks() if table.num_rows else pa.array([], pa.string())
-        )
-        return pc.binary_join_element_wise(head, profiles, middle, events, tail, "")
-
-    def _records(self, table: pa.Table) -> tuple[bulk.Records, list[RowError]]:
-        """Every event of the batch's orders, grouped by row, and the orders that cannot go."""
+    def _checked(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """Rows with a profile identifier and no string Klaviyo refuses, and the row errors of
+        the others."""
         errors: list[RowError] = []
         known = [pc.is_valid(table[f]) for f in PROFILE_FIELDS if f in table.column_names]
         has_profile = known[0]
@@ -231,40 +185,14 @@ class KlaviyoOrdersDestination(KlaviyoBase):
             )
             table = table.filter(has_profile)
         table, long = self._without_long_strings(table)
-        errors += long
-        placed, ordered = self._compile(table.schema)
-        table = table.append_column("__profile", self.profile.build(table))
-        parts = [(table, placed.build(table), pa.array(np.zeros(table.num_rows, np.int64)))]
-        if self.products and table.num_rows:
-            lines = self._lines(table)
-            parts.append((lines, ordered.build(lines), lines["line_no"].combine_chunks()))
-        events = pa.table(
-            {
-                "doc": pa.concat_arrays([self._entries(t, e) for t, e, _ in parts]),
-                "row": pa.concat_arrays([t["__row"].combine_chunks() for t, _, _ in parts]),
-                "id": pa.concat_arrays([t["__id"].combine_chunks() for t, _, _ in parts]),
-                "seq": pa.concat_arrays([s.cast(pa.int64()) for _, _, s in parts]),
-            }
-        ).sort_by([("row", "ascending"), ("seq", "ascending")])
-        too_big = pc.greater(pc.binary_length(events["doc"]), MAX_ENTRY_BYTES)
-        if any_true(too_big):
-            big = pc.unique(events.filter(too_big)["row"])
-            errors += row_errors(
-                table,
-                pc.is_in(table["__row"], value_set=big),
-                "(order)",
-                "value_too_large",
-                f"an event of this order is larger than the {MAX_BODY_BYTES} bytes Klaviyo "
-                "takes in a call",
-                value="order_id",
-            )
-            events = events.filter(pc.invert(pc.is_in(events["row"], value_set=big)))
-        records = bulk.Records(
-            events["doc"].combine_chunks(),
-            events["row"].combine_chunks(),
-            events["id"].combine_chunks(),
-        )
-        return records, errors
+        return table, errors + long
+
+    def _records(self, table: pa.Table) -> tuple[bulk.Records, list[RowError]]:
+        """Every event of the batch's orders, grouped by row, and the orders that cannot go
+        (none in a screened batch)."""
+        table, errors = self._checked(table)
+        records, too_big = self._events.records(table)
+        return records, errors + too_big
 
     def _without_long_strings(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Rows whose mapped text values Klaviyo takes: it refuses a whole call holding a
@@ -309,13 +237,150 @@ class KlaviyoOrdersDestination(KlaviyoBase):
                 batch.token, sent=sent, created=sent - failed, failed=failed, errors=errors
             )
 
+    def close(self) -> None:
+        super().close()
+        self._events.close()
+        if self._screen_events is not None:
+            self._screen_events.close()
+
+
+class _Events:
+    """The event JSON builders of one thread (load's, or screen's): each holds DuckDB cursors,
+    which threads do not share. Templates are made once the batch's types are known: the
+    order lines' fields decide the item names and a line's value."""
+
+    def __init__(self, dest: KlaviyoOrdersDestination):
+        self.fields = dest.fields
+        self.products = dest.products
+        self.is_custom = dest.is_custom_field
+        self.entry = dest.entry
+        self.profile = RowJson(
+            {f: Col(f) for f in PROFILE_FIELDS if f in self.fields}, drop_nulls=True
+        )
+        self._con = scratch.cursor()
+        self._schema: pa.Schema | None = None
+        self._placed: RowJson | None = None
+        self._ordered: RowJson | None = None
+
+    def _compile(self, schema: pa.Schema) -> tuple[RowJson, RowJson]:
+        """Event templates for this schema: the order lines' fields decide the item names and
+        a line's value, so the templates are made once the batch's types are known."""
+        if self._placed is None or self._ordered is None or not schema.equals(self._schema):
+            self._close_templates()
+            fields, scalar = _line_fields(schema)
+            name = _pick(LINE_NAME, fields)
+            self._placed = RowJson(self._placed_event(name, scalar), drop_nulls=True)
+            self._ordered = RowJson(self._ordered_event(fields, name, scalar), drop_nulls=True)
+            self._schema = schema
+        return self._placed, self._ordered
+
+    def _common(self, metric: str) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "metric": {"data": {"type": "metric", "attributes": {"name": metric}}}
+        }
+        for f in ("value_currency", "time"):
+            if f in self.fields:
+                event[f] = Col(f)
+        return event
+
+    def _placed_event(self, name: str | None, scalar: bool) -> dict[str, Any]:
+        props: dict[str, Any] = {"OrderId": Col("order_id")}
+        if "status" in self.fields:
+            props["Status"] = Col("status")
+        if "items" in self.fields:
+            props["Items"] = Col("items")
+            if name or scalar:
+                pick = f"x.{_q(name)}" if name else "x"
+                props["ItemNames"] = Expr(f"list_transform(t.items, lambda x: {pick})")
+        for field in sorted(self.fields):
+            if self.is_custom(field):
+                props[field.partition(".")[2]] = Col(field)
+        event = self._common(PLACED_ORDER)
+        event.update(properties=props, unique_id=Col("order_id"))
+        if "value" in self.fields:
+            event["value"] = Col("value")
+        return event
+
+    def _ordered_event(self, fields: set[str], name: str | None, scalar: bool) -> dict[str, Any]:
+        if scalar:
+            props = Expr("to_json({'OrderId': t.order_id, 'ProductName': t.line})")
+        else:
+            extra = "'OrderId': t.order_id"
+            if name:
+                extra += f", 'ProductName': t.line.{_q(name)}"
+            props = Expr(f"json_merge_patch(to_json(t.line), to_json({{{extra}}}))")
+        event = self._common(ORDERED_PRODUCT)
+        event.update(
+            properties=props, unique_id=Expr("t.order_id || ':' || CAST(t.line_no AS VARCHAR)")
+        )
+        quantity, price = _pick(LINE_QUANTITY, fields), _pick(LINE_PRICE, fields)
+        if quantity and price:
+            event["value"] = Expr(f"CAST(t.line.{_q(quantity)} * t.line.{_q(price)} AS DOUBLE)")
+        return event
+
+    def _lines(self, table: pa.Table) -> pa.Table:
+        """One row per order line (``line``, 1-based ``line_no``), with its order's columns."""
+        self._con.register("orders", table)
+        try:
+            return self._con.execute(
+                "SELECT o.*, unnest(o.items) AS line, generate_subscripts(o.items, 1) AS line_no "
+                "FROM orders AS o"
+            ).to_arrow_table()
+        finally:
+            self._con.unregister("orders")
+
+    def _entries(self, table: pa.Table, events: pa.Array) -> pa.Array:
+        """Bulk entries: each row's profile and one event, joined with Arrow string kernels."""
+        head, middle, tail = (pa.scalar(s) for s in self.entry)
+        profiles = (
+            table["__profile"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+        )
+        return pc.binary_join_element_wise(head, profiles, middle, events, tail, "")
+
+    def records(self, table: pa.Table) -> tuple[bulk.Records, list[RowError]]:
+        """Every event of the batch's orders, grouped by row, minus the orders with an event
+        larger than a call may carry (``value_too_large``)."""
+        errors: list[RowError] = []
+        placed, ordered = self._compile(table.schema)
+        table = table.append_column("__profile", self.profile.build(table))
+        parts = [(table, placed.build(table), pa.array(np.zeros(table.num_rows, np.int64)))]
+        if self.products and table.num_rows:
+            lines = self._lines(table)
+            parts.append((lines, ordered.build(lines), lines["line_no"].combine_chunks()))
+        events = pa.table(
+            {
+                "doc": pa.concat_arrays([self._entries(t, e) for t, e, _ in parts]),
+                "row": pa.concat_arrays([t["__row"].combine_chunks() for t, _, _ in parts]),
+                "id": pa.concat_arrays([t["__id"].combine_chunks() for t, _, _ in parts]),
+                "seq": pa.concat_arrays([s.cast(pa.int64()) for _, _, s in parts]),
+            }
+        ).sort_by([("row", "ascending"), ("seq", "ascending")])
+        too_big = pc.greater(pc.binary_length(events["doc"]), MAX_ENTRY_BYTES)
+        if any_true(too_big):
+            big = pc.unique(events.filter(too_big)["row"])
+            errors += row_errors(
+                table,
+                pc.is_in(table["__row"], value_set=big),
+                "(order)",
+                "value_too_large",
+                f"an event of this order is larger than the {MAX_BODY_BYTES} bytes Klaviyo "
+                "takes in a call",
+                value="order_id",
+            )
+            events = events.filter(pc.invert(pc.is_in(events["row"], value_set=big)))
+        records = bulk.Records(
+            events["doc"].combine_chunks(),
+            events["row"].combine_chunks(),
+            events["id"].combine_chunks(),
+        )
+        return records, errors
+
     def _close_templates(self) -> None:
         for builder in (self._placed, self._ordered):
             if builder is not None:
                 builder.close()
 
     def close(self) -> None:
-        super().close()
         self._close_templates()
         self.profile.close()
         self._con.close()

@@ -3,14 +3,17 @@ to the end, and submit again when Klaviyo cancelled one.
 
 A cancelled job failed as a whole (Klaviyo's status enum has no "failed"): not its records'
 fault, so it is submitted again a few times before the run gives up with its rows behind the
-watermark. Submissions are idempotent in effect (profile imports upsert; catalog creates that
-meet an existing item are routed to updates by the catalog destination).
+watermark. Profile imports and catalog updates are idempotent in effect (upserts) and are
+retried as any call. A job that creates (catalog items) carries ``landed_check``, a look-up
+of its records: its submission goes through ``ApiClient.create_once``, so a submission whose
+answer was lost is not repeated while its records may still appear; if they all do, the job
+is done without an id to poll (``Job.landed``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -21,6 +24,7 @@ from reverse_etl.destinations.klaviyo.client import KlaviyoClient
 from reverse_etl.errors import DestinationError
 
 DONE = {"complete", "cancelled"}
+LANDED = ""  # what create_once gives back when a lost submission's records all showed up
 
 
 @dataclass
@@ -38,24 +42,48 @@ class Job:
     kind: JobKind
     body: bytes  # kept to submit again a job Klaviyo cancelled
     count: int  # records in the job
+    # a job that creates: True once every record it creates exists (see the module docstring)
+    landed_check: Callable[[], bool] | None = field(default=None, repr=False)
     id: str = ""
     attempts: int = 0
+    landed: bool = False  # its records landed through a submission whose answer was lost
 
 
 def submit(client: KlaviyoClient, job: Job) -> Job:
     """Post the job; a refused job (4xx) is a bug or an account problem, not a record's."""
-    response = client.call(job.kind.submit_op, "POST", job.kind.path, job.body)
+    job.attempts += 1
+    if job.landed_check is None:
+        job.id = _post(client, job, idempotent=True)
+        return job
+    check = job.landed_check
+    outcome = client.api.create_once(
+        lambda: LANDED if check() else None,
+        lambda: _post(client, job, idempotent=False),
+        f"a Klaviyo {job.kind.what} ({job.count} records)",
+        look_first=False,
+    )
+    job.landed = outcome == LANDED
+    job.id = "" if job.landed else outcome
+    return job
+
+
+def _post(client: KlaviyoClient, job: Job, *, idempotent: bool) -> str:
+    response = client.call(
+        job.kind.submit_op, "POST", job.kind.path, job.body, idempotent=idempotent
+    )
     if response.status_code >= 400:
         raise DestinationError(
             f"Klaviyo refused a {job.kind.what} ({job.count} records): {error_detail(response)}"
         )
-    job.id = orjson.loads(response.content)["data"]["id"]
-    job.attempts += 1
-    return job
+    return str(orjson.loads(response.content)["data"]["id"])
 
 
 def wait(client: KlaviyoClient, job: Job, *, attempts: int, poll_interval: float) -> dict[str, Any]:
-    """Poll ``job`` to its end and return its final document; resubmit it while cancelled."""
+    """Poll ``job`` to its end and return its final document; resubmit it while cancelled.
+    A job whose records landed through a lost submission has nothing to poll: it is complete,
+    every record done."""
+    if job.landed:
+        return _landed_document(job)
     fetch: Callable[[], Any] = lambda: client.json(  # noqa: E731 - rebinds job.id each call
         job.kind.poll_op, "GET", f"{job.kind.path}/{job.id}"
     )
@@ -71,3 +99,11 @@ def wait(client: KlaviyoClient, job: Job, *, attempts: int, poll_interval: float
                 "stay behind the watermark and are sent again next run"
             )
         submit(client, job)
+        if job.landed:
+            return _landed_document(job)
+
+
+def _landed_document(job: Job) -> dict[str, Any]:
+    n = job.count
+    attrs = {"status": "complete", "total_count": n, "completed_count": n, "failed_count": 0}
+    return {"data": {"type": job.kind.what, "id": job.id, "attributes": {**attrs, "errors": []}}}

@@ -7,8 +7,15 @@ import job does not say which profiles were new, so every completed profile coun
 ``updated`` (upserted).
 
 Consent (``consent.py``) is sent when a batch's import jobs have completed, so the profiles
-exist, and only for the profiles that landed. A row whose consent cannot be sent or is
-refused moves from ``updated`` to ``failed``: it is counted once, with its error.
+exist, and only for the profiles that landed. A row whose consent Klaviyo refuses moves from
+``updated`` to ``failed``: it is counted once, with its error.
+
+``screen`` finds what Klaviyo would refuse before anything is sent: a profile over 100 KB
+(the row is left out: ``value_too_large``) and consent without the address it needs (the
+profile is sent, that consent is not: ``missing_consent_address``). ``load`` and ``requests``
+take screened batches; the same checks run there on the JSON they build anyway, so a batch
+that was not screened is still refused row by row (sent and failed), and a screened one finds
+nothing to report twice.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request
+from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
 from reverse_etl.destinations.jobs import in_order
-from reverse_etl.destinations.klaviyo import jobs
+from reverse_etl.destinations.klaviyo import jobs, sizes
 from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true
 from reverse_etl.destinations.klaviyo.client import (
     MAX_JOB_BYTES,
@@ -98,6 +106,46 @@ def _template(fields: dict[str, str], clear: bool) -> dict[str, Any]:
     return template
 
 
+def _size_bound(table: pa.Table) -> np.ndarray:
+    """At least each profile's JSON size: its fields, each name again (``null_values: clear``
+    may list a custom property in ``meta.patch_properties.unset``) and the envelope."""
+    fields = [c for c in table.column_names if not c.startswith(("consent.", "__"))]
+    return sizes.row_bound(table, fields) + sum(sizes.key_bound(f) for f in fields) + 200
+
+
+def _payload(table: pa.Table) -> pa.Table:
+    """What the profile's JSON is built from: the mapped fields, not the consent."""
+    return table.drop_columns([c for c in table.column_names if c.startswith("consent.")])
+
+
+def _measured(table: pa.Table, docs: pa.Array) -> tuple[pa.Table, pa.Array, list[RowError]]:
+    """``table`` and its profiles' JSON without the profiles over Klaviyo's size, and a
+    ``value_too_large`` row error for each of those."""
+    lengths = pc.binary_length(docs)
+    too_big = pc.greater(lengths, MAX_PROFILE_BYTES)
+    if not any_true(too_big):
+        return table, docs, []
+    big = table.filter(too_big)
+    errors = [
+        RowError(
+            row,
+            ident,
+            "(profile)",
+            f"{size} bytes",
+            "value_too_large",
+            f"the profile is {size} bytes; Klaviyo accepts at most {MAX_PROFILE_BYTES}",
+        )
+        for row, ident, size in zip(
+            big["__row"].to_pylist(),
+            big["__id"].to_pylist(),
+            pc.filter(lengths, too_big).to_pylist(),
+            strict=True,
+        )
+    ]
+    keep = pc.invert(too_big)
+    return table.filter(keep), docs.filter(keep), errors
+
+
 class KlaviyoDestination(KlaviyoBase):
     object_name = "profiles"
     standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
@@ -112,7 +160,9 @@ class KlaviyoDestination(KlaviyoBase):
         super().__init__(conn, sync, speedup=speedup)
         self.list_id: str | None = None
         fields = {t.field: t.field for t in sync.fields().values()}
-        self._json = RowJson(_template(fields, sync.null_values == "clear"), drop_nulls=True)
+        self._template = _template(fields, sync.null_values == "clear")
+        self._json = RowJson(self._template, drop_nulls=True)
+        self._screen_json: RowJson | None = None  # screen's own: it runs on another thread
         self.consent = Consent(sync)
 
     @classmethod
@@ -131,34 +181,28 @@ class KlaviyoDestination(KlaviyoBase):
 
     # ------------------------------------------------------------------ payloads
 
+    def screen(self, table: pa.Table) -> Screened:
+        """Profiles over Klaviyo's 100 KB are left out; consent without its address is taken
+        off the row (the profile still goes). Only rows whose size bound passes 100 KB have
+        their JSON built here, with screen's own builder."""
+        suspects = _size_bound(table) > MAX_PROFILE_BYTES
+        kept, too_big = table, []
+        if suspects.any():
+            if self._screen_json is None:
+                self._screen_json = RowJson(self._template, drop_nulls=True)
+            candidates = table.filter(pa.array(suspects))
+            _, _, too_big = _measured(candidates, self._screen_json.build(_payload(candidates)))
+            if too_big:
+                gone = pa.array([e.row_number for e in too_big], pa.int64())
+                kept = table.filter(pc.invert(pc.is_in(table["__row"], value_set=gone)))
+        kept, consent_errors = self.consent.screen(kept)
+        errors = sorted(too_big + consent_errors, key=lambda e: e.row_number)
+        return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
+
     def _docs(self, table: pa.Table) -> tuple[pa.Table, pa.Array, list[RowError]]:
-        """Profiles as JSON, minus those over Klaviyo's per-profile size (row errors)."""
-        payload = table.drop_columns([c for c in table.column_names if c.startswith("consent.")])
-        docs = self._json.build(payload)
-        sizes = pc.binary_length(docs)
-        too_big = pc.greater(sizes, MAX_PROFILE_BYTES)
-        errors: list[RowError] = []
-        if any_true(too_big):
-            big = table.filter(too_big)
-            for row, ident, size in zip(
-                big["__row"].to_pylist(),
-                big["__id"].to_pylist(),
-                pc.filter(sizes, too_big).to_pylist(),
-                strict=True,
-            ):
-                errors.append(
-                    RowError(
-                        row,
-                        ident,
-                        "(profile)",
-                        f"{size} bytes",
-                        "value_too_large",
-                        f"the profile is {size} bytes; Klaviyo accepts at most {MAX_PROFILE_BYTES}",
-                    )
-                )
-            keep = pc.invert(too_big)
-            table, docs = table.filter(keep), docs.filter(keep)
-        return table, docs, errors
+        """Profiles as JSON, minus any over Klaviyo's per-profile size (row errors; none in a
+        screened batch)."""
+        return _measured(table, self._json.build(_payload(table)))
 
     def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
         tail = b"]}}}}"  # closes data, profiles, attributes, data, the document
@@ -198,7 +242,8 @@ class KlaviyoDestination(KlaviyoBase):
         return item
 
     def _finish(self, item: _InFlight) -> LoadResult:
-        # profiles refused before sending (too large) count as sent and failed: sent = updated + failed
+        # profiles refused here (too large; only in a batch that was not screened) count as
+        # sent and failed: sent = updated + failed
         result = LoadResult(
             token=item.batch.token,
             errors=list(item.errors),
@@ -266,6 +311,8 @@ class KlaviyoDestination(KlaviyoBase):
     def close(self) -> None:
         super().close()
         self._json.close()
+        if self._screen_json is not None:
+            self._screen_json.close()
         self.consent.close()
 
 
