@@ -9,6 +9,7 @@ column holds them (the transform has refused NaN and Infinity, which JSON cannot
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,22 @@ def null_names(columns: dict[str, str]) -> str:
     return f"list_filter([{items}], lambda x: x IS NOT NULL)"
 
 
-def _leaf(col: Col, schema: pa.Schema) -> str:
+# ``json_strip_nulls`` re-reads the document and turns a number a double cannot hold into a
+# rounded double. Wide decimals therefore travel through it as strings marked with a random
+# nonce (drawn per compiled query, so no user text can forge it) and are unquoted afterwards.
+def _unmark(nonce: str) -> str:
+    return f'"{nonce}(-?[0-9]+([.][0-9]+)?)"'
+
+
+def _wide_decimal(dtype: pa.DataType) -> bool:
+    return pt.is_decimal(dtype) and dtype.precision > 15
+
+
+def _leaf(col: Col, schema: pa.Schema, *, mark_wide: str = "") -> str:
     ref = f"t.{_quote(col.name)}"
     dtype = schema.field(col.name).type
+    if mark_wide and _wide_decimal(dtype):
+        return f"({_lit(mark_wide)} || CAST({ref} AS VARCHAR))"
     if pt.is_timestamp(dtype):
         if dtype.tz is None:
             return f"strftime({ref}, '%Y-%m-%dT%H:%M:%S')"
@@ -66,13 +80,15 @@ def _leaf(col: Col, schema: pa.Schema) -> str:
     return ref  # DECIMAL, HUGEINT and UBIGINT: to_json writes every digit, never a rounded double
 
 
-def _render(node: Any, schema: pa.Schema) -> str:
+def _render(node: Any, schema: pa.Schema, *, mark_wide: str = "") -> str:
     if isinstance(node, Col):
-        return _leaf(node, schema)
+        return _leaf(node, schema, mark_wide=mark_wide)
     if isinstance(node, Expr):
         return node.sql
     if isinstance(node, dict):
-        inner = ", ".join(f"{_lit(k)}: {_render(v, schema)}" for k, v in node.items())
+        inner = ", ".join(
+            f"{_lit(k)}: {_render(v, schema, mark_wide=mark_wide)}" for k, v in node.items()
+        )
         return "{" + inner + "}"
     return f"json({_lit(orjson.dumps(node).decode())})"
 
@@ -95,10 +111,15 @@ class RowJson:
         if table.num_rows == 0:
             return pa.array([], pa.string())
         if self._schema is None or not table.schema.equals(self._schema):
-            expr = f"to_json({_render(self.template, table.schema)})"
+            wide = self.drop_nulls and any(_wide_decimal(f.type) for f in table.schema)
+            mark = f"retl-{secrets.token_hex(12)}:" if wide else ""
+            expr = f"to_json({_render(self.template, table.schema, mark_wide=mark)})"
             if self.drop_nulls:
                 expr = f"json_strip_nulls({expr})"
-            self._sql = f"SELECT CAST({expr} AS VARCHAR) AS doc FROM tbl AS t"
+            expr = f"CAST({expr} AS VARCHAR)"
+            if mark:
+                expr = f"regexp_replace({expr}, {_lit(_unmark(mark))}, '\\1', 'g')"
+            self._sql = f"SELECT {expr} AS doc FROM tbl AS t"
             self._schema = table.schema
         self._con.register("tbl", table)
         try:

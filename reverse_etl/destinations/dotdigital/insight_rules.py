@@ -160,7 +160,7 @@ def bad_key_sql(expr: str, dtype: pa.DataType, depth: int = 0) -> str | None:
 
 
 def _needs_rewrite(dtype: pa.DataType) -> bool:
-    if pt.is_timestamp(dtype) or pt.is_decimal(dtype) or pt.is_date(dtype) or pt.is_time(dtype):
+    if pt.is_timestamp(dtype) or pt.is_date(dtype) or pt.is_time(dtype):
         return True
     if _is_list(dtype):
         return _needs_rewrite(dtype.value_type)
@@ -173,8 +173,8 @@ def _needs_rewrite(dtype: pa.DataType) -> bool:
 
 def json_value_sql(expr: str, dtype: pa.DataType, depth: int = 0) -> str:
     """``expr`` rewritten so its JSON is what the API reads: timestamps as ISO 8601 (UTC with
-    ``Z`` when the column has a zone), dates as ``YYYY-MM-DD``, decimals as numbers, at any
-    depth. Values that need nothing are passed through untouched."""
+    ``Z`` when the column has a zone), dates as ``YYYY-MM-DD``, decimals as exact numbers, at
+    any depth. Values that need nothing are passed through untouched."""
     if not _needs_rewrite(dtype):
         return expr
     var = f"x{depth}"
@@ -182,8 +182,6 @@ def json_value_sql(expr: str, dtype: pa.DataType, depth: int = 0) -> str:
         if dtype.tz is None:
             return f"strftime({expr}, '%Y-%m-%dT%H:%M:%S')"
         return f"strftime(CAST({expr} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
-    if pt.is_decimal(dtype):
-        return f"CAST({expr} AS DOUBLE)"
     if pt.is_date(dtype) or pt.is_time(dtype):
         return f"CAST({expr} AS VARCHAR)"
     if _is_list(dtype):
