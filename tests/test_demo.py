@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from reverse_etl.config import load_project
+from reverse_etl.debug import validate
 from reverse_etl.demo import run as demo_run
+from reverse_etl.engine import RunOptions, run_sync
 from reverse_etl.errors import EXIT_OK
 from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox
 from reverse_etl.state import RunRecord, StateStore
@@ -38,6 +41,15 @@ TRANSFORM_REASONS = {
     "invalid_date",
     "invalid_number",
     "invalid_boolean",
+    "number_out_of_range",
+    "invalid_cursor",
+    "cursor_in_future",
+    # found by the destination's offline screen: the row is not sent
+    "missing_required_field",
+    "value_too_large",
+    "unknown_order_status",
+    "insight_nested_array",
+    "insight_invalid_key",
 }
 
 
@@ -147,6 +159,7 @@ def test_demo_runs_end_to_end_and_the_second_run_is_incremental(project, monkeyp
             rejected_ids and not rejected_ids & landed
         )  # rows named in the error file never landed
     assert first["klaviyo_profiles"].counts.read == first["dotdigital_contacts"].counts.read
+    assert_validate_and_dry_run_refuse_what_the_run_refused(project, store)
 
     code, output = run_demo(project)  # 25 customers change between the runs
 
@@ -167,6 +180,29 @@ def test_demo_runs_end_to_end_and_the_second_run_is_incremental(project, monkeyp
     assert klaviyo2.violations == [] and dotdigital2.violations == []
     assert 0 < len(klaviyo2.profiles()) <= 50 and 0 < len(dotdigital2.contacts()) <= 50
     store.close()
+
+
+def assert_validate_and_dry_run_refuse_what_the_run_refused(root: Path, store: StateStore) -> None:
+    """For every demo sync, ``validate`` and a dry run report, reason by reason, every row the
+    first run refused before sending: one read-and-transform path, the destination's offline
+    checks included. Only the API's own refusals (and unsent rows) are the run's alone."""
+    project = load_project(None, root)
+    seen: Counter[str] = Counter()
+    for sync in project.syncs:
+        record = store.last_runs(sync.name, limit=1)[0]
+        ran = Counter(
+            e["reason"]
+            for e in read_csv_rows(record.error_file)
+            if e["reason"] not in {"destination_rejected", "not_sent"}
+        )
+        seen += ran
+        report = validate(project, sync, csv_path=None, error_file=str(root / f"{sync.name}.csv"))
+        assert Counter(report.by_reason) == ran, sync.name
+        dry = run_sync(project, sync.name, store, RunOptions(dry_run=True, full_refresh=True))
+        assert Counter(dry.by_reason) == ran, sync.name
+        assert dry.record.counts.rejected == record.counts.rejected, sync.name
+    # what the issue found validate missing on the demo is now among what all three report
+    assert {"missing_consent_address", "missing_required_field", "missing_email"} <= set(seen)
 
 
 def test_demo_command_exits_0(project):
