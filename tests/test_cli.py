@@ -108,6 +108,26 @@ def test_check_failing(tmp_path: Path) -> None:
     )
 
 
+def test_check_probes_each_view_and_names_what_to_fix(tmp_path: Path) -> None:
+    make_project(
+        tmp_path,
+        syncs=[
+            sync_entry(),
+            sync_entry("from_sql", source={"connection": "warehouse", "sql": "sql/gone.sql"}),
+            sync_entry("text_cursor", cursor="first_name"),
+        ],
+    )
+    result = cli(tmp_path, "check")
+    assert result.exit_code == 3
+    err = flat(result.stderr)
+    assert "from_sql:" in err and "gone.sql" in err
+    assert "sync 'text_cursor': cursor column 'first_name'" in err
+    assert "CAST(first_name AS TIMESTAMP)" in err
+    assert "people:" not in err  # the sync that fits is not reported
+    offline = cli(tmp_path, "check", "--offline")
+    assert offline.exit_code == 0 and "views not probed" in flat(offline.stdout)
+
+
 def test_check_missing_file(tmp_path: Path) -> None:
     result = cli(tmp_path, "check")
     assert result.exit_code == 3
