@@ -2,60 +2,115 @@
 
 Waiting here costs nothing; a 429 costs a round trip and a Retry-After pause, so the client
 paces itself to the published burst and steady rates and treats 429 as the exception.
+
+The clock and the sleep are constructor parameters (``time.monotonic`` and ``time.sleep`` by
+default) so that the pacing can be tested on a fake clock: how long N calls wait is then an
+exact figure rather than a wall-clock measurement that a loaded machine makes unreliable.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+# Refill arithmetic in floats can leave a bucket at 0.999999999 tokens right after sleeping for
+# exactly the computed wait; without this slack the caller would sleep a second, tiny time.
+_EPSILON = 1e-9
 
 
 @dataclass
 class Bucket:
+    """``capacity`` tokens, refilled at ``per_second``; starts full at ``stamp``.
+
+    ``tokens`` and ``stamp`` default to "full, now on the monotonic clock"; a limiter with its
+    own clock passes ``stamp`` so that the bucket's time and the limiter's time are one.
+    """
+
     capacity: float
     per_second: float
-    tokens: float = -1.0
-    stamp: float = 0.0
+    tokens: float = -1.0  # negative: start full
+    stamp: float = math.nan  # NaN: start now, on the monotonic clock
 
     def __post_init__(self) -> None:
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        if self.tokens < 0:
+            self.tokens = self.capacity
+        if math.isnan(self.stamp):
+            self.stamp = time.monotonic()
 
     def wait_time(self, now: float) -> float:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.per_second)
+        """Refill up to ``now``; return 0.0 if a token is there, else the seconds until one is."""
+        elapsed = max(0.0, now - self.stamp)  # a clock that steps back refills nothing
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.per_second)
         self.stamp = now
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.per_second
+        if self.tokens >= 1 - _EPSILON:
+            return 0.0
+        return (1 - self.tokens) / self.per_second
+
+    def take(self) -> None:
+        """Spend one token (after ``wait_time`` said one is there)."""
+        self.tokens -= 1
 
 
 class RateLimiter:
-    """Burst per second and steady per minute, as in ``x-klaviyo-ratelimit``."""
+    """Burst per second and steady per minute, as in ``x-klaviyo-ratelimit``.
 
-    def __init__(self, burst_per_second: float, steady_per_minute: float, *, speedup: float = 1.0):
+    ``speedup`` scales the refill rates (a sandbox whose minute lasts a second needs a client
+    that refills 60 times as fast); ``clock`` and ``sleep`` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        burst_per_second: float,
+        steady_per_minute: float,
+        *,
+        speedup: float = 1.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+    ):
+        self._clock = clock
+        self._sleep = sleep
+        now = clock()
         self._buckets = [
-            Bucket(burst_per_second, burst_per_second * speedup),
-            Bucket(steady_per_minute, steady_per_minute / 60.0 * speedup),
+            Bucket(burst_per_second, burst_per_second * speedup, stamp=now),
+            Bucket(steady_per_minute, steady_per_minute / 60.0 * speedup, stamp=now),
         ]
         self._lock = threading.Lock()
+        self.waited = 0.0  # total seconds callers of acquire() spent asleep
+        self.waits = 0  # how many of those sleeps there were
 
     def acquire(self) -> float:
-        """Block until a call is allowed; return the seconds waited."""
+        """Block until a call is allowed; return the seconds waited.
+
+        The sleep happens outside the lock so that other threads can compute their own wait;
+        after it the buckets are checked again, since another thread may have taken the token.
+        """
         waited = 0.0
         while True:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 delay = max(b.wait_time(now) for b in self._buckets)
                 if delay <= 0:
                     for b in self._buckets:
-                        b.tokens -= 1
+                        b.take()
                     return waited
-            time.sleep(delay)
+                self.waited += delay
+                self.waits += 1
+            self._sleep(delay)
             waited += delay
 
 
 class Unlimited(RateLimiter):
-    def __init__(self) -> None:  # noqa: D107 - nothing to track
-        pass
+    """A limiter that never waits: for calls the vendor does not rate-limit."""
+
+    def __init__(self) -> None:  # noqa: D107 - no buckets, nothing to pace
+        self.waited = 0.0
+        self.waits = 0
 
     def acquire(self) -> float:
         return 0.0

@@ -10,6 +10,10 @@ Windows are in vendor time: with ``speedup=60`` a minute lasts one real second. 
 must be a whole number of seconds (RFC 9110), so it is the real wait rounded up, and at least
 1; the exact real wait is also sent as ``X-Sandbox-Retry-After-Ms`` for clients and tests that
 want to honour sub-second waits at high speedups.
+
+Every limiter takes its clock as a constructor parameter (``time.monotonic`` by default; the
+fixed window also the wall clock its ``X-RateLimit-Reset`` is stamped with), so tests step a
+fake clock instead of sleeping and racing a loaded machine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+# Refill arithmetic in floats can leave a bucket at 0.999999999 tokens when a client waited
+# exactly the announced time; that is a token, not a 429 with a whole-second Retry-After.
+_EPSILON = 1e-9
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,12 @@ class _Bucket:
         self.stamp = now
 
     def refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        elapsed = max(0.0, now - self.stamp)  # a clock that steps back refills nothing
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
         self.stamp = now
 
     def wait(self) -> float:
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+        return 0.0 if self.tokens >= 1.0 - _EPSILON else (1.0 - self.tokens) / self.rate
 
 
 class TokenBuckets:

@@ -11,6 +11,27 @@ import httpx
 from reverse_etl.sandbox import KlaviyoSandbox
 
 
+class FakeTime:
+    """A clock that moves only when a test (or a sleep on it) moves it; sleeps are recorded.
+
+    Hand ``clock`` to a limiter instead of ``time.monotonic`` and what it allows depends on the
+    steps the test takes, never on how fast a loaded machine gets through the calls.
+    """
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        # a sleep too short to move the clock means the caller would spin: fail, do not hang
+        assert seconds == 0 or self.now + seconds > self.now, f"sleep {seconds!r}s at {self.now}"
+        self.slept.append(seconds)
+        self.now += seconds
+
+
 def klaviyo_headers(sandbox: KlaviyoSandbox) -> dict[str, str]:
     return {
         "Authorization": f"Klaviyo-API-Key {sandbox.settings.api_key}",
@@ -23,9 +44,12 @@ def klaviyo_headers(sandbox: KlaviyoSandbox) -> dict[str, str]:
 def poll(
     get: Callable[[], httpx.Response],
     done: Callable[[httpx.Response], bool],
-    timeout: float = 5.0,
+    timeout: float = 30.0,
 ) -> httpx.Response:
-    """Call ``get`` until ``done(response)``, honouring 429s; fail after ``timeout`` seconds."""
+    """Call ``get`` until ``done(response)``, honouring 429s; fail after ``timeout`` seconds.
+
+    The timeout only turns a hang into a failure: a passing poll returns as soon as ``done``,
+    so the deadline is generous enough for a machine running two test suites at once."""
     deadline = time.monotonic() + timeout
     while True:
         response = get()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sandbox.sandbox_helpers import poll
+from reverse_etl.sandbox.limits import FixedWindow
+from tests.sandbox.sandbox_helpers import FakeTime, poll
 
 IMPORT = "/contacts/v3/import"
 INSIGHT = "/insightData/v3/import"
@@ -32,7 +33,8 @@ def _book(client, name):
 
 
 def test_contact_import_lifecycle_and_typed_fields(dotdigital_factory):
-    sandbox, client = dotdigital_factory(job_seconds=0.4)
+    # 1 s: the status read right after the 202 must come before the import finishes
+    sandbox, client = dotdigital_factory(job_seconds=1.0)
     book = _book(client, "Loyalty")
     assert (
         client.post("/v2/data-fields", json={"name": "POINTS", "type": "Numeric"}).status_code
@@ -133,7 +135,8 @@ def test_contact_import_failures_per_row(dotdigital):
 
 
 def test_active_contact_import_limit(dotdigital_factory):
-    sandbox, client = dotdigital_factory(job_seconds=20, speedup=4)  # 5 s real per import
+    # imports that stay active for an hour: all 26 requests fall inside it on any machine
+    sandbox, client = dotdigital_factory(job_seconds=3600)
     answers = [
         client.put(IMPORT, json={"contacts": [_contact(f"c{i}@example.com")]}) for i in range(26)
     ]
@@ -298,7 +301,8 @@ def test_address_books_listing_and_removal(dotdigital):
 
 
 def test_insight_imports_and_reads(dotdigital_factory):
-    sandbox, client = dotdigital_factory(job_seconds=0.6)
+    # 1 s: the first status read, right after the 202, must come before the import completes
+    sandbox, client = dotdigital_factory(job_seconds=1.0)
     _import(client, [_contact("buyer@example.com")])
     catalog = {
         "collectionName": "catalog_shop",
@@ -369,7 +373,7 @@ def test_insight_imports_and_reads(dotdigital_factory):
 
 
 def test_active_insight_import_limit(dotdigital_factory):
-    sandbox, client = dotdigital_factory(job_seconds=20, speedup=4)
+    sandbox, client = dotdigital_factory(job_seconds=3600)  # active for the whole test
     body = {
         "collectionName": "c",
         "collectionScope": "account",
@@ -382,16 +386,25 @@ def test_active_insight_import_limit(dotdigital_factory):
 
 
 def test_hourly_rate_limit_and_headers(dotdigital_factory):
-    sandbox, client = dotdigital_factory(
-        dotdigital_calls_per_hour=5, speedup=3600
+    # The window runs on a clock that moves only when the test moves it: six calls fall in
+    # one window however long a loaded machine takes to send them.
+    sandbox, client = dotdigital_factory(dotdigital_calls_per_hour=5, speedup=3600)
+    t = FakeTime()
+    epoch = 1_750_000_000
+    sandbox.window = FixedWindow(
+        5, 3600.0, speedup=3600, clock=t.clock, wall=lambda: epoch + t.now
     )  # an hour lasts 1 s
     answers = [client.get("/v2/data-fields") for _ in range(6)]
     assert [r.status_code for r in answers] == [200] * 5 + [429]
     assert [int(r.headers["X-RateLimit-Remaining"]) for r in answers] == [4, 3, 2, 1, 0, 0]
     assert all(r.headers["X-RateLimit-Limit"] == "5" for r in answers)
-    assert int(answers[5].headers["Retry-After"]) >= 1
-    assert (
-        int(answers[5].headers["X-RateLimit-Reset"])
-        >= int(answers[0].headers["X-RateLimit-Reset"]) - 1
-    )
-    poll(lambda: client.get("/v2/data-fields"), lambda r: r.status_code == 200, timeout=3)
+    assert {r.headers["X-RateLimit-Reset"] for r in answers} == {str(epoch + 1)}
+    assert answers[5].headers["Retry-After"] == "1"
+    assert answers[5].headers["X-Sandbox-Retry-After-Ms"] == "1000"
+    t.now += 0.999
+    assert client.get("/v2/data-fields").status_code == 429  # refused calls count too
+    t.now += 0.001
+    fresh = client.get("/v2/data-fields")
+    assert fresh.status_code == 200 and fresh.headers["X-RateLimit-Remaining"] == "4"
+    assert fresh.headers["X-RateLimit-Reset"] == str(epoch + 2)
+    assert sandbox.violations == []

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import orjson
 import pytest
 
+from reverse_etl.sandbox.limits import TokenBuckets
 from tests.sandbox.sandbox_helpers import (
+    FakeTime,
     events_job,
     import_body,
     marketing,
@@ -39,7 +39,8 @@ def _create_list(client, name):
 
 
 def test_bulk_import_lifecycle_counts_and_list(klaviyo_factory):
-    sandbox, client = klaviyo_factory(job_seconds=30, speedup=60)  # 0.5 s real
+    # 1 s real: the first poll, sent right after the 202, must come before the job completes
+    sandbox, client = klaviyo_factory(job_seconds=60, speedup=60)
     list_id = _create_list(client, "Loyalty members")
     r = client.post(
         IMPORT,
@@ -422,34 +423,48 @@ def test_catalog_jobs_and_items(klaviyo):
 
 
 def test_rate_limit_answers_429_with_retry_after(klaviyo_factory):
-    # burst: 10 tokens refilled at 2/s, so 20 quick calls are throttled even on a loaded machine
-    sandbox, client = klaviyo_factory(speedup=0.2)
+    # The buckets run on a clock that moves only when the test moves it, so exactly the burst
+    # goes through however slowly a loaded machine sends the calls.
+    sandbox, client = klaviyo_factory(speedup=0.2)  # burst: 10 tokens, refilled at 2/s real
+    t = FakeTime()
+    sandbox.buckets = TokenBuckets(speedup=0.2, clock=t.clock)
     body = {"data": {"type": "list", "attributes": {"name": "L"}}}
-    statuses = [client.post("/api/lists", json=body) for _ in range(20)]
-    throttled = [r for r in statuses if r.status_code == 429]
-    assert throttled, [r.status_code for r in statuses]
-    first = throttled[0]
-    assert int(first.headers["Retry-After"]) >= 1
-    wait_ms = int(first.headers["X-Sandbox-Retry-After-Ms"])
-    assert 0 < wait_ms <= 500
+    statuses = [client.post("/api/lists", json=body) for _ in range(12)]
+    assert [r.status_code for r in statuses] == [201] * 10 + [429] * 2
+    first = statuses[10]
+    assert first.headers["Retry-After"] == "1"  # whole seconds, rounded up
+    assert first.headers["X-Sandbox-Retry-After-Ms"] == "500"  # one token at 2/s
     assert first.json()["errors"][0]["code"] == "throttled"
-    time.sleep(wait_ms / 1000)
+    t.now += 0.499
+    assert client.post("/api/lists", json=body).status_code == 429
+    t.now += 0.001
     assert client.post("/api/lists", json=body).status_code == 201
-    assert sandbox.violations == [] and sandbox.counters["throttled"] == len(throttled)
+    assert sandbox.violations == [] and sandbox.counters["throttled"] == 3
+    assert len(sandbox.lists()) == 11
 
 
 def test_daily_limit_on_list_creation(klaviyo_factory):
-    # A day lasts 8.6 s: the daily budget refills ~17 lists a second, far slower than requests
-    # come, while the burst and steady buckets refill too fast to bind.
-    sandbox, client = klaviyo_factory(speedup=10_000)
+    # On a fake clock that moves only by the waits the sandbox announces: burst and steady
+    # waits are seconds and are waited out; after 150 lists the daily bucket's wait is minutes.
+    # (On the real clock this depended on how fast a loaded machine sent the requests.)
+    sandbox, client = klaviyo_factory()
+    t = FakeTime()
+    sandbox.buckets = TokenBuckets(clock=t.clock)
     body = {"data": {"type": "list", "attributes": {"name": "L"}}}
     created = 0
-    for _ in range(250):
+    while True:
         r = client.post("/api/lists", json=body)
-        if r.status_code == 429:
+        if r.status_code == 201:
+            created += 1
+            continue
+        assert r.status_code == 429, r.text
+        wait = int(r.headers["X-Sandbox-Retry-After-Ms"]) / 1000
+        if wait > 60:
             break
-        created += 1
-    assert 150 <= created < 200
+        t.sleep(wait)
+    assert created == 150 == len(sandbox.lists())
+    assert t.now == pytest.approx(14.0, abs=0.01)  # 10 at once, then 10 a second
+    assert wait == pytest.approx(86400 / 150 - 14.0, abs=0.01)  # the next daily token
 
 
 def test_limits_off_lets_bursts_through(klaviyo_factory):

@@ -1,8 +1,6 @@
-"""SandboxServer: loopback only, a free port, fast start, clean stop."""
+"""SandboxServer: loopback only, a free port, ready when start() returns, clean stop."""
 
 from __future__ import annotations
-
-import time
 
 import httpx
 import pytest
@@ -11,12 +9,13 @@ from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer
 from reverse_etl.sandbox.__main__ import main
 
 
-def test_starts_fast_on_a_free_loopback_port_and_stops():
-    started = time.monotonic()
+def test_free_loopback_port_known_before_start_answers_once_started_and_stops():
+    # How fast it starts is a figure for `make bench` (tests/bench/sandbox_speed.py); what a
+    # test can rely on is that the port is bound before the thread starts (so base_url can be
+    # handed out at once) and that start() returns only when the first request is answered.
     server = SandboxServer(KlaviyoSandbox())
+    assert server.base_url.startswith("http://127.0.0.1:") and server.port > 0
     with server:
-        assert time.monotonic() - started < 1.0
-        assert server.base_url.startswith("http://127.0.0.1:") and server.port > 0
         assert httpx.get(server.base_url + "/api/lists").status_code == 401
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base_url + "/api/lists", timeout=1)

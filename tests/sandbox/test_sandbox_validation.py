@@ -1,15 +1,18 @@
-"""Spec loading, the body validator (jsonschema-rs, agreement with jsonschema, speed) and limits."""
+"""Spec loading, the body validator (jsonschema-rs, compiled once, agreement with jsonschema)
+and limits."""
 
 from __future__ import annotations
 
 import copy
 import random
-import time
+from typing import Any
 
+import jsonschema_rs
 import orjson
 import pytest
 from jsonschema import Draft4Validator
 
+from reverse_etl.sandbox import spec as spec_module
 from reverse_etl.sandbox.bodyschema import FORMAT_CHECKER, BodyValidator
 from reverse_etl.sandbox.limits import (
     FixedWindow,
@@ -65,27 +68,35 @@ def test_spec_examples_pass_after_the_documented_patches():
     assert contacts.body_validator().first_error(matched_by_id) is None
 
 
-def test_ten_thousand_profile_body_validates_well_under_a_second():
-    op = load_spec("klaviyo/profiles").operation("post", "/api/profile-bulk-import-jobs")
+def test_ten_thousand_profile_body_is_checked_by_one_compiled_rust_validator(monkeypatch):
+    # The speed (well under a second for 10,000 profiles) is printed by `make bench`; what
+    # makes it is asserted here: the schema is compiled once per operation, not per request,
+    # the compiled validator is jsonschema-rs, and identical parameters are checked once.
+    compiled: list[BodyValidator] = []
+
+    class Counting(BodyValidator):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            compiled.append(self)
+
+    monkeypatch.setattr(spec_module, "BodyValidator", Counting)
+    spec = load_spec.__wrapped__("klaviyo/profiles")  # a fresh Spec: nothing compiled yet
+    op = spec.operation("post", "/api/profile-bulk-import-jobs")
     body = orjson.dumps(_ten_thousand_profiles())
     headers = {"revision": "2026-07-15"}
-    op.check(
-        path_params={},
-        query=[],
-        headers=headers,
-        content_type="application/vnd.api+json",
-        body=body,
-    )
-    started = time.perf_counter()
-    document = op.check(
-        path_params={},
-        query=[],
-        headers=headers,
-        content_type="application/vnd.api+json",
-        body=body,
-    )
-    assert time.perf_counter() - started < 0.3
-    assert len(document["data"]["attributes"]["profiles"]["data"]) == 10_000
+    for _ in range(3):
+        document = op.check(
+            path_params={},
+            query=[],
+            headers=headers,
+            content_type="application/vnd.api+json",
+            body=body,
+        )
+        assert len(document["data"]["attributes"]["profiles"]["data"]) == 10_000
+    assert len(compiled) == 1 and op.body_validator() is compiled[0]
+    assert isinstance(compiled[0]._validator, jsonschema_rs.Draft4Validator)
+    cache = spec.check_parameters.cache_info()
+    assert (cache.misses, cache.hits) == (1, 2)
 
 
 def test_first_error_names_pointer_and_reason():

@@ -25,7 +25,12 @@ _EPOCH_FLOOR = 1_000_000_000
 
 class CallBudget(RateLimiter):
     """A limiter for ``ApiClient.request``: ``acquire`` before each attempt, ``observe`` each
-    answer's headers. (No token buckets: the vendor's own count is the state.)"""
+    answer's headers. (No token buckets: the vendor's own count is the state.)
+
+    ``clock`` is the wall clock (``time.time``), not a monotonic one, because
+    ``X-RateLimit-Reset`` is an epoch timestamp; it and ``sleep`` are parameters so that tests
+    step a fake clock through whole windows instead of waiting for them.
+    """
 
     def __init__(  # noqa: D107 - the parent's buckets are not used
         self,
