@@ -318,7 +318,7 @@ def test_field_and_book_created_once_when_the_create_answers_are_lost(
     # look-ups find nothing and it is created again (and faulted again, until the client gives
     # up); the next run creates it.
     # nothing lands after a reset or a 500: a short margin keeps the futile look-ups short
-    fast_clients(monkeypatch, timeout=0.5, settle_margin=1.0 if kind == "timeout" else 0.2)
+    fast_clients(monkeypatch, timeout=0.5, settle_margin=10.0 if kind == "timeout" else 0.2)
     rig = dotdigital(fault_rate=1.0, fault_kinds=(kind,), fault_timeout_seconds=1.0)
     rig.table(profile_rows(range(5)))
     project = rig.configure(

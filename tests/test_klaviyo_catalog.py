@@ -194,7 +194,7 @@ def test_create_job_whose_answer_is_lost_is_not_sent_twice(klaviyo, monkeypatch,
     # and found, so the job is done without a second one. After a reset or a 500 nothing ran:
     # the items never show and the job is sent again, and faulted again, until the client
     # gives up; the next run creates them.
-    fast_clients(monkeypatch, timeout=0.5, settle_margin=1.0 if kind == "timeout" else 0.2)
+    fast_clients(monkeypatch, timeout=0.5, settle_margin=10.0 if kind == "timeout" else 0.2)
     rig = klaviyo(fault_rate=1.0, fault_kinds=(kind,), fault_timeout_seconds=1.0)
     products_table(rig, range(3))
     project = rig.configure([catalog_sync()])

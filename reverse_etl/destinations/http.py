@@ -81,8 +81,13 @@ class ApiClient:
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         name: str = "API",
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
     ):
         self.name = name
+        # injectable so backoff and look-up windows can be tested without waiting
+        self._clock = clock or time.monotonic
+        self._sleep = sleep or time.sleep
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self._http = httpx.Client(
@@ -197,12 +202,12 @@ class ApiClient:
 
     def _settle(self, find: Callable[[], T | None], seconds: float) -> T | None:
         """``find`` until it finds, or until ``seconds`` have passed (one look at the end)."""
-        deadline = time.monotonic() + seconds
+        deadline = self._clock() + seconds
         delay = self.retry.settle_first
         while True:
-            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            self._sleep(max(0.0, min(delay, deadline - self._clock())))
             found = find()
-            if found is not None or time.monotonic() >= deadline:
+            if found is not None or self._clock() >= deadline:
                 return found
             delay = min(delay * 2, self.retry.settle_max)
 
@@ -218,7 +223,7 @@ class ApiClient:
             delay = min(self.retry.max_delay, self.retry.base_delay * 2 ** (attempt - 1))
             delay *= 0.5 + random.random() / 2
         log.debug("%s %s %s: %s, retry %d in %.2fs", self.name, method, path, what, attempt, delay)
-        time.sleep(delay)
+        self._sleep(delay)
 
     def close(self) -> None:
         self._http.close()
