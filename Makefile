@@ -47,10 +47,10 @@ format: $(STAMP)
 ## real time, PostgreSQL first batch and cancel (figures go in the notes; nothing is asserted).
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py
-	PYTHONPATH=. $(BIN)/python tests/bench/klaviyo_sandbox.py
-	PYTHONPATH=. $(BIN)/python tests/bench/dotdigital_sandbox.py
 	PYTHONPATH=. $(BIN)/python tests/bench/sandbox_speed.py
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/source_speed.py
+	PYTHONPATH=. $(BIN)/python tests/bench/klaviyo_sandbox.py
+	PYTHONPATH=. $(BIN)/python tests/bench/dotdigital_sandbox.py
 
 clean:
 	rm -rf .reverse_etl demo .pytest_cache
