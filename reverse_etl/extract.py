@@ -68,16 +68,35 @@ def build_query(
     key = f"TRIM(CAST(v.{i} AS {dialect.string_type}))"
     if email_identifier:
         key = f"LOWER({key})"
-    rank = (
-        f"CASE WHEN v.{c} IS NULL OR v.{i} IS NULL THEN NULL ELSE ROW_NUMBER() OVER ("
-        f"PARTITION BY v.{c} IS NULL, v.{i} IS NULL, {key} ORDER BY v.{c} DESC, v.{i} DESC) END"
-    )
-    sql = (
-        f"SELECT v.*, {rank} AS {dialect.quote(DUP_RANK)} FROM ({dialect.embed_sql(view_sql)}) AS v "
-        f"WHERE {where} OR v.{c} IS NULL OR v.{i} IS NULL "
-        f"ORDER BY v.{c} ASC NULLS FIRST, v.{i} ASC NULLS FIRST"
-    )
+    view = dialect.embed_sql(view_sql)
+    read = f"WHERE {where} OR v.{c} IS NULL OR v.{i} IS NULL"
+    order = f"ORDER BY v.{c} ASC NULLS FIRST, v.{i} ASC NULLS FIRST"
+    if dialect.name == "duckdb":
+        sql = _duckdb_ranked_read(view, read, order, c, i, key)
+    else:
+        rank = (
+            f"CASE WHEN v.{c} IS NULL OR v.{i} IS NULL THEN NULL ELSE ROW_NUMBER() OVER ("
+            f"PARTITION BY v.{c} IS NULL, v.{i} IS NULL, {key} ORDER BY v.{c} DESC, v.{i} DESC) END"
+        )
+        sql = f"SELECT v.*, {rank} AS {dialect.quote(DUP_RANK)} FROM ({view}) AS v {read} {order}"
     return IncrementalQuery(sql, params, where)
+
+
+def _duckdb_ranked_read(view: str, read: str, order: str, c: str, i: str, key: str) -> str:
+    """The same read for the embedded DuckDB, whose window operator must hold a whole
+    partitioned input in memory (it failed on 1M rows at 64 MB): the view is executed once
+    into a materialized CTE (spilled to disk as needed), identifiers occurring more than once
+    are found by a grouping (which spills), and only their rows are ranked by a window."""
+    both = f"v.{c} IS NOT NULL AND v.{i} IS NOT NULL"
+    pos = "__retl_pos"
+    return (
+        f"WITH v AS MATERIALIZED (SELECT v.*, row_number() OVER () AS {pos} FROM ({view}) AS v "
+        f"{read}), d AS (SELECT v.{pos}, ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY "
+        f"v.{c} DESC, v.{i} DESC) AS r FROM v WHERE {both} AND {key} IN (SELECT {key} FROM v "
+        f"WHERE {both} GROUP BY 1 HAVING COUNT(*) > 1)) "
+        f"SELECT v.* EXCLUDE ({pos}), CASE WHEN {both} THEN COALESCE(d.r, 1) END AS "
+        f'"{DUP_RANK}" FROM v LEFT JOIN d ON d.{pos} = v.{pos} {order}'
+    )
 
 
 @dataclass(frozen=True)

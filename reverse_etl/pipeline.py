@@ -104,8 +104,7 @@ def transformed_batches(
             screened = destination.screen(out.good)
             counts.read += batch.num_rows
             counts.rejected += out.rejected + screened.rejected
-            errors.write(out.errors)
-            errors.write(screened.errors)
+            errors.write([*out.errors, *screened.errors])  # one write: kept in row order
             mark = batch_watermark(batch, spec.cursor, spec.identifier, out.future)
             yield LoadBatch(screened.table, mark)
             if stop():

@@ -18,6 +18,7 @@ _ENV_VAR = re.compile(
 _TEMPLATE = re.compile(r"\{\{.*?\}\}")
 
 _known_secrets: set[str] = set()
+_longest_first: tuple[str, ...] = ()  # what scrub() tries, in order; kept with _known_secrets
 _SECRET_KEY = re.compile(r"(key|password|secret|token|credential)", re.IGNORECASE)
 
 
@@ -69,14 +70,20 @@ def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "")
 def register_secret(value: str | None) -> None:
     """Scrub ``value`` from every text that leaves the process, log records included (from
     now on, whichever handler takes them)."""
+    global _longest_first
     if value and len(value) >= 4:
         _known_secrets.add(value)
+        _longest_first = tuple(sorted(_known_secrets, key=len, reverse=True))
         scrub_log_records()
+
+
+def has_secrets() -> bool:
+    return bool(_longest_first)
 
 
 def scrub(text: str) -> str:
     """Replace every registered secret in ``text`` with ``***``."""
-    for secret in sorted(_known_secrets, key=len, reverse=True):
+    for secret in _longest_first:  # a secret inside a longer one must not break its match
         if secret in text:
             text = text.replace(secret, "***")
     return text

@@ -9,7 +9,9 @@ repr, and every cell that a spreadsheet would run as a formula is neutralised.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import heapq
 import math
 import shutil
 import tempfile
@@ -22,10 +24,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-import duckdb
 import orjson
-import pyarrow as pa
 
+from reverse_etl.secrets import has_secrets as _has_secrets
 from reverse_etl.secrets import scrub
 
 ERROR_FILE_COLUMNS = (
@@ -112,6 +113,15 @@ def cell_text(value: Any) -> str:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _cell(value: Any) -> str:
+    """One cell as the file holds it: text, scrubbed of secrets, safe for spreadsheets (the
+    common case, a plain string, without the detours: it runs for every failing row)."""
+    text = value if type(value) is str else cell_text(value)
+    if _has_secrets():
+        text = scrub(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def spreadsheet_safe(text: str) -> str:
     """Prefix a quote so spreadsheets show the text instead of running it as a formula."""
     return "'" + text if text.startswith(_FORMULA_START) else text
@@ -120,11 +130,13 @@ def spreadsheet_safe(text: str) -> str:
 class ErrorFileWriter:
     """Collects row errors and writes the error file, ordered by row, when closed.
 
-    Errors arrive in the order the run finds them (the transform's per batch, the
-    destination's when it answers), so they are spooled to an on-disk DuckDB table and
-    written out sorted by row number (then in the order found): a user reads the file top to
-    bottom as they would read the view. The file starts with a UTF-8 byte order mark so Excel
-    on Windows shows accented names as they are. Memory stays flat however many rows fail.
+    Errors arrive in the order the run finds them: the transform's and the screen's a batch at
+    a time (in row order), the destination's when it answers, after later batches were read.
+    Each ``write`` is sorted and spooled as CSV text on disk: appended to the main spool while
+    it continues the row order, else kept as a run of its own. Closing merges the spool and the
+    runs by row, one row of each in memory, so memory stays flat however many rows fail. The
+    file starts with a UTF-8 byte order mark so Excel on Windows shows accented names as they
+    are.
     """
 
     def __init__(self, fh: IO[str], sync: str, run_id: str):
@@ -133,55 +145,50 @@ class ErrorFileWriter:
         self.run_id = run_id
         self.by_reason: Counter[str] = Counter()
         self._lock = threading.Lock()  # the transform thread and the load loop both write
-        self._dir = tempfile.mkdtemp(prefix="reverse-etl-errors-")
-        self._db = duckdb.connect(str(Path(self._dir) / "spool.duckdb"))
-        columns = ", ".join(f'"{c}" VARCHAR' for c in ERROR_FILE_COLUMNS)
-        self._db.execute(f"CREATE TABLE spool (__row BIGINT, __seq BIGINT, {columns})")
+        self._dir = Path(tempfile.mkdtemp(prefix="reverse-etl-errors-"))
+        self._runs: list[Path] = []  # the main spool first, then one file a run out of order
+        self._main = self._open_run()
+        self._last = (0, 0)  # the main spool's last (row, seq)
         self._seq = 0
         self._closed = False
+
+    def _open_run(self) -> Any:
+        path = self._dir / f"run{len(self._runs)}.csv"
+        self._runs.append(path)
+        return path.open("w", newline="", encoding="utf-8")
 
     def write(self, errors: Iterable[RowError]) -> None:
         with self._lock:
             self._write(errors)
 
     def _write(self, errors: Iterable[RowError]) -> None:
-        rows: list[list[Any]] = []
+        rows: list[tuple[int, int, list[str]]] = []
+        head = [_cell(self.sync), _cell(self.run_id)]
         for e in errors:
             self.by_reason[e.reason] += 1
-            rows.append(
-                [e.row_number, self._seq + len(rows)]
-                + [
-                    spreadsheet_safe(scrub(cell_text(v)))
-                    for v in (
-                        self.sync,
-                        self.run_id,
-                        e.row_number,
-                        e.identifier,
-                        e.email,
-                        e.cursor,
-                        e.column,
-                        e.value,
-                        e.reason,
-                        e.message,
-                        FIXES.get(e.reason, ""),
-                    )
-                ]
-            )
+            cells = [
+                *head,
+                str(e.row_number),
+                _cell(e.identifier),
+                _cell(e.email),
+                _cell(e.cursor),
+                _cell(e.column),
+                _cell(e.value),
+                e.reason,
+                _cell(e.message),
+                FIXES.get(e.reason, ""),
+            ]
+            rows.append((e.row_number, self._seq, cells))
+            self._seq += 1
         if not rows:
             return
-        self._seq += len(rows)
-        names = ["__row", "__seq", *ERROR_FILE_COLUMNS]
-        table = pa.table(
-            {
-                n: pa.array([r[i] for r in rows], pa.int64() if i < 2 else pa.string())
-                for i, n in enumerate(names)
-            }
-        )
-        self._db.register("incoming", table)
-        try:
-            self._db.execute("INSERT INTO spool SELECT * FROM incoming")
-        finally:
-            self._db.unregister("incoming")
+        rows.sort(key=lambda r: (r[0], r[1]))
+        if (rows[0][0], rows[0][1]) >= self._last:
+            fh, self._last = self._main, (rows[-1][0], rows[-1][1])
+            csv.writer(fh).writerows([str(r), str(q), *c] for r, q, c in rows)
+            return
+        with self._open_run() as fh:  # errors for rows already passed: merged on close
+            csv.writer(fh).writerows([str(r), str(q), *c] for r, q, c in rows)
 
     def close(self) -> None:
         """Write the file: a byte order mark, the header, every error ordered by row."""
@@ -189,18 +196,23 @@ class ErrorFileWriter:
             if self._closed:
                 return
             self._closed = True
+            self._main.close()
             try:
                 self._fh.write("\ufeff")
                 writer = csv.writer(self._fh)
                 writer.writerow(ERROR_FILE_COLUMNS)
-                columns = ", ".join(f'"{c}"' for c in ERROR_FILE_COLUMNS)
-                reader = self._db.execute(
-                    f"SELECT {columns} FROM spool ORDER BY __row NULLS LAST, __seq"
-                ).to_arrow_reader(10_000)
-                for batch in reader:
-                    writer.writerows(zip(*(c.to_pylist() for c in batch.columns), strict=True))
+                with contextlib.ExitStack() as stack:
+                    runs = [
+                        csv.reader(stack.enter_context(p.open(newline="", encoding="utf-8")))
+                        for p in self._runs
+                    ]
+                    merged = (
+                        heapq.merge(*runs, key=lambda r: (int(r[0]), int(r[1])))
+                        if len(runs) > 1
+                        else runs[0]  # every write came in row order: nothing to merge
+                    )
+                    writer.writerows(r[2:] for r in merged)
             finally:
-                self._db.close()
                 shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> ErrorFileWriter:
