@@ -16,7 +16,7 @@ from reverse_etl.config import Project, load_project
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.runtime import tune_memory
-from reverse_etl.secrets import scrub, scrub_log_records
+from reverse_etl.secrets import scrub
 from reverse_etl.sources import SourceError
 from reverse_etl.state import StateStore
 
@@ -90,7 +90,6 @@ def main(ctx: click.Context, config: str | None, project_dir: str | None, verbos
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    scrub_log_records()
     tune_memory()
     ctx.obj = Ctx(config, project_dir)
 

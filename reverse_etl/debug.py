@@ -16,10 +16,8 @@ import orjson
 from botocore.exceptions import ClientError
 
 from reverse_etl import storage
-from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
-from reverse_etl.destinations.registry import destination_for
-from reverse_etl.engine import make_destination, transform_spec
+from reverse_etl.engine import fit_view, make_destination
 from reverse_etl.errors import SchemaMismatchError
 from reverse_etl.extract import plan_read
 from reverse_etl.pipeline import preflight, transformed_batches
@@ -121,10 +119,7 @@ def validate(
             storage.open_text_for_write(error_file) as fh,
             ErrorFileWriter(fh, sync.name, "validate") as writer,
         ):
-            schema = source.schema(view_sql)
-            sync = resolve_sync_columns(sync, schema.names, source.dialect)
-            conn = project.connections[sync.destination.connection]
-            spec = transform_spec(sync, destination_for(conn.type, sync.object))
+            sync, spec, schema = fit_view(project, sync, source, view_sql)
             if csv_path:
                 kinds = _exported_kinds(csv_path)
                 fields = tuple(replace(f, kind=f.kind or kinds.get(f.column)) for f in spec.fields)

@@ -7,7 +7,6 @@ rejected or failed row goes to the run's error file with its reason.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from reverse_etl import storage
 from reverse_etl.columns import resolve_sync_columns
@@ -35,7 +35,7 @@ from reverse_etl.extract import later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.prefetch import prefetch
-from reverse_etl.secrets import scrub, scrub_log_records
+from reverse_etl.secrets import scrub
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
@@ -107,7 +107,6 @@ def run_sync(
     source_factory: Callable[[Project, Sync], Source] | None = None,
 ) -> RunResult:
     options = options or RunOptions()
-    scrub_log_records()
     sync = project.sync(sync_name)
     run_id = store.new_run_id()
     record = RunRecord(
@@ -168,20 +167,26 @@ def run_sync(
     return result
 
 
+def fit_view(
+    project: Project, sync: Sync, source: Source, view_sql: str
+) -> tuple[Sync, TransformSpec, pa.Schema]:
+    """The view's schema (read without its rows), ``sync`` with its columns spelled as the
+    view spells them, and the transform spec that follows: what run, check and validate
+    start from."""
+    schema = source.schema(view_sql)
+    sync = resolve_sync_columns(sync, schema.names, source.dialect)
+    conn = project.connections[sync.destination.connection]
+    return sync, transform_spec(sync, destination_for(conn.type, sync.object)), schema
+
+
 def view_problems(project: Project, sync: Sync, source: Source) -> list[str]:
     """What a run of ``sync`` would refuse before reading a row (``reverse-etl check``): the
-    SQL file, the view's columns and types against the mapping, the cursor's type. Reads the
-    view's schema only, never its rows."""
+    SQL file, the view's columns and types against the mapping, the cursor's type."""
     try:
-        view_sql = project.source_sql(sync)
-        schema = source.schema(view_sql)
-        sync = resolve_sync_columns(sync, schema.names, source.dialect)
+        sync, spec, schema = fit_view(project, sync, source, project.source_sql(sync))
     except (ReverseEtlError, SourceError) as exc:
         return [scrub(str(exc))]
-    conn = project.connections[sync.destination.connection]
-    return preflight(
-        sync.name, transform_spec(sync, destination_for(conn.type, sync.object)), schema
-    )
+    return preflight(sync.name, spec, schema)
 
 
 def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> str:
@@ -210,13 +215,10 @@ def _run(
     source_factory: Callable[[Project, Sync], Source] | None,
 ) -> None:
     conn = project.connections[sync.destination.connection]
-    dest_type = destination_for(conn.type, sync.object)
     view_sql = project.source_sql(sync)
     source = (source_factory or _default_source)(project, sync)
     with source:
-        schema = source.schema(view_sql)
-        sync = resolve_sync_columns(sync, schema.names, source.dialect)
-        spec = transform_spec(sync, dest_type)
+        sync, spec, schema = fit_view(project, sync, source, view_sql)
         stored = store.watermark(sync.name)
         # a full refresh reads from the start, but the stored watermark stays until the first
         # batch is acknowledged: a refresh that fails at once (a wrong API key) loses nothing
@@ -238,7 +240,6 @@ def _run(
         )
         destination = destination_factory(project, sync)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
-        seq = itertools.count()
         interrupt = options.interrupt
 
         def batches() -> Iterator[LoadBatch]:
@@ -252,7 +253,7 @@ def _run(
                 counts=record.counts,
                 stop=lambda: lock.lost or (interrupt is not None and interrupt.requested),
             ):
-                loaded = LoadBatch(loaded.table, _Token(next(seq), loaded.token))
+                loaded = LoadBatch(loaded.table, _Token(loaded.token))
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     pending.append(loaded)
                 yield loaded
@@ -320,7 +321,6 @@ class _Token:
     """What the engine hands the destination with a batch and must get back with its result:
     compared by identity, so a result is matched to its own batch, never to an equal one."""
 
-    seq: int
     mark: Watermark | None
 
 

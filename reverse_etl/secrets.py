@@ -77,10 +77,6 @@ def register_secret(value: str | None) -> None:
         scrub_log_records()
 
 
-def has_secrets() -> bool:
-    return bool(_longest_first)
-
-
 def scrub(text: str) -> str:
     """Replace every registered secret in ``text`` with ``***``."""
     for secret in _longest_first:  # a secret inside a longer one must not break its match

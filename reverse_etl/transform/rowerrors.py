@@ -26,7 +26,6 @@ from typing import IO, Any
 
 import orjson
 
-from reverse_etl.secrets import has_secrets as _has_secrets
 from reverse_etl.secrets import scrub
 
 ERROR_FILE_COLUMNS = (
@@ -114,12 +113,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _cell(value: Any) -> str:
-    """One cell as the file holds it: text, scrubbed of secrets, safe for spreadsheets (the
-    common case, a plain string, without the detours: it runs for every failing row)."""
-    text = value if type(value) is str else cell_text(value)
-    if _has_secrets():
-        text = scrub(text)
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    """One cell as the file holds it: text, scrubbed of secrets, safe for spreadsheets."""
+    return spreadsheet_safe(scrub(cell_text(value)))
 
 
 def spreadsheet_safe(text: str) -> str:

@@ -113,6 +113,14 @@ def _number(kind: str, col: str, src: str, dtype: pa.DataType) -> tuple[str, str
     return v, err
 
 
+def instant(col: str, dtype: pa.DataType, naive_timezone: str) -> str:
+    """A TIMESTAMP, TIMESTAMPTZ or DATE column as a TIMESTAMPTZ; naive values are read in
+    ``naive_timezone``."""
+    if pt.is_timestamp(dtype) and dtype.tz is not None:
+        return f"CAST({col} AS TIMESTAMPTZ)"
+    return f"timezone({lit(naive_timezone)}, CAST({col} AS TIMESTAMP))"
+
+
 def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) -> tuple[str, str]:
     """Phone rules read ``b.__cc`` / ``b.__np``: the row's region's calling code and trunk
     prefix, joined in by the transformer."""
@@ -149,10 +157,8 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
             )
         return f"CAST({col} AS VARCHAR)", "NULL"
     if kind == "datetime":
-        if pt.is_timestamp(dtype) and dtype.tz is not None:
-            v = f"CAST({col} AS TIMESTAMPTZ)"
-        elif pt.is_timestamp(dtype) or pt.is_date(dtype):
-            v = f"timezone({lit(checks.naive_timezone)}, CAST({col} AS TIMESTAMP))"
+        if pt.is_timestamp(dtype) or pt.is_date(dtype):
+            v = instant(col, dtype, checks.naive_timezone)
         else:
             s = f"CAST({src} AS VARCHAR)"
             v = (

@@ -25,6 +25,7 @@ from reverse_etl.transform.rowerrors import RowError, cell_text
 from reverse_etl.transform.slowpath import PossibleLength, check_email, check_phone, region_codes
 from reverse_etl.transform.sqlgen import (
     Checks,
+    instant,
     lit,
     q,
     region_table,
@@ -181,11 +182,7 @@ class Transformer:
             missing = f"CASE WHEN {text} IS NULL THEN 'missing_cursor' ELSE 'invalid_cursor' END"
         future = "FALSE"
         if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
-            moment = (
-                f"CAST({cursor} AS TIMESTAMPTZ)"
-                if pa.types.is_timestamp(dtype) and dtype.tz is not None
-                else f"timezone({lit(checks.naive_timezone)}, CAST({cursor} AS TIMESTAMP))"
-            )
+            moment = instant(cursor, dtype, checks.naive_timezone)
             future = f"{moment} > TIMESTAMPTZ {lit(checks.max_timestamp)}"
         return (
             f"CASE WHEN {cursor} IS NULL THEN {missing} WHEN {future} THEN 'cursor_in_future' END"
