@@ -56,7 +56,7 @@ def resolve_sync_columns(sync: Sync, columns: Sequence[str], dialect: Dialect) -
                 else resolve(at, f"consent.{channel}.consented_at"),
             }
         )
-    consent: ConsentSpec = sync.consent.model_copy(update=consent_update)
+    consent_spec: ConsentSpec = sync.consent.model_copy(update=consent_update)
 
     region = sync.phone_region_column
     return sync.model_copy(
@@ -64,7 +64,7 @@ def resolve_sync_columns(sync: Sync, columns: Sequence[str], dialect: Dialect) -
             "identifier": resolve(sync.identifier, "identifier"),
             "cursor": resolve(sync.cursor, "cursor"),
             "mapping": mapping,
-            "consent": consent,
+            "consent": consent_spec,
             "phone_region_column": None
             if region is None
             else resolve(region, "phone_region_column"),

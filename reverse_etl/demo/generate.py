@@ -835,7 +835,7 @@ def generate_profile_rows(
     cities, n_city = _blocks({c: [city for city, _, _ in _CITIES[c]] for c in countries})
     first_ascii = _sql_list([_ascii(v) for v in first])
     last_ascii = _sql_list([_ascii(v) for v in last])
-    first, last, cities = _sql_list(first), _sql_list(last), _sql_list(cities)
+    first_sql, last_sql, cities_sql = _sql_list(first), _sql_list(last), _sql_list(cities)
     consents = _CONSENT_TRUE + _CONSENT_FALSE
     bad_ts = _TS_UNPARSEABLE + _TS_TOO_OLD + _TS_FUTURE
     domains = sorted(set(_EMAIL_DOMAINS))
@@ -865,7 +865,7 @@ def generate_profile_rows(
             *,
             CAST(1 + (ci - 1) * {n_first} + h_first % {n_first} AS INTEGER) AS fi,
             CAST(1 + (ci - 1) * {n_last} + h_last % {n_last} AS INTEGER) AS li,
-            ({cities})[CAST(1 + (ci - 1) * {n_city} + h_city % {n_city} AS INTEGER)] AS city,
+            ({cities_sql})[CAST(1 + (ci - 1) * {n_city} + h_city % {n_city} AS INTEGER)] AS city,
             ({_sql_list(countries)})[ci] AS country,
             -- seconds before the anchor; 20% of rows in one of 40 nightly bulk loads
             CASE WHEN h_mod % 5 = 0
@@ -880,8 +880,8 @@ def generate_profile_rows(
     shaped AS (
         SELECT
             *,
-            ({first})[fi] AS first_name,
-            ({last})[li] AS last_name,
+            ({first_sql})[fi] AS first_name,
+            ({last_sql})[li] AS last_name,
             ({first_ascii})[fi] || '.' || ({last_ascii})[li] || CAST(i AS VARCHAR) AS local_part,
             ({_sql_list(domains)})[CAST(1 + h_domain % {len(domains)} AS INTEGER)] AS domain,
             lpad(CAST(h_digits % 10000 AS VARCHAR), 4, '0') AS d4,

@@ -150,9 +150,10 @@ class DotdigitalState:
                 "ERROR_ADDRESSBOOK_DUPLICATE",
                 "That name is in use already, please choose another.",
             )
-        book = {"id": next(self._book_ids), "name": name, "visibility": visibility or "Private"}
-        self.address_books[book["id"]] = book
-        self.members[book["id"]] = {}
+        book_id = next(self._book_ids)
+        book = {"id": book_id, "name": name, "visibility": visibility or "Private"}
+        self.address_books[book_id] = book
+        self.members[book_id] = {}
         return book
 
     # --- contacts ----------------------------------------------------------------------------

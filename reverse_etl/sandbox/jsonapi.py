@@ -136,7 +136,8 @@ def parse_filter(text: str) -> list[Condition]:
 
     def value() -> Any:
         nonlocal pos
-        kind, val = toks[pos] if pos < len(toks) else ("end", None)
+        token: tuple[str, Any] = toks[pos] if pos < len(toks) else ("end", None)
+        kind, val = token
         if kind == "value":
             pos += 1
             return val

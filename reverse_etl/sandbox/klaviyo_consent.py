@@ -22,6 +22,9 @@ from reverse_etl.sandbox.klaviyo_common import (
 )
 from reverse_etl.sandbox.klaviyo_state import ProfileError, now_iso
 
+# per profile: (its id or None, its attributes, its (channel, kind, consented_at) consents)
+_Plan = list[tuple[str | None, Mapping[str, Any], list[tuple[str, str, str | None]]]]
+
 
 class ConsentAPI(KlaviyoBase):
     """POST /api/profile-subscription-bulk-create-jobs and -delete-jobs."""
@@ -44,7 +47,7 @@ class ConsentAPI(KlaviyoBase):
         historical = bool(attrs.get("historical_import"))
         list_id = self._consent_list(call)
         received = utcnow()
-        plan = []
+        plan: _Plan = []
         for i, p in enumerate(profiles):
             a = p["attributes"]
             self._check_identity(i, a, p.get("id"), where)
@@ -107,7 +110,7 @@ class ConsentAPI(KlaviyoBase):
 
     def _consent_work(
         self,
-        plan: list[tuple[str | None, Mapping[str, Any], list[tuple[str, str, str | None]]]],
+        plan: _Plan,
         record: Mapping[str, Any],
         list_id: str | None,
         subscribe: bool,
@@ -154,7 +157,7 @@ class ConsentAPI(KlaviyoBase):
                 f"{len(profiles)} profiles; at most {MAX_UNSUBSCRIBE} per call.", where
             )
         list_id = self._consent_list(call)
-        plan = []
+        plan: _Plan = []
         for i, p in enumerate(profiles):
             a = p["attributes"]
             self._check_identity(i, a, None, where)

@@ -3,7 +3,7 @@ string over 100 KB, as the operation's description says."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +28,7 @@ def _long_string(value: Any, pointer: str) -> str | None:
     """The JSON pointer of the first string over the limit in ``value``, if any."""
     if isinstance(value, str):
         return pointer if len(value.encode()) > MAX_STRING_BYTES else None
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):

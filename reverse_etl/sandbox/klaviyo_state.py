@@ -81,7 +81,7 @@ def check_phone(value: Any, pointer: str) -> None:
 class Ids:
     """Deterministic ids in Klaviyo's shapes (ULID-like profiles, 6-character lists)."""
 
-    counter: itertools.count  # type: ignore[type-arg]
+    counter: itertools.count[int]
 
     def profile(self) -> str:
         return f"01{next(self.counter):024X}"

@@ -59,9 +59,10 @@ def possible_lengths() -> dict[str, list[int]]:
             for desc in _DIALABLE:
                 number_desc = getattr(meta, desc, None)
                 if number_desc is not None and number_desc.national_number_pattern:
-                    lengths.update(
-                        number_desc.possible_length or meta.general_desc.possible_length or ()
-                    )
+                    possible = number_desc.possible_length
+                    if not possible and meta.general_desc is not None:
+                        possible = meta.general_desc.possible_length
+                    lengths.update(possible or ())
         if lengths:
             out[str(code)] = sorted(len(str(code)) + n for n in lengths if n > 0)
     return out

@@ -9,6 +9,7 @@ destination field (named as the field), ``__row`` (1-based position in the run) 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -421,12 +422,17 @@ def _first_non_finite(value: object) -> str | None:
     """The first NaN or ±Infinity inside a nested value, as text; None if there is none."""
     if isinstance(value, float) and not math.isfinite(value):
         return cell_text(value)
-    items = value.values() if isinstance(value, dict) else value
-    if isinstance(items, list | tuple) or isinstance(value, dict):
-        for item in items:
-            found = _first_non_finite(item[1] if isinstance(item, tuple) else item)
-            if found:
-                return found
+    items: Iterable[object]
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _first_non_finite(item[1] if isinstance(item, tuple) else item)
+        if found:
+            return found
     return None
 
 
