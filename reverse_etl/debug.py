@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from botocore.exceptions import ClientError
@@ -27,6 +28,9 @@ from reverse_etl.state import RunCounts
 from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
 
+if TYPE_CHECKING:
+    import _csv
+
 
 @dataclass
 class ValidationReport:
@@ -41,7 +45,7 @@ def export_csv(project: Project, sync: Sync, target: str, batch_size: int = 50_0
     conn = project.connections[sync.source.connection]
     rows = 0
     with open_source(conn, project) as source, storage.open_text_for_write(target) as fh:  # type: ignore[arg-type]
-        writer: csv.writer | None = None
+        writer: _csv.Writer | None = None
         schema = source.schema(project.source_sql(sync))
         with storage.open_text_for_write(schema_path(target)) as side:
             # A CSV holds only text: the column kinds the view's types imply travel beside it,
@@ -108,12 +112,12 @@ def validate(
     local_csv = storage.local_copy_path(csv_path) if csv_path else None
     counts = RunCounts()
     try:
-        if local_csv is None:
-            source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
-            view_sql, where = project.source_sql(sync), "the view"
-        else:
+        if csv_path and local_csv is not None:
             source, view_sql = _csv_source(local_csv, sync.cursor)
             where = csv_path
+        else:
+            source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
+            view_sql, where = project.source_sql(sync), "the view"
         with (
             source,
             storage.open_text_for_write(error_file) as fh,
