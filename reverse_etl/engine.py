@@ -20,6 +20,7 @@ import pyarrow as pa
 from reverse_etl import storage
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
+from reverse_etl.destinations import registry
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult
 from reverse_etl.destinations.registry import destination_for
 from reverse_etl.errors import (
@@ -70,13 +71,13 @@ DestinationFactory = Callable[[Project, Sync], Destination]
 
 def make_destination(project: Project, sync: Sync) -> Destination:
     conn = project.connections[sync.destination.connection]
-    return destination_for(conn.type, sync.object)(conn, sync)  # type: ignore[call-arg]
+    return destination_for(conn.type, sync.object)(conn, sync)  # type: ignore[arg-type]
 
 
 def transform_spec(sync: Sync, destination_type: type[Destination]) -> TransformSpec:
     fields = []
     for column, target in sync.fields().items():
-        kind = target.type or destination_type.standard_fields.get(target.field)
+        kind = target.type or destination_type.capabilities.standard_fields.get(target.field)
         fields.append(FieldSpec(column, target.field, kind))
     for channel, consent in sync.consent.columns().items():
         fields.append(FieldSpec(consent.column, f"consent.{channel}", "consent"))
@@ -125,7 +126,7 @@ def run_sync(
         try:
             with (
                 storage.open_text_for_write(error_target) as fh,
-                ErrorFileWriter(fh, sync.name, run_id) as errors,
+                ErrorFileWriter(fh, sync.name, run_id, registry.reasons()) as errors,
             ):
                 try:
                     _run(

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import duckdb
 import orjson
@@ -19,7 +19,8 @@ import pyarrow as pa
 import yaml
 
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult, Request
-from reverse_etl.destinations.klaviyo.destination import STANDARD_FIELDS as KLAVIYO_FIELDS
+from reverse_etl.destinations.capabilities import Capabilities
+from reverse_etl.destinations.klaviyo.profiles import STANDARD_FIELDS as KLAVIYO_FIELDS
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
 
@@ -197,8 +198,7 @@ class FakeDestination(Destination):
     ``swap_results`` hands back the results of the first two batches in the wrong order."""
 
     type = "klaviyo"
-    standard_fields: ClassVar[dict[str, str]] = dict(KLAVIYO_FIELDS)
-    objects = ("profiles",)
+    capabilities = Capabilities(label="fake profiles", standard_fields=KLAVIYO_FIELDS)
 
     def __init__(
         self,
@@ -232,7 +232,10 @@ class FakeDestination(Destination):
     def prepare(self) -> None:
         self.prepared += 1
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+    # ``load`` is replaced whole, to misbehave on purpose; the pipeline's steps are unused
+    submit = complete = None  # type: ignore[assignment]
+
+    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:  # type: ignore[misc]
         held: list[LoadResult] = []  # accepted, not yet acknowledged
         for result in self._accept(batches):
             held.append(result)
@@ -256,7 +259,7 @@ class FakeDestination(Destination):
                 raise DestinationError(f"fake API gave up on batch {n}")
             self.received.extend(rows)
             self.batches.append(len(rows))
-            result = LoadResult(token=batch.token, sent=len(rows))
+            result = LoadResult(token=batch.token)
             for r in rows:
                 if r["__id"] in self.reject_ids:
                     result.failed += 1

@@ -20,8 +20,7 @@ import pytest
 
 from reverse_etl.config import Project, load_project
 from reverse_etl.destinations import http
-from reverse_etl.destinations.dotdigital.destination import DotdigitalDestination
-from reverse_etl.destinations.klaviyo.base import KlaviyoBase
+from reverse_etl.destinations.base import Destination
 from reverse_etl.engine import RunOptions, RunResult, run_sync
 from reverse_etl.errors import ConfigError
 from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer, SandboxSettings
@@ -61,8 +60,7 @@ def fast_clients(
         )
 
     monkeypatch.setattr(http, "RetryPolicy", policy)
-    monkeypatch.setattr(KlaviyoBase, "poll_interval", poll_interval)
-    monkeypatch.setattr(DotdigitalDestination, "poll_interval", poll_interval)
+    monkeypatch.setattr(Destination, "poll_interval", poll_interval)
     if timeout is not None:
         monkeypatch.setitem(http.ApiClient.__init__.__kwdefaults__, "timeout", timeout)
 

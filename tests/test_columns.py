@@ -10,7 +10,7 @@ import pytest
 
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import FieldMapping, Sync
-from reverse_etl.destinations.klaviyo.destination import KlaviyoDestination
+from reverse_etl.destinations.klaviyo.profiles import KlaviyoProfiles
 from reverse_etl.engine import transform_spec
 from reverse_etl.errors import ConfigError, ReverseEtlError
 from reverse_etl.sources.bigquery import DIALECT as BIGQUERY
@@ -98,14 +98,14 @@ def test_the_respelled_sync_passes_the_engines_schema_check_and_the_destinations
         ]
     )
     sync = make_sync()
-    assert schema_problems(transform_spec(sync, KlaviyoDestination), schema)  # as written: fails
+    assert schema_problems(transform_spec(sync, KlaviyoProfiles), schema)  # as written: fails
 
     resolved = resolve_sync_columns(sync, schema.names, SNOWFLAKE)
-    spec = transform_spec(resolved, KlaviyoDestination)
+    spec = transform_spec(resolved, KlaviyoProfiles)
     assert schema_problems(spec, schema) == []
     assert spec.identifier_field().kind == "email"  # the identifier is still the mapped one
     assert spec.phone_region_column == "COUNTRY"
-    assert KlaviyoDestination.check_sync(resolved) == []
+    assert KlaviyoProfiles.check_sync(resolved) == []
 
 
 def test_a_name_the_view_lacks_is_left_for_the_schema_check_to_report() -> None:
@@ -115,7 +115,7 @@ def test_a_name_the_view_lacks_is_left_for_the_schema_check_to_report() -> None:
     assert resolved.identifier == "EMAIL"  # the others are still respelled
 
     schema = pa.schema([(c, pa.string()) for c in columns])
-    problems = schema_problems(transform_spec(resolved, KlaviyoDestination), schema)
+    problems = schema_problems(transform_spec(resolved, KlaviyoProfiles), schema)
     assert len(problems) == 1 and "column 'phone' is not in the view" in problems[0]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reverse_etl.config import KlaviyoConnection, load_project
+from reverse_etl.config import load_project
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.registry import UnsupportedObject, destination_for
 from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import parse_schedule
@@ -163,7 +164,7 @@ def test_destination_naming_a_warehouse_connection(tmp_path: Path) -> None:
     entry = sync_entry(destination={"connection": "warehouse"})
     message = load_error(tmp_path, project_data(syncs=[entry]))
     assert "syncs[0].destination.connection: connection 'warehouse' is a duckdb" in message
-    assert "klaviyo, dotdigital" in message
+    assert "dotdigital, klaviyo" in message
 
 
 def test_source_needs_exactly_one_of_sql_or_table(tmp_path: Path) -> None:

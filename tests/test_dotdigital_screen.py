@@ -15,8 +15,8 @@ import pytest
 
 from reverse_etl.config import load_project
 from reverse_etl.destinations.base import Destination
-from reverse_etl.destinations.dotdigital.contacts import DotdigitalContacts
 from reverse_etl.destinations.dotdigital.orders import DotdigitalOrders
+from reverse_etl.destinations.dotdigital.profiles import DotdigitalProfiles
 from reverse_etl.engine import make_destination
 from tests.helpers import write_project
 from tests.sandboxes import dotdigital_project, sync_entry
@@ -49,7 +49,7 @@ def batch(identifier: str, **columns: Any) -> pa.Table:
 
 def test_contacts_without_an_email_are_rejected(destination):
     dest = destination("contacts", {"email": "email", "zip": "POSTCODE"}, identifier="zip")
-    assert isinstance(dest, DotdigitalContacts)
+    assert isinstance(dest, DotdigitalProfiles)
     table = batch(
         "POSTCODE", email=["a@example.com", None, "c@example.com"], POSTCODE=["1", "2", "3"]
     )

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from reverse_etl.destinations.klaviyo import catalog, jobs
-from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalog
 from reverse_etl.engine import make_destination
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, DestinationError
 from tests.helpers import execute
@@ -111,7 +111,7 @@ def test_products_are_created_then_updated(klaviyo):
 
 
 def test_item_created_by_someone_else_meanwhile_is_updated(klaviyo, monkeypatch):
-    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalog
 
     rig = klaviyo()
     products_table(rig, range(5))
@@ -119,7 +119,7 @@ def test_item_created_by_someone_else_meanwhile_is_updated(klaviyo, monkeypatch)
     assert rig.run("catalog").exit_code == EXIT_OK
 
     # the look-up misses the items (as if they were created between the look-up and the job)
-    monkeypatch.setattr(KlaviyoCatalogDestination, "_existing", lambda self, ids: set())
+    monkeypatch.setattr(KlaviyoCatalog, "_existing", lambda self, ids: set())
     products_table(rig, range(5), price=50.0, shift=100)
     result = rig.run("catalog")
 
@@ -199,7 +199,7 @@ def test_create_job_whose_answer_is_lost_is_not_sent_twice(klaviyo, monkeypatch,
     products_table(rig, range(3))
     project = rig.configure([catalog_sync()])
     destination = make_destination(project, project.sync("catalog"))
-    assert isinstance(destination, KlaviyoCatalogDestination)
+    assert isinstance(destination, KlaviyoCatalog)
     job = jobs.Job(
         catalog.CREATE,
         orjson.dumps(
@@ -283,13 +283,13 @@ def test_dry_run_shows_create_jobs_and_sends_nothing(klaviyo):
 
 
 def test_item_gone_since_the_look_up_is_created(klaviyo, monkeypatch):
-    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
+    from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalog
 
     rig = klaviyo()
     products_table(rig, range(3))
     rig.configure([catalog_sync()])
     # the look-up sees items that are gone by the time the update job runs
-    monkeypatch.setattr(KlaviyoCatalogDestination, "_existing", lambda self, ids: set(ids))
+    monkeypatch.setattr(KlaviyoCatalog, "_existing", lambda self, ids: set(ids))
 
     result = rig.run("catalog")
 

@@ -12,9 +12,9 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from reverse_etl.config import KlaviyoConnection
 from reverse_etl.destinations.klaviyo import bulk
 from reverse_etl.destinations.klaviyo.client import KlaviyoClient
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.consent import UNSUBSCRIBE
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from reverse_etl.sandbox import KlaviyoSandbox, SandboxServer, SandboxSettings

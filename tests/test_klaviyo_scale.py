@@ -36,7 +36,7 @@ SEEDS = FAULT_SEEDS[:2]
 def klaviyo(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., Rig]]:
-    from reverse_etl.destinations.klaviyo.base import KlaviyoBase
+    from reverse_etl.destinations.klaviyo.destination import KlaviyoBase
 
     # a longer timeout than the destination tests' (bodies here are 2,500 profiles), still
     # outlasted by the held answers

@@ -17,9 +17,9 @@ import pytest
 
 from reverse_etl.config import load_project
 from reverse_etl.destinations.base import Destination
-from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalogDestination
-from reverse_etl.destinations.klaviyo.events import KlaviyoOrdersDestination
-from reverse_etl.destinations.klaviyo.profiles import KlaviyoDestination
+from reverse_etl.destinations.klaviyo.catalog import KlaviyoCatalog
+from reverse_etl.destinations.klaviyo.orders import KlaviyoOrders
+from reverse_etl.destinations.klaviyo.profiles import KlaviyoProfiles
 from reverse_etl.engine import make_destination
 from tests.helpers import write_project
 from tests.test_klaviyo_support import klaviyo_sync
@@ -84,7 +84,7 @@ def profile_batch(**overrides: list[Any]) -> pa.Table:
 
 def test_consent_without_its_address_is_taken_off_the_row_and_the_profile_stays(destination):
     dest = destination(mapping=PROFILE_MAPPING, consent=CONSENT)
-    assert isinstance(dest, KlaviyoDestination)
+    assert isinstance(dest, KlaviyoProfiles)
 
     screened = dest.screen(profile_batch())
 
@@ -163,11 +163,11 @@ def catalog_batch(**overrides: list[Any]) -> pa.Table:
     return batch(**columns)
 
 
-def catalog_destination(destination: Any) -> KlaviyoCatalogDestination:
+def catalog_destination(destination: Any) -> KlaviyoCatalog:
     dest = destination(
         table="products", object="catalog", identifier="product_id", mapping=CATALOG_MAPPING
     )
-    assert isinstance(dest, KlaviyoCatalogDestination)
+    assert isinstance(dest, KlaviyoCatalog)
     return dest
 
 
@@ -235,7 +235,7 @@ def test_orders_without_a_profile_or_with_an_overlong_string_are_rejected(destin
     dest = destination(
         table="orders", object="orders", identifier="order_id", mapping=ORDER_MAPPING
     )
-    assert isinstance(dest, KlaviyoOrdersDestination)
+    assert isinstance(dest, KlaviyoOrders)
 
     screened = dest.screen(order_batch())
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -29,7 +29,8 @@ import yaml
 from reverse_etl.config import Project, Sync, load_project
 from reverse_etl.debug import export_csv, validate
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult, Request
-from reverse_etl.destinations.klaviyo.destination import STANDARD_FIELDS
+from reverse_etl.destinations.capabilities import Capabilities
+from reverse_etl.destinations.klaviyo.profiles import STANDARD_FIELDS
 from reverse_etl.engine import RunResult, run_sync
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS
 from reverse_etl.state import StateStore, Watermark
@@ -335,8 +336,8 @@ class RecordingDestination(Destination):
     """Acknowledges every batch it is given, at once and in full, and keeps it."""
 
     type = "klaviyo"
-    standard_fields: ClassVar[dict[str, str]] = dict(STANDARD_FIELDS)
-    objects = ("profiles",)
+    capabilities = Capabilities(label="recorded profiles", standard_fields=STANDARD_FIELDS)
+    submit = complete = None  # type: ignore[assignment]  # load is replaced whole
 
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
@@ -347,15 +348,13 @@ class RecordingDestination(Destination):
         if rows:
             yield Request("POST", "/recorded", orjson.dumps(rows, default=str), len(rows))
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
+    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:  # type: ignore[misc]
         for batch in batches:
             self.deliveries.append(Delivery(batch.table, batch.token))
             ids = batch.table["__id"].to_pylist() if batch.table.num_rows else []
             created = len(set(ids) - self.seen)
             self.seen.update(ids)
-            yield LoadResult(
-                token=batch.token, sent=len(ids), created=created, updated=len(ids) - created
-            )
+            yield LoadResult(token=batch.token, created=created, updated=len(ids) - created)
 
     def rows(self) -> list[dict[str, Any]]:
         return [r for d in self.deliveries for r in d.rows()]

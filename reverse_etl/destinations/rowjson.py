@@ -123,7 +123,7 @@ class RowJson:
             self._schema = table.schema
         self._con.register("tbl", table)
         try:
-            result = self._con.execute(self._sql).to_arrow_table()  # see scratch.py
+            result: pa.Table = self._con.execute(str(self._sql)).to_arrow_table()  # see scratch.py
             return result.column("doc").combine_chunks()
         finally:
             self._con.unregister("tbl")

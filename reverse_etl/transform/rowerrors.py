@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -42,7 +42,8 @@ ERROR_FILE_COLUMNS = (
     "how_to_fix",
 )
 
-# reason code -> how to fix it; the message says what was wrong with this row.
+# reason code -> how to fix it, for the codes every destination may report; a destination's
+# own codes come with it (its ``reasons.py``). The message says what was wrong with this row.
 FIXES: dict[str, str] = {
     "missing_identifier": "Give every row a value in the identifier column, or filter such rows out of the view.",
     "duplicate_identifier": "Make the view return one row per identifier; only the latest row (by cursor) was sent.",
@@ -50,10 +51,6 @@ FIXES: dict[str, str] = {
     "invalid_cursor": "Write the cursor as an ISO 8601 timestamp (2025-03-01T10:00:00Z); rows whose cursor cannot be read can never be picked up incrementally.",
     "cursor_in_future": "Fix the cursor value (a placeholder such as 9999-12-31, or a time zone error); the row is read again every run and sent once its cursor is no longer in the future. Raise max_future_skew_minutes if the warehouse's clock runs ahead.",
     "invalid_email": "Fix the address in the warehouse (it must look like name@domain.tld).",
-    "missing_email": "Give the row an email address; Dotdigital matches contacts, and the owners of orders, by email.",
-    "unknown_order_status": "Add the status to destination.order_status_map with the Dotdigital status it stands for (Pending, Paid, Completed, Cancelled ...).",
-    "insight_nested_array": "Insight data refuses an array directly inside an array: flatten the column in the view, or wrap each inner array in a record ({'values': [...]}).",
-    "insight_invalid_key": "Rename the field in the view: insight data keys are letters, digits, _ and - (not starting with a digit, at most 255 characters), and a-b beside a_b is refused.",
     "invalid_phone": "Store phone numbers in E.164 (+14155552671) or set default_phone_region for national numbers.",
     "invalid_consent": "Use one of: yes/no, y/n, true/false, 1/0, subscribed/unsubscribed, opt-in/opt-out (or leave empty for no change).",
     "invalid_timestamp": "Store timestamps as ISO 8601 (2025-03-01T10:00:00Z) or as a TIMESTAMP column.",
@@ -65,7 +62,6 @@ FIXES: dict[str, str] = {
     "invalid_boolean": "Use true/false, yes/no or 1/0.",
     "value_too_large": "Shorten the value or stop mapping the column; the destination refuses records this large.",
     "missing_required_field": "Give every row a value in the fields the message names, or filter such rows out of the view; the destination cannot take the record without them.",
-    "missing_consent_address": "Email consent needs an email address and SMS consent a phone number: map and fill that column, or leave the consent empty (the subscription is then left as it is).",
     "destination_rejected": "Read the message: the destination refused this record. Fix the data and it is sent again on its next change.",
     "not_sent": "The destination did not acknowledge this record before the run stopped; the next run sends it again.",
 }
@@ -134,8 +130,9 @@ class ErrorFileWriter:
     are.
     """
 
-    def __init__(self, fh: IO[str], sync: str, run_id: str):
+    def __init__(self, fh: IO[str], sync: str, run_id: str, fixes: Mapping[str, str] | None = None):
         self._fh = fh
+        self._fixes = {**FIXES, **(fixes or {})}  # the destination's own codes beside ours
         self.sync = sync
         self.run_id = run_id
         self.by_reason: Counter[str] = Counter()
@@ -171,7 +168,7 @@ class ErrorFileWriter:
                 _cell(e.value),
                 e.reason,
                 _cell(e.message),
-                FIXES.get(e.reason, ""),
+                self._fixes.get(e.reason, ""),
             ]
             rows.append((e.row_number, self._seq, cells))
             self._seq += 1

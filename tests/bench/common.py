@@ -41,7 +41,7 @@ def unsent(totals: dict[str, int]) -> Callable[[Any, Any], Any]:
                 for req in dest.requests(b.table):
                     totals["requests"] = totals.get("requests", 0) + 1
                     totals["bytes"] = totals.get("bytes", 0) + len(req.body)
-                yield LoadResult(token=b.token, sent=b.table.num_rows, updated=b.table.num_rows)
+                yield LoadResult(token=b.token, updated=b.table.num_rows)
 
         dest.load = load
         dest.prepare = lambda: None  # no list lookup: nothing leaves the process

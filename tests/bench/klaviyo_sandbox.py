@@ -166,7 +166,7 @@ def run(
     """One real sync run (``run_sync``) against ``served``, import requests timed; with no
     ``served``, the same run with every request built and none sent (the reference)."""
     from reverse_etl.config import load_project
-    from reverse_etl.destinations.klaviyo.profiles import KlaviyoDestination
+    from reverse_etl.destinations.klaviyo.profiles import KlaviyoProfiles
     from reverse_etl.engine import run_sync
     from reverse_etl.state import StateStore
 
@@ -178,11 +178,11 @@ def run(
     (work / "p.yml").write_text(text)
     project = load_project(work / "p.yml", work)
     imports: list[float] = []
-    made: list[KlaviyoDestination] = []
+    made: list[KlaviyoProfiles] = []
 
-    def destination(project: Any, sync: Any) -> KlaviyoDestination:
-        dest = KlaviyoDestination(project.connections["klaviyo"], sync, speedup=speedup)
-        dest.poll_interval = KlaviyoDestination.poll_interval / speedup  # vendor time too
+    def destination(project: Any, sync: Any) -> KlaviyoProfiles:
+        dest = KlaviyoProfiles(project.connections["klaviyo"], sync, speedup=speedup)
+        dest.poll_interval = KlaviyoProfiles.poll_interval / speedup  # vendor time too
         if job:
             dest.profiles_per_job = job
         call = dest.client.call

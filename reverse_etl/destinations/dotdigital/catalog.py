@@ -11,30 +11,33 @@ status (or stock) so campaigns can leave it out.
 from __future__ import annotations
 
 import re
-from typing import ClassVar
 
 from reverse_etl.config import Sync
+from reverse_etl.destinations.dotdigital import insight
 from reverse_etl.destinations.dotdigital.insight import InsightDestination
 
 
 class DotdigitalCatalog(InsightDestination):
     scope = "account"
     collection_type = "catalog"
-    standard_fields: ClassVar[dict[str, str]] = {
-        "id": "string",
-        "name": "string",
-        "price": "number",
-        "sale_price": "number",
-        "sku": "string",
-        "url": "string",
-        "image_path": "string",
-        "stock": "integer",
-        "status": "string",
-        "currency": "string",
-        "brand": "string",
-        "category": "string",
-        "description": "string",
-    }
+    capabilities = insight.capabilities(
+        "catalog records",
+        {
+            "id": "string",
+            "name": "string",
+            "price": "number",
+            "sale_price": "number",
+            "sku": "string",
+            "url": "string",
+            "image_path": "string",
+            "stock": "integer",
+            "status": "string",
+            "currency": "string",
+            "brand": "string",
+            "category": "string",
+            "description": "string",
+        },
+    )
 
     @classmethod
     def default_collection(cls, sync: Sync) -> str:

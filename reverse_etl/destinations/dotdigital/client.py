@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
-from reverse_etl.config import DotdigitalConnection
+from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.pacing import CallBudget
 from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
 

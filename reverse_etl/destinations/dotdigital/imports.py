@@ -12,16 +12,15 @@ gives up with its rows behind the watermark.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
+from reverse_etl.destinations import jobs
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
 from reverse_etl.destinations.http import error_detail
-from reverse_etl.destinations.jobs import poll
 from reverse_etl.errors import DestinationError
 
 
@@ -32,6 +31,7 @@ class Import:
     body: bytes
     rows: pa.Array
     id: str | None = None
+    attempts: int = 0
     report: dict[str, Any] | None = None  # the final status document, once it finished
 
     def __len__(self) -> int:
@@ -71,31 +71,28 @@ class ImportQueue:
         while len(self._active) >= self.max_active:
             self.wait(self._active[0])
         imp.id = self._put(imp)
+        imp.attempts = 1
         self._active.append(imp)
 
     def wait(self, imp: Import) -> dict[str, Any]:
-        """Poll ``imp`` to its end and return its final status; a failed one is resubmitted."""
+        """Poll ``imp`` to its end (``destinations.jobs.wait``, resubmitting it while it fails
+        as a whole) and return its final status."""
         if imp.report is not None:
             return imp.report
-        done: Collection[str] = self.api.finished | self.api.failed
-        report: dict[str, Any] = {}
-        for attempt in range(1, self.attempts + 1):
-            report = poll(
-                lambda: self.client.json("GET", f"{self.api.path}/{imp.id}"),
-                lambda r: r.get("status") in done,
-                first=self.poll_interval,
+        try:
+            imp.report = jobs.wait(
+                _Running(self, imp), attempts=self.attempts, poll_interval=self.poll_interval
             )
-            if report["status"] in self.api.finished:
-                imp.report = report
-                self._active.remove(imp)
-                return report
-            if attempt < self.attempts:
-                imp.id = self._put(imp)
-        self._active.remove(imp)
-        raise DestinationError(
-            f"Dotdigital {self.api.what} {imp.id} ended {report.get('status')!r} {self.attempts} "
-            "times; its rows stay behind the watermark and are sent again next run"
-        )
+        finally:
+            self._active.remove(imp)
+        return imp.report
+
+    def status(self, imp: Import) -> tuple[jobs.State, dict[str, Any]]:
+        report: dict[str, Any] = self.client.json("GET", f"{self.api.path}/{imp.id}")
+        status = report.get("status")
+        if status in self.api.finished:
+            return "done", report
+        return ("failed" if status in self.api.failed else "running"), report
 
     def _put(self, imp: Import) -> str:
         response = self.client.call("PUT", self.api.path, imp.body)
@@ -104,3 +101,30 @@ class ImportQueue:
                 f"Dotdigital refused a {self.api.what} ({len(imp)} records): {error_detail(response)}"
             )
         return str(orjson.loads(response.content)["importId"])
+
+
+@dataclass
+class _Running:
+    """A submitted ``Import`` as the shared job loop sees it."""
+
+    queue: ImportQueue
+    imp: Import
+
+    @property
+    def what(self) -> str:
+        return f"Dotdigital {self.queue.api.what} ({len(self.imp)} records)"
+
+    @property
+    def id(self) -> str | None:
+        return self.imp.id
+
+    @property
+    def attempts(self) -> int:
+        return self.imp.attempts
+
+    def start(self) -> None:
+        self.imp.id = self.queue._put(self.imp)
+        self.imp.attempts += 1
+
+    def status(self) -> tuple[jobs.State, dict[str, Any]]:
+        return self.queue.status(self.imp)

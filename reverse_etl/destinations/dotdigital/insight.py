@@ -19,7 +19,7 @@ the API's verdict on each record.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
@@ -27,12 +27,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl import scratch
-from reverse_etl.config import DotdigitalConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import insight_rules as rules
-from reverse_etl.destinations.dotdigital.destination import MAX_IMPORT_BYTES, DotdigitalDestination
+from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
+from reverse_etl.destinations.dotdigital.destination import (
+    MAX_IMPORT_BYTES,
+    MAX_IMPORT_RECORDS,
+    DotdigitalBase,
+)
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
-from reverse_etl.destinations.jobs import in_order
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
@@ -58,23 +63,15 @@ class Check:
     message: str
 
 
-@dataclass
-class _InFlight:
-    batch: LoadBatch
-    imports: list[Import] = field(default_factory=list)
-    refused: list[RowError] = field(default_factory=list)  # rows never sent
-
-
-class InsightDestination(DotdigitalDestination):
+class InsightDestination(DotdigitalBase):
     scope: ClassVar[str]  # account | contact
     collection_type: ClassVar[str]  # the spec's collectionType: catalog, orders ...
-    options: ClassVar[tuple[str, ...]] = ("collection", "import_size")
+    import_api = INSIGHT_IMPORTS
 
     def __init__(self, conn: DotdigitalConnection, sync: Sync):
         super().__init__(conn, sync)
         self.collection = self.collection_name(sync)
         self.column_of = {t.field: c for c, t in sync.fields().items()}  # field → view column
-        self.imports = self.queue(INSIGHT_IMPORTS)
         self._rules: _Rules | None = None  # screen's
         self._schema: pa.Schema | None = None
         self._json: RowJson | None = None  # load's and requests'
@@ -111,7 +108,7 @@ class InsightDestination(DotdigitalDestination):
         problem = rules.collection_problem(cls.collection_name(sync))
         if problem:
             problems.append(f"destination.collection: {problem}")
-        return problems + cls.check_import_size(sync.destination.options())
+        return problems
 
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
@@ -122,7 +119,8 @@ class InsightDestination(DotdigitalDestination):
             f"mapping.{column}: ": rules.key_problem(target.field)
             or f"{target.field!r}: names starting with __ are the engine's own"
             for column, target in fields.items()
-            if target.field not in cls.standard_fields and not cls.is_custom_field(target.field)
+            if target.field not in cls.capabilities.standard_fields
+            and not cls.is_custom_field(target.field)
         }
         replaced = (*bad, f"identifier {sync.identifier!r} must also be mapped")
         problems = [p for p in super().check_sync(sync) if not p.startswith(replaced)]
@@ -138,15 +136,6 @@ class InsightDestination(DotdigitalDestination):
             problems.append(
                 f"identifier {sync.identifier!r} must be mapped to `id`, the record's key "
                 f"({now}); e.g. mapping: {{{sync.identifier}: id}}"
-            )
-        if sync.consent.columns():
-            problems.append(
-                f"consent: {sync.object} records carry no consent; remove the consent block"
-            )
-        if sync.destination.list:
-            problems.append(
-                f"destination.list: {sync.object} go to an insight data collection, not a list; "
-                "use destination.collection"
             )
         return problems
 
@@ -216,7 +205,7 @@ class InsightDestination(DotdigitalDestination):
             self._schema = schema
         return self._json
 
-    def _bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
+    def import_bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
         docs = self._builder(table.schema).build(table)
         overhead = len(self._head) + len(self._tail)
         for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, overhead):
@@ -232,7 +221,7 @@ class InsightDestination(DotdigitalDestination):
         table, _ = self._with_owner(table)
         if table.num_rows == 0:
             return
-        for start, end, body in self._bodies(table):
+        for start, end, body in self.import_bodies(table):
             yield Request("PUT", IMPORT_PATH, body, end - start)
 
     # ------------------------------------------------------------------ sending
@@ -251,54 +240,27 @@ class InsightDestination(DotdigitalDestination):
                     "to another name"
                 )
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        return in_order(batches, self._submit, self._finish, self.max_in_flight)
+    def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        return self._with_owner(table)
 
-    def _submit(self, batch: LoadBatch) -> _InFlight:
-        table, refused = self._with_owner(batch.table)
-        item = _InFlight(batch, refused=refused)
-        if table.num_rows == 0:
-            return item
-        rows = table["__row"].combine_chunks()
-        for start, end, body in self._bodies(table):
-            imp = Import(body, rows.slice(start, end - start))
-            self.imports.submit(imp)
-            item.imports.append(imp)
-        return item
-
-    def _finish(self, item: _InFlight) -> LoadResult:
-        # rows refused here (no owner; only in a batch that was not screened) count as sent
-        # and failed: sent = created + updated + failed
-        refused = len({e.row_number for e in item.refused})
-        result = LoadResult(
-            token=item.batch.token, sent=refused, failed=refused, errors=list(item.refused)
-        )
-        by_key: dict[str, tuple[int, str]] | None = None
-        for imp in item.imports:
-            report = self.imports.wait(imp)
-            failures = report.get("failures") or []
-            summary = report.get("summary") or {}
-            rejected = min(len(imp), int(summary.get("totalRejected", len(failures))))
-            # the import does not tell a new record from a replaced one: upserts count as updated
-            result.sent += len(imp)
-            result.failed += rejected
-            result.updated += len(imp) - rejected
-            if not failures:
-                continue
-            if by_key is None:  # only a batch with failures pays for the look-up table
-                t = item.batch.table
-                by_key = {
-                    str(k): (r, str(c))
-                    for k, r, c in zip(
-                        t["id"].to_pylist(),
-                        t["__row"].to_pylist(),
-                        t["__id"].to_pylist(),
-                        strict=True,
-                    )
-                }
-            for failure in failures:
-                result.errors.append(self._failure_error(failure, by_key))
-        return result
+    def account(self, table: pa.Table, imp: Import, report: dict[str, Any], tally: Tally) -> None:
+        failures = report.get("failures") or []
+        summary = report.get("summary") or {}
+        rejected = int(summary.get("totalRejected", len(failures)))
+        # the import does not tell a new record from a replaced one: upserts count as updated
+        tally.landed(len(imp), failed=rejected)
+        if not failures:
+            return
+        by_key = {
+            str(k): (r, str(c))
+            for k, r, c in zip(
+                table["id"].to_pylist(),
+                table["__row"].to_pylist(),
+                table["__id"].to_pylist(),
+                strict=True,
+            )
+        }
+        tally.reported(self._failure_error(failure, by_key) for failure in failures)
 
     def _failure_error(
         self, failure: dict[str, Any], by_key: dict[str, tuple[int, str]]
@@ -347,7 +309,7 @@ class _Rules:
             return table, []
         self._con.register("tbl", table)
         try:
-            flags = self._con.execute(self._sql).to_arrow_table()
+            flags: pa.Table = self._con.execute(self._sql).to_arrow_table()
         finally:
             self._con.unregister("tbl")
         bad: pa.ChunkedArray | None = None
@@ -425,13 +387,30 @@ class _Rules:
         """The type of ``sql`` over the batch (the value as it will be sent)."""
         self._con.register("tbl", table.slice(0, 0))
         try:
-            result = self._con.execute(f"SELECT {sql} AS v FROM tbl AS t").to_arrow_table()
+            result: pa.Table = self._con.execute(
+                f"SELECT {sql} AS v FROM tbl AS t"
+            ).to_arrow_table()
             return result.schema.field("v").type
         finally:
             self._con.unregister("tbl")
 
     def close(self) -> None:
         self._con.close()
+
+
+def capabilities(label: str, standard_fields: dict[str, str], *options: str) -> Capabilities:
+    """What an insight data object takes: any valid key besides its standard fields, keyed by
+    ``id``, no list and no consent."""
+    return Capabilities(
+        label=label,
+        standard_fields=standard_fields,
+        options=("collection", "import_size", *options),
+        list_instead="they go to an insight data collection: use destination.collection",
+        consent_instead="consent is synced with contacts",
+        batch_records=MAX_IMPORT_RECORDS,
+        batch_bytes=MAX_IMPORT_BYTES,
+        max_in_flight=4,
+    )
 
 
 def _q(name: str) -> str:

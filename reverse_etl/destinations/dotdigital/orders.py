@@ -21,12 +21,14 @@ any custom key. Decisions:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import pyarrow as pa
 
-from reverse_etl.config import DotdigitalConnection, Sync
+from reverse_etl.config import Sync
+from reverse_etl.destinations.dotdigital import insight
 from reverse_etl.destinations.dotdigital import insight_rules as rules
+from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.insight import Check, InsightDestination
 from reverse_etl.destinations.rowjson import Expr
 from reverse_etl.errors import DestinationError
@@ -50,17 +52,21 @@ PRODUCT_KEYS: dict[str, tuple[str, ...]] = {
 class DotdigitalOrders(InsightDestination):
     scope = "contact"
     collection_type = "orders"
-    standard_fields: ClassVar[dict[str, str]] = {
-        "id": "string",
-        "email": "email",
-        "order_total": "number",
-        "order_subtotal": "number",
-        "currency": "string",
-        "purchase_date": "datetime",
-        "order_status": "string",
-        "products": "json",
-    }
-    options = ("collection", "import_size", "order_status_map", "product_fields")
+    capabilities = insight.capabilities(
+        "orders records",
+        {
+            "id": "string",
+            "email": "email",
+            "order_total": "number",
+            "order_subtotal": "number",
+            "currency": "string",
+            "purchase_date": "datetime",
+            "order_status": "string",
+            "products": "json",
+        },
+        "order_status_map",
+        "product_fields",
+    )
 
     def __init__(self, conn: DotdigitalConnection, sync: Sync):
         super().__init__(conn, sync)

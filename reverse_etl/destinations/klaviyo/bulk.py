@@ -87,7 +87,7 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
                     f"{error_detail(response)}; its rows stay behind the watermark"
                 )
             for index, pointer, _code, message in named:
-                i = chunk[index]
+                i = chunk[int(index or 0)]  # named: every index is set
                 if rows[i] not in refused:
                     refused.add(rows[i])
                     value = records.docs[i].as_py()

@@ -22,22 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo import jobs, sizes
-from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.klaviyo.client import (
     MAX_BODY_BYTES,
     MAX_CATALOG_ITEMS,
     quote,
     record_errors,
 )
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
+from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.rowjson import Expr, RowJson, nest, pack
 from reverse_etl.transform.rowerrors import RowError
 
@@ -91,11 +93,16 @@ class _Outcome:
     errors: list[RowError]
 
 
-class KlaviyoCatalogDestination(KlaviyoBase):
-    object_name = "catalog items"
-    standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
-    custom_prefix = "custom_metadata"
-    identifier_fields = ("external_id",)
+class KlaviyoCatalog(KlaviyoBase):
+    capabilities = Capabilities(
+        label="Klaviyo catalog items",
+        standard_fields=STANDARD_FIELDS,
+        custom_prefix="custom_metadata",
+        identifier_fields=("external_id",),
+        list_instead="lists hold profiles: use a profiles sync",
+        batch_records=MAX_CATALOG_ITEMS,
+        batch_bytes=MAX_BODY_BYTES,
+    )
 
     def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float | None = None):
         super().__init__(conn, sync, speedup=speedup)
@@ -154,7 +161,7 @@ class KlaviyoCatalogDestination(KlaviyoBase):
         if not suspects.any():
             return table, []
         if self._screen_metadata is None:
-            template = nest({f: f for f in fields})[self.custom_prefix]
+            template = nest({f: f for f in fields})[str(self.capabilities.custom_prefix)]
             self._screen_metadata = RowJson(template, drop_nulls=self._create.drop_nulls)
         candidates = table.filter(pa.array(suspects))
         lengths = pc.binary_length(self._screen_metadata.build(candidates))
@@ -259,18 +266,16 @@ class KlaviyoCatalogDestination(KlaviyoBase):
                 return found
             path, params = nxt, None
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        """One batch at a time: its look-up, then its jobs (up to ``JOB_WINDOW`` at once), so
-        the jobs in progress stay far below Klaviyo's 500 whatever the batch size."""
-        for batch in batches:
-            yield self._load(batch)
+    def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        return self._complete(table)
 
-    def _load(self, batch: LoadBatch) -> LoadResult:
-        table, errors = self._complete(batch.table)
-        result = LoadResult(batch.token, sent=batch.table.num_rows, errors=errors)
-        result.failed = len({e.row_number for e in errors})
-        if table.num_rows == 0:
-            return result
+    def submit(self, table: pa.Table) -> pa.Table:
+        """Nothing is sent ahead: a batch's look-up and its jobs (up to ``JOB_WINDOW`` at once)
+        run in ``complete``, one batch at a time, so the jobs in progress stay far below
+        Klaviyo's 500 whatever the batch size."""
+        return table
+
+    def complete(self, table: pa.Table, tally: Tally) -> None:
         externals = table["external_id"].to_pylist()
         known = self._existing(externals)
         updates = [i for i, ext in enumerate(externals) if ext in known]
@@ -278,15 +283,12 @@ class KlaviyoCatalogDestination(KlaviyoBase):
         for rerouted in (False, True):
             created = self._run(CREATE, table, creates, rerouted)
             updated = self._run(UPDATE, table, updates, rerouted)
-            result.created += len(created.done)
-            result.updated += len(updated.done)
-            for outcome in (created, updated):
-                result.errors += outcome.errors
-                result.failed += len({e.row_number for e in outcome.errors})
+            tally.landed(len(created.done), created=len(created.done))
+            tally.landed(len(updated.done))
+            tally.refused(created.errors + updated.errors)
             creates, updates = updated.retry, created.retry
             if not creates and not updates:
                 break
-        return result
 
     def _run(
         self, kind: jobs.JobKind, table: pa.Table, positions: list[int], last: bool

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import orjson
 
-from reverse_etl.config import KlaviyoConnection
 from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.ratelimit import RateLimiter
 
 JSONAPI = "application/vnd.api+json"

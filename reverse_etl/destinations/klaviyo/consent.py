@@ -35,13 +35,13 @@ import pyarrow.compute as pc
 from reverse_etl.config import Sync
 from reverse_etl.destinations.base import Request
 from reverse_etl.destinations.klaviyo import bulk
-from reverse_etl.destinations.klaviyo.base import any_true, column_or_null, row_errors
 from reverse_etl.destinations.klaviyo.client import (
     MAX_BODY_BYTES,
     MAX_SUBSCRIBE,
     MAX_UNSUBSCRIBE,
     KlaviyoClient,
 )
+from reverse_etl.destinations.klaviyo.destination import any_true, column_or_null, row_errors
 from reverse_etl.destinations.rowjson import Expr, RowJson
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError

@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
+from reverse_etl.destinations import jobs
 from reverse_etl.destinations.http import error_detail
-from reverse_etl.destinations.jobs import poll
 from reverse_etl.destinations.klaviyo.client import KlaviyoClient
 from reverse_etl.errors import DestinationError
 
-DONE = {"complete", "cancelled"}
+CANCELLED = "cancelled"
 LANDED = ""  # what create_once gives back when a lost submission's records all showed up
 
 
@@ -79,28 +79,44 @@ def _post(client: KlaviyoClient, job: Job, *, idempotent: bool) -> str:
 
 
 def wait(client: KlaviyoClient, job: Job, *, attempts: int, poll_interval: float) -> dict[str, Any]:
-    """Poll ``job`` to its end and return its final document; resubmit it while cancelled.
-    A job whose records landed through a lost submission has nothing to poll: it is complete,
-    every record done."""
-    if job.landed:
-        return _landed_document(job)
-    fetch: Callable[[], Any] = lambda: client.json(  # noqa: E731 - rebinds job.id each call
-        job.kind.poll_op, "GET", f"{job.kind.path}/{job.id}"
-    )
-    while True:
-        body = poll(
-            fetch, lambda b: b["data"]["attributes"].get("status") in DONE, first=poll_interval
-        )
-        if body["data"]["attributes"].get("status") == "complete":
-            return body
-        if job.attempts >= attempts:
-            raise DestinationError(
-                f"Klaviyo cancelled {job.kind.what} {job.id} {job.attempts} times; its rows "
-                "stay behind the watermark and are sent again next run"
-            )
-        submit(client, job)
-        if job.landed:
-            return _landed_document(job)
+    """Poll ``job`` to its end (``destinations.jobs.wait``, resubmitting it while Klaviyo
+    cancels it) and return its final document. A job whose records landed through a lost
+    submission has nothing to poll: it is complete, every record done."""
+    return jobs.wait(_Running(client, job), attempts=attempts, poll_interval=poll_interval)
+
+
+@dataclass
+class _Running:
+    """A submitted ``Job`` as the shared job loop sees it."""
+
+    client: KlaviyoClient
+    job: Job
+
+    @property
+    def what(self) -> str:
+        return f"Klaviyo {self.job.kind.what} ({self.job.count} records)"
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def attempts(self) -> int:
+        return self.job.attempts
+
+    def start(self) -> None:
+        submit(self.client, self.job)
+
+    def status(self) -> tuple[jobs.State, dict[str, Any]]:
+        if self.job.landed:
+            return "done", _landed_document(self.job)
+        kind = self.job.kind
+        body: dict[str, Any] = self.client.json(kind.poll_op, "GET", f"{kind.path}/{self.job.id}")
+        status = body["data"]["attributes"].get("status")
+        # Klaviyo's status enum has no "failed": a cancelled job failed as a whole
+        return (
+            "done" if status == "complete" else "failed" if status == CANCELLED else "running"
+        ), body
 
 
 def _landed_document(job: Job) -> dict[str, Any]:

@@ -23,24 +23,25 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
-from reverse_etl.destinations.jobs import in_order
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo import jobs, sizes
-from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true
 from reverse_etl.destinations.klaviyo.client import (
     MAX_JOB_BYTES,
     MAX_PROFILE_BYTES,
     MAX_PROFILES_PER_JOB,
 )
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.consent import Consent
+from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true
 from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
 from reverse_etl.transform.rowerrors import RowError
 
@@ -83,7 +84,6 @@ class _Job:
 
 @dataclass
 class _InFlight:
-    batch: LoadBatch
     table: pa.Table  # the profiles sent (oversized ones left out)
     jobs: list[_Job] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
@@ -146,14 +146,19 @@ def _measured(table: pa.Table, docs: pa.Array) -> tuple[pa.Table, pa.Array, list
     return table.filter(keep), docs.filter(keep), errors
 
 
-class KlaviyoDestination(KlaviyoBase):
-    object_name = "profiles"
-    standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
-    custom_prefix = "properties"
-    identifier_fields = IDENTIFIER_FIELDS
-    takes_list = True
-    takes_consent = True
-    max_in_flight = 4
+class KlaviyoProfiles(KlaviyoBase):
+    capabilities = Capabilities(
+        label="Klaviyo profiles",
+        standard_fields=STANDARD_FIELDS,
+        custom_prefix="properties",
+        identifier_fields=IDENTIFIER_FIELDS,
+        takes_list=True,
+        takes_consent=True,
+        batch_records=MAX_PROFILES_PER_JOB,
+        batch_bytes=MAX_JOB_BYTES,
+        record_bytes=MAX_PROFILE_BYTES,
+        max_in_flight=4,
+    )
     profiles_per_job = MAX_PROFILES_PER_JOB  # benchmarks lower it to make many small jobs
 
     def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float | None = None):
@@ -186,7 +191,7 @@ class KlaviyoDestination(KlaviyoBase):
         off the row (the profile still goes). Only rows whose size bound passes 100 KB have
         their JSON built here, with screen's own builder."""
         suspects = _size_bound(table) > MAX_PROFILE_BYTES
-        kept, too_big = table, []
+        kept, too_big = table, list[RowError]()
         if suspects.any():
             if self._screen_json is None:
                 self._screen_json = RowJson(self._template, drop_nulls=True)
@@ -229,54 +234,37 @@ class KlaviyoDestination(KlaviyoBase):
         if self.sync.destination.list:
             self.list_id = self.client.find_or_create_list(self.sync.destination.list)
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        return in_order(batches, self._submit, self._finish, self.max_in_flight)
-
-    def _submit(self, batch: LoadBatch) -> _InFlight:
-        table, docs, errors = self._docs(batch.table)
-        item = _InFlight(batch, table, errors=errors)
+    def submit(self, table: pa.Table) -> _InFlight:
+        table, docs, errors = self._docs(table)
+        item = _InFlight(table, errors=errors)
         rows = table["__row"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
         for start, end, body in self._bodies(docs):
             job = jobs.submit(self.client, jobs.Job(IMPORT, body, end - start))
             item.jobs.append(_Job(job, rows.slice(start, end - start)))
         return item
 
-    def _finish(self, item: _InFlight) -> LoadResult:
-        # profiles refused here (too large; only in a batch that was not screened) count as
-        # sent and failed: sent = updated + failed
-        result = LoadResult(
-            token=item.batch.token,
-            errors=list(item.errors),
-            sent=len(item.errors),
-            failed=len(item.errors),
+    def complete(self, item: _InFlight, tally: Tally) -> None:
+        # profiles refused here: too large, only in a batch that was not screened
+        tally.refused(item.errors)
+        ids = dict(
+            zip(item.table["__row"].to_pylist(), item.table["__id"].to_pylist(), strict=True)
         )
-        table = item.batch.table
-        ids = dict(zip(table["__row"].to_pylist(), table["__id"].to_pylist(), strict=True))
         refused: list[RowError] = []
         for job in item.jobs:
             body = jobs.wait(
                 self.client, job.job, attempts=self.job_attempts, poll_interval=self.poll_interval
             )
-            attrs = body["data"]["attributes"]
-            sent = attrs.get("total_count") or len(job.rows)
-            failed = attrs.get("failed_count") or 0
-            result.sent += sent
-            result.updated += sent - failed
+            failed = body["data"]["attributes"].get("failed_count") or 0
+            tally.landed(len(job.rows), failed=failed)  # an import upserts: all are updated
             if failed:
                 refused.extend(self._import_errors(job.job.id, job.rows, ids))
-                result.failed += failed
-        result.errors.extend(refused)
+        tally.reported(refused)
         if self.consent:
             landed = item.table
             if refused:
                 gone = pa.array({e.row_number for e in refused}, pa.int64())
                 landed = landed.filter(pc.invert(pc.is_in(landed["__row"], value_set=gone)))
-            consent_errors = self.consent.send(self.client, landed)
-            moved = len({e.row_number for e in consent_errors})
-            result.updated -= moved
-            result.failed += moved
-            result.errors.extend(consent_errors)
-        return result
+            tally.later_refused(self.consent.send(self.client, landed))
 
     def _import_errors(self, job_id: str, rows: pa.Array, ids: dict[int, Any]) -> list[RowError]:
         out: list[RowError] = []
@@ -316,4 +304,4 @@ class KlaviyoDestination(KlaviyoBase):
         self.consent.close()
 
 
-__all__ = ["IDENTIFIER_FIELDS", "STANDARD_FIELDS", "KlaviyoDestination"]
+__all__ = ["IDENTIFIER_FIELDS", "STANDARD_FIELDS", "KlaviyoProfiles"]

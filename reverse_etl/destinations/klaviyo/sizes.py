@@ -79,8 +79,8 @@ def _bound(arr: pa.Array) -> np.ndarray:
     if pt.is_struct(dtype):
         total = np.full(len(arr), 2, dtype=np.int64)
         for i, child in enumerate(arr.flatten()):
-            size = key_bound(dtype.field(i).name) + _bound(child)
-            total = np.minimum(total + size, UNKNOWN)
+            field_size = key_bound(dtype.field(i).name) + _bound(child)
+            total = np.minimum(total + field_size, UNKNOWN)
         return _nulls(arr, total)
     return np.full(len(arr), UNKNOWN, dtype=np.int64)
 

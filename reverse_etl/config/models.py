@@ -1,31 +1,31 @@
-"""The project file: connections (warehouses, destinations) and syncs, as pydantic models.
+"""The project file's models: connections (warehouses, destinations) and syncs.
 
-Loading is strict: an unknown key, a missing env var, a sync naming a connection that does
-not exist, or a column mapped twice is an error whose message names the file, the key path,
-the bad value and what would be valid. Relative paths resolve against the project directory.
+Destination connection models live in each destination's ``configuration.py`` and are found
+through the registry; the union pydantic discriminates on ``type`` is built from it.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from reverse_etl.config.base import DestinationConnection, Strict
+from reverse_etl.destinations import registry
 from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import Schedule, parse_schedule
-from reverse_etl.secrets import register_secret, render_tree, scrub
 
 DEFAULT_CONFIG = Path("profiles/profiles.yml")
 FIELD_TYPES = (
@@ -39,10 +39,6 @@ FIELD_TYPES = (
     "phone",
     "json",
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- connections
@@ -92,39 +88,28 @@ class BigQueryConnection(Strict):
     api_endpoint: str | None = None  # set for the emulator
 
 
-class KlaviyoConnection(Strict):
-    type: Literal["klaviyo"]
-    api_key: SecretStr
-    base_url: str = "https://a.klaviyo.com"
-    revision: str = "2026-07-15"
-
-
-class DotdigitalConnection(Strict):
-    type: Literal["dotdigital"]
-    username: str
-    password: SecretStr
-    region: Literal["r1", "r2", "r3"] = "r1"
-    base_url: str | None = None  # defaults to https://{region}-api.dotdigital.com
-
-    def url(self) -> str:
-        return (self.base_url or f"https://{self.region}-api.dotdigital.com").rstrip("/")
-
-
 WarehouseConnection = (
     DuckDBConnection | PostgresConnection | SnowflakeConnection | BigQueryConnection
 )
-DestinationConnection = KlaviyoConnection | DotdigitalConnection
-Connection = Annotated[
-    DuckDBConnection
-    | PostgresConnection
-    | SnowflakeConnection
-    | BigQueryConnection
-    | KlaviyoConnection
-    | DotdigitalConnection,
-    Field(discriminator="type"),
-]
+WAREHOUSE_MODELS: tuple[type[Strict], ...] = (
+    DuckDBConnection,
+    PostgresConnection,
+    SnowflakeConnection,
+    BigQueryConnection,
+)
 WAREHOUSE_TYPES = ("duckdb", "postgres", "snowflake", "bigquery")
-DESTINATION_TYPES = ("klaviyo", "dotdigital")
+# type tag -> connection model, warehouses and every registered destination
+CONNECTION_MODELS: dict[str, type[Strict]] = {
+    **dict(zip(WAREHOUSE_TYPES, WAREHOUSE_MODELS, strict=True)),
+    **{t: p.connection for t, p in registry.plugins().items()},
+}
+DESTINATION_TYPES = tuple(registry.plugins())
+if TYPE_CHECKING:
+    Connection = WarehouseConnection | DestinationConnection
+else:
+    Connection = Annotated[
+        functools.reduce(operator.or_, CONNECTION_MODELS.values()), Field(discriminator="type")
+    ]
 
 
 # --------------------------------------------------------------------------- syncs
@@ -320,166 +305,3 @@ def _check_ref(project: Project, loc: str, name: str, types: tuple[str, ...]) ->
         raise _at(
             loc, f"connection {name!r} is a {conn.type}; this key needs one of {', '.join(types)}"
         )
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_project(
-    file: str | Path | None = None,
-    root: str | Path | None = None,
-    env: dict[str, str] | None = None,
-) -> Project:
-    """Read, render and validate the project file; every failure is a ConfigError."""
-    root = Path(root) if root else Path.cwd()
-    file = Path(file) if file else root / DEFAULT_CONFIG
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file}: file not found; pass --config or create profiles/profiles.yml "
-            "(see README.md, 'Configuration')"
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{file}: the top level must be a mapping with `connections:` and `syncs:`"
-        )
-    try:
-        rendered = render_tree(raw, env)
-    except KeyError as exc:
-        path, name = exc.args[0]
-        raise ConfigError(
-            f"{file}: {path}: environment variable {name!r} is not set; export it, or give a "
-            f"default: {{{{ env_var('{name}', 'value') }}}}"
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(f"{file}: {exc}") from None
-    try:
-        project = Project.model_validate({**rendered, "root": root, "file": file})
-    except ValidationError as exc:
-        raise ConfigError(scrub(format_validation_error(file, exc, rendered))) from None
-    for conn in project.connections.values():
-        for value in conn.__dict__.values():
-            if isinstance(value, SecretStr):
-                register_secret(value.get_secret_value())
-    _check_destination_options(project)
-    return project
-
-
-def _check_destination_options(project: Project) -> None:
-    from reverse_etl.destinations.registry import UnsupportedObject, destination_for
-
-    for i, sync in enumerate(project.syncs):
-        conn = project.connections[sync.destination.connection]
-        try:
-            problems = destination_for(conn.type, sync.object).check_sync(sync)
-        except UnsupportedObject as exc:
-            problems = [str(exc)]
-        if problems:
-            raise ConfigError(
-                "\n".join(f"{project.file}: syncs[{i}] ({sync.name}): {p}" for p in problems)
-            )
-
-
-_MODELS_BY_KEY: dict[str, type[BaseModel]] = {
-    "source": SourceSpec,
-    "consent": ConsentSpec,
-    "state": StateSpec,
-    "email": ConsentColumn,
-    "sms": ConsentColumn,
-}
-_TYPE_TAGS = set(WAREHOUSE_TYPES + DESTINATION_TYPES)
-
-
-def format_validation_error(file: Path, exc: ValidationError, data: Any) -> str:
-    lines = [f"{file}: {exc.error_count()} problem(s):"]
-    seen: set[str] = set()
-    for err in exc.errors():
-        loc = _loc_path(err["loc"])
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _RefError):
-            lines.append(f"  {ctx_error.loc}: {ctx_error}")
-            continue
-        kind = err["type"]
-        value = err.get("input")
-        if _mapping_branch(err["loc"]) == "str" and isinstance(value, dict):
-            continue  # the long form was meant; its own errors say what is wrong
-        if kind == "extra_forbidden":
-            key = err["loc"][-1]
-            valid = _valid_keys(err["loc"])
-            hint = difflib.get_close_matches(str(key), valid, n=1)
-            line = (
-                f"  {loc}: unknown key {key!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + (f" Valid keys: {', '.join(valid)}" if valid else "")
-            )
-        else:
-            # Only scalars are echoed: a whole mapping may hold a secret.
-            hidden = kind == "missing" or isinstance(value, dict | list)
-            shown = "" if hidden else f" (got {_short(value)})"
-            line = f"  {loc}: {err['msg'].removeprefix('Value error, ')}{shown}"
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def _mapping_branch(loc: tuple[Any, ...]) -> str | None:
-    """Mapping values are ``str | FieldMapping``: pydantic names the branch after the column."""
-    for i in range(2, len(loc) - 1):
-        if loc[i - 1] == "mapping" and loc[0] == "syncs":
-            branch = loc[i + 1]
-            return "str" if str(branch).startswith("str") else str(branch)
-    return None
-
-
-def _loc_path(loc: tuple[Any, ...]) -> str:
-    """The key path as the user wrote it, without pydantic's union-branch tags."""
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        conn_tag = i == 2 and loc[0] == "connections" and part in _TYPE_TAGS
-        mapping_tag = (
-            i >= 4 and loc[i - 2] == "mapping" and str(part).startswith(("str", "FieldMapping"))
-        )
-        if conn_tag or mapping_tag or str(part).startswith("function-"):
-            continue
-        out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    parents = [p for p in loc[:-1] if isinstance(p, str)]
-    model: type[BaseModel] = Project
-    if parents and parents[0] == "syncs":
-        model = Sync
-    if parents and parents[0] == "state":
-        model = StateSpec
-    if parents and parents[0] == "connections":
-        tag = loc[2] if len(loc) > 3 and loc[2] in _TYPE_TAGS else None
-        model = {
-            "duckdb": DuckDBConnection,
-            "postgres": PostgresConnection,
-            "snowflake": SnowflakeConnection,
-            "bigquery": BigQueryConnection,
-            "klaviyo": KlaviyoConnection,
-            "dotdigital": DotdigitalConnection,
-        }.get(tag or "", Project)
-    elif "mapping" in parents:
-        model = FieldMapping
-    else:
-        for part in parents[1:]:
-            if part in _MODELS_BY_KEY:
-                model = _MODELS_BY_KEY[part]
-    return sorted(
-        (f.alias or name) for name, f in model.model_fields.items() if name not in {"root", "file"}
-    )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -16,21 +16,22 @@ rows count as sent and failed).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl.config import DotdigitalConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
+from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.destination import (
     MAX_IMPORT_BYTES,
-    DotdigitalDestination,
+    MAX_IMPORT_RECORDS,
+    DotdigitalBase,
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
-from reverse_etl.destinations.jobs import in_order
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
@@ -45,20 +46,28 @@ CONTACT_IMPORTS = ImportApi(
 )
 
 
-@dataclass
-class _InFlight:
-    batch: LoadBatch
-    imports: list[Import] = field(default_factory=list)
-    refused: list[RowError] = field(default_factory=list)  # rows never sent
-
-
-class DotdigitalContacts(DotdigitalDestination):
-    standard_fields: ClassVar[dict[str, str]] = {
-        "email": "email",
-        "mobileNumber": "phone",
-        **dict.fromkeys(df.STANDARD, "string"),
-    }
-    options = ("consent_mode", "consent_field", "opt_in_type", "unsubscribed_list", "import_size")
+class DotdigitalProfiles(DotdigitalBase):
+    capabilities = Capabilities(
+        label="Dotdigital contacts",
+        standard_fields={
+            "email": "email",
+            "mobileNumber": "phone",
+            **dict.fromkeys(df.STANDARD, "string"),
+        },
+        options=(
+            "consent_mode",
+            "consent_field",
+            "opt_in_type",
+            "unsubscribed_list",
+            "import_size",
+        ),
+        takes_list=True,
+        takes_consent=True,
+        batch_records=MAX_IMPORT_RECORDS,
+        batch_bytes=MAX_IMPORT_BYTES,
+        max_in_flight=4,
+    )
+    import_api = CONTACT_IMPORTS
 
     def __init__(self, conn: DotdigitalConnection, sync: Sync):
         super().__init__(conn, sync)
@@ -71,7 +80,6 @@ class DotdigitalContacts(DotdigitalDestination):
         self.list_ids: dict[str, int] = {}
         self._fields_ready = False
         self._json: RowJson | None = None
-        self.imports = self.queue(CONTACT_IMPORTS)
 
     # ------------------------------------------------------------------ config checks
 
@@ -101,7 +109,7 @@ class DotdigitalContacts(DotdigitalDestination):
         name = opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")
         if df.name_problem(name):
             problems.append(f"destination.consent_field: {df.name_problem(name)}")
-        return problems + cls.check_import_size(opts)
+        return problems
 
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
@@ -110,7 +118,7 @@ class DotdigitalContacts(DotdigitalDestination):
         for column, target in sync.fields().items():
             if target.field in df.IDENTIFIERS:
                 continue
-            if target.field not in cls.standard_fields:
+            if target.field not in cls.capabilities.standard_fields:
                 problem = df.name_problem(target.field)
                 if problem:
                     problems.append(f"mapping.{column}: {problem}")
@@ -217,7 +225,8 @@ class DotdigitalContacts(DotdigitalDestination):
             self._json = RowJson(self._template(table), drop_nulls=self.sync.null_values == "skip")
         return self._json.build(table)
 
-    def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
+    def import_bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
+        docs = self._docs(table)
         head, tail = b'{"mergeOption":"overwrite","contacts":[', b"]}"
         for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, len(head) + len(tail)):
             yield (
@@ -230,7 +239,7 @@ class DotdigitalContacts(DotdigitalDestination):
         table, _ = self._without_email(table)
         if table.num_rows == 0:
             return
-        for start, end, body in self._bodies(self._docs(table)):
+        for start, end, body in self.import_bodies(table):
             yield Request("PUT", IMPORT_PATH, body, end - start)
 
     # ------------------------------------------------------------------ sending
@@ -239,7 +248,7 @@ class DotdigitalContacts(DotdigitalDestination):
         for name in filter(None, (self.sync.destination.list, self.unsubscribed_list)):
             self.list_ids[name] = self.client.find_or_create_address_book(name)
 
-    def _ensure_fields(self, table: pa.Table) -> None:
+    def before_import(self, table: pa.Table) -> None:
         """Create missing data fields with the type their values have; refuse a type clash."""
         if self._fields_ready:
             return
@@ -260,54 +269,29 @@ class DotdigitalContacts(DotdigitalDestination):
                 )
         self._fields_ready = True
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        return in_order(batches, self._submit, self._finish, self.max_in_flight)
+    def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        return self._without_email(table)
 
-    def _submit(self, batch: LoadBatch) -> _InFlight:
-        table, refused = self._without_email(batch.table)
-        item = _InFlight(batch, refused=refused)
-        if table.num_rows == 0:
-            return item
-        self._ensure_fields(table)
-        rows = table["__row"].combine_chunks()
-        for start, end, body in self._bodies(self._docs(table)):
-            imp = Import(body, rows.slice(start, end - start))
-            self.imports.submit(imp)
-            item.imports.append(imp)
-        return item
-
-    def _finish(self, item: _InFlight) -> LoadResult:
-        # rows refused here (no email; only in a batch that was not screened) count as sent
-        # and failed: sent = created + updated + failed
-        n = len(item.refused)
-        result = LoadResult(token=item.batch.token, sent=n, failed=n, errors=list(item.refused))
-        by_email: dict[str, int] | None = None
-        for imp in item.imports:
-            report = self.imports.wait(imp)
-            summary = report.get("summary") or {}
-            failures = report.get("failures") or []
-            result.sent += len(imp)
-            result.created += int(summary.get("newContacts", 0))
-            result.updated += int(summary.get("updatedContacts", 0))
-            if not failures:
-                continue
-            if by_email is None:  # only a batch with failures pays for the look-up table
-                table = item.batch.table
-                by_email = dict(
-                    zip(table["email"].to_pylist(), table["__row"].to_pylist(), strict=True)
-                )
-            # a failure with a contactId was imported, only part of its data refused: it is
-            # already counted as new or updated, so it is reported but not counted as failed
-            result.failed += len(
-                {f.get("identifiers", {}).get("email") for f in failures if not f.get("contactId")}
+    def account(self, table: pa.Table, imp: Import, report: dict[str, Any], tally: Tally) -> None:
+        summary = report.get("summary") or {}
+        failures = report.get("failures") or []
+        # a failure with a contactId was imported, only part of its data refused: it counts
+        # as new or updated, and is reported but not counted as failed
+        failed = len(
+            {f.get("identifiers", {}).get("email") for f in failures if not f.get("contactId")}
+        )
+        tally.landed(len(imp), created=int(summary.get("newContacts", 0)), failed=failed)
+        if not failures:
+            return
+        by_email = dict(zip(table["email"].to_pylist(), table["__row"].to_pylist(), strict=True))
+        for failure in failures:
+            email = failure.get("identifiers", {}).get("email")
+            reasons = "; ".join(
+                f"{r.get('failureCode')}: {r.get('description')}"
+                for r in failure.get("failures", [])
             )
-            for failure in failures:
-                email = failure.get("identifiers", {}).get("email")
-                reasons = "; ".join(
-                    f"{r.get('failureCode')}: {r.get('description')}"
-                    for r in failure.get("failures", [])
-                )
-                result.errors.append(
+            tally.reported(
+                [
                     RowError(
                         by_email.get(email, 0),
                         email,
@@ -316,8 +300,8 @@ class DotdigitalContacts(DotdigitalDestination):
                         "destination_rejected",
                         f"Dotdigital: {reasons}",
                     )
-                )
-        return result
+                ]
+            )
 
     def close(self) -> None:
         super().close()

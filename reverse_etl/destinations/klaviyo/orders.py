@@ -32,7 +32,7 @@ there as a safety net (a batch that was not screened: such rows count as sent an
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,11 +40,13 @@ import pyarrow.compute as pc
 import pyarrow.types as pt
 
 from reverse_etl import scratch
-from reverse_etl.config import KlaviyoConnection, Sync
-from reverse_etl.destinations.base import LoadBatch, LoadResult, Request, Screened
+from reverse_etl.config import Sync
+from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo import bulk, sizes
-from reverse_etl.destinations.klaviyo.base import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.klaviyo.client import MAX_BODY_BYTES, MAX_EVENTS
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
+from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson
 from reverse_etl.transform.rowerrors import RowError
 
@@ -98,13 +100,17 @@ def _line_fields(schema: pa.Schema) -> tuple[set[str], bool]:
     return {line.field(i).name for i in range(line.num_fields)}, False
 
 
-class KlaviyoOrdersDestination(KlaviyoBase):
-    object_name = "orders"
-    standard_fields: ClassVar[dict[str, str]] = STANDARD_FIELDS
-    custom_prefix = "properties"
-    identifier_fields = ("order_id",)
-    bool_options = ("ordered_product_events", "backfill")
-    options: ClassVar[tuple[str, ...]] = bool_options
+class KlaviyoOrders(KlaviyoBase):
+    capabilities = Capabilities(
+        label="Klaviyo orders",
+        standard_fields=STANDARD_FIELDS,
+        custom_prefix="properties",
+        identifier_fields=("order_id",),
+        options=("ordered_product_events", "backfill"),
+        bool_options=("ordered_product_events", "backfill"),
+        batch_records=MAX_EVENTS,
+        batch_bytes=MAX_BODY_BYTES,
+    )
 
     def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float | None = None):
         super().__init__(conn, sync, speedup=speedup)
@@ -225,17 +231,22 @@ class KlaviyoOrdersDestination(KlaviyoBase):
         records, _ = self._records(table)
         yield from bulk.requests(EVENTS, records, counted=True)
 
-    def load(self, batches: Iterator[LoadBatch]) -> Iterator[LoadResult]:
-        """Each batch's events are sent before the next batch is read on: the bulk event call
-        has no job to wait for, so there is nothing to overlap but the read-ahead."""
-        for batch in batches:
-            records, errors = self._records(batch.table)
-            errors += bulk.send(self.client, EVENTS, records)
-            failed = len({e.row_number for e in errors})
-            sent = batch.table.num_rows
-            yield LoadResult(
-                batch.token, sent=sent, created=sent - failed, failed=failed, errors=errors
-            )
+    def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        return self._checked(table)
+
+    def submit(self, table: pa.Table) -> tuple[int, list[RowError], list[RowError]]:
+        """The batch's events are sent here, before the next batch is read on: the bulk event
+        call has no job to wait for, so there is nothing to overlap but the read-ahead."""
+        records, too_big = self._events.records(table)
+        return table.num_rows, too_big, bulk.send(self.client, EVENTS, records)
+
+    def complete(self, work: tuple[int, list[RowError], list[RowError]], tally: Tally) -> None:
+        rows, too_big, refused = work
+        tally.refused(too_big)
+        sent = rows - len({e.row_number for e in too_big})
+        failed = len({e.row_number for e in refused})
+        tally.landed(sent, created=sent - failed, failed=failed)  # events are new records
+        tally.reported(refused)
 
     def close(self) -> None:
         super().close()
@@ -249,7 +260,7 @@ class _Events:
     which threads do not share. Templates are made once the batch's types are known: the
     order lines' fields decide the item names and a line's value."""
 
-    def __init__(self, dest: KlaviyoOrdersDestination):
+    def __init__(self, dest: KlaviyoOrders):
         self.fields = dest.fields
         self.products = dest.products
         self.is_custom = dest.is_custom_field

@@ -1,0 +1,9 @@
+"""Reason codes only Dotdigital syncs report, with how to fix each (the error file's
+``how_to_fix``). Codes every destination shares are in ``transform/rowerrors.py``."""
+
+REASONS: dict[str, str] = {
+    "missing_email": "Give the row an email address; Dotdigital matches contacts, and the owners of orders, by email.",
+    "unknown_order_status": "Add the status to destination.order_status_map with the Dotdigital status it stands for (Pending, Paid, Completed, Cancelled ...).",
+    "insight_nested_array": "Insight data refuses an array directly inside an array: flatten the column in the view, or wrap each inner array in a record ({'values': [...]}).",
+    "insight_invalid_key": "Rename the field in the view: insight data keys are letters, digits, _ and - (not starting with a digit, at most 255 characters), and a-b beside a_b is refused.",
+}
