@@ -31,6 +31,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from reverse_etl.sql import literal
+
 ANCHOR = datetime(2026, 11, 1, tzinfo=UTC)
 """The demo's "now": every generated time lies before it."""
 
@@ -795,7 +797,7 @@ def _write(path: Path, tables: dict[str, pa.Table]) -> dict[str, int]:
 
 
 def _sql_list(values: list) -> str:
-    return "[" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + "]"
+    return "[" + ", ".join(literal(str(v)) for v in values) + "]"
 
 
 _BENCH_COUNTRIES = list(_COUNTRY_WEIGHTS)

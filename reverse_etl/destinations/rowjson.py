@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.types as pt
 
 from reverse_etl import scratch
+from reverse_etl.sql import ident, literal
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,11 @@ def nest(fields: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def null_names(columns: dict[str, str]) -> str:
     """SQL: the list of the ``columns`` keys (names) whose column is null in the row."""
     items = ", ".join(
-        f"CASE WHEN t.{_quote(col)} IS NULL THEN {_lit(name)} END" for name, col in columns.items()
+        f"CASE WHEN t.{ident(col)} IS NULL THEN {literal(name)} END"
+        for name, col in columns.items()
     )
     return f"list_filter([{items}], lambda x: x IS NOT NULL)"
 
@@ -69,10 +67,10 @@ def _wide_decimal(dtype: pa.DataType) -> bool:
 
 
 def _leaf(col: Col, schema: pa.Schema, *, mark_wide: str = "") -> str:
-    ref = f"t.{_quote(col.name)}"
+    ref = f"t.{ident(col.name)}"
     dtype = schema.field(col.name).type
     if mark_wide and _wide_decimal(dtype):
-        return f"({_lit(mark_wide)} || CAST({ref} AS VARCHAR))"
+        return f"({literal(mark_wide)} || CAST({ref} AS VARCHAR))"
     if pt.is_timestamp(dtype):
         if dtype.tz is None:
             return f"strftime({ref}, '%Y-%m-%dT%H:%M:%S')"
@@ -87,14 +85,10 @@ def _render(node: Any, schema: pa.Schema, *, mark_wide: str = "") -> str:
         return node.sql
     if isinstance(node, dict):
         inner = ", ".join(
-            f"{_lit(k)}: {_render(v, schema, mark_wide=mark_wide)}" for k, v in node.items()
+            f"{literal(k)}: {_render(v, schema, mark_wide=mark_wide)}" for k, v in node.items()
         )
         return "{" + inner + "}"
-    return f"json({_lit(orjson.dumps(node).decode())})"
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+    return f"json({literal(orjson.dumps(node).decode())})"
 
 
 class RowJson:
@@ -118,7 +112,7 @@ class RowJson:
                 expr = f"json_strip_nulls({expr})"
             expr = f"CAST({expr} AS VARCHAR)"
             if mark:
-                expr = f"regexp_replace({expr}, {_lit(_unmark(mark))}, '\\1', 'g')"
+                expr = f"regexp_replace({expr}, {literal(_unmark(mark))}, '\\1', 'g')"
             self._sql = f"SELECT {expr} AS doc FROM tbl AS t"
             self._schema = table.schema
         self._con.register("tbl", table)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.types as pt
 
+from reverse_etl.sql import ident as q
+from reverse_etl.sql import literal as lit
+
 # A conservative ASCII address; anything else (IDN, quoted local parts) goes to email-validator.
 EMAIL_RE = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*@([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
 E164_RE = r"\+[1-9][0-9]{6,14}"
@@ -27,14 +30,6 @@ def region_table(regions: dict[str, tuple[str, str]]) -> pa.Table:
             "np": [v[1] for v in regions.values()],
         }
     )
-
-
-def q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)

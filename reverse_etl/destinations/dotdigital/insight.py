@@ -40,6 +40,7 @@ from reverse_etl.destinations.dotdigital.destination import (
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
+from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
 
 IMPORT_PATH = "/insightData/v3/import"
@@ -144,7 +145,7 @@ class InsightDestination(DotdigitalBase):
     def value_sql(self, name: str, dtype: pa.DataType) -> Any:
         """The template leaf for field ``name`` (a column of the batch)."""
         if pa.types.is_list(dtype) or pa.types.is_struct(dtype) or pa.types.is_map(dtype):
-            return Expr(rules.json_value_sql(f"t.{_q(name)}", dtype))
+            return Expr(rules.json_value_sql(f"t.{ident(name)}", dtype))
         return Col(name)
 
     def extra_checks(self, schema: pa.Schema) -> list[Check]:
@@ -411,7 +412,3 @@ def capabilities(label: str, standard_fields: dict[str, str], *options: str) -> 
         batch_bytes=MAX_IMPORT_BYTES,
         max_in_flight=4,
     )
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.types as pt
 
+from reverse_etl.sql import literal
+
 COLLECTION_RE = re.compile(r"^[-A-Za-z_][-A-Za-z0-9_]{1,255}$")
 KEY_PATTERN = r"[-A-Za-z_][-A-Za-z0-9_]{0,254}"
 KEY_RE = re.compile(f"^{KEY_PATTERN}$")
@@ -95,12 +97,8 @@ def _is_list(dtype: pa.DataType) -> bool:
     return pt.is_list(dtype) or pt.is_large_list(dtype) or pt.is_fixed_size_list(dtype)
 
 
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _field(expr: str, name: str) -> str:
-    return f"struct_extract({expr}, {_lit(name)})"
+    return f"struct_extract({expr}, {literal(name)})"
 
 
 def _any(expr: str, element: str, depth: int) -> str:
@@ -150,7 +148,7 @@ def bad_key_sql(expr: str, dtype: pa.DataType, depth: int = 0) -> str | None:
     if pt.is_map(dtype):
         keys = f"map_keys({expr})"
         own = (
-            f"({_any(keys, f'NOT regexp_full_match(CAST({var} AS VARCHAR), {_lit(KEY_PATTERN)})', depth)} "
+            f"({_any(keys, f'NOT regexp_full_match(CAST({var} AS VARCHAR), {literal(KEY_PATTERN)})', depth)} "
             f"OR COALESCE(len(list_distinct(list_transform({keys}, lambda {var}: "
             f"replace(CAST({var} AS VARCHAR), '-', '_')))) < len({keys}), FALSE))"
         )
@@ -205,5 +203,5 @@ def struct_sql(expr: str, keys: dict[str, str], dtype: pa.StructType, depth: int
     parts = []
     for key, name in keys.items():
         value = json_value_sql(_field(expr, name), dtype.field(name).type, depth)
-        parts.append(f"{_lit(key)}: {value}")
+        parts.append(f"{literal(key)}: {value}")
     return f"CASE WHEN {expr} IS NULL THEN NULL ELSE {{{', '.join(parts)}}} END"

@@ -32,6 +32,7 @@ from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnecti
 from reverse_etl.destinations.dotdigital.insight import Check, InsightDestination
 from reverse_etl.destinations.rowjson import Expr
 from reverse_etl.errors import DestinationError
+from reverse_etl.sql import literal
 
 # commercetools' mapping, as its Dotdigital integration documents it
 DEFAULT_STATUS_MAP = {
@@ -142,7 +143,7 @@ class DotdigitalOrders(InsightDestination):
         return super().value_sql(name, dtype)
 
     def _status_sql(self) -> str:
-        cases = " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in self.status_map.items())
+        cases = " ".join(f"WHEN {literal(k)} THEN {literal(v)}" for k, v in self.status_map.items())
         return f'CASE lower(t."order_status") {cases} END'
 
     def _products_sql(self, dtype: pa.DataType) -> str:
@@ -204,7 +205,3 @@ class DotdigitalOrders(InsightDestination):
                 )
             )
         return checks
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

@@ -43,6 +43,7 @@ from reverse_etl.destinations.klaviyo.client import (
 )
 from reverse_etl.destinations.klaviyo.destination import any_true, column_or_null, row_errors
 from reverse_etl.destinations.rowjson import Expr, RowJson
+from reverse_etl.sql import ident
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
@@ -81,17 +82,13 @@ UNSUBSCRIBE = bulk.Endpoint(
 )
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _channel_json(kind: str, at_column: str) -> str:
     """SQL for one channel's subscription parameters in a call of ``kind``."""
     if kind == HISTORICAL:
         # not after now: Klaviyo refuses a consent time in the future, and the transform lets
         # timestamps through up to max_future_skew_minutes ahead (clock skew)
         at = (
-            f"strftime(least(CAST(t.{_quote(at_column)} AS TIMESTAMPTZ), now()) "
+            f"strftime(least(CAST(t.{ident(at_column)} AS TIMESTAMPTZ), now()) "
             "AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
         )
         return f"{{'marketing': {{'consent': 'SUBSCRIBED', 'consented_at': {at}}}}}"
@@ -122,11 +119,11 @@ class Consent:
         attrs: dict[str, object] = {}
         subscriptions: dict[str, object] = {}
         for channel, spec in self.columns.items():
-            flag = _quote(f"__{kind}_{channel}")
+            flag = ident(f"__{kind}_{channel}")
             field = CHANNELS[channel]
             if field not in self.mapped or (kind == HISTORICAL and not spec.consented_at):
                 continue  # never flagged for this kind: no address, or no consent time
-            attrs[field] = Expr(f"CASE WHEN t.{flag} THEN t.{_quote(field)} END")
+            attrs[field] = Expr(f"CASE WHEN t.{flag} THEN t.{ident(field)} END")
             params = _channel_json(kind, f"consent.{channel}.consented_at")
             subscriptions[channel] = Expr(f"CASE WHEN t.{flag} THEN {params} END")
         return {"type": "profile", "attributes": {**attrs, "subscriptions": subscriptions}}

@@ -48,6 +48,7 @@ from reverse_etl.destinations.klaviyo.client import MAX_BODY_BYTES, MAX_EVENTS
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, row_errors
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson
+from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
 
 STANDARD_FIELDS = {
@@ -80,10 +81,6 @@ EVENTS = bulk.Endpoint(
 )
 MAX_ENTRY_BYTES = MAX_BODY_BYTES - len(EVENTS.head) - len(EVENTS.tail)
 MAX_STRING_BYTES = 100_000  # "A single string cannot exceed 100KB" (read strictly)
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _pick(names: tuple[str, ...], fields: set[str]) -> str | None:
@@ -301,7 +298,7 @@ class _Events:
         if "items" in self.fields:
             props["Items"] = Col("items")
             if name or scalar:
-                pick = f"x.{_q(name)}" if name else "x"
+                pick = f"x.{ident(name)}" if name else "x"
                 props["ItemNames"] = Expr(f"list_transform(t.items, lambda x: {pick})")
         for field in sorted(self.fields):
             if self.is_custom(field):
@@ -318,7 +315,7 @@ class _Events:
         else:
             extra = "'OrderId': t.order_id"
             if name:
-                extra += f", 'ProductName': t.line.{_q(name)}"
+                extra += f", 'ProductName': t.line.{ident(name)}"
             props = Expr(f"json_merge_patch(to_json(t.line), to_json({{{extra}}}))")
         event = self._common(ORDERED_PRODUCT)
         event.update(
@@ -326,7 +323,9 @@ class _Events:
         )
         quantity, price = _pick(LINE_QUANTITY, fields), _pick(LINE_PRICE, fields)
         if quantity and price:
-            event["value"] = Expr(f"CAST(t.line.{_q(quantity)} * t.line.{_q(price)} AS DOUBLE)")
+            event["value"] = Expr(
+                f"CAST(t.line.{ident(quantity)} * t.line.{ident(price)} AS DOUBLE)"
+            )
         return event
 
     def _lines(self, table: pa.Table) -> pa.Table:
