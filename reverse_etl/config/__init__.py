@@ -6,7 +6,6 @@ not exist, or a column mapped twice is an error whose message names the file, th
 the bad value and what would be valid. Relative paths resolve against the project directory.
 """
 
-from reverse_etl.config.base import DestinationConnection, Strict
 from reverse_etl.config.loading import format_validation_error, load_project
 from reverse_etl.config.models import (
     CONNECTION_MODELS,
@@ -29,6 +28,8 @@ from reverse_etl.config.models import (
     Sync,
     WarehouseConnection,
 )
+from reverse_etl.destinations.configuration import DestinationConnection
+from reverse_etl.strict import Strict
 
 __all__ = [
     "CONNECTION_MODELS",

@@ -22,10 +22,11 @@ from pydantic import (
     model_validator,
 )
 
-from reverse_etl.config.base import DestinationConnection, Strict
 from reverse_etl.destinations import registry
+from reverse_etl.destinations.configuration import DestinationConnection
 from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import Schedule, parse_schedule
+from reverse_etl.strict import Strict
 
 DEFAULT_CONFIG = Path("profiles/profiles.yml")
 FIELD_TYPES = (

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from reverse_etl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from reverse_etl.config.base import DestinationConnection
     from reverse_etl.destinations.base import Destination
+    from reverse_etl.destinations.configuration import DestinationConnection
 
 ENTRY_POINT_GROUP = "reverse_etl.destinations"
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
-from reverse_etl.config.base import DestinationConnection
+from reverse_etl.destinations.configuration import DestinationConnection
 
 
 class KlaviyoConnection(DestinationConnection):
