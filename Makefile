@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed-stamp
 BQEMU  := .venv-bqemu/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean constraints
 
-$(STAMP): pyproject.toml
+# The package with every extra and the dev tools, at the versions pinned in constraints.txt
+# (pyproject.toml keeps ranges; constraints.txt is what the suite is known to pass with).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	@touch $(STAMP)
 
 $(BQEMU): scripts/bqemu-venv.sh
@@ -51,6 +53,14 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/source_speed.py
 	PYTHONPATH=. $(BIN)/python tests/bench/klaviyo_sandbox.py
 	PYTHONPATH=. $(BIN)/python tests/bench/dotdigital_sandbox.py
+
+## make constraints: re-pin constraints.txt to what .venv holds now (after changing a
+## dependency in pyproject.toml and seeing `make test` pass). Tools installed by hand are left out.
+constraints: $(STAMP)
+	@{ sed -n '/^#/p' constraints.txt; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(reverse[-_]etl|py-spy|pip|setuptools|wheel)( @|==)'; \
+	} > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf .reverse_etl demo .pytest_cache

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reverse_etl import storage
@@ -42,7 +43,8 @@ class Ctx:
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
-    err_console.print(f"[red]error:[/red] {scrub(message)}", markup=True, soft_wrap=True)
+    # escaped: "[...]" in a message (e.g. pip install 'reverse-etl[snowflake]') is text, not markup
+    err_console.print(f"[red]error:[/red] {escape(scrub(message))}", markup=True, soft_wrap=True)
     sys.exit(code)
 
 
@@ -357,8 +359,14 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
 @click.option(
     "--keep-running", is_flag=True, help="Leave the sandbox APIs up after the syncs (Ctrl-C stops)."
 )
+@click.option(
+    "--api-specs",
+    metavar="DIR",
+    help="The vendors' OpenAPI specs (default: $REVERSE_ETL_API_SPECS, then ../shared/api-specs);"
+    " without them the sandboxes do not check requests.",
+)
 @click.pass_obj
-def demo(obj: Ctx, profiles: int, keep_running: bool) -> None:
+def demo(obj: Ctx, profiles: int, keep_running: bool, api_specs: str | None) -> None:
     """Generate the demo warehouse, start the sandbox APIs on 127.0.0.1 and run every demo sync."""
     from reverse_etl.demo.run import run_demo
 
@@ -369,6 +377,7 @@ def demo(obj: Ctx, profiles: int, keep_running: bool) -> None:
             profiles=profiles,
             keep_running=keep_running,
             console=console,
+            api_specs=api_specs,
         )
     except (ReverseEtlError, SourceError) as exc:
         _fail(str(exc))

@@ -3,6 +3,8 @@
 S3 writes go to a local temporary file first and are uploaded on close, so a crash never
 leaves half an object behind. The S3 endpoint comes from the usual AWS settings
 (``AWS_ENDPOINT_URL`` for S3-compatible stores and moto), credentials from the environment.
+``s3://`` needs the ``s3`` extra (boto3); S3 failures are raised as :class:`StorageError`, an
+``OSError``, so callers handle a missing object like a missing file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from reverse_etl.extras import requires
+
+
+class StorageError(OSError):
+    """An S3 request failed (missing object or bucket, access denied, ...)."""
 
 
 def is_s3(target: str) -> bool:
@@ -49,7 +57,7 @@ def open_text_for_write(target: str) -> Iterator[IO[str]]:
                 fh.flush()
                 # Uploaded even when the block failed: the rows written so far (a failed run's
                 # rejected rows) are exactly what the user needs to see.
-                _s3_client().upload_file(tmp, bucket, key)
+                _s3("upload_file", bucket, key, tmp)
     finally:
         os.unlink(tmp)
 
@@ -64,7 +72,7 @@ def open_text_for_read(source: str) -> Iterator[IO[str]]:
     fd, tmp = tempfile.mkstemp(suffix=".csv")
     os.close(fd)
     try:
-        _s3_client().download_file(bucket, key, tmp)
+        _s3("download_file", bucket, key, tmp)
         with open(tmp, newline="", encoding="utf-8-sig") as fh:
             yield fh
     finally:
@@ -80,16 +88,31 @@ def local_copy_path(source: str) -> str:
     bucket, key = split_s3(source)
     fd, tmp = tempfile.mkstemp(suffix=Path(key).suffix or ".csv")
     os.close(fd)
-    _s3_client().download_file(bucket, key, tmp)
+    try:
+        _s3("download_file", bucket, key, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return tmp
 
 
 def upload(local: str, target: str) -> None:
     bucket, key = split_s3(target)
-    _s3_client().upload_file(local, bucket, key)
+    _s3("upload_file", bucket, key, local)
 
 
-def _s3_client():  # type: ignore[no-untyped-def]
-    import boto3
+def _s3(method: str, bucket: str, key: str, local: str) -> None:
+    """Upload ``local`` to, or download it from, ``s3://bucket/key``; botocore's errors become
+    :class:`StorageError`."""
+    with requires("s3", "s3:// error files and exports"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    return boto3.client("s3")
+    client = boto3.client("s3")
+    try:
+        if method == "upload_file":
+            client.upload_file(local, bucket, key)
+        else:
+            client.download_file(bucket, key, local)
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"s3://{bucket}/{key}: {exc}") from exc

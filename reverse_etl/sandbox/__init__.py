@@ -11,11 +11,14 @@ account in memory for tests to inspect, and can slow down, throttle or break on 
     assert sandbox.violations == []
 """
 
-from reverse_etl.sandbox.dotdigital import DotdigitalSandbox
-from reverse_etl.sandbox.klaviyo import KlaviyoSandbox
-from reverse_etl.sandbox.server import SandboxServer, serve_forever
-from reverse_etl.sandbox.settings import ALL_FAULTS, SandboxSettings
-from reverse_etl.sandbox.spec import Violation
+from reverse_etl.extras import requires
+
+with requires("sandbox", "the sandbox"):  # a missing library names the extra to install
+    from reverse_etl.sandbox.dotdigital import DotdigitalSandbox
+    from reverse_etl.sandbox.klaviyo import KlaviyoSandbox
+    from reverse_etl.sandbox.server import SandboxServer, serve_forever
+    from reverse_etl.sandbox.settings import ALL_FAULTS, SandboxSettings
+    from reverse_etl.sandbox.spec import Violation
 
 __all__ = [
     "ALL_FAULTS",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from reverse_etl.sandbox.dotdigital import DotdigitalSandbox
 from reverse_etl.sandbox.klaviyo import KlaviyoSandbox
 from reverse_etl.sandbox.server import serve_forever
 from reverse_etl.sandbox.settings import ALL_FAULTS, SandboxSettings
+from reverse_etl.sandbox.spec import ENV_VAR, SpecsNotFound, find_specs, use_spec_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,7 +29,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--job-seconds", type=float, default=defaults.job_seconds)
     parser.add_argument("--no-validate", action="store_true", help="skip spec validation")
+    parser.add_argument(
+        "--api-specs",
+        metavar="DIR",
+        help=f"the vendors' OpenAPI specs (default: ${ENV_VAR}, then ../shared/api-specs)",
+    )
     args = parser.parse_args(argv)
+    use_spec_dir(args.api_specs)
+    try:
+        specs = find_specs(told=True)
+    except SpecsNotFound as exc:
+        sys.exit(f"error: {exc}")
+    if not args.no_validate or specs.path is None:
+        print(specs.describe(), file=sys.stderr, flush=True)
     settings = SandboxSettings(
         api_key=args.api_key,
         username=args.username,

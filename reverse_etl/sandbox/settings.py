@@ -21,7 +21,9 @@ class SandboxSettings:
     ``fault_rate`` is the chance (0..1) that an eligible request meets one of ``fault_kinds``,
     drawn from a RNG seeded with ``seed``. ``fault_timeout_seconds`` is how long a ``timeout``
     fault stalls (real seconds; set it above the client's timeout). ``job_seconds`` is how long
-    an async job runs in vendor time. ``validate`` checks requests against the vendor specs.
+    an async job runs in vendor time. ``validate`` checks requests against the vendor specs;
+    it can only when the spec files are found (``spec.find_specs``): without them the sandboxes
+    serve unchecked whatever ``validate`` says, and the command that starts them says so.
 
     The Dotdigital figures are not in the published specs (see the README of this package):
     ``dotdigital_calls_per_hour`` is the account-wide request budget,

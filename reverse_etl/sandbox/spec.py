@@ -6,13 +6,20 @@ with openapi-core, the Content-Type against the operation's media types, and the
 jsonschema-rs (``bodyschema``) because openapi-core needs about a second for a 10,000-profile
 body.
 
-Specs live in ``shared/api-specs`` beside the repository (``REVERSE_ETL_API_SPECS`` overrides).
+The specs are the vendors' files and stay outside the package. They are looked for, first
+found wins, in: ``--api-specs DIR`` (:func:`use_spec_dir`), ``$REVERSE_ETL_API_SPECS``,
+``../shared/api-specs`` beside the repository checkout, then ``./shared/api-specs`` and
+``../shared/api-specs`` from the current directory. A directory named by the flag or the
+variable must hold them. When none is found, :func:`load_spec` gives empty specs: the sandboxes
+still serve, without request validation (and without Klaviyo's per-endpoint rate limits, which
+the specs carry); :func:`find_specs` says so in one line for a command to print at start.
 Two published specs reject their own examples; ``_PATCHES`` repairs exactly those spots.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -44,12 +51,93 @@ SPEC_FILES: dict[str, str] = {
 }
 
 
-def spec_dir() -> Path:
-    """Where the vendor specs are: $REVERSE_ETL_API_SPECS or ../shared/api-specs."""
-    env = os.environ.get("REVERSE_ETL_API_SPECS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "api-specs"
+ENV_VAR = "REVERSE_ETL_API_SPECS"
+log = logging.getLogger("reverse_etl.sandbox")
+
+_flag_dir: Path | None = None  # --api-specs, set by use_spec_dir()
+_told: set[str] = set()  # what find_specs found, as said once to the user
+
+
+class SpecsNotFound(FileNotFoundError):
+    """``--api-specs`` or ``$REVERSE_ETL_API_SPECS`` names a directory without the specs."""
+
+
+@dataclass(frozen=True)
+class SpecLocation:
+    """Where the specs were found (``path``, ``how``), or every place looked in."""
+
+    path: Path | None
+    how: str = ""
+    looked: tuple[Path, ...] = ()
+
+    def describe(self) -> str:
+        """One line for a command to print when it starts."""
+        if self.path is not None:
+            return f"vendor API specs: {self.path} ({self.how}); requests are checked against them"
+        return (
+            "warning: vendor API specs not found (looked in "
+            + ", ".join(str(p) for p in self.looked)
+            + f"; pass --api-specs DIR or set {ENV_VAR}): the sandboxes serve WITHOUT request "
+            "validation"
+        )
+
+
+def use_spec_dir(path: str | Path | None) -> None:
+    """Take the specs from ``path`` (the ``--api-specs`` option) in this process; None: look."""
+    global _flag_dir
+    _flag_dir = Path(path).expanduser() if path else None
+    load_spec.cache_clear()
+
+
+def _missing(directory: Path) -> list[str]:
+    return [f for f in SPEC_FILES.values() if not (directory / f).is_file()]
+
+
+def find_specs(*, told: bool = False) -> SpecLocation:
+    """The spec directory, first found of the places in this module's docstring.
+
+    ``told``: the caller prints :meth:`SpecLocation.describe`, so :func:`load_spec` does not
+    log it again. Raises :class:`SpecsNotFound` when ``--api-specs`` or the variable names a
+    directory that lacks them: a path given on purpose is never silently passed over.
+    """
+    env = os.environ.get(ENV_VAR)
+    for how, given in (("--api-specs", _flag_dir), (f"${ENV_VAR}", Path(env) if env else None)):
+        if given is None:
+            continue
+        missing = _missing(given)
+        if missing:
+            raise SpecsNotFound(
+                f"{how} {given}: not the vendors' API specs (no {', '.join(missing[:3])}"
+                + (", ..." if len(missing) > 3 else "")
+                + ")"
+            )
+        return SpecLocation(given.resolve(), how)
+    candidates: list[tuple[str, Path]] = []
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file():
+        candidates.append(("beside the repository", checkout.parent / "shared" / "api-specs"))
+    cwd = Path.cwd()
+    candidates.append(("from the current directory", cwd / "shared" / "api-specs"))
+    candidates.append(("from the current directory", cwd.parent / "shared" / "api-specs"))
+    looked: list[Path] = []
+    found = None
+    for how, path in candidates:
+        path = path.resolve()
+        if path in looked:
+            continue
+        looked.append(path)
+        if not _missing(path):
+            found = SpecLocation(path, how)
+            break
+    location = found or SpecLocation(None, looked=tuple(looked))
+    if told:
+        _told.add(location.describe())
+    return location
+
+
+def spec_dir() -> Path | None:
+    """The directory the specs are read from, None when there are none (see find_specs)."""
+    return find_specs().path
 
 
 def _patch_insight(doc: dict[str, Any]) -> None:
@@ -174,7 +262,11 @@ class Operation:
         content_type: str | None,
         body: bytes,
     ) -> Any:
-        """Check one request; return its parsed JSON body (or None). Raise SpecViolation."""
+        """Check one request; return its parsed JSON body (or None). Raise SpecViolation.
+
+        Without the spec files (``spec.present`` false) only the body's JSON is checked."""
+        if not self.spec.present:
+            return _parse_json(body) if body else None
         header_values = tuple(
             (h, headers[h.lower()]) for h in self.header_params if h.lower() in headers
         )
@@ -201,27 +293,40 @@ class Operation:
             )
         if not body:
             raise violation(400, "body", "A request body is required.", pointer="/")
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise violation(
-                400, "body", f"The request body is not valid JSON: {exc}", pointer="/"
-            ) from exc
+        document = _parse_json(body)
         error = self.body_validator().first_error(document)
         if error is not None:
             raise violation(400, "body", error.message, pointer=error.pointer or "/")
         return document
 
 
-class Spec:
-    """One vendor spec: the raw document, openapi-core's view of it, and its operations."""
+def _parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise violation(
+            400, "body", f"The request body is not valid JSON: {exc}", pointer="/"
+        ) from exc
 
-    def __init__(self, name: str, raw: dict[str, Any]):
+
+class Spec:
+    """One vendor spec: the raw document, openapi-core's view of it, and its operations.
+
+    ``raw=None`` is the stand-in used when the spec files are not found (``present`` false):
+    every operation exists, has no parameters, media types or rate limit, and checks nothing
+    but that a body is JSON.
+    """
+
+    def __init__(self, name: str, raw: dict[str, Any] | None):
         self.name = name
-        self.raw = raw
-        self.openapi = OpenAPI.from_dict(raw, config=Config(spec_validator_cls=None))
-        self.host_url = _server_url(raw)
-        self._params = V30RequestParametersValidator(self.openapi.spec, base_url=None)
+        self.present = raw is not None
+        self.raw: dict[str, Any] = raw if raw is not None else {"paths": {}}
+        self.openapi: OpenAPI | None = None
+        self._params: V30RequestParametersValidator | None = None
+        if raw is not None:
+            self.openapi = OpenAPI.from_dict(raw, config=Config(spec_validator_cls=None))
+            self._params = V30RequestParametersValidator(self.openapi.spec, base_url=None)
+        self.host_url = _server_url(self.raw)
         self._ops: dict[tuple[str, str], Operation] = {}
         self.check_parameters = functools.lru_cache(maxsize=4096)(self._check_parameters)
 
@@ -229,6 +334,8 @@ class Spec:
         """The operation for ``method`` on ``template``; KeyError if the spec has none."""
         key = (method.lower(), template)
         op = self._ops.get(key)
+        if op is None and not self.present:
+            op = self._ops[key] = Operation(spec=self, method=key[0], template=template, raw={})
         if op is None:
             raw = self.raw["paths"][template][key[0]]
             path_level = self.raw["paths"][template].get("parameters", [])
@@ -254,6 +361,8 @@ class Spec:
         query: tuple[tuple[str, str], ...],
         headers: tuple[tuple[str, str], ...],
     ) -> Violation | None:
+        if self._params is None:
+            return None
         path = template
         for name, value in path_params:
             path = path.replace("{" + name + "}", value)
@@ -301,8 +410,16 @@ def _server_url(raw: Mapping[str, Any]) -> str:
 
 @functools.cache
 def load_spec(name: str) -> Spec:
-    """Load (once per process) the spec called ``name`` in :data:`SPEC_FILES`."""
-    raw = orjson.loads((spec_dir() / SPEC_FILES[name]).read_bytes())
+    """Load (once per process) the spec called ``name`` in :data:`SPEC_FILES`; an empty
+    stand-in, with one logged warning, when the spec files are not found."""
+    location = find_specs()
+    if location.path is None:
+        message = location.describe()
+        if message not in _told:  # once a process, unless a command printed it already
+            _told.add(message)
+            log.warning(message.removeprefix("warning: "))
+        return Spec(name, None)
+    raw = orjson.loads((location.path / SPEC_FILES[name]).read_bytes())
     patch = _PATCHES.get(name)
     if patch is not None:
         patch(raw)

@@ -10,13 +10,15 @@ from reverse_etl.config import (
     SnowflakeConnection,
     WarehouseConnection,
 )
+from reverse_etl.extras import requires
 from reverse_etl.sources.base import Source, SourceError
 
 __all__ = ["Source", "SourceError", "open_source"]
 
 
 def open_source(conn: WarehouseConnection, project: Project) -> Source:
-    """Open a source; drivers are imported only for the warehouse in use."""
+    """Open a source; drivers are imported only for the warehouse in use, and a missing one
+    names the extra that installs it (``MissingExtra``, a ``ReverseEtlError``)."""
     if isinstance(conn, DuckDBConnection):
         from reverse_etl.sources.duckdb import DuckDBSource
 
@@ -24,11 +26,13 @@ def open_source(conn: WarehouseConnection, project: Project) -> Source:
             project.path(conn.path), memory_limit=conn.memory_limit, threads=conn.threads
         )
     if isinstance(conn, PostgresConnection):
-        from reverse_etl.sources.postgres import PostgresSource
+        with requires("postgres", "the postgres source"):
+            from reverse_etl.sources.postgres import PostgresSource
 
         return PostgresSource(conn.dsn())
     if isinstance(conn, SnowflakeConnection):
-        from reverse_etl.sources.snowflake import SnowflakeSource
+        with requires("snowflake", "the snowflake source"):
+            from reverse_etl.sources.snowflake import SnowflakeSource
 
         kwargs = {
             "account": conn.account,
@@ -48,11 +52,13 @@ def open_source(conn: WarehouseConnection, project: Project) -> Source:
             kwargs["private_key_file"] = str(project.path(conn.private_key_file))
         return SnowflakeSource(**{k: v for k, v in kwargs.items() if v is not None})
     if isinstance(conn, BigQueryConnection):
-        from reverse_etl.sources.bigquery import BigQuerySource
+        with requires("bigquery", "the bigquery source"):
+            from reverse_etl.sources.bigquery import BigQuerySource
 
         credentials = None
         if conn.credentials_file:
-            from google.oauth2 import service_account
+            with requires("bigquery", "the bigquery source"):
+                from google.oauth2 import service_account
 
             credentials = service_account.Credentials.from_service_account_file(
                 str(project.path(conn.credentials_file))
