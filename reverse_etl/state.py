@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from reverse_etl.errors import LockHeldError
+from reverse_etl.extras import check_state_url
 from reverse_etl.secrets import scrub
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class StateStore:
         if heartbeat_every <= timedelta(0):
             raise ValueError(f"heartbeat_every must be positive, not {heartbeat_every}")
         self.url = url
+        check_state_url(url)  # postgresql+psycopg without the postgres extra: say which to install
         self.engine = sa.create_engine(url, future=True)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
