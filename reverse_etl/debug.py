@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
-from botocore.exceptions import ClientError
 
 from reverse_etl import storage
 from reverse_etl.config import Project, Sync
@@ -75,7 +74,7 @@ def _exported_kinds(csv_path: str) -> dict[str, str]:
     try:
         with storage.open_text_for_read(schema_path(csv_path)) as fh:
             return dict(orjson.loads(fh.read()))
-    except (OSError, ValueError, ClientError):
+    except (OSError, ValueError):  # S3 failures are storage.StorageError, an OSError
         return {}
 
 
