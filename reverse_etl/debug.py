@@ -17,12 +17,14 @@ import orjson
 
 from reverse_etl import storage
 from reverse_etl.config import Project, Sync
+from reverse_etl.destinations import registry
 from reverse_etl.engine import fit_view, make_destination
 from reverse_etl.errors import SchemaMismatchError
 from reverse_etl.extract import plan_read
 from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.sources.duckdb import DuckDBSource
+from reverse_etl.sql import ident, literal
 from reverse_etl.state import RunCounts
 from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
@@ -86,18 +88,18 @@ def _csv_source(path: str, cursor: str) -> tuple[Source, str]:
     cursor, read back as a timestamp so rows order as they would in the view, with its text
     kept beside it (``CURSOR_TEXT``) so an unreadable value is reported as itself; ``__row`` =
     the line in the file (header = line 1)."""
-    literal = "'" + path.replace("'", "''") + "'"
+    quoted = literal(path)
     source = DuckDBSource(":memory:")
     source.execute(
         f"CREATE VIEW csv_raw AS SELECT *, CAST(row_number() OVER () + 1 AS BIGINT) AS __row "
-        f"FROM read_csv({literal}, all_varchar = true, header = true)"
+        f"FROM read_csv({quoted}, all_varchar = true, header = true)"
     )
     names = source.schema("SELECT * FROM csv_raw").names
     try:
         column = DuckDBSource.dialect.resolve_column(cursor, names)
     except SourceError:
         return source, "SELECT * FROM csv_raw"  # the schema check names the missing cursor
-    c = _q(column)
+    c = ident(column)
     return source, (
         f"SELECT * REPLACE (TRY_CAST({c} AS TIMESTAMPTZ) AS {c}), {c} AS {CURSOR_TEXT} FROM csv_raw"
     )
@@ -120,7 +122,7 @@ def validate(
         with (
             source,
             storage.open_text_for_write(error_file) as fh,
-            ErrorFileWriter(fh, sync.name, "validate") as writer,
+            ErrorFileWriter(fh, sync.name, "validate", registry.reasons()) as writer,
         ):
             sync, spec, schema = fit_view(project, sync, source, view_sql)
             if csv_path:
@@ -159,7 +161,3 @@ def validate(
         if csv_path and local_csv and storage.is_s3(csv_path):
             Path(local_csv).unlink(missing_ok=True)
     return ValidationReport(counts.read, counts.rejected, writer.by_reason, error_file)
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -5,6 +5,40 @@ The lock is a row with a unique key, so it works the same on both without adviso
 features. The holder heartbeats it from a background thread; a lock whose owner stopped
 heartbeating for ``stale_after`` is taken over with a compare-and-swap on (run_id, heartbeat),
 so two runs can never both take over one stale lock, and the dead run is marked ``abandoned``.
+
+Schema versions
+---------------
+``retl_schema_version`` holds one row per migration applied to the store (version, description,
+when, by which reverse-etl); the store's version is the highest. Opening a store applies the
+``MIGRATIONS`` it lacks, in order, each in its own transaction together with its version row, so
+a migration that fails leaves the store at the version before it (DDL is transactional on SQLite
+and PostgreSQL). Two processes opening one store at once serialize on a lock (SQLite:
+``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock) and re-read the version
+under it, so each migration is applied once; a store already at the latest version is checked
+with two reads and no lock. A store with no version table is fresh or was written by a release
+before versioning: migration 1 creates today's tables only where missing, so such a store keeps
+its rows and is stamped version 1. A store newer than this code refuses to open (``StateError``).
+Tables dropped by hand (to reset a store) are created again on the next open, as they always were.
+
+How to add a migration:
+
+1. Change the live tables below (``watermarks``, ``runs``, ...): they describe the newest schema
+   and are what the queries use.
+2. Write ``_vN_what(con: sa.Connection) -> None`` turning a store at version N-1 into version N.
+   Describe what it creates in a frozen form, not with the live tables (they keep changing
+   after it is released): portable DDL text, e.g.
+   ``con.execute(sa.text("ALTER TABLE retl_runs ADD COLUMN unchanged BIGINT NOT NULL DEFAULT 0"))``,
+   or a table declared inside the function on its own ``sa.MetaData()``. Give a new NOT NULL
+   column a server default: a process that opened the store before the upgrade (a scheduler
+   still running the previous release) and releases from before versioning keep inserting
+   rows without it. No side effects outside ``con``: a failed attempt is rolled back.
+3. Append ``Migration(N, "one line: what it changes", _vN_what)`` to ``MIGRATIONS``; versions
+   run 1, 2, 3, ... with no gaps.
+4. Never edit, reorder or remove a released migration: stores out there recorded it as applied
+   and never run it again. Fix forward with a new one.
+
+tests/test_state_migrations.py checks that replaying every migration on an empty store gives
+exactly the live tables, so a change made in one place and not the other fails there.
 """
 
 from __future__ import annotations
@@ -17,7 +51,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -26,9 +60,10 @@ from pathlib import Path
 from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
-from reverse_etl.errors import LockHeldError
+from reverse_etl import __version__
+from reverse_etl.errors import LockHeldError, ReverseEtlError
 from reverse_etl.extras import check_state_url
 from reverse_etl.secrets import scrub
 
@@ -74,6 +109,30 @@ locks = sa.Table(
     sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+schema_versions = sa.Table(
+    "retl_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("applied_by", sa.String(200), nullable=False),  # reverse-etl version, host:pid
+)
+
+
+class StateError(ReverseEtlError):
+    """The state store cannot be used as it is: written by a newer reverse-etl, or a schema
+    migration failed (the store then stays at the version before it)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the state store's schema: ``apply`` turns a store at ``version - 1`` into
+    ``version``, inside the transaction that also records it."""
+
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
 
 
 @dataclass(frozen=True)
@@ -185,7 +244,7 @@ class StateStore:
         root: Path | None = None,
         stale_after: timedelta = timedelta(hours=2),
         heartbeat_every: timedelta | None = None,
-    ):
+    ) -> None:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rel = Path(url.removeprefix("sqlite:///"))
             path = (root or Path.cwd()) / rel
@@ -200,7 +259,11 @@ class StateStore:
         self.engine = sa.create_engine(url, future=True)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _create_schema(self.engine)
+        try:
+            _prepare_schema(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.stale_after = stale_after
         self.heartbeat_every = heartbeat_every
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -404,6 +467,11 @@ class StateStore:
             ).scalar()
         return _utc(value)
 
+    def schema_version(self) -> int:
+        """The store's schema version: the highest migration applied to it."""
+        with self.engine.connect() as con:
+            return _read_version(con)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -423,25 +491,219 @@ def _held_error(sync: str, held: Any) -> LockHeldError:
 _MIN_HEARTBEAT = timedelta(seconds=1)
 _MAX_HEARTBEAT = timedelta(seconds=60)
 _SCHEMA_ATTEMPTS = 6
-# What a first run that raced another one to create the schema sees: the table or its row type
-# appeared in between (SQLite, PostgreSQL's DuplicateTable and pg_type UniqueViolation), or the
-# fresh SQLite file was locked while the other run created it or switched it to WAL.
-_SCHEMA_RACE = ("already exists", "duplicate key", "pg_type", "is locked", "deadlock detected")
+# What opening a store that another process is creating or migrating can still see despite the
+# migration lock: the fresh SQLite file locked while the other run created it or switched it to
+# WAL (or a migration outlasting busy_timeout), and, from a release before versioning creating
+# the tables without the lock, a table or its row type appearing in between (SQLite,
+# PostgreSQL's DuplicateTable and pg_type UniqueViolation) or a version row recorded twice.
+_SCHEMA_RACE = (
+    "already exists",
+    "duplicate key",
+    "pg_type",
+    "unique constraint failed",
+    "is locked",
+    "deadlock detected",
+)
+# pg_advisory_xact_lock key held by whoever migrates a PostgreSQL store: b"retl-sch" as a bigint
+_PG_MIGRATION_LOCK = 0x7265_746C_2D73_6368
 
 
-def _create_schema(engine: sa.Engine) -> None:
-    """``create_all``, safe when several first runs start at once on a store that does not
-    exist yet: the loser of the race retries (its check then finds the tables) instead of
-    failing with a raw SQL error."""
+def _v1_tables(con: sa.Connection) -> None:
+    """The tables of the releases before schema versioning, frozen as they were. Created only
+    where missing, so a store those releases wrote keeps its tables and rows."""
+    v1 = sa.MetaData()
+    sa.Table(
+        "retl_watermarks",
+        v1,
+        sa.Column("sync", sa.String(200), primary_key=True),
+        sa.Column("cursor_value", sa.Text, nullable=False),
+        sa.Column("id_value", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    sa.Table(
+        "retl_runs",
+        v1,
+        sa.Column("run_id", sa.String(64), primary_key=True),
+        sa.Column("sync", sa.String(200), nullable=False, index=True),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True)),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("full_refresh", sa.Boolean, nullable=False),
+        sa.Column("read", sa.BigInteger, nullable=False),
+        sa.Column("sent", sa.BigInteger, nullable=False),
+        sa.Column("created", sa.BigInteger, nullable=False),
+        sa.Column("updated", sa.BigInteger, nullable=False),
+        sa.Column("rejected", sa.BigInteger, nullable=False),
+        sa.Column("failed", sa.BigInteger, nullable=False),
+        sa.Column("error_file", sa.Text),
+        sa.Column("message", sa.Text),
+    )
+    sa.Table(
+        "retl_locks",
+        v1,
+        sa.Column("sync", sa.String(200), primary_key=True),
+        sa.Column("run_id", sa.String(64), nullable=False),
+        sa.Column("owner", sa.String(200), nullable=False),
+        sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    if sa.inspect(con).has_table("retl_runs"):
+        log.info(
+            "%s: a state store from before schema versioning, stamped as version 1", _where(con)
+        )
+    v1.create_all(con)  # checkfirst
+
+
+# The schema's history, oldest first. Append only: see "How to add a migration" above.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
+)
+
+
+def latest_schema_version() -> int:
+    """The schema version this reverse-etl writes."""
+    return MIGRATIONS[-1].version
+
+
+def migrate(engine: sa.Engine, migrations: Sequence[Migration] | None = None) -> int:
+    """Apply the migrations the store lacks, each in its own transaction under the migration
+    lock; return the store's version. Refuses a store newer than the last migration."""
+    with _migration_engine(engine) as locked:
+        return _migrate(locked, MIGRATIONS if migrations is None else migrations)
+
+
+def _prepare_schema(engine: sa.Engine) -> None:
+    """Bring the store to the latest version on open, safe when several processes open one
+    store at once (even one that does not exist yet): the migration lock serializes them, and
+    what can still race (see ``_SCHEMA_RACE``) is retried, finding the work done."""
+    migrations = MIGRATIONS
     for attempt in range(_SCHEMA_ATTEMPTS):
         try:
-            metadata.create_all(engine)
+            if _schema_is_current(engine, migrations[-1].version):
+                return
+            with _migration_engine(engine) as locked:
+                _migrate(locked, migrations)
+                with _migration_transaction(locked) as con:  # tables dropped by hand
+                    metadata.create_all(con)
             return
         except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            text = str(exc.orig if exc.orig is not None else exc).lower()
-            if attempt == _SCHEMA_ATTEMPTS - 1 or not any(m in text for m in _SCHEMA_RACE):
+            if attempt == _SCHEMA_ATTEMPTS - 1 or not _is_race(exc):
                 raise
             time.sleep(0.05 * 2**attempt * (1 + random.random()))
+
+
+def _schema_is_current(engine: sa.Engine, latest: int) -> bool:
+    """The fast path, without the lock: every table there and the version the latest."""
+    with engine.connect() as con:
+        tables = set(sa.inspect(con).get_table_names())
+        if schema_versions.name not in tables:
+            return False
+        current = _read_version(con)
+        _refuse_newer(con, current, latest)
+    return current == latest and set(metadata.tables) <= tables
+
+
+def _migrate(engine: sa.Engine, migrations: Sequence[Migration]) -> int:
+    _check_sequence(migrations)
+    latest = migrations[-1].version
+    while True:
+        with _migration_transaction(engine) as con:
+            schema_versions.create(con, checkfirst=True)
+            current = _read_version(con)  # under the lock: another process may just have moved it
+            _refuse_newer(con, current, latest)
+            if current == latest:
+                return current
+            step = migrations[current]  # versions run 1..latest, so this is version current + 1
+            log.info("%s: schema migration %d: %s", _where(con), step.version, step.description)
+            try:
+                step.apply(con)
+            except Exception as exc:
+                if isinstance(exc, DBAPIError) and _is_race(exc):
+                    raise
+                raise StateError(
+                    f"{_where(con)}: schema migration {step.version} ({step.description}) "
+                    f"failed, so the store stays at schema {current}: "
+                    f"{scrub(f'{type(exc).__name__}: {exc}')}"
+                ) from exc
+            con.execute(
+                sa.insert(schema_versions).values(
+                    version=step.version,
+                    description=step.description,
+                    applied_at=now(),
+                    applied_by=f"reverse-etl {__version__} on {socket.gethostname()}:{os.getpid()}",
+                )
+            )
+
+
+def _check_sequence(migrations: Sequence[Migration]) -> None:
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(
+            f"schema migrations must be numbered 1, 2, 3, ... in order, not {versions}"
+        )
+
+
+def _read_version(con: sa.Connection) -> int:
+    return int(con.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0)
+
+
+def _refuse_newer(con: sa.Connection, current: int, latest: int) -> None:
+    if current > latest:
+        raise StateError(
+            f"{_where(con)}: this state store was written by a newer reverse-etl (schema "
+            f"{current}); upgrade reverse-etl (this one, {__version__}, knows schema {latest} at "
+            f"most)"
+        )
+
+
+def _where(con: sa.Connection) -> str:
+    return f"state store {con.engine.url.render_as_string(hide_password=True)}"
+
+
+def _is_race(exc: DBAPIError) -> bool:
+    text = str(exc.orig if exc.orig is not None else exc).lower()
+    return any(marker in text for marker in _SCHEMA_RACE)
+
+
+@contextmanager
+def _migration_engine(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """The engine to migrate with. A SQLite file gets one of its own whose transactions start
+    with ``BEGIN IMMEDIATE`` (the write lock, taken before the version is read; and DDL inside
+    the transaction, which pysqlite's own handling would commit early); the store's engine keeps
+    pysqlite's default for everything else. Others (PostgreSQL, an in-memory SQLite that
+    another engine could not see) migrate with the store's engine."""
+    url = engine.url
+    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    if url.get_backend_name() != "sqlite" or in_memory:
+        yield engine
+        return
+    locked = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    sa.event.listen(locked, "connect", _sqlite_manual_transactions)
+    sa.event.listen(locked, "begin", _begin_immediate)
+    try:
+        yield locked
+    finally:
+        locked.dispose()
+
+
+@contextmanager
+def _migration_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A transaction holding the migration lock until it ends: ``BEGIN IMMEDIATE`` on SQLite
+    (see ``_migration_engine``), a transaction-scoped advisory lock on PostgreSQL. On other
+    databases nothing serializes migrators but the version row's primary key."""
+    with engine.begin() as con:
+        if con.dialect.name == "postgresql":
+            con.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        yield con
+
+
+def _sqlite_manual_transactions(dbapi_con: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_con, record)
+    dbapi_con.isolation_level = None  # pysqlite leaves BEGIN and COMMIT to us (_begin_immediate)
+
+
+def _begin_immediate(con: sa.Connection) -> None:
+    con.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_con: Any, _record: Any) -> None:
