@@ -28,16 +28,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/reverse-etl demo
 
-## make test: lint, then the whole suite (PostgreSQL, fakesnow, bqemulator, moto and the
+## make test: lint (ruff, mypy), then the whole suite (PostgreSQL, fakesnow, bqemulator, moto and the
 ## sandbox APIs are started by fixtures).
 test: $(STAMP) $(BQEMU)
 	$(BIN)/ruff check reverse_etl tests
 	$(BIN)/ruff format --check reverse_etl tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check reverse_etl tests
 	$(BIN)/ruff format --check reverse_etl tests
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format reverse_etl tests

@@ -6,20 +6,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reverse_etl import storage
 from reverse_etl.config import Project, load_project
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
 from reverse_etl.interrupt import Interrupt
-from reverse_etl.runtime import tune_memory
 from reverse_etl.secrets import scrub
-from reverse_etl.sources import SourceError
-from reverse_etl.state import StateStore
+from reverse_etl.state import RunRecord, StateStore
+from reverse_etl.util import storage
+from reverse_etl.util.runtime import tune_memory
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
@@ -112,7 +112,7 @@ def check(obj: Ctx, offline: bool) -> None:
         _fail(str(exc))
     problems: list[str] = []
     if not offline:
-        by_source: dict[str, list] = {}  # type: ignore[type-arg]
+        by_source: dict[str, list[Any]] = {}
         for s in project.syncs:
             by_source.setdefault(s.source.connection, []).append(s)
         for connection, syncs in by_source.items():
@@ -120,7 +120,7 @@ def check(obj: Ctx, offline: bool) -> None:
                 with open_source(project.connections[connection], project) as source:  # type: ignore[arg-type]
                     for s in syncs:
                         problems += [f"{s.name}: {p}" for p in view_problems(project, s, source)]
-            except (ReverseEtlError, SourceError) as exc:
+            except ReverseEtlError as exc:
                 problems.append(f"connection {connection!r}: {scrub(str(exc))}")
     if problems:
         _fail(f"{project.file}:\n  - " + "\n  - ".join(problems))
@@ -195,7 +195,7 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
     sys.exit(worst)
 
 
-def print_runs(records: list) -> None:  # type: ignore[type-arg]
+def print_runs(records: list[RunRecord]) -> None:
     table = Table(title="runs")
     for col in (
         "sync",
@@ -311,12 +311,12 @@ def unlock(obj: Ctx, sync: str) -> None:
 @click.pass_obj
 def export(obj: Ctx, sync: str, csv_target: str) -> None:
     """Export a sync's source rows, exactly as the view returns them, to CSV."""
-    from reverse_etl.debug import export_csv
+    from reverse_etl.csv_debug import export_csv
 
     try:
         s = obj.project.sync(sync)
         rows = export_csv(obj.project, s, csv_target)
-    except (ReverseEtlError, SourceError, OSError) as exc:
+    except (ReverseEtlError, OSError) as exc:
         _fail(str(exc))
     console.print(f"{sync}: exported {rows} rows to {csv_target}")
 
@@ -330,7 +330,7 @@ def export(obj: Ctx, sync: str, csv_target: str) -> None:
 @click.pass_obj
 def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) -> None:
     """Validate a sync's rows (live view or CSV) and write the error file. Sends nothing."""
-    from reverse_etl.debug import validate as run_validate
+    from reverse_etl.csv_debug import validate as run_validate
 
     try:
         s = obj.project.sync(sync)
@@ -340,7 +340,7 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
         if not storage.is_s3(target):
             target = str(obj.project.path(target))
         report = run_validate(obj.project, s, csv_path=csv_path, error_file=target)
-    except (ReverseEtlError, SourceError, OSError) as exc:
+    except (ReverseEtlError, OSError) as exc:
         _fail(str(exc))
     table = Table(title=f"{sync}: {report.rows} rows checked, {report.bad_rows} with problems")
     table.add_column("reason")
@@ -379,7 +379,7 @@ def demo(obj: Ctx, profiles: int, keep_running: bool, api_specs: str | None) -> 
             console=console,
             api_specs=api_specs,
         )
-    except (ReverseEtlError, SourceError) as exc:
+    except ReverseEtlError as exc:
         _fail(str(exc))
     sys.exit(code)
 

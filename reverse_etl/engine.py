@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from reverse_etl import storage
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
 from reverse_etl.destinations import registry
@@ -35,12 +34,13 @@ from reverse_etl.errors import (
 from reverse_etl.extract import later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import preflight, transformed_batches
-from reverse_etl.prefetch import prefetch
 from reverse_etl.secrets import scrub
-from reverse_etl.sources import Source, SourceError, open_source
+from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import FieldSpec, TransformSpec
+from reverse_etl.util import storage
+from reverse_etl.util.prefetch import prefetch
 
 
 @dataclass
@@ -144,7 +144,7 @@ def run_sync(
                 finally:
                     result.by_reason = errors.by_reason
             record.error_file = error_target
-        except (ReverseEtlError, SourceError) as exc:
+        except ReverseEtlError as exc:
             record.status = "failed"
             record.message = scrub(str(exc))
             record.error_file = (
@@ -185,7 +185,7 @@ def view_problems(project: Project, sync: Sync, source: Source) -> list[str]:
     SQL file, the view's columns and types against the mapping, the cursor's type."""
     try:
         sync, spec, schema = fit_view(project, sync, source, project.source_sql(sync))
-    except (ReverseEtlError, SourceError) as exc:
+    except ReverseEtlError as exc:
         return [scrub(str(exc))]
     return preflight(sync.name, spec, schema)
 

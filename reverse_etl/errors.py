@@ -35,6 +35,10 @@ class SchemaMismatchError(ReverseEtlError):
     """The view's columns or types no longer fit the sync's mapping; nothing was sent."""
 
 
+class SourceError(ReverseEtlError):
+    """A warehouse refused or failed a query; the message says which and why (no secrets)."""
+
+
 class DestinationError(ReverseEtlError):
     """The destination API failed in a way retries could not fix; unacknowledged rows stay
     behind the watermark and are sent again on the next run."""

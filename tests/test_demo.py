@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from reverse_etl.config import load_project
-from reverse_etl.debug import validate
+from reverse_etl.csv_debug import validate
 from reverse_etl.demo import run as demo_run
 from reverse_etl.engine import RunOptions, run_sync
 from reverse_etl.errors import EXIT_OK

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from reverse_etl import storage
 from reverse_etl.extras import MissingExtra, check_state_url, requires
 from reverse_etl.sandbox.spec import (
     SPEC_FILES,
@@ -27,6 +26,7 @@ from reverse_etl.sandbox.spec import (
     use_spec_dir,
 )
 from reverse_etl.state import StateStore
+from reverse_etl.util import storage
 
 REPO = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO / "constraints.txt"

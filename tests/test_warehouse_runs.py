@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from reverse_etl.config import Project, Sync, load_project
-from reverse_etl.debug import export_csv, validate
+from reverse_etl.csv_debug import export_csv, validate
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult, Request
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo.profiles import STANDARD_FIELDS

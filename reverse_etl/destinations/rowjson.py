@@ -17,8 +17,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.types as pt
 
-from reverse_etl import scratch
 from reverse_etl.sql import ident, literal
+from reverse_etl.util import scratch
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from reverse_etl import errors
+
 
 @dataclass(frozen=True)
 class Dialect:
@@ -81,8 +83,7 @@ class Dialect:
         raise MissingColumnError(name, columns)
 
 
-class SourceError(Exception):
-    """A warehouse refused or failed a query; the message says which and why (no secrets)."""
+SourceError = errors.SourceError  # where the sources raise it from
 
 
 class MissingColumnError(SourceError):

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl import scratch
 from reverse_etl.extract import DUP_RANK
 from reverse_etl.transform.consent import WORDS
 from reverse_etl.transform.kinds import compatible, kind_of_arrow
@@ -32,6 +31,7 @@ from reverse_etl.transform.sqlgen import (
     region_table,
     value_and_error,
 )
+from reverse_etl.util import scratch
 
 MIN_TIMESTAMP = "1990-01-01T00:00:00Z"
 

@@ -42,8 +42,8 @@ def measure(db: str, rows: int, batch: int, mem: str) -> dict[str, float]:
     Klaviyo destination's payloads built and counted but not sent."""
     from reverse_etl.config import load_project
     from reverse_etl.engine import run_sync
-    from reverse_etl.runtime import tune_memory
     from reverse_etl.state import StateStore
+    from reverse_etl.util.runtime import tune_memory
 
     tune_memory()  # as the CLI does
     work = Path(tempfile.mkdtemp())

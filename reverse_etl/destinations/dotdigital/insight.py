@@ -26,7 +26,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl import scratch
 from reverse_etl.config import Sync
 from reverse_etl.destinations.base import Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
@@ -42,6 +41,7 @@ from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
+from reverse_etl.util import scratch
 
 IMPORT_PATH = "/insightData/v3/import"
 INSIGHT_IMPORTS = ImportApi(

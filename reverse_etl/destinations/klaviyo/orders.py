@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.types as pt
 
-from reverse_etl import scratch
 from reverse_etl.config import Sync
 from reverse_etl.destinations.base import Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
@@ -50,6 +49,7 @@ from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, 
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
+from reverse_etl.util import scratch
 
 STANDARD_FIELDS = {
     "order_id": "string",

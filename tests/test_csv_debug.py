@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from reverse_etl.config import Project, load_project
-from reverse_etl.debug import export_csv, validate
+from reverse_etl.csv_debug import export_csv, validate
 from reverse_etl.engine import RunOptions, run_sync
 from reverse_etl.errors import EXIT_FAILED, EXIT_ROW_ERRORS, SchemaMismatchError
 from reverse_etl.state import StateStore

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from reverse_etl import storage
 from reverse_etl.config import Project, Sync
 from reverse_etl.destinations import registry
 from reverse_etl.engine import fit_view, make_destination
@@ -28,6 +27,7 @@ from reverse_etl.sql import ident, literal
 from reverse_etl.state import RunCounts
 from reverse_etl.transform.kinds import kind_of_arrow
 from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
+from reverse_etl.util import storage
 
 if TYPE_CHECKING:
     import _csv
