@@ -132,13 +132,21 @@ def check(obj: Ctx, offline: bool) -> None:
 
 @main.command()
 @click.argument("syncs", nargs=-1)
-@click.option("--full-refresh", is_flag=True, help="Ignore the watermark and read the whole view.")
+@click.option(
+    "--full-refresh",
+    is_flag=True,
+    help="Ignore the watermark and read the whole view (rows the destination holds as they are "
+    "are still not sent; add --resend for that).",
+)
+@click.option("--resend", is_flag=True, help="Send every row read, also those found unchanged.")
 @click.option(
     "--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file."
 )
 @click.option("--due", is_flag=True, help="Run only syncs whose schedule says they are due.")
 @click.pass_obj
-def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due: bool) -> None:
+def run(
+    obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, resend: bool, dry_run: bool, due: bool
+) -> None:
     """Run syncs (all enabled ones when none is named)."""
     from reverse_etl.engine import RunOptions, due_syncs, in_run_order, run_sync
 
@@ -164,7 +172,9 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
         for name in names:
             if interrupt.requested:
                 break
-            options = RunOptions(full_refresh=full_refresh, dry_run=dry_run, interrupt=interrupt)
+            options = RunOptions(
+                full_refresh=full_refresh, resend=resend, dry_run=dry_run, interrupt=interrupt
+            )
             try:
                 result = run_sync(project, name, store, options)
             except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
@@ -196,17 +206,19 @@ def run(obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, dry_run: bool, due
 
 
 def print_runs(records: list[RunRecord]) -> None:
-    table = Table(title="runs")
+    table = Table(title="runs", caption="read = sent + unchanged + rejected")
     for col in (
         "sync",
         "run",
         "status",
         "read",
         "sent",
+        "unchanged",
+        "rejected",
         "created",
         "updated",
-        "rejected",
         "failed",
+        "removed",
         "seconds",
     ):
         table.add_column(col, justify="right" if col not in {"sync", "run", "status"} else "left")
@@ -217,7 +229,19 @@ def print_runs(records: list[RunRecord]) -> None:
             r.sync,
             r.run_id,
             r.status,
-            *(str(v) for v in (c.read, c.sent, c.created, c.updated, c.rejected, c.failed)),
+            *(
+                str(v)
+                for v in (
+                    c.read,
+                    c.sent,
+                    c.unchanged,
+                    c.rejected,
+                    c.created,
+                    c.updated,
+                    c.failed,
+                    c.removed,
+                )
+            ),
             f"{secs:.1f}",
         )
     console.print(table)
@@ -255,7 +279,8 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
                 rec = result.record
                 console.print(
                     f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
-                    f"sent {rec.counts.sent}, rejected {rec.counts.rejected}, failed {rec.counts.failed}"
+                    f"sent {rec.counts.sent}, unchanged {rec.counts.unchanged}, "
+                    f"rejected {rec.counts.rejected}, failed {rec.counts.failed}"
                     + (f" — {rec.message}" if rec.message else "")
                 )
             done += 1

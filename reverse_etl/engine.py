@@ -33,8 +33,9 @@ from reverse_etl.errors import (
 )
 from reverse_etl.extract import later, plan_read
 from reverse_etl.interrupt import Interrupt
-from reverse_etl.pipeline import preflight, transformed_batches
+from reverse_etl.pipeline import Earned, preflight, transformed_batches
 from reverse_etl.secrets import scrub
+from reverse_etl.snapshot import Snapshot, definition, snapshot_path
 from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
@@ -46,6 +47,7 @@ from reverse_etl.util.prefetch import prefetch
 @dataclass
 class RunOptions:
     full_refresh: bool = False
+    resend: bool = False  # send every row read, also those the snapshot says are unchanged
     dry_run: bool = False
     dry_run_file: str | None = None
     interrupt: Interrupt | None = None  # set by a signal: stop reading, commit what is in flight
@@ -72,6 +74,21 @@ DestinationFactory = Callable[[Project, Sync], Destination]
 def make_destination(project: Project, sync: Sync) -> Destination:
     conn = project.connections[sync.destination.connection]
     return destination_for(conn.type, sync.object)(conn, sync)  # type: ignore[arg-type]
+
+
+def open_snapshot(project: Project, sync: Sync, spec: TransformSpec, dest_type: str) -> Snapshot:
+    """The sync's synced-state snapshot (``snapshot.py``), in the project's snapshot folder."""
+    path = snapshot_path(project.root, project.snapshot.path, sync.name)
+    return Snapshot(path, spec, definition(sync, dest_type))
+
+
+def match_field(sync: Sync, destination: Destination) -> str:
+    """The destination field whose value finds a record again (for removals)."""
+    declared = destination.capabilities.match_field
+    if declared:
+        return declared
+    target = sync.fields().get(sync.identifier)
+    return target.field if target is not None else ""
 
 
 def transform_spec(sync: Sync, destination_type: type[Destination]) -> TransformSpec:
@@ -240,6 +257,8 @@ def _run(
             lookback=timedelta(minutes=sync.lookback_minutes),
         )
         destination = destination_factory(project, sync)
+        snapshot = open_snapshot(project, sync, spec, conn.type)
+        key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
         interrupt = options.interrupt
 
@@ -253,8 +272,13 @@ def _run(
                 errors=errors,
                 counts=record.counts,
                 stop=lambda: lock.lost or (interrupt is not None and interrupt.requested),
+                snapshot=snapshot,
+                resend=options.resend,
             ):
-                loaded = LoadBatch(loaded.table, _Token(loaded.token))
+                earned: Earned = loaded.token
+                loaded = LoadBatch(
+                    loaded.table, _Token(earned.mark, earned.prints, key, earned.flagged)
+                )
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     pending.append(loaded)
                 yield loaded
@@ -278,8 +302,17 @@ def _run(
                         "it over as stale, or it was unlocked); it stopped without committing "
                         "more, and the rows it sent past its watermark are sent again next run"
                     )
-                pending.popleft()
-                _commit(store, sync, record, errors, loaded, replace=replace)
+                sent = pending.popleft()
+                _commit(
+                    store,
+                    sync,
+                    record,
+                    errors,
+                    loaded,
+                    replace=replace,
+                    snapshot=snapshot,
+                    sent=sent.table,
+                )
                 replace = False
         except BaseException:
             stream.close()
@@ -288,6 +321,7 @@ def _run(
         finally:
             stream.close()  # stop the read-ahead thread before its source closes
             destination.close()
+            snapshot.close()
 
 
 def _commit(
@@ -298,16 +332,25 @@ def _commit(
     loaded: LoadResult,
     *,
     replace: bool = False,
+    snapshot: Snapshot | None = None,
+    sent: pa.Table | None = None,
 ) -> None:
-    """Count the batch and move the watermark past it. ``replace``: the first acknowledged
-    batch of a full refresh, which takes the place of the old watermark (even behind it)."""
+    """Count the batch, remember what it sent in the snapshot, then move the watermark past
+    it (in that order: see ``snapshot.py``). ``replace``: the first acknowledged batch of a
+    full refresh, which takes the place of the old watermark (even behind it)."""
     c = record.counts
     c.sent += loaded.sent
     c.created += loaded.created
     c.updated += loaded.updated
     c.failed += loaded.failed
     errors.write(loaded.errors)
-    mark: Watermark | None = loaded.token.mark
+    token: _Token = loaded.token
+    if snapshot is not None and token.prints is not None and sent is not None and sent.num_rows:
+        keys = sent.select(["__row"]).append_column(
+            "key", sent[token.key] if token.key in sent.column_names else pa.nulls(sent.num_rows)
+        )
+        snapshot.record(token.prints, keys, {e.row_number for e in loaded.errors} | token.flagged)
+    mark: Watermark | None = token.mark
     if replace:
         if mark is None:
             store.reset_watermark(sync.name)
@@ -323,6 +366,9 @@ class _Token:
     compared by identity, so a result is matched to its own batch, never to an equal one."""
 
     mark: Watermark | None
+    prints: pa.Table | None = None  # fingerprints of the rows sent, for the snapshot
+    key: str = ""  # the field the destination finds a record by, kept in the snapshot
+    flagged: frozenset[int] = frozenset()  # rows sent in part: not remembered as held
 
 
 def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:

@@ -9,14 +9,17 @@ run would refuse, and ``failed`` is left to mean only "the API refused it".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.types as pt
 
 from reverse_etl.destinations.base import Destination, LoadBatch
 from reverse_etl.extract import IncrementalQuery, batch_watermark
+from reverse_etl.snapshot import Snapshot
 from reverse_etl.sources import Source
 from reverse_etl.state import RunCounts, Watermark
 from reverse_etl.transform.rowerrors import ErrorFileWriter
@@ -83,6 +86,18 @@ def preflight(
     return problems
 
 
+@dataclass
+class Earned:
+    """What acknowledging a batch earns: the watermark past it, and the fingerprints of the
+    rows it sent for the snapshot (None without one)."""
+
+    mark: Watermark | None
+    prints: pa.Table | None = None
+    # rows sent with part of them refused before sending (consent without an address): not
+    # remembered as held, so they are checked and reported again whenever they are read
+    flagged: frozenset[int] = frozenset()
+
+
 def transformed_batches(
     source: Source,
     query: IncrementalQuery,
@@ -93,20 +108,41 @@ def transformed_batches(
     errors: ErrorFileWriter,
     counts: RunCounts,
     stop: Callable[[], bool] = lambda: False,
+    snapshot: Snapshot | None = None,
+    resend: bool = False,
 ) -> Iterator[LoadBatch]:
-    """Read, transform and screen the query's batches; each comes with the watermark it
-    earns once acknowledged. ``stop()`` is asked before each read (a signal, a lost lock):
-    what was read is still handed on, so it can be acknowledged and committed."""
+    """Read, diff, transform and screen the query's batches; each comes with what it earns
+    once acknowledged (``Earned``). With a ``snapshot``, rows the destination already holds as
+    they are now are counted ``unchanged`` and go no further. ``stop()`` is asked before each
+    read (a signal, a lost lock): what was read is still handed on, so it can be acknowledged
+    and committed."""
     transformer = StreamTransformer(spec)
+    next_row = 1
     try:
         for batch in source.stream(query.sql, query.params, batch_size):
-            out = transformer.transform(batch)
-            screened = destination.screen(out.good)
             counts.read += batch.num_rows
+            prints = None
+            todo = batch
+            if snapshot is not None:
+                if "__row" not in batch.schema.names:
+                    numbers = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
+                    batch = batch.append_column("__row", pa.array(numbers))
+                next_row += batch.num_rows
+                diff = snapshot.diff(batch, resend=resend)
+                counts.unchanged += diff.unchanged
+                prints = diff.prints
+                todo = batch.filter(diff.changed) if diff.unchanged else batch
+            out = transformer.transform(todo)
+            screened = destination.screen(out.good)
             counts.rejected += out.rejected + screened.rejected
             errors.write([*out.errors, *screened.errors])  # one write: kept in row order
-            mark = batch_watermark(batch, spec.cursor, spec.identifier, out.future)
-            yield LoadBatch(screened.table, mark)
+            skip = out.future
+            if todo is not batch:  # the transform saw only the changed rows: map its positions
+                where = np.flatnonzero(diff.changed.to_numpy(zero_copy_only=False))
+                skip = frozenset(int(where[p]) for p in out.future)
+            mark = batch_watermark(batch, spec.cursor, spec.identifier, skip)
+            flagged = frozenset(e.row_number for e in screened.errors)
+            yield LoadBatch(screened.table, Earned(mark, prints, flagged))
             if stop():
                 return
     finally:

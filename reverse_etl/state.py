@@ -96,6 +96,8 @@ runs = sa.Table(
     sa.Column("updated", sa.BigInteger, nullable=False, default=0),
     sa.Column("rejected", sa.BigInteger, nullable=False, default=0),
     sa.Column("failed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("unchanged", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("removed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error_file", sa.Text),
     sa.Column("message", sa.Text),
 )
@@ -148,12 +150,18 @@ class Watermark:
 
 @dataclass
 class RunCounts:
+    """A run's rows: every row read is sent, unchanged (the destination holds it as it is)
+    or rejected before sending; every row sent is created, updated or failed. ``removed``
+    counts the members a mirror sync took out of its list (rows no longer in the view)."""
+
     read: int = 0
     sent: int = 0
     created: int = 0
     updated: int = 0
     rejected: int = 0
     failed: int = 0
+    unchanged: int = 0
+    removed: int = 0
 
     def add(self, other: RunCounts) -> None:
         for name in self.__dataclass_fields__:
@@ -554,9 +562,17 @@ def _v1_tables(con: sa.Connection) -> None:
     v1.create_all(con)  # checkfirst
 
 
+def _v2_unchanged_removed(con: sa.Connection) -> None:
+    """Runs count the rows found unchanged against the synced-state snapshot, and the
+    members a mirror sync removed."""
+    for column in ("unchanged", "removed"):
+        con.execute(sa.text(f"ALTER TABLE retl_runs ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
+    Migration(2, "runs count unchanged and removed rows", _v2_unchanged_removed),
 )
 
 

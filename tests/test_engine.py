@@ -168,6 +168,12 @@ def test_full_refresh_ignores_the_watermark(make_env) -> None:
     assert result.record.full_refresh is True
     assert env.store.last_runs("people")[0].full_refresh is True
     assert result.record.counts.read == 25
+    # read again, but the destination holds every row as it is: nothing is sent ...
+    assert result.record.counts.unchanged == 25 and result.record.counts.sent == 0
+    assert env.fake.received_ids()[25:] == []
+    # ... unless --resend asks for it
+    result = env.run(full_refresh=True, resend=True)
+    assert result.record.counts.read == 25 and result.record.counts.unchanged == 0
     assert sorted(env.fake.received_ids()[25:]) == [email(i) for i in range(25)]
     assert result.record.counts.updated == 25
     assert env.watermark() == Watermark(at(24), email(24))

@@ -19,6 +19,7 @@ from reverse_etl.config.models import (
     ConsentSpec,
     FieldMapping,
     Project,
+    SnapshotSpec,
     SourceSpec,
     StateSpec,
     Sync,
@@ -89,6 +90,7 @@ _MODELS_BY_KEY: dict[str, type[BaseModel]] = {
     "source": SourceSpec,
     "consent": ConsentSpec,
     "state": StateSpec,
+    "snapshot": SnapshotSpec,
     "email": ConsentColumn,
     "sms": ConsentColumn,
 }
@@ -159,8 +161,8 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Project
     if parents and parents[0] == "syncs":
         model = Sync
-    if parents and parents[0] == "state":
-        model = StateSpec
+    if parents and parents[0] in ("state", "snapshot"):
+        model = _MODELS_BY_KEY[parents[0]]
     if parents and parents[0] == "connections":
         tag = loc[2] if len(loc) > 3 and loc[2] in _TYPE_TAGS else None
         model = CONNECTION_MODELS.get(tag or "", Project)

@@ -221,10 +221,17 @@ class StateSpec(Strict):
     url: str = "sqlite:///.reverse_etl/state.db"
 
 
+class SnapshotSpec(Strict):
+    """Where each sync's synced-state snapshot lives: a DuckDB file per sync in ``path``."""
+
+    path: str = ".reverse_etl/snapshots"
+
+
 class Project(Strict):
     connections: dict[str, Connection]
     syncs: list[Sync] = []
     state: StateSpec = StateSpec()
+    snapshot: SnapshotSpec = SnapshotSpec()
     error_dir: str = ".reverse_etl/errors"
     # resolved at load time, not read from YAML
     root: Path = Field(default=Path("."), exclude=True)

@@ -117,6 +117,15 @@ class Tally:
 
 
 @dataclass
+class Removed:
+    """What ``Destination.remove`` did: the identifiers (``__id``) taken out of the list, and
+    row errors for those it could not take out (they are tried again next run)."""
+
+    ids: list[Any] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+
+
+@dataclass
 class _Pending:
     batch: LoadBatch
     refused: list[RowError]
@@ -264,6 +273,22 @@ class Destination(ABC):
                 "watermark"
             )
         return result
+
+    def remove(self, members: pa.Table) -> Removed:
+        """Take ``members`` out of the sync's list (``mode: mirror``: they left the view).
+        Columns: ``__id`` (the sync's identifier, as text), ``key`` (the value of
+        ``capabilities.match_field``: what the destination finds the record by) and ``dest_id``
+        (the destination's own id where known, else null: look it up). Only the list
+        membership goes: never unsubscribe, suppress or delete the person, and a member who is
+        not in the list (any more) counts as removed. Returns the identifiers whose removal the
+        API acknowledged; the rest stay in the snapshot and are tried again next run."""
+        raise NotImplementedError(f"{self.capabilities.label} do not support mode: mirror")
+
+    def removal_requests(self, members: pa.Table) -> Iterator[Request]:
+        """The calls ``remove`` would send for ``members`` (the dry run), without sending them
+        or looking anything up: where an id would first be looked up, a placeholder stands in
+        its place. None for a destination that does not remove."""
+        return iter(())
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

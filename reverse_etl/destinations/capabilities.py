@@ -29,6 +29,12 @@ class Capabilities:
     bool_options: tuple[str, ...] = ()
     takes_list: bool = False  # destination.list is meaningful
     takes_consent: bool = False  # a consent: section is meaningful
+    # ``mode: mirror`` works: members that left the view are taken out of the list (``remove``)
+    removes: bool = False
+    # the field whose value the destination finds a record by (Dotdigital contacts: email),
+    # kept in the synced-state snapshot so a member who left the view can still be found;
+    # None: the field the sync's identifier maps to
+    match_field: str | None = None
     # what the config error suggests instead of a list or consent the object cannot take
     list_instead: str = "lists hold profiles: use a profiles sync"
     consent_instead: str = "consent is synced with profiles"

@@ -139,8 +139,7 @@ class Transformer:
         self.kinds = {
             f.column: f.kind or kind_of_arrow(schema.field(f.column).type) for f in spec.fields
         }
-        moment = (now or datetime.now(UTC)) + spec.max_future_skew
-        checks = Checks(spec.naive_timezone, MIN_TIMESTAMP, moment.isoformat())
+        checks = cursor_checks(spec, now)
         self._possible = PossibleLength()
         self.con = scratch.cursor()
         self.con.register("__phone_region", region_table(region_codes()))
@@ -181,10 +180,7 @@ class Transformer:
         if self.spec.cursor_text and self.spec.cursor_text in schema.names:
             text = f"NULLIF(TRIM(b.{q(self.spec.cursor_text)}), '')"
             missing = f"CASE WHEN {text} IS NULL THEN 'missing_cursor' ELSE 'invalid_cursor' END"
-        future = "FALSE"
-        if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
-            moment = instant(cursor, dtype, checks.naive_timezone)
-            future = f"{moment} > TIMESTAMPTZ {lit(checks.max_timestamp)}"
+        future = future_cursor_sql(cursor, dtype, checks)
         return (
             f"CASE WHEN {cursor} IS NULL THEN {missing} WHEN {future} THEN 'cursor_in_future' END"
         )
@@ -416,6 +412,21 @@ class StreamTransformer:
 
 _CONSENT_WORDS = pa.array(list(WORDS), pa.string())
 _CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
+
+
+def future_cursor_sql(cursor: str, dtype: pa.DataType, checks: Checks) -> str:
+    """SQL true when the cursor value ``cursor`` (an expression of type ``dtype``) lies beyond
+    ``checks.max_timestamp``; only times and dates can be in the future."""
+    if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
+        moment = instant(cursor, dtype, checks.naive_timezone)
+        return f"{moment} > TIMESTAMPTZ {lit(checks.max_timestamp)}"
+    return "FALSE"
+
+
+def cursor_checks(spec: TransformSpec, now: datetime | None = None) -> Checks:
+    """The bounds a run checks timestamps and its cursor against, fixed when it starts."""
+    moment = (now or datetime.now(UTC)) + spec.max_future_skew
+    return Checks(spec.naive_timezone, MIN_TIMESTAMP, moment.isoformat())
 
 
 def _first_non_finite(value: object) -> str | None:

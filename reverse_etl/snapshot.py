@@ -1,0 +1,241 @@
+"""The synced-state snapshot: what a sync last sent and the destination acknowledged, one
+record per identifier, so a run sends only what changed and a mirror sync knows who left.
+
+Each record holds the identifier, a fingerprint of the row's mapped values (``payload``), a
+separate one of its consent values and their timestamps (``consent``), the value the
+destination finds the record by (``key``: its email for Dotdigital), the destination's own id
+where known, and when it was sent.
+
+Fingerprints are taken from the view's values as read, before the transform, so a row that did
+not change costs neither a transform nor an API call: ``md5_number_lower`` (64 bits of MD5,
+stable across DuckDB releases, unlike ``hash()``) of the row's JSON, salted with the sync's
+definition (mapping, consent, transform and destination options), so changing the sync's
+definition makes every row "changed" once. The cursor is not part of it: a ``modified_at`` that
+moved without a change does not resend. Normalising happens after the fingerprint, so a value
+that changes only in ways the transform erases (``A@x.com`` -> ``a@x.com``) is sent once more;
+it is never the other way round.
+
+Where it lives: one DuckDB file per sync under the project's state directory
+(``.reverse_etl/snapshots/<sync>.duckdb``). One file per sync because a DuckDB file takes one
+writing process, and the sync's lock already guarantees one run per sync. The diff is one
+DuckDB join of the batch with the snapshot, never a Python set of identifiers.
+
+Consistency with the watermark: a batch's records are written after the destination
+acknowledged it and before its watermark is committed. A crash between the two re-reads rows
+the snapshot already holds: they are found unchanged and not sent again, which is right, as
+they were acknowledged. A crash before the snapshot write re-sends them (idempotent upserts).
+Rows the destination refused are not recorded, so they are sent again when read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from reverse_etl.config import Sync
+from reverse_etl.extract import DUP_RANK
+from reverse_etl.sql import ident, literal
+from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
+
+MEMORY_LIMIT = "128MB"  # the join spills beyond it: memory stays flat as the snapshot grows
+
+
+def definition(sync: Sync, destination_type: str) -> str:
+    """A digest of everything that decides what a row becomes at the destination, besides
+    its values: the salt of every fingerprint."""
+    data = sync.model_dump(
+        mode="json",
+        include={
+            "object",
+            "identifier",
+            "destination",
+            "mapping",
+            "consent",
+            "null_values",
+            "default_phone_region",
+            "phone_region_column",
+            "phone_validation",
+            "naive_timezone",
+        },
+    )
+    data["type"] = destination_type
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Which source columns make up a row's payload and its consent."""
+
+    identifier: str
+    payload: tuple[str, ...]
+    consent: tuple[str, ...]
+    salt: str
+
+    @classmethod
+    def of(cls, spec: TransformSpec, salt: str) -> Fingerprint:
+        payload: list[str] = []
+        consent: list[str] = []
+        for f in spec.fields:
+            side = consent if f.field.startswith("consent.") else payload
+            if f.column not in side:
+                side.append(f.column)
+        if spec.phone_region_column and spec.phone_region_column not in payload:
+            payload.append(spec.phone_region_column)
+        return cls(spec.identifier, tuple(payload), tuple(consent), salt)
+
+    def sql(self, columns: Sequence[str], alias: str = "b") -> str:
+        """The fingerprint of ``columns`` of row ``alias``: NULL-safe, order-stable."""
+        if not columns:
+            return f"md5_number_lower({literal(self.salt)})"
+        fields = ", ".join(f"{ident(c)} := {alias}.{ident(c)}" for c in columns)
+        return (
+            f"md5_number_lower({literal(self.salt)} || CAST(to_json(struct_pack({fields})) "
+            "AS VARCHAR))"
+        )
+
+
+@dataclass
+class Diff:
+    """One batch against the snapshot: ``changed`` (aligned with the batch) says which rows to
+    send; ``prints`` holds those rows' fingerprints (``__row``, ``id``, ``payload``,
+    ``consent``) to record once they are acknowledged."""
+
+    changed: pa.Array  # bool, one per row of the batch
+    prints: pa.Table
+    unchanged: int
+
+
+class Snapshot:
+    """The snapshot of one sync: ``diff`` runs on the read-ahead thread, ``record`` on the
+    thread that commits; each thread has its own cursor of the file's one connection."""
+
+    def __init__(self, path: Path, spec: TransformSpec, salt: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.spec = spec
+        self.fingerprint = Fingerprint.of(spec, salt)
+        self._db = duckdb.connect(str(path), config={"threads": 1, "memory_limit": MEMORY_LIMIT})
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS members (id VARCHAR NOT NULL, payload UBIGINT NOT NULL, "
+            "consent UBIGINT NOT NULL, key VARCHAR, dest_id VARCHAR, "
+            "sent_at TIMESTAMPTZ NOT NULL)"
+        )
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        self._diff_sql: str | None = None
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            with self._lock:
+                cur = self._db.cursor()
+                self._cursors.append(cur)
+            cur.execute("SET TimeZone = 'UTC'")
+            self._local.cur = cur
+        return cur
+
+    def _compile(self, schema: pa.Schema) -> str:
+        """A row is unchanged when the snapshot holds its identifier with the same payload and
+        consent, and it is the row the read sends for its identifier (not a duplicate). A row
+        whose cursor is missing or in the future never is: it goes to the transform, which
+        reports it and keeps the watermark behind it."""
+        fp = self.fingerprint
+        first = f"COALESCE(b.{ident(DUP_RANK)}, 1) = 1" if DUP_RANK in schema.names else "TRUE"
+        cursor = f"b.{ident(self.spec.cursor)}"
+        dtype = schema.field(self.spec.cursor).type
+        future = future_cursor_sql(cursor, dtype, cursor_checks(self.spec))
+        first = f"{first} AND {cursor} IS NOT NULL AND NOT ({future})"
+        key = f"CAST(b.{ident(fp.identifier)} AS VARCHAR)"
+        return (
+            f"WITH f AS (SELECT b.__row, b.__pos, {key} AS id, {fp.sql(fp.payload)} AS payload, "
+            f"{fp.sql(fp.consent)} AS consent, {first} AS first FROM batch AS b) "
+            "SELECT f.__row, f.id, f.payload, f.consent, "
+            "(f.first AND f.id IS NOT NULL AND m.id IS NOT NULL AND m.payload = f.payload "
+            "AND m.consent = f.consent) AS unchanged "
+            "FROM f LEFT JOIN members AS m ON m.id = f.id ORDER BY f.__pos"
+        )
+
+    def diff(self, batch: pa.RecordBatch | pa.Table, *, resend: bool = False) -> Diff:
+        """Which rows of ``batch`` (with ``__row``) differ from what the destination holds.
+        ``resend``: every row counts as changed (their fingerprints are still taken)."""
+        if self._diff_sql is None:
+            self._diff_sql = self._compile(batch.schema)
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        table = table.append_column("__pos", pa.array(range(table.num_rows), pa.int64()))
+        cur = self._cursor()
+        cur.register("batch", table)
+        try:
+            out: pa.Table = cur.execute(self._diff_sql).to_arrow_table()
+        finally:
+            cur.unregister("batch")
+        unchanged = out["unchanged"].combine_chunks()
+        if resend:
+            unchanged = pa.array([False] * len(unchanged), pa.bool_())
+        changed = pa.compute.invert(unchanged)
+        prints = out.filter(changed).drop_columns(["unchanged"])
+        return Diff(changed, prints, len(unchanged) - prints.num_rows)
+
+    def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None:
+        """Remember the rows of an acknowledged batch: ``prints`` from its ``Diff``, ``sent``
+        the rows handed to the destination (``__row`` and ``key``), minus the ``refused`` row
+        numbers. One transaction: a crash leaves the snapshot as it was before the batch."""
+        rows = sent.select(["__row", "key"])
+        if refused:
+            keep = pa.compute.invert(
+                pa.compute.is_in(rows["__row"], value_set=pa.array(sorted(refused), pa.int64()))
+            )
+            rows = rows.filter(keep)
+        if rows.num_rows == 0:
+            return
+        cur = self._cursor()
+        cur.register("prints", prints)
+        cur.register("sent", rows)
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            cur.execute(
+                "CREATE OR REPLACE TEMP TABLE acked AS SELECT p.id, p.payload, p.consent, "
+                "CAST(s.key AS VARCHAR) AS key FROM prints AS p JOIN sent AS s USING (__row) "
+                "WHERE p.id IS NOT NULL"
+            )
+            cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM acked)")
+            cur.execute(
+                "INSERT INTO members SELECT id, payload, consent, key, NULL, now() FROM acked"
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.unregister("prints")
+            cur.unregister("sent")
+
+    def count(self) -> int:
+        row = self._cursor().execute("SELECT count(*) FROM members").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        with self._lock:
+            for cur in self._cursors:
+                cur.close()
+            self._cursors.clear()
+        self._db.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def snapshot_path(root: Path, directory: str, sync: str) -> Path:
+    base = Path(directory)
+    return (base if base.is_absolute() else root / base) / f"{sync}.duckdb"
