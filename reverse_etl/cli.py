@@ -140,12 +140,23 @@ def check(obj: Ctx, offline: bool) -> None:
 )
 @click.option("--resend", is_flag=True, help="Send every row read, also those found unchanged.")
 @click.option(
+    "--allow-mass-removal",
+    is_flag=True,
+    help="Let a mirror sync remove more than its max_removal_share of the list, this once.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file."
 )
 @click.option("--due", is_flag=True, help="Run only syncs whose schedule says they are due.")
 @click.pass_obj
 def run(
-    obj: Ctx, syncs: tuple[str, ...], full_refresh: bool, resend: bool, dry_run: bool, due: bool
+    obj: Ctx,
+    syncs: tuple[str, ...],
+    full_refresh: bool,
+    resend: bool,
+    allow_mass_removal: bool,
+    dry_run: bool,
+    due: bool,
 ) -> None:
     """Run syncs (all enabled ones when none is named)."""
     from reverse_etl.engine import RunOptions, due_syncs, in_run_order, run_sync
@@ -173,7 +184,11 @@ def run(
             if interrupt.requested:
                 break
             options = RunOptions(
-                full_refresh=full_refresh, resend=resend, dry_run=dry_run, interrupt=interrupt
+                full_refresh=full_refresh,
+                resend=resend,
+                allow_mass_removal=allow_mass_removal,
+                dry_run=dry_run,
+                interrupt=interrupt,
             )
             try:
                 result = run_sync(project, name, store, options)

@@ -62,7 +62,7 @@ def resolve_sync_columns(sync: Sync, columns: Sequence[str], dialect: Dialect) -
     return sync.model_copy(
         update={
             "identifier": resolve(sync.identifier, "identifier"),
-            "cursor": resolve(sync.cursor, "cursor"),
+            "cursor": resolve(sync.cursor_column, "cursor"),
             "mapping": mapping,
             "consent": consent_spec,
             "phone_region_column": None

@@ -114,7 +114,7 @@ def validate(
     counts = RunCounts()
     try:
         if csv_path and local_csv is not None:
-            source, view_sql = _csv_source(local_csv, sync.cursor)
+            source, view_sql = _csv_source(local_csv, sync.cursor_column)
             where = csv_path
         else:
             source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def validate(
             plan = plan_read(
                 source,
                 view_sql,
-                cursor=sync.cursor,
+                cursor=sync.cursor_column,
                 identifier=sync.identifier,
                 email_identifier=spec.identifier_field().kind == "email",
                 watermark=None,

@@ -28,6 +28,7 @@ from reverse_etl.errors import (
     EXIT_ROW_ERRORS,
     DestinationError,
     LockLostError,
+    MassRemovalError,
     ReverseEtlError,
     SchemaMismatchError,
 )
@@ -48,6 +49,7 @@ from reverse_etl.util.prefetch import prefetch
 class RunOptions:
     full_refresh: bool = False
     resend: bool = False  # send every row read, also those the snapshot says are unchanged
+    allow_mass_removal: bool = False  # let a mirror run past its max_removal_share, once
     dry_run: bool = False
     dry_run_file: str | None = None
     interrupt: Interrupt | None = None  # set by a signal: stop reading, commit what is in flight
@@ -105,7 +107,7 @@ def transform_spec(sync: Sync, destination_type: type[Destination]) -> Transform
     return TransformSpec(
         sync=sync.name,
         identifier=sync.identifier,
-        cursor=sync.cursor,
+        cursor=sync.cursor_column,
         fields=tuple(fields),
         default_phone_region=sync.default_phone_region,
         phone_region_column=sync.phone_region_column,
@@ -240,7 +242,9 @@ def _run(
         stored = store.watermark(sync.name)
         # a full refresh reads from the start, but the stored watermark stays until the first
         # batch is acknowledged: a refresh that fails at once (a wrong API key) loses nothing
-        watermark = None if options.full_refresh else stored
+        # a mirror sync reads the whole view every run: who left is who was not read
+        mirror = sync.mode == "mirror"
+        watermark = None if options.full_refresh or mirror else stored
         problems = preflight(sync.name, spec, schema, watermark)
         if problems:
             raise SchemaMismatchError(
@@ -250,7 +254,7 @@ def _run(
         plan = plan_read(
             source,
             view_sql,
-            cursor=sync.cursor,
+            cursor=sync.cursor_column,
             identifier=sync.identifier,
             email_identifier=spec.identifier_field().kind == "email",
             watermark=watermark,
@@ -258,6 +262,8 @@ def _run(
         )
         destination = destination_factory(project, sync)
         snapshot = open_snapshot(project, sync, spec, conn.type)
+        if mirror:
+            snapshot.begin_mirror()
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
         interrupt = options.interrupt
@@ -286,7 +292,9 @@ def _run(
         stream = prefetch(batches())
         try:
             if options.dry_run:
-                result.dry_run_file = _dry_run(project, sync, record, options, destination, stream)
+                result.dry_run_file = _dry_run(
+                    project, sync, record, options, destination, stream, snapshot
+                )
                 return
             destination.prepare()
             replace = options.full_refresh and stored is not None
@@ -314,6 +322,8 @@ def _run(
                     sent=sent.table,
                 )
                 replace = False
+            if mirror and snapshot.read_complete and not _stopping(options, lock):
+                _remove_departed(sync, store, lock, options, record, errors, destination, snapshot)
         except BaseException:
             stream.close()
             errors.write(_unsent(pending))
@@ -389,8 +399,10 @@ def _dry_run(
     options: RunOptions,
     destination: Destination,
     batches: Iterator[LoadBatch],
+    snapshot: Snapshot,
 ) -> str:
-    """Write every request the run would send, one JSON line each; send and commit nothing."""
+    """Write every request the run would send, one JSON line each; send and commit nothing.
+    A mirror sync's removals are counted (``removed``: would remove) and shown too."""
     target = options.dry_run_file or f".reverse_etl/dry-run/{sync.name}/{record.run_id}.jsonl"
     target = str(project.path(target))
     Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +417,81 @@ def _dry_run(
                 }
                 fh.write(orjson.dumps(line) + b"\n")
                 record.counts.sent += req.rows
+        if sync.mode == "mirror" and snapshot.read_complete:
+            record.counts.removed = snapshot.departed_count()
+            gone = snapshot.departed(REMOVAL_CHUNK)
+            for req in destination.removal_requests(gone):
+                line = {"method": req.method, "path": req.path, "rows": req.rows}
+                line["body"] = orjson.Fragment(req.body) if req.body else None
+                fh.write(orjson.dumps(line) + b"\n")
     return target
+
+
+REMOVAL_CHUNK = 10_000  # members handed to Destination.remove at once
+
+
+def _stopping(options: RunOptions, lock: LockHandle) -> bool:
+    return lock.lost or (options.interrupt is not None and options.interrupt.requested)
+
+
+def removal_guard(sync: Sync, departed: int, members: int, read: int) -> str | None:
+    """Why a mirror run must not remove ``departed`` of ``members``, or None. An empty or
+    broken view must never empty a live marketing list."""
+    if departed == 0:
+        return None
+    if read == 0:
+        return (
+            f"the view returned no rows, so all {departed} members of the list would be "
+            "removed; check the view (an empty or failing source never empties a list)"
+        )
+    share = departed / members if members else 1.0
+    if share > sync.max_removal_share:
+        return (
+            f"{departed} of the list's {members} members ({share:.0%}) left the view, more "
+            f"than max_removal_share ({sync.max_removal_share:.0%})"
+        )
+    return None
+
+
+def _remove_departed(
+    sync: Sync,
+    store: StateStore,
+    lock: LockHandle,
+    options: RunOptions,
+    record: RunRecord,
+    errors: ErrorFileWriter,
+    destination: Destination,
+    snapshot: Snapshot,
+) -> None:
+    """Take the members who left the view out of the list, a chunk at a time. A removal is
+    acknowledged before it leaves the snapshot: a crash between the two repeats it, which
+    removes nothing twice. Stops before removing anything when the guard says so."""
+    departed = snapshot.departed_count()
+    why = removal_guard(sync, departed, snapshot.count(), record.counts.read)
+    if why and not options.allow_mass_removal:
+        raise MassRemovalError(
+            f"sync {sync.name!r}: nothing was removed: {why}. If that is right, run it once "
+            f"with `reverse-etl run {sync.name} --allow-mass-removal`"
+        )
+    while not _stopping(options, lock):
+        chunk = snapshot.departed(REMOVAL_CHUNK)
+        if chunk.num_rows == 0:
+            return
+        if not store.heartbeat(sync.name, record.run_id):
+            raise LockLostError(
+                f"sync {sync.name!r}: run {record.run_id} lost its lock during removals; the "
+                "members not yet removed are removed by the next run"
+            )
+        done = destination.remove(chunk)
+        asked = set(chunk["__id"].to_pylist())
+        removed = [i for i in {str(i) for i in done.ids} if i in asked]
+        snapshot.forget(removed)
+        record.counts.removed += len(removed)
+        errors.write(done.errors)
+        if len(removed) < chunk.num_rows:  # the rest were refused: tried again next run
+            left = chunk.num_rows - len(done.ids)
+            record.message = f"{left} members could not be removed; they are tried again next run"
+            return
 
 
 def _default_source(project: Project, sync: Sync) -> Source:

@@ -39,6 +39,10 @@ class SourceError(ReverseEtlError):
     """A warehouse refused or failed a query; the message says which and why (no secrets)."""
 
 
+class MassRemovalError(ReverseEtlError):
+    """A mirror run would remove more of a list than its sync allows; nothing was removed."""
+
+
 class DestinationError(ReverseEtlError):
     """The destination API failed in a way retries could not fix; unacknowledged rows stay
     behind the watermark and are sent again on the next run."""

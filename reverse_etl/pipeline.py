@@ -145,5 +145,7 @@ def transformed_batches(
             yield LoadBatch(screened.table, Earned(mark, prints, flagged))
             if stop():
                 return
+        if snapshot is not None:
+            snapshot.read_complete = True
     finally:
         transformer.close()

@@ -128,6 +128,9 @@ class Snapshot:
             "consent UBIGINT NOT NULL, key VARCHAR, dest_id VARCHAR, "
             "sent_at TIMESTAMPTZ NOT NULL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id VARCHAR)")
+        self.mirror = False  # note every identifier read, to find who left the view
+        self.read_complete = False  # the read ran to its end (not stopped, not failed)
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._lock = threading.Lock()
@@ -177,6 +180,12 @@ class Snapshot:
             out: pa.Table = cur.execute(self._diff_sql).to_arrow_table()
         finally:
             cur.unregister("batch")
+        if self.mirror:
+            cur.register("seen_batch", out.select(["id"]))
+            try:
+                cur.execute("INSERT INTO seen SELECT id FROM seen_batch WHERE id IS NOT NULL")
+            finally:
+                cur.unregister("seen_batch")
         unchanged = out["unchanged"].combine_chunks()
         if resend:
             unchanged = pa.array([False] * len(unchanged), pa.bool_())
@@ -217,6 +226,40 @@ class Snapshot:
         finally:
             cur.unregister("prints")
             cur.unregister("sent")
+
+    def begin_mirror(self) -> None:
+        """Start noting the identifiers this run reads (``departed`` needs a whole read)."""
+        self._cursor().execute("DELETE FROM seen")
+        self.mirror = True
+        self.read_complete = False
+
+    def departed_count(self) -> int:
+        row = self._cursor().execute(self._DEPARTED.format(what="count(*)")).fetchone()
+        return int(row[0]) if row else 0
+
+    def departed(self, limit: int) -> pa.Table:
+        """Up to ``limit`` members the snapshot holds that this run's read did not return:
+        ``__id``, ``key``, ``dest_id``."""
+        what = "m.id AS __id, m.key, m.dest_id"
+        sql = self._DEPARTED.format(what=what) + f" ORDER BY m.id LIMIT {int(limit)}"
+        table: pa.Table = self._cursor().execute(sql).to_arrow_table()
+        return table
+
+    _DEPARTED = (
+        "SELECT {what} FROM members AS m WHERE NOT EXISTS "
+        "(SELECT 1 FROM seen AS s WHERE s.id = m.id)"
+    )
+
+    def forget(self, ids: Sequence[Any]) -> None:
+        """Drop members whose removal the destination acknowledged."""
+        if not ids:
+            return
+        cur = self._cursor()
+        cur.register("gone", pa.table({"id": pa.array([str(i) for i in ids], pa.string())}))
+        try:
+            cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM gone)")
+        finally:
+            cur.unregister("gone")
 
     def count(self) -> int:
         row = self._cursor().execute("SELECT count(*) FROM members").fetchone()

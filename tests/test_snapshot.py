@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 from reverse_etl.config import load_project
+from reverse_etl.destinations.base import Removed
+from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.engine import RunOptions, RunResult, run_sync
 from reverse_etl.errors import EXIT_FAILED
 from reverse_etl.state import StateStore
@@ -107,9 +110,7 @@ def test_one_changed_value_sends_exactly_that_row(env) -> None:
 def test_a_consent_change_alone_sends_the_row(env) -> None:
     e = env([person(i) for i in range(5)])
     e.run()
-    e.sql(
-        f"UPDATE people SET email_consent = 'no', modified_at = now() WHERE email = '{email(3)}'"
-    )
+    e.sql(f"UPDATE people SET email_consent = 'no', modified_at = now() WHERE email = '{email(3)}'")
     assert counts(e.run()) == (1, 1, 0, 0)
     assert e.last.received_ids() == [email(3)]
 
@@ -184,3 +185,141 @@ def test_duplicates_of_an_identifier_are_still_reported(env) -> None:
     again = e.run()
     assert again.by_reason["duplicate_identifier"] == 1
     assert again.record.counts.unchanged == 4
+
+
+# --------------------------------------------------------------------------- mirror
+
+
+class MirrorFake(FakeDestination):
+    """A list that takes removals: ``members`` are the identifiers in it."""
+
+    capabilities = Capabilities(
+        label="fake profiles",
+        standard_fields=FakeDestination.capabilities.standard_fields,
+        takes_list=True,
+        takes_consent=True,
+        removes=True,
+    )
+
+    def __init__(self, members: set[str], *, refuse: set[str] = frozenset(), **kw: Any):
+        super().__init__(**kw)
+        self.members = members
+        self.refuse = set(refuse)
+        self.removed: list[str] = []
+
+    def load(self, batches):  # type: ignore[no-untyped-def]
+        for result in super().load(batches):
+            self.members.update(r["__id"] for r in self.received)
+            yield result
+
+    def remove(self, members: pa.Table) -> Removed:
+        keys = members["key"].to_pylist()
+        ids = members["__id"].to_pylist()
+        done = Removed()
+        for ident, key in zip(ids, keys, strict=True):
+            if ident in self.refuse:
+                continue
+            self.members.discard(key)
+            self.removed.append(key)
+            done.ids.append(ident)
+        return done
+
+
+def mirror_env(env, rows: list[tuple[Any, ...]], **sync: Any) -> Env:
+    return env(rows, mode="mirror", destination={"connection": "klaviyo", "list": "VIP"}, **sync)
+
+
+def test_a_member_who_leaves_the_view_leaves_the_list_and_one_who_returns_is_readded(
+    env,
+) -> None:
+    e = mirror_env(env, [person(i) for i in range(10)])
+    members: set[str] = set()
+    assert counts(e.run(MirrorFake(members))) == (10, 10, 0, 0)
+    assert members == {email(i) for i in range(10)}
+    e.sql(f"DELETE FROM people WHERE email IN ('{email(3)}', '{email(7)}')")
+    fake = MirrorFake(members)
+    result = e.run(fake)
+    assert counts(result) == (8, 0, 8, 0)  # the whole view read, nothing changed
+    assert result.record.counts.removed == 2
+    assert sorted(fake.removed) == [email(3), email(7)]
+    assert members == {email(i) for i in range(10)} - {email(3), email(7)}
+    # they stay removed: the next run removes nothing more
+    again = MirrorFake(members)
+    assert e.run(again).record.counts.removed == 0 and again.removed == []
+    # one comes back: added again, as a changed row
+    e.sql(f"INSERT INTO people VALUES ('{email(3)}', 'Name3', NULL, 'yes', now())")
+    back = MirrorFake(members)
+    result = e.run(back)
+    assert (result.record.counts.sent, result.record.counts.removed) == (1, 0)
+    assert email(3) in members
+
+
+def test_the_guard_stops_an_emptied_view_and_a_large_drop_before_removing(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(10)])
+    members: set[str] = set()
+    e.run(MirrorFake(members))
+    e.sql("DELETE FROM people")
+    fake = MirrorFake(members)
+    result = e.run(fake)
+    assert result.exit_code == EXIT_FAILED and fake.removed == []
+    assert "no rows" in (result.record.message or "") and "--allow-mass-removal" in (
+        result.record.message or ""
+    )
+    assert len(members) == 10
+    # refilled with half of them: a 50 % drop is over the default 20 %
+    e.sql(
+        "INSERT INTO people SELECT 'person0000' || i || '@example.com', 'N', NULL, 'yes', now() FROM range(5) t(i)"
+    )
+    fake = MirrorFake(members)
+    result = e.run(fake)
+    assert fake.removed == [] and "5 of the list's 10 members (50%)" in (
+        result.record.message or ""
+    )
+    # the override lets it through once
+    fake = MirrorFake(members)
+    result = e.run(fake, allow_mass_removal=True)
+    assert result.record.counts.removed == 5 and len(members) == 5
+
+
+def test_a_refused_removal_is_tried_again_next_run(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(10)])
+    members: set[str] = set()
+    e.run(MirrorFake(members))
+    e.sql(f"DELETE FROM people WHERE email = '{email(1)}'")
+    first = MirrorFake(members, refuse={email(1)})
+    assert e.run(first).record.counts.removed == 0
+    second = MirrorFake(members)
+    assert e.run(second).record.counts.removed == 1
+    assert second.removed == [email(1)]
+
+
+def test_a_stopped_read_removes_nothing(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(30)], batch_size=10)
+    members: set[str] = set()
+    e.run(MirrorFake(members))
+    failing = MirrorFake(members, fail_on_batch=2, drain_on_failure=False)
+    assert e.run(failing).exit_code == EXIT_FAILED
+    assert failing.removed == [] and len(members) == 30
+
+
+def test_a_mirror_sync_without_a_cursor_compares_the_whole_view(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(6)], cursor=None)
+    members: set[str] = set()
+    assert counts(e.run(MirrorFake(members))) == (6, 6, 0, 0)
+    e.sql(f"UPDATE people SET first_name = 'New' WHERE email = '{email(2)}'")
+    e.sql(f"DELETE FROM people WHERE email = '{email(5)}'")
+    fake = MirrorFake(members)
+    result = e.run(fake)
+    assert counts(result) == (5, 1, 4, 0) and fake.removed == [email(5)]
+    assert [r["first_name"] for r in fake.received] == ["New"]
+
+
+def test_dry_run_counts_the_removals_without_making_them(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(10)])
+    members: set[str] = set()
+    e.run(MirrorFake(members))
+    e.sql(f"DELETE FROM people WHERE email = '{email(4)}'")
+    fake = MirrorFake(members)
+    result = e.run(fake, dry_run=True)
+    assert result.record.counts.removed == 1 and fake.removed == []
+    assert email(4) in members

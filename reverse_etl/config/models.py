@@ -28,6 +28,8 @@ from reverse_etl.errors import ConfigError
 from reverse_etl.schedule import Schedule, parse_schedule
 from reverse_etl.strict import Strict
 
+# the constant column a cursorless mirror sync's view gets, to order and read it like any other
+NO_CURSOR = "retl_no_cursor"
 DEFAULT_CONFIG = Path("profiles/profiles.yml")
 FIELD_TYPES = (
     "string",
@@ -169,7 +171,15 @@ class Sync(Strict):
     source: SourceSpec
     object: Literal["profiles", "orders", "catalog"]
     identifier: str
-    cursor: str = "modified_at"
+    # the column that says when a row last changed; a mirror sync may have none (null): it
+    # reads the whole view every run anyway
+    cursor: str | None = "modified_at"
+    # upsert: adds and updates; mirror: the list holds exactly the view's members, so members
+    # who left the view are removed from it (never unsubscribed or deleted)
+    mode: Literal["upsert", "mirror"] = "upsert"
+    # a mirror run that would remove more than this share of the list's members (or any member
+    # when the view returns no rows) stops before removing anything
+    max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.2
     destination: DestinationSpec
     mapping: dict[str, str | FieldMapping]
     consent: ConsentSpec = ConsentSpec()
@@ -208,6 +218,20 @@ class Sync(Strict):
                 )
             seen[field] = column
         return value
+
+    @model_validator(mode="after")
+    def _cursor_or_mirror(self) -> Sync:
+        if self.cursor is None and self.mode != "mirror":
+            raise ValueError(
+                "cursor: only a mirror sync (mode: mirror) may have no cursor; name the column "
+                "that says when a row last changed, e.g. cursor: modified_at"
+            )
+        return self
+
+    @property
+    def cursor_column(self) -> str:
+        """The cursor to read by: a cursorless mirror sync orders by a constant."""
+        return self.cursor or NO_CURSOR
 
     def fields(self) -> dict[str, FieldMapping]:
         """Column → FieldMapping, with the short ``column: field`` form expanded."""
@@ -274,7 +298,7 @@ class Project(Strict):
     def source_sql(self, sync: Sync) -> str:
         """The SELECT the sync reads, from its .sql file or its table name."""
         if sync.source.table:
-            return f"SELECT * FROM {sync.source.table}"
+            return self._with_cursor(sync, f"SELECT * FROM {sync.source.table}")
         path = self.path(sync.source.sql or "")
         try:
             sql = path.read_text()
@@ -285,7 +309,11 @@ class Project(Strict):
         sql = re.sub(r";\s*$", "", sql.strip())
         if not sql:
             raise ConfigError(f"{self.file}: sync {sync.name!r}: {path} is empty; write one SELECT")
-        return sql
+        return self._with_cursor(sync, sql)
+
+    @staticmethod
+    def _with_cursor(sync: Sync, sql: str) -> str:
+        return sql if sync.cursor else f"SELECT v.*, 0 AS {NO_CURSOR} FROM ({sql}) AS v"
 
 
 class _RefError(ValueError):

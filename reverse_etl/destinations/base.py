@@ -173,6 +173,15 @@ class Destination(ABC):
                 f"destination.list: {cap.label} do not go into lists; remove it "
                 f"({cap.list_instead})"
             )
+        if sync.mode == "mirror" and not cap.removes:
+            problems.append(
+                f"mode: mirror: {cap.label} cannot be taken out of a list by this tool; use "
+                "mode: upsert"
+            )
+        elif sync.mode == "mirror" and not sync.destination.list:
+            problems.append(
+                "mode: mirror needs destination.list: the list whose members the view decides"
+            )
         if sync.consent.columns() and not cap.takes_consent:
             problems.append(
                 f"consent: {cap.label} carry no consent; remove it ({cap.consent_instead})"
