@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -16,6 +16,7 @@ from rich.table import Table
 from reverse_etl.config import Project, load_project
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
 from reverse_etl.interrupt import Interrupt
+from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
 from reverse_etl.state import RunRecord, StateStore
 from reverse_etl.util import storage
@@ -42,7 +43,7 @@ class Ctx:
         return StateStore(url, root=self.project_dir)
 
 
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     # escaped: "[...]" in a message (e.g. pip install 'reverse-etl[snowflake]') is text, not markup
     err_console.print(f"[red]error:[/red] {escape(scrub(message))}", markup=True, soft_wrap=True)
     sys.exit(code)
@@ -214,10 +215,76 @@ def run(
             console.print(
                 f"{rec.sync}: dry run, payloads written to {r.dry_run_file} (nothing sent, nothing committed)"
             )
+        if r.plan is not None:
+            console.print(f"{rec.sync}: {plan_line(r.plan)}")
     if interrupt.requested:
         err_console.print(f"stopped by {interrupt.name}; what was acknowledged is committed")
         sys.exit(interrupt.exit_code)
     sys.exit(worst)
+
+
+def plan_line(plan: Plan) -> str:
+    return (
+        f"would add {plan.adds}, update {plan.updates}, remove {plan.removals}; "
+        f"unchanged {plan.unchanged}, rejected {plan.rejected} (read {plan.read})"
+    )
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--full-refresh", is_flag=True, help="Plan a run over the whole view.")
+@click.option("--samples", default=5, show_default=True, help="Changes shown per kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_obj
+def plan(obj: Ctx, sync: str, full_refresh: bool, samples: int, as_json: bool) -> None:
+    """What a run of SYNC would send, update, remove, skip and reject; sends and commits
+    nothing."""
+    import orjson
+
+    from reverse_etl.engine import RunOptions, run_sync
+
+    try:
+        project = obj.project
+        project.sync(sync)
+        options = RunOptions(
+            full_refresh=full_refresh,
+            dry_run=True,
+            dry_run_file=os.devnull,
+            plan_samples=max(samples, 0),
+        )
+        result = run_sync(project, sync, obj.store(), options)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    if result.record.status == "failed" or result.plan is None:
+        _fail(f"{sync}: {result.record.message or 'the plan could not be made'}")
+    found = result.plan
+    if as_json:
+        click.echo(orjson.dumps(found.as_dict(), default=str, option=orjson.OPT_INDENT_2))
+        sys.exit(EXIT_OK)
+    console.print(f"{sync}: {plan_line(found)}")
+    for title, changes in (
+        ("adds", found.added),
+        ("updates", found.updated),
+        ("removals", found.removed),
+    ):
+        if not changes:
+            continue
+        table = Table(title=f"{title} (first {len(changes)})")
+        for col in ("identifier", "field", "old", "new"):
+            table.add_column(col)
+        for change in changes:
+            for i, (name, (old, new)) in enumerate(change.fields.items() or [("", (None, None))]):
+                table.add_row(
+                    escape(str(change.identifier)) if i == 0 else "",
+                    escape(name),
+                    "" if old is None else escape(str(old)),
+                    "" if new is None else escape(str(new)),
+                )
+        console.print(table)
+    if found.by_reason:
+        reasons = ", ".join(f"{k}={v}" for k, v in found.by_reason.most_common())
+        console.print(f"{sync}: rejected rows by reason: {reasons}")
+    sys.exit(EXIT_OK)
 
 
 def print_runs(records: list[RunRecord]) -> None:

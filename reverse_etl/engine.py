@@ -35,6 +35,7 @@ from reverse_etl.errors import (
 from reverse_etl.extract import later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import Earned, preflight, transformed_batches
+from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
 from reverse_etl.snapshot import Snapshot, definition, snapshot_path
 from reverse_etl.sources import Source, open_source
@@ -50,6 +51,7 @@ class RunOptions:
     full_refresh: bool = False
     resend: bool = False  # send every row read, also those the snapshot says are unchanged
     allow_mass_removal: bool = False  # let a mirror run past its max_removal_share, once
+    plan_samples: int = 0  # a dry run's plan: changes shown per kind (reverse-etl plan)
     dry_run: bool = False
     dry_run_file: str | None = None
     interrupt: Interrupt | None = None  # set by a signal: stop reading, commit what is in flight
@@ -60,6 +62,7 @@ class RunResult:
     record: RunRecord
     by_reason: Counter[str] = field(default_factory=Counter)
     dry_run_file: str | None = None
+    plan: Plan | None = None  # a dry run's adds, updates, removals and samples
 
     @property
     def exit_code(self) -> int:
@@ -183,6 +186,10 @@ def run_sync(
             record.ended_at = now()
             if record.status == "running":
                 record.status = _final_status(record, options, result)
+            if result.plan is not None:
+                c, plan = record.counts, result.plan
+                plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
+                plan.by_reason = result.by_reason
             store.save_run(record)
     return result
 
@@ -264,6 +271,7 @@ def _run(
         snapshot = open_snapshot(project, sync, spec, conn.type)
         if mirror:
             snapshot.begin_mirror()
+        snapshot.keep_old = options.dry_run and options.plan_samples > 0
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
         interrupt = options.interrupt
@@ -292,8 +300,9 @@ def _run(
         stream = prefetch(batches())
         try:
             if options.dry_run:
+                result.plan = Plan(sync.name, samples=options.plan_samples)
                 result.dry_run_file = _dry_run(
-                    project, sync, record, options, destination, stream, snapshot
+                    project, sync, record, options, destination, stream, snapshot, result.plan
                 )
                 return
             destination.prepare()
@@ -400,6 +409,7 @@ def _dry_run(
     destination: Destination,
     batches: Iterator[LoadBatch],
     snapshot: Snapshot,
+    plan: Plan,
 ) -> str:
     """Write every request the run would send, one JSON line each; send and commit nothing.
     A mirror sync's removals are counted (``removed``: would remove) and shown too."""
@@ -408,6 +418,8 @@ def _dry_run(
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as fh:
         for batch in batches:
+            if batch.table.num_rows:
+                plan.take(batch.token.prints, batch.table["__row"])
             for req in destination.requests(batch.table):
                 line: dict[str, Any] = {
                     "method": req.method,
@@ -420,6 +432,7 @@ def _dry_run(
         if sync.mode == "mirror" and snapshot.read_complete:
             record.counts.removed = snapshot.departed_count()
             gone = snapshot.departed(REMOVAL_CHUNK)
+            plan.take_removals(record.counts.removed, gone)
             for req in destination.removal_requests(gone):
                 line = {"method": req.method, "path": req.path, "rows": req.rows}
                 line["body"] = orjson.Fragment(req.body) if req.body else None

@@ -91,15 +91,16 @@ class Fingerprint:
             payload.append(spec.phone_region_column)
         return cls(spec.identifier, tuple(payload), tuple(consent), salt)
 
-    def sql(self, columns: Sequence[str], alias: str = "b") -> str:
-        """The fingerprint of ``columns`` of row ``alias``: NULL-safe, order-stable."""
+    @staticmethod
+    def doc(columns: Sequence[str], alias: str = "b") -> str:
+        """``columns`` of row ``alias`` as JSON text: NULL-safe, in a fixed order."""
         if not columns:
-            return f"md5_number_lower({literal(self.salt)})"
+            return "'{}'"
         fields = ", ".join(f"{ident(c)} := {alias}.{ident(c)}" for c in columns)
-        return (
-            f"md5_number_lower({literal(self.salt)} || CAST(to_json(struct_pack({fields})) "
-            "AS VARCHAR))"
-        )
+        return f"CAST(to_json(struct_pack({fields})) AS VARCHAR)"
+
+    def hash(self, doc: str) -> str:
+        return f"md5_number_lower({literal(self.salt)} || {doc})"
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Diff:
     ``consent``) to record once they are acknowledged."""
 
     changed: pa.Array  # bool, one per row of the batch
-    prints: pa.Table
+    prints: pa.Table  # also: known (the snapshot holds the id), doc (mapped values), old
     unchanged: int
 
 
@@ -126,7 +127,7 @@ class Snapshot:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS members (id VARCHAR NOT NULL, payload UBIGINT NOT NULL, "
             "consent UBIGINT NOT NULL, key VARCHAR, dest_id VARCHAR, "
-            "sent_at TIMESTAMPTZ NOT NULL)"
+            "sent_at TIMESTAMPTZ NOT NULL, doc VARCHAR)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id VARCHAR)")
         self.mirror = False  # note every identifier read, to find who left the view
@@ -135,6 +136,7 @@ class Snapshot:
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._lock = threading.Lock()
         self._diff_sql: str | None = None
+        self.keep_old = False  # the diff also returns each changed row's remembered doc (plan)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cur = getattr(self._local, "cur", None)
@@ -158,13 +160,19 @@ class Snapshot:
         future = future_cursor_sql(cursor, dtype, cursor_checks(self.spec))
         first = f"{first} AND {cursor} IS NOT NULL AND NOT ({future})"
         key = f"CAST(b.{ident(fp.identifier)} AS VARCHAR)"
+        old = "m.doc" if self.keep_old else "CAST(NULL AS VARCHAR)"
         return (
-            f"WITH f AS (SELECT b.__row, b.__pos, {key} AS id, {fp.sql(fp.payload)} AS payload, "
-            f"{fp.sql(fp.consent)} AS consent, {first} AS first FROM batch AS b) "
-            "SELECT f.__row, f.id, f.payload, f.consent, "
-            "(f.first AND f.id IS NOT NULL AND m.id IS NOT NULL AND m.payload = f.payload "
-            "AND m.consent = f.consent) AS unchanged "
-            "FROM f LEFT JOIN members AS m ON m.id = f.id ORDER BY f.__pos"
+            f"WITH f AS (SELECT b.__row, b.__pos, {key} AS id, {fp.doc(fp.payload)} AS pdoc, "
+            f"{fp.doc(fp.consent)} AS cdoc, {first} AS first FROM batch AS b), "
+            f"h AS (SELECT f.*, {fp.hash('f.pdoc')} AS payload, {fp.hash('f.cdoc')} AS consent "
+            "FROM f), "
+            "d AS (SELECT h.__row, h.__pos, h.id, h.payload, h.consent, h.pdoc, h.cdoc, "
+            "(h.first AND h.id IS NOT NULL AND m.id IS NOT NULL AND m.payload = h.payload "
+            f"AND m.consent = h.consent) AS unchanged, m.id IS NOT NULL AS known, {old} AS old "
+            "FROM h LEFT JOIN members AS m ON m.id = h.id) "
+            "SELECT __row, id, payload, consent, unchanged, known, "
+            "CASE WHEN NOT unchanged THEN '[' || pdoc || ',' || cdoc || ']' END AS doc, old "
+            "FROM d ORDER BY __pos"
         )
 
     def diff(self, batch: pa.RecordBatch | pa.Table, *, resend: bool = False) -> Diff:
@@ -212,12 +220,12 @@ class Snapshot:
             cur.execute("BEGIN TRANSACTION")
             cur.execute(
                 "CREATE OR REPLACE TEMP TABLE acked AS SELECT p.id, p.payload, p.consent, "
-                "CAST(s.key AS VARCHAR) AS key FROM prints AS p JOIN sent AS s USING (__row) "
-                "WHERE p.id IS NOT NULL"
+                "CAST(s.key AS VARCHAR) AS key, p.doc FROM prints AS p JOIN sent AS s "
+                "USING (__row) WHERE p.id IS NOT NULL"
             )
             cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM acked)")
             cur.execute(
-                "INSERT INTO members SELECT id, payload, consent, key, NULL, now() FROM acked"
+                "INSERT INTO members SELECT id, payload, consent, key, NULL, now(), doc FROM acked"
             )
             cur.execute("COMMIT")
         except BaseException:

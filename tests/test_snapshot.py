@@ -323,3 +323,58 @@ def test_dry_run_counts_the_removals_without_making_them(env) -> None:
     result = e.run(fake, dry_run=True)
     assert result.record.counts.removed == 1 and fake.removed == []
     assert email(4) in members
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_counts_adds_updates_removals_with_old_and_new_values(env) -> None:
+    e = mirror_env(env, [person(i) for i in range(10)])
+    members: set[str] = set()
+    e.run(MirrorFake(members))
+    e.sql(
+        f"UPDATE people SET first_name = 'Renamed', modified_at = now() WHERE email = '{email(2)}'"
+    )
+    e.sql(f"DELETE FROM people WHERE email = '{email(9)}'")
+    e.sql(f"INSERT INTO people VALUES ('{email(50)}', 'New', NULL, 'yes', now())")
+    e.sql("INSERT INTO people VALUES ('bad-address', 'Bad', NULL, 'yes', now())")
+    fake = MirrorFake(members)
+    result = e.run(fake, dry_run=True, plan_samples=3)
+    plan = result.plan
+    assert plan is not None
+    assert (plan.adds, plan.updates, plan.removals, plan.unchanged, plan.rejected) == (
+        1,
+        1,
+        1,
+        8,
+        1,
+    )
+    assert plan.read == plan.adds + plan.updates + plan.unchanged + plan.rejected
+    assert [c.identifier for c in plan.updated] == [email(2)]
+    assert plan.updated[0].fields == {"first_name": ("Name2", "Renamed")}
+    assert [c.identifier for c in plan.added] == [email(50)]
+    assert [c.identifier for c in plan.removed] == [email(9)]
+    assert plan.by_reason["invalid_email"] == 1
+    # nothing was sent, removed or remembered: a real run does all of it
+    assert fake.received == [] and fake.removed == []
+    real = e.run(MirrorFake(members))
+    assert (real.record.counts.sent, real.record.counts.removed) == (2, 1)
+
+
+def test_plan_command_prints_json(env) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from reverse_etl.cli import main
+
+    e = env([person(i) for i in range(4)])
+    e.run()
+    e.sql(f"UPDATE people SET first_name = 'Z', modified_at = now() WHERE email = '{email(1)}'")
+    out = CliRunner().invoke(
+        main, ["--project-dir", str(e.root), "plan", "people", "--json"], catch_exceptions=False
+    )
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert (data["adds"], data["updates"], data["unchanged"]) == (0, 1, 0)
+    assert data["samples"]["updates"][0]["fields"] == {"first_name": {"old": "Name1", "new": "Z"}}
