@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -95,7 +96,9 @@ class AddressBooksAPI(DotdigitalBase):
         with self.lock:
             book_id = self._book(call.path_params["addressBookId"])["id"]
         ids = [int(x) for x in call.body]
-        job = Job("address-book-removal", len(ids))
+        # ids not in the book (or in no book) are passed over; the id is a GUID, as the spec's
+        # ApiBulkContactDeletion says
+        job = Job("address-book-removal", len(ids), id=str(uuid.uuid4()))
 
         def work() -> Iterator[None]:
             members = self.state.members[book_id]

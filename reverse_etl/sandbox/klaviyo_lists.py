@@ -70,7 +70,7 @@ class ListsAPI(KlaviyoBase):
             {"data": data, "links": page_links(call.request, page.next_offset, page.prev_offset)}
         )
 
-    def _member_ids(self, call: Call) -> tuple[str, list[str]]:
+    def _member_ids(self, call: Call, *, removing: bool = False) -> tuple[str, list[str]]:
         items = call.body["data"]
         if len(items) > MAX_LIST_MEMBERS:
             raise over_limit(
@@ -80,7 +80,10 @@ class ListsAPI(KlaviyoBase):
             list_id = self._list(call.path_params["id"])["id"]
             for i, item in enumerate(items):
                 if item["id"] not in self.state.profiles:
-                    raise bad(f"Profile {item['id']!r} does not exist.", f"/data/{i}/id")
+                    detail, where = f"Profile {item['id']!r} does not exist.", f"/data/{i}/id"
+                    if removing:  # a client's id may have gone stale (merged, deleted): no fault
+                        raise bad(detail, where, status=404, kind="not_found")
+                    raise bad(detail, where)
         return list_id, [item["id"] for item in items]
 
     async def add_to_list(self, call: Call) -> Response:
@@ -90,7 +93,12 @@ class ListsAPI(KlaviyoBase):
         return Response(status_code=204)
 
     async def remove_from_list(self, call: Call) -> Response:
-        list_id, ids = self._member_ids(call)
+        """Idempotent, as JSON:API has it: profiles already missing from the list are fine
+        (https://jsonapi.org/format/#crud-updating-to-many-relationships), the call is answered
+        204 and membership is all that changes (the profile, its consent and its other lists
+        stay). A profile that does not exist is a 404 naming it (``/data/{i}/id``), JSON:API's
+        answer to a request referencing a related resource that does not exist."""
+        list_id, ids = self._member_ids(call, removing=True)
         with self.lock:
             self.state.remove_members(list_id, ids)
         return Response(status_code=204)

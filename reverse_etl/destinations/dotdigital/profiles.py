@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
-from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
 from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
@@ -32,6 +32,7 @@ from reverse_etl.destinations.dotdigital.destination import (
     DotdigitalBase,
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
+from reverse_etl.destinations.dotdigital.membership import Membership
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
@@ -63,6 +64,8 @@ class DotdigitalProfiles(DotdigitalBase):
         ),
         takes_list=True,
         takes_consent=True,
+        removes=True,  # from destination.list only (membership.py)
+        match_field="email",
         batch_records=MAX_IMPORT_RECORDS,
         batch_bytes=MAX_IMPORT_BYTES,
         max_in_flight=4,
@@ -302,6 +305,23 @@ class DotdigitalProfiles(DotdigitalBase):
                     )
                 ]
             )
+
+    # ------------------------------------------------------------------ mode: mirror
+
+    def remove(self, members: pa.Table) -> Removed:
+        """Take ``members`` out of ``destination.list`` (``membership.py``); the contacts, their
+        consent and the ``unsubscribed_list`` book stay as they are."""
+        name = self.sync.destination.list
+        book = self.list_ids.get(name) if name else None
+        if book is None and name:
+            book = self.client.find_address_book(name)
+        if book is None or members.num_rows == 0:  # no book: nobody is in it
+            return Removed(ids=members["__id"].to_pylist())
+        return Membership(self.client, self.email_column).remove(book, members)
+
+    def removal_requests(self, members: pa.Table) -> Iterator[Request]:
+        book = self._list_ref(self.sync.destination.list) or 0
+        return Membership(self.client, self.email_column).requests(book, members)
 
     def close(self) -> None:
         super().close()

@@ -28,6 +28,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "get_errors_for_bulk_import_profiles_job": (10, 150),
     "get_lists": (75, 750),
     "create_list": (10, 150),
+    "remove_profiles_from_list": (10, 150),
+    "get_profiles": (75, 750),
     "bulk_subscribe_profiles": (75, 750),
     "bulk_unsubscribe_profiles": (75, 750),
     "bulk_create_events": (10, 150),
@@ -47,6 +49,8 @@ MAX_PROFILE_BYTES = 100_000  # "100 KB", read strictly
 MAX_SUBSCRIBE = 1_000  # profiles a bulk subscribe call
 MAX_UNSUBSCRIBE = 100  # profiles a bulk unsubscribe call
 MAX_EVENTS = 1_000  # events a bulk event call
+MAX_LIST_MEMBERS = 1_000  # profiles a list membership call (add or remove)
+MAX_PAGE = 100  # the largest page[size] of GET /api/profiles
 MAX_CATALOG_ITEMS = 100  # items a catalog item bulk job
 MAX_BODY_BYTES = 5_000_000  # "5MB" payload of every bulk endpoint
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
-from reverse_etl.destinations.base import Request, Screened, Tally
+from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo import jobs, sizes
 from reverse_etl.destinations.klaviyo.client import (
@@ -42,6 +42,7 @@ from reverse_etl.destinations.klaviyo.client import (
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.consent import Consent
 from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true
+from reverse_etl.destinations.klaviyo.membership import Membership
 from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
 from reverse_etl.transform.rowerrors import RowError
 
@@ -154,6 +155,7 @@ class KlaviyoProfiles(KlaviyoBase):
         identifier_fields=IDENTIFIER_FIELDS,
         takes_list=True,
         takes_consent=True,
+        removes=True,  # membership.py; found by the identifier's field (match_field None)
         batch_records=MAX_PROFILES_PER_JOB,
         batch_bytes=MAX_JOB_BYTES,
         record_bytes=MAX_PROFILE_BYTES,
@@ -295,6 +297,24 @@ class KlaviyoProfiles(KlaviyoBase):
             if not nxt:
                 return out
             path, params = nxt, None
+
+    # ------------------------------------------------------------------ mode: mirror
+
+    def _membership(self) -> Membership:
+        target = self.sync.fields().get(self.sync.identifier)
+        return Membership(self.client, target.field if target else "email", self.sync.identifier)
+
+    def remove(self, members: pa.Table) -> Removed:
+        """Take ``members`` out of the sync's list (``membership.py``): never unsubscribes."""
+        if self.list_id is None and self.sync.destination.list:
+            self.list_id = self.client.find_list(self.sync.destination.list)
+        if self.list_id is None or members.num_rows == 0:  # no list: nobody is in it
+            return Removed(ids=members["__id"].to_pylist())
+        return self._membership().remove(self.list_id, members)
+
+    def removal_requests(self, members: pa.Table) -> Iterator[Request]:
+        list_id = self.list_id or f"<id of list {self.sync.destination.list!r}>"
+        return self._membership().requests(list_id, members)
 
     def close(self) -> None:
         super().close()

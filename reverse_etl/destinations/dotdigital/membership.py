@@ -1,0 +1,228 @@
+"""Taking contacts out of a Dotdigital address book (``mode: mirror``): members that left the
+view leave ``destination.list``, and nothing else changes.
+
+Removal is not unsubscribing and not deleting: the v2 API keeps them apart ("Delete contacts
+from list", ``POST /v2/address-books/{id}/contacts/delete``, beside "Unsubscribe contact from
+list", ``.../contacts/unsubscribe``, and "Delete contact", ``DELETE /v2/contacts/{id}``).
+Dotdigital's API reference (as dotMailer) says of taking contacts out of an address book:
+"Removing the contacts will not cause the contact to be suppressed unless you specify this in
+the request" (http://www.dotmailer.co.uk/api/address_books/remove_all_contacts_from_address_book.aspx,
+the SOAP call, whose suppression is opt-in through ``preventAddressbookResubscribe`` and
+``totalUnsubscribe`` flags; the v2 removal has no such flags), and its help centre tells
+removing contacts from address books apart from deleting them from the account
+(https://support.dotdigital.com/hc/en-gb/articles/360000151920). The contact, its
+data fields and its channel status stay as they are, and the ``unsubscribed_list`` book is
+never touched: it records who did not consent, which stays true after they left the view.
+
+Dotdigital counts every call against an hourly budget (about 2,000, ``pacing.py``), so the
+contact ids of members without a ``dest_id`` are found with whichever costs fewer calls:
+
+* one ``GET /contacts/v3/email/{email}`` a member: the contact's id and the books it is in (a
+  contact that does not exist, 404, or is not in the book is removed already); or
+* the book's members, 1,000 a page (``GET /v2/address-books/{id}/contacts?select=1000``), when
+  its size (``GET /v2/address-books/{id}``) makes that fewer calls. The listing pages with
+  ``skip``, so a book that shrank meanwhile may have shifted a member past us: the size is read
+  again afterwards and, if it changed, the members not seen are looked up one by one.
+
+Then ``POST /v2/address-books/{id}/contacts/delete`` with up to ``MAX_REMOVE`` contact ids a
+call: Dotdigital answers 202 and removes them in the background ("for larger lists may take
+some minutes", the v2 spec); the 202 is taken as the acknowledgement. (The spec's ``GET
+/v2/contacts/deletion/{id}`` tells Started/Completed/Failed; polling it would catch a removal
+failing in the background, but the sandbox does not serve it yet.) The v2 API states no maximum; 5,000 is the v3 contacts bulk
+delete's ``maxItems``, and a refusal naming no contact is narrowed down by halving the call, so
+a lower real limit costs calls, not members (``MAX_REFUSED_CALLS`` bounds what one removal
+spends on that). A contact id not in the book is no error. A refusal of a single contact is
+that member's row error (``destination_rejected``); a refusal of the call as a whole (the book
+is gone: 404; 401, 403) or a call failing after the retries raise ``DestinationError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pyarrow as pa
+
+from reverse_etl.destinations.base import Removed, Request
+from reverse_etl.destinations.dotdigital.client import DotdigitalClient
+from reverse_etl.destinations.http import decoded, error_detail
+from reverse_etl.errors import DestinationError
+from reverse_etl.transform.rowerrors import RowError
+
+MAX_REMOVE = 5000  # contact ids a removal call (see the module docstring)
+PAGE = 1000  # the v2 listing's largest ``select``
+# Refusals that may be about some of the contacts, narrowed down by halving the call; at most
+# this many refused calls a removal (a refusal of every contact would otherwise cost thousands
+# of calls of the hourly budget): the rest become row errors, tried again next run.
+SPLIT_STATUS = frozenset({400, 413, 422})
+MAX_REFUSED_CALLS = 32
+
+
+def removal_path(book_id: int) -> str:
+    return f"/v2/address-books/{book_id}/contacts/delete"
+
+
+@dataclass
+class _Member:
+    row: int
+    ident: Any
+    email: str | None
+    contact: int | None  # the contact id to take out of the book; None: nothing to take out
+    error: RowError | None = None
+
+
+@dataclass
+class Membership:
+    """Removal from one address book; ``column`` names the sync's email column in row errors."""
+
+    client: DotdigitalClient
+    column: str
+
+    # ------------------------------------------------------------------ the dry run
+
+    def requests(self, book_id: int, members: pa.Table) -> Iterator[Request]:
+        """The removal calls; 0 stands for a contact id a lookup would find (as for a book not
+        looked up yet)."""
+        ids = [_contact_id(d) or 0 for d in _column(members, "dest_id")]
+        for start in range(0, len(ids), MAX_REMOVE):
+            chunk = ids[start : start + MAX_REMOVE]
+            yield Request("POST", removal_path(book_id), orjson.dumps(chunk), len(chunk))
+
+    # ------------------------------------------------------------------ removing
+
+    def remove(self, book_id: int, table: pa.Table) -> Removed:
+        members = _members(table)
+        unknown = [m for m in members if m.contact is None]
+        for m in unknown:
+            if m.email is None:
+                m.error = self._error(m, "no email kept for this member: it cannot be found")
+        self._find(book_id, [m for m in unknown if m.error is None])
+        self._delete(book_id, [m for m in members if m.contact is not None and m.error is None])
+        out = Removed()
+        for m in members:
+            if m.error is not None:
+                out.errors.append(m.error)
+            else:
+                out.ids.append(m.ident)
+        return out
+
+    def _find(self, book_id: int, members: list[_Member]) -> None:
+        """The contact ids of ``members`` that are in the book, in the fewest calls."""
+        wanted: dict[str, list[_Member]] = {}
+        for m in members:
+            wanted.setdefault(m.email.lower(), []).append(m)  # type: ignore[union-attr]
+        if len(wanted) > 2:  # else the size look-up alone costs as much as the look-ups
+            size = self._book_size(book_id)
+            if math.ceil(size / PAGE) + 1 < len(wanted):
+                seen = self._scan(book_id, wanted)
+                if self._book_size(book_id) == size:
+                    return
+                wanted = {e: ms for e, ms in wanted.items() if e not in seen}
+        for email, ms in wanted.items():
+            self._look_up(book_id, email, ms)
+
+    def _book_size(self, book_id: int) -> int:
+        book = self.client.json("GET", f"/v2/address-books/{book_id}")
+        return int(book.get("contacts") or 0)
+
+    def _scan(self, book_id: int, wanted: dict[str, list[_Member]]) -> set[str]:
+        """Page through the book; the wanted emails found in it, their members given its id."""
+        seen: set[str] = set()
+        skip = 0
+        while True:
+            page = self.client.json(
+                "GET",
+                f"/v2/address-books/{book_id}/contacts",
+                params={"select": str(PAGE), "skip": str(skip)},
+            )
+            for contact in page:
+                email = str(contact.get("email") or "").lower()
+                if email in wanted:
+                    seen.add(email)
+                    for m in wanted[email]:
+                        m.contact = int(contact["id"])
+            if len(page) < PAGE:
+                return seen
+            skip += PAGE
+
+    def _look_up(self, book_id: int, email: str, members: list[_Member]) -> None:
+        """One contact by email: its id if it is in the book; not found or not in the book,
+        there is nothing to remove."""
+        path = f"/contacts/v3/email/{quote(email, safe='@')}"
+        response = self.client.call("GET", path)
+        if response.status_code == 404:
+            return
+        if response.status_code >= 400:
+            for m in members:
+                m.error = self._error(
+                    m, f"Dotdigital refused the look-up: {error_detail(response)}"
+                )
+            return
+        contact = decoded(response, f"Dotdigital GET {path}")
+        if any(int(book.get("id", -1)) == book_id for book in contact.get("lists") or []):
+            for m in members:
+                m.contact = int(contact["contactId"])
+
+    def _delete(self, book_id: int, members: list[_Member]) -> None:
+        owners: dict[int, list[_Member]] = {}
+        for m in members:
+            owners.setdefault(m.contact, []).append(m)  # type: ignore[arg-type]
+        ids = list(owners)
+        pending = [ids[i : i + MAX_REMOVE] for i in range(0, len(ids), MAX_REMOVE)]
+        refused_calls = 0
+        while pending:
+            chunk = pending.pop(0)
+            response = self.client.call("POST", removal_path(book_id), chunk)
+            if response.status_code < 400:
+                continue
+            if response.status_code not in SPLIT_STATUS:  # the book is gone (404), the API
+                raise DestinationError(  # user may not write to it (403) ...
+                    f"Dotdigital refused removing contacts from address book {book_id}: "
+                    f"{error_detail(response)}"
+                )
+            refused_calls += 1
+            message = f"Dotdigital refused the removal: {error_detail(response)}"
+            if refused_calls >= MAX_REFUSED_CALLS:  # not a few bad contacts: all left, next run
+                chunk = chunk + [cid for rest in pending for cid in rest]
+                pending = []
+            elif len(chunk) > 1:
+                half = len(chunk) // 2  # the refusal names no contact: halve the call
+                pending[:0] = [chunk[:half], chunk[half:]]
+                continue
+            for cid in chunk:
+                for m in owners[cid]:
+                    m.error = self._error(m, message)
+
+    def _error(self, m: _Member, message: str) -> RowError:
+        return RowError(m.row, m.ident, self.column, m.email, "destination_rejected", message)
+
+
+def _contact_id(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def _column(table: pa.Table, name: str) -> list[Any]:
+    if name in table.column_names:
+        return [None if v is None else str(v) for v in table[name].to_pylist()]
+    return [None] * table.num_rows
+
+
+def _members(table: pa.Table) -> list[_Member]:
+    rows = table["__row"].to_pylist() if "__row" in table.column_names else [0] * table.num_rows
+    return [
+        _Member(row, ident, email or None, _contact_id(dest))
+        for row, ident, email, dest in zip(
+            rows,
+            table["__id"].to_pylist(),
+            _column(table, "key"),
+            _column(table, "dest_id"),
+            strict=True,
+        )
+    ]
