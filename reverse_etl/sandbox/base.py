@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -178,6 +178,10 @@ class BaseSandbox:
         async def endpoint(request: Request) -> Response:
             try:
                 response, principal = await self._pipeline(request, by_method)
+            except ClientDisconnect:  # the client went away mid-body (killed): nothing to answer
+                with self.lock:
+                    self.counters["client_disconnects"] += 1
+                return Response(status_code=499)
             except Exception:  # a sandbox bug: answer 500 and keep the trace for the tests
                 trace = traceback.format_exc()
                 log.error("sandbox request failed: %s", trace)
