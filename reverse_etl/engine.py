@@ -37,7 +37,13 @@ from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import Earned, preflight, transformed_batches
 from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
-from reverse_etl.snapshot import Snapshot, definition, snapshot_path
+from reverse_etl.snapshot import (
+    Snapshot,
+    SnapshotStore,
+    WarehouseSnapshot,
+    definition,
+    snapshot_path,
+)
 from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
@@ -81,10 +87,31 @@ def make_destination(project: Project, sync: Sync) -> Destination:
     return destination_for(conn.type, sync.object)(conn, sync)  # type: ignore[arg-type]
 
 
-def open_snapshot(project: Project, sync: Sync, spec: TransformSpec, dest_type: str) -> Snapshot:
-    """The sync's synced-state snapshot (``snapshot.py``), in the project's snapshot folder."""
+def open_snapshot(
+    project: Project,
+    sync: Sync,
+    spec: TransformSpec,
+    dest_type: str,
+    source: Source,
+    view: pa.Schema,
+) -> SnapshotStore:
+    """The sync's synced-state snapshot (``reverse_etl/snapshot/``): in the warehouse the sync
+    reads when ``snapshot.connection`` names it (``source`` reads the view of schema
+    ``view``), else a DuckDB file in the project's snapshot folder."""
+    salt = definition(sync, dest_type)
+    name = project.snapshot_connection(sync)
+    if name is not None:
+        return WarehouseSnapshot.open(
+            project.connections[name],  # type: ignore[arg-type]
+            source,
+            spec,
+            salt,
+            view,
+            sync=sync.name,
+            schema=project.snapshot.schema_,
+        )
     path = snapshot_path(project.root, project.snapshot.path, sync.name)
-    return Snapshot(path, spec, definition(sync, dest_type))
+    return Snapshot(path, spec, salt)
 
 
 def match_field(sync: Sync, destination: Destination) -> str:
@@ -258,20 +285,26 @@ def _run(
                 f"sync {sync.name!r}: the view no longer fits the mapping, nothing was sent:\n  - "
                 + "\n  - ".join(problems)
             )
-        plan = plan_read(
-            source,
-            view_sql,
-            cursor=sync.cursor_column,
-            identifier=sync.identifier,
-            email_identifier=spec.identifier_field().kind == "email",
-            watermark=watermark,
-            lookback=timedelta(minutes=sync.lookback_minutes),
-        )
-        destination = destination_factory(project, sync)
-        snapshot = open_snapshot(project, sync, spec, conn.type)
-        if mirror:
-            snapshot.begin_mirror()
-        snapshot.keep_old = options.dry_run and options.plan_samples > 0
+        snapshot = open_snapshot(project, sync, spec, conn.type, source, schema)
+        try:
+            if mirror:
+                snapshot.begin_mirror()
+            snapshot.keep_old = options.dry_run and options.plan_samples > 0
+            # a warehouse snapshot is joined by the read itself: the diff runs where the data is
+            plan = plan_read(
+                source,
+                view_sql,
+                cursor=sync.cursor_column,
+                identifier=sync.identifier,
+                email_identifier=spec.identifier_field().kind == "email",
+                watermark=watermark,
+                lookback=timedelta(minutes=sync.lookback_minutes),
+                annotate=snapshot.in_read(resend=options.resend),
+            )
+            destination = destination_factory(project, sync)
+        except BaseException:
+            snapshot.close()
+            raise
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
         interrupt = options.interrupt
@@ -351,12 +384,12 @@ def _commit(
     loaded: LoadResult,
     *,
     replace: bool = False,
-    snapshot: Snapshot | None = None,
+    snapshot: SnapshotStore | None = None,
     sent: pa.Table | None = None,
 ) -> None:
     """Count the batch, remember what it sent in the snapshot, then move the watermark past
-    it (in that order: see ``snapshot.py``). ``replace``: the first acknowledged batch of a
-    full refresh, which takes the place of the old watermark (even behind it)."""
+    it (in that order: see ``snapshot/local.py``). ``replace``: the first acknowledged batch
+    of a full refresh, which takes the place of the old watermark (even behind it)."""
     c = record.counts
     c.sent += loaded.sent
     c.created += loaded.created
@@ -408,7 +441,7 @@ def _dry_run(
     options: RunOptions,
     destination: Destination,
     batches: Iterator[LoadBatch],
-    snapshot: Snapshot,
+    snapshot: SnapshotStore,
     plan: Plan,
 ) -> str:
     """Write every request the run would send, one JSON line each; send and commit nothing.
@@ -474,7 +507,7 @@ def _remove_departed(
     record: RunRecord,
     errors: ErrorFileWriter,
     destination: Destination,
-    snapshot: Snapshot,
+    snapshot: SnapshotStore,
 ) -> None:
     """Take the members who left the view out of the list, a chunk at a time. A removal is
     acknowledged before it leaves the snapshot: a crash between the two repeats it, which
@@ -508,7 +541,10 @@ def _remove_departed(
 
 
 def _default_source(project: Project, sync: Sync) -> Source:
-    return open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
+    # a DuckDB warehouse that holds the sync's snapshot is written to as well as read
+    writable = project.snapshot_connection(sync) is not None
+    conn = project.connections[sync.source.connection]
+    return open_source(conn, project, writable=writable)  # type: ignore[arg-type]
 
 
 # Objects in the order a run of several syncs takes them: an order is refused while its

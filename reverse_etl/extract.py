@@ -13,7 +13,7 @@ one run never sends two versions of a record and the view is executed once per r
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -43,12 +43,17 @@ def build_query(
     email_identifier: bool = False,
     watermark: Watermark | None,
     lookback: timedelta,
+    annotate: Callable[[str], str] | None = None,
 ) -> IncrementalQuery:
     """The run's one read of the view: its rows past the watermark (plus rows without a
     cursor or identifier), sorted by (cursor, identifier), each with ``DUP_RANK``: its rank
     among the read's rows sharing its identifier (trimmed, lower-cased for emails), latest
     first. A window in the same statement, so BigQuery and Snowflake scan (and bill) the view
-    once; NULL where the row has no cursor or identifier."""
+    once; NULL where the row has no cursor or identifier.
+
+    ``annotate`` (a warehouse snapshot's join): given the ranked SELECT, unordered, a SELECT
+    over it that keeps its cursor and identifier columns and adds its own; the read is that,
+    in the same order."""
     c, i = dialect.quote(cursor), dialect.quote(identifier)
     params: dict[str, Any] = {}
     if watermark is None:
@@ -72,17 +77,21 @@ def build_query(
     read = f"WHERE {where} OR v.{c} IS NULL OR v.{i} IS NULL"
     order = f"ORDER BY v.{c} ASC NULLS FIRST, v.{i} ASC NULLS FIRST"
     if dialect.name == "duckdb":
-        sql = _duckdb_ranked_read(view, read, order, c, i, key)
+        ranked = _duckdb_ranked_read(view, read, c, i, key)
     else:
         rank = (
             f"CASE WHEN v.{c} IS NULL OR v.{i} IS NULL THEN NULL ELSE ROW_NUMBER() OVER ("
             f"PARTITION BY v.{c} IS NULL, v.{i} IS NULL, {key} ORDER BY v.{c} DESC, v.{i} DESC) END"
         )
-        sql = f"SELECT v.*, {rank} AS {dialect.quote(DUP_RANK)} FROM ({view}) AS v {read} {order}"
+        ranked = f"SELECT v.*, {rank} AS {dialect.quote(DUP_RANK)} FROM ({view}) AS v {read}"
+    if annotate is None:
+        sql = f"{ranked} {order}"
+    else:
+        sql = f"SELECT * FROM ({annotate(ranked)}) AS v {order}"
     return IncrementalQuery(sql, params, where)
 
 
-def _duckdb_ranked_read(view: str, read: str, order: str, c: str, i: str, key: str) -> str:
+def _duckdb_ranked_read(view: str, read: str, c: str, i: str, key: str) -> str:
     """The same read for the embedded DuckDB, whose window operator must hold a whole
     partitioned input in memory (it failed on 1M rows at 64 MB): the view is executed once
     into a materialized CTE (spilled to disk as needed), identifiers occurring more than once
@@ -95,7 +104,7 @@ def _duckdb_ranked_read(view: str, read: str, order: str, c: str, i: str, key: s
         f"v.{c} DESC, v.{i} DESC) AS r FROM v WHERE {both} AND {key} IN (SELECT {key} FROM v "
         f"WHERE {both} GROUP BY 1 HAVING COUNT(*) > 1)) "
         f"SELECT v.* EXCLUDE ({pos}), CASE WHEN {both} THEN COALESCE(d.r, 1) END AS "
-        f'"{DUP_RANK}" FROM v LEFT JOIN d ON d.{pos} = v.{pos} {order}'
+        f'"{DUP_RANK}" FROM v LEFT JOIN d ON d.{pos} = v.{pos}'
     )
 
 
@@ -113,8 +122,10 @@ def plan_read(
     email_identifier: bool,
     watermark: Watermark | None,
     lookback: timedelta,
+    annotate: Callable[[str], str] | None = None,
 ) -> ReadPlan:
-    """The run's single query over the view (duplicates are ranked inside it)."""
+    """The run's single query over the view (duplicates are ranked inside it; a warehouse
+    snapshot is joined inside it: ``annotate``)."""
     query = build_query(
         view_sql,
         source.dialect,
@@ -123,6 +134,7 @@ def plan_read(
         email_identifier=email_identifier,
         watermark=watermark,
         lookback=lookback,
+        annotate=annotate,
     )
     return ReadPlan(query)
 

@@ -19,7 +19,7 @@ import pyarrow.types as pt
 
 from reverse_etl.destinations.base import Destination, LoadBatch
 from reverse_etl.extract import IncrementalQuery, batch_watermark
-from reverse_etl.snapshot import Snapshot
+from reverse_etl.snapshot import SnapshotStore
 from reverse_etl.sources import Source
 from reverse_etl.state import RunCounts, Watermark
 from reverse_etl.transform.rowerrors import ErrorFileWriter
@@ -108,14 +108,15 @@ def transformed_batches(
     errors: ErrorFileWriter,
     counts: RunCounts,
     stop: Callable[[], bool] = lambda: False,
-    snapshot: Snapshot | None = None,
+    snapshot: SnapshotStore | None = None,
     resend: bool = False,
 ) -> Iterator[LoadBatch]:
     """Read, diff, transform and screen the query's batches; each comes with what it earns
     once acknowledged (``Earned``). With a ``snapshot``, rows the destination already holds as
-    they are now are counted ``unchanged`` and go no further. ``stop()`` is asked before each
-    read (a signal, a lost lock): what was read is still handed on, so it can be acknowledged
-    and committed."""
+    they are now are counted ``unchanged`` and go no further (a warehouse snapshot's read
+    flags them itself, and its diff takes its columns off the batch). ``stop()`` is asked
+    before each read (a signal, a lost lock): what was read is still handed on, so it can be
+    acknowledged and committed."""
     transformer = StreamTransformer(spec)
     next_row = 1
     try:
@@ -129,6 +130,8 @@ def transformed_batches(
                     batch = batch.append_column("__row", pa.array(numbers))
                 next_row += batch.num_rows
                 diff = snapshot.diff(batch, resend=resend)
+                if diff.batch is not None:
+                    batch = diff.batch
                 counts.unchanged += diff.unchanged
                 prints = diff.prints
                 todo = batch.filter(diff.changed) if diff.unchanged else batch

@@ -245,10 +245,31 @@ class StateSpec(Strict):
     url: str = "sqlite:///.reverse_etl/state.db"
 
 
+# the warehouses a snapshot can live in (snapshot.connection); the others keep it local
+SNAPSHOT_WAREHOUSE_TYPES = ("postgres", "duckdb")
+
+
 class SnapshotSpec(Strict):
-    """Where each sync's synced-state snapshot lives: a DuckDB file per sync in ``path``."""
+    """Where each sync's synced-state snapshot lives: by default a DuckDB file per sync in
+    ``path``. With ``connection`` (a postgres or duckdb warehouse), the syncs that read from
+    that connection keep it in the warehouse itself, a table per sync in ``schema``, and the
+    read computes the diff there; syncs reading from another connection keep the local file
+    in ``path`` (the diff must run where the view is)."""
 
     path: str = ".reverse_etl/snapshots"
+    connection: str | None = None
+    schema_: str = Field(
+        default="reverse_etl", alias="schema", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+    )
+
+    @model_validator(mode="after")
+    def _schema_needs_connection(self) -> SnapshotSpec:
+        if self.connection is None and "schema_" in self.model_fields_set:
+            raise ValueError(
+                "schema: only a snapshot in the warehouse has one; add `connection: NAME` (a "
+                "postgres or duckdb connection) or remove `schema`"
+            )
+        return self
 
 
 class Project(Strict):
@@ -277,7 +298,15 @@ class Project(Strict):
                 sync.destination.connection,
                 DESTINATION_TYPES,
             )
+        if self.snapshot.connection is not None:
+            _check_snapshot_connection(self, self.snapshot.connection)
         return self
+
+    def snapshot_connection(self, sync: Sync) -> str | None:
+        """The connection whose warehouse holds ``sync``'s snapshot, or None: local (no
+        ``snapshot.connection``, or the sync reads from another connection)."""
+        name = self.snapshot.connection
+        return name if name is not None and name == sync.source.connection else None
 
     def sync(self, name: str) -> Sync:
         for sync in self.syncs:
@@ -324,6 +353,21 @@ class _RefError(ValueError):
 
 def _at(loc: str, message: str) -> _RefError:
     return _RefError(loc, message)
+
+
+def _check_snapshot_connection(project: Project, name: str) -> None:
+    conn = project.connections.get(name)
+    if conn is not None and conn.type in WAREHOUSE_TYPES:
+        if conn.type not in SNAPSHOT_WAREHOUSE_TYPES:
+            raise _at(
+                "snapshot.connection",
+                f"connection {name!r} is a {conn.type}: the snapshot can live in a "
+                f"{' or '.join(SNAPSHOT_WAREHOUSE_TYPES)} warehouse only, not yet in "
+                f"{conn.type}; remove `connection` to keep it local (the default: a DuckDB "
+                "file per sync under `path`)",
+            )
+        return
+    _check_ref(project, "snapshot.connection", name, SNAPSHOT_WAREHOUSE_TYPES)
 
 
 def _check_ref(project: Project, loc: str, name: str, types: tuple[str, ...]) -> None:

@@ -16,14 +16,18 @@ from reverse_etl.sources.base import Source, SourceError
 __all__ = ["Source", "SourceError", "open_source"]
 
 
-def open_source(conn: WarehouseConnection, project: Project) -> Source:
+def open_source(conn: WarehouseConnection, project: Project, *, writable: bool = False) -> Source:
     """Open a source; drivers are imported only for the warehouse in use, and a missing one
-    names the extra that installs it (``MissingExtra``, a ``ReverseEtlError``)."""
+    names the extra that installs it (``MissingExtra``, a ``ReverseEtlError``). ``writable``:
+    a DuckDB file is opened for writing too (it holds the sync's snapshot), not read-only."""
     if isinstance(conn, DuckDBConnection):
         from reverse_etl.sources.duckdb import DuckDBSource
 
         return DuckDBSource(
-            project.path(conn.path), memory_limit=conn.memory_limit, threads=conn.threads
+            project.path(conn.path),
+            memory_limit=conn.memory_limit,
+            threads=conn.threads,
+            read_only=not writable,
         )
     if isinstance(conn, PostgresConnection):
         with requires("postgres", "the postgres source"):

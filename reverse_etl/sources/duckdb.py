@@ -32,10 +32,12 @@ class DuckDBSource(Source):
                 f"DuckDB file {path!r} does not exist; run `reverse-etl demo` to create the demo "
                 "warehouse or fix `path` in the connection profile"
             )
+        self.path = path
+        self.read_only = read_only and path != ":memory:"
         try:
             self._con = duckdb.connect(
                 path,
-                read_only=read_only and path != ":memory:",
+                read_only=self.read_only,
                 config={"memory_limit": memory_limit, "temp_directory": self._spill_dir()},
             )
             self._con.execute("SET TimeZone = 'UTC'")
@@ -69,6 +71,14 @@ class DuckDBSource(Source):
             self._con.execute(sql)
         except duckdb.Error as exc:
             raise SourceError(f"DuckDB could not run set-up SQL: {exc}") from exc
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """Another connection to the same open database (its own transactions, usable from
+        another thread): a warehouse snapshot in this file writes through it, as a second
+        ``duckdb.connect`` of the file in this process would have to repeat its settings."""
+        cur = self._con.cursor()
+        cur.execute("SET TimeZone = 'UTC'")
+        return cur
 
     def close(self) -> None:
         self._con.close()

@@ -15,10 +15,12 @@ moved without a change does not resend. Normalising happens after the fingerprin
 that changes only in ways the transform erases (``A@x.com`` -> ``a@x.com``) is sent once more;
 it is never the other way round.
 
-Where it lives: one DuckDB file per sync under the project's state directory
-(``.reverse_etl/snapshots/<sync>.duckdb``). One file per sync because a DuckDB file takes one
-writing process, and the sync's lock already guarantees one run per sync. The diff is one
-DuckDB join of the batch with the snapshot, never a Python set of identifiers.
+Where it lives (this module, the default): one DuckDB file per sync under the project's state
+directory (``.reverse_etl/snapshots/<sync>.duckdb``). One file per sync because a DuckDB file
+takes one writing process, and the sync's lock already guarantees one run per sync. The diff is
+one DuckDB join of the batch with the snapshot, never a Python set of identifiers. With
+``snapshot: {connection: ...}`` it lives in the warehouse instead (``warehouse.py``), where the
+read itself joins it.
 
 Consistency with the watermark: a batch's records are written after the destination
 acknowledged it and before its watermark is committed. A crash between the two re-reads rows
@@ -29,89 +31,21 @@ Rows the destination refused are not recorded, so they are sent again when read 
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 
-from reverse_etl.config import Sync
 from reverse_etl.extract import DUP_RANK
-from reverse_etl.sql import ident, literal
+from reverse_etl.snapshot.fingerprint import Fingerprint
+from reverse_etl.snapshot.store import Diff
+from reverse_etl.sql import ident
 from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
 
 MEMORY_LIMIT = "128MB"  # the join spills beyond it: memory stays flat as the snapshot grows
-
-
-def definition(sync: Sync, destination_type: str) -> str:
-    """A digest of everything that decides what a row becomes at the destination, besides
-    its values: the salt of every fingerprint."""
-    data = sync.model_dump(
-        mode="json",
-        include={
-            "object",
-            "identifier",
-            "destination",
-            "mapping",
-            "consent",
-            "null_values",
-            "default_phone_region",
-            "phone_region_column",
-            "phone_validation",
-            "naive_timezone",
-        },
-    )
-    data["type"] = destination_type
-    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """Which source columns make up a row's payload and its consent."""
-
-    identifier: str
-    payload: tuple[str, ...]
-    consent: tuple[str, ...]
-    salt: str
-
-    @classmethod
-    def of(cls, spec: TransformSpec, salt: str) -> Fingerprint:
-        payload: list[str] = []
-        consent: list[str] = []
-        for f in spec.fields:
-            side = consent if f.field.startswith("consent.") else payload
-            if f.column not in side:
-                side.append(f.column)
-        if spec.phone_region_column and spec.phone_region_column not in payload:
-            payload.append(spec.phone_region_column)
-        return cls(spec.identifier, tuple(payload), tuple(consent), salt)
-
-    @staticmethod
-    def doc(columns: Sequence[str], alias: str = "b") -> str:
-        """``columns`` of row ``alias`` as JSON text: NULL-safe, in a fixed order."""
-        if not columns:
-            return "'{}'"
-        fields = ", ".join(f"{ident(c)} := {alias}.{ident(c)}" for c in columns)
-        return f"CAST(to_json(struct_pack({fields})) AS VARCHAR)"
-
-    def hash(self, doc: str) -> str:
-        return f"md5_number_lower({literal(self.salt)} || {doc})"
-
-
-@dataclass
-class Diff:
-    """One batch against the snapshot: ``changed`` (aligned with the batch) says which rows to
-    send; ``prints`` holds those rows' fingerprints (``__row``, ``id``, ``payload``,
-    ``consent``) to record once they are acknowledged."""
-
-    changed: pa.Array  # bool, one per row of the batch
-    prints: pa.Table  # also: known (the snapshot holds the id), doc (mapped values), old
-    unchanged: int
 
 
 class Snapshot:
@@ -137,6 +71,10 @@ class Snapshot:
         self._lock = threading.Lock()
         self._diff_sql: str | None = None
         self.keep_old = False  # the diff also returns each changed row's remembered doc (plan)
+
+    def in_read(self, *, resend: bool) -> Callable[[str], str] | None:
+        """The local snapshot diffs each batch as it arrives: the read is left as it is."""
+        return None
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cur = getattr(self._local, "cur", None)

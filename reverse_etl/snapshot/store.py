@@ -1,0 +1,54 @@
+"""What the engine asks of a synced-state snapshot, wherever it lives (``SnapshotStore``), and
+what its diff of a batch returns (``Diff``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+@dataclass
+class Diff:
+    """One batch against the snapshot: ``changed`` (aligned with the batch) says which rows to
+    send; ``prints`` holds those rows' fingerprints (``__row``, ``id``, ``payload``,
+    ``consent``) to record once they are acknowledged. ``batch``: the batch to go on with,
+    when the read carried the snapshot's own columns (a warehouse snapshot), without them."""
+
+    changed: pa.Array  # bool, one per row of the batch
+    prints: pa.Table  # also: known (the snapshot holds the id), doc (mapped values), old
+    unchanged: int
+    batch: pa.RecordBatch | None = None
+
+
+class SnapshotStore(Protocol):
+    """The synced-state snapshot of one sync: the local DuckDB file (``Snapshot``) or a table
+    in the warehouse itself (``WarehouseSnapshot``). ``diff`` runs on the read-ahead thread,
+    everything else on the thread that commits."""
+
+    mirror: bool  # note every identifier read, to find who left the view
+    read_complete: bool  # the read ran to its end (not stopped, not failed)
+    keep_old: bool  # the diff also returns each changed row's remembered doc (plan)
+
+    def in_read(self, *, resend: bool) -> Callable[[str], str] | None:
+        """For a snapshot the read itself joins (in the warehouse): what wraps the read's
+        ranked SELECT (see ``extract.build_query``). None: ``diff`` compares each batch."""
+        ...
+
+    def diff(self, batch: pa.RecordBatch, *, resend: bool = False) -> Diff: ...
+
+    def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None: ...
+
+    def begin_mirror(self) -> None: ...
+
+    def departed_count(self) -> int: ...
+
+    def departed(self, limit: int) -> pa.Table: ...
+
+    def forget(self, ids: Sequence[Any]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
