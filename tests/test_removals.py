@@ -4,12 +4,14 @@ Dotdigital sandboxes over loopback HTTP, after a normal run has put the members 
 A removal takes exactly the given members out of the sync's list and nothing else: the profile
 or contact stays, with its consent and its other lists. A member the destination does not have,
 or that is not in the list, counts as removed. Every request is on spec (the rig fixture
-asserts the sandbox recorded no violation)."""
+asserts the sandbox recorded no violation). Dotdigital removes in a background job: a member
+counts as removed only once its job completed, never on the 202 alone."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +24,8 @@ from reverse_etl.destinations.base import Destination, Removed
 from reverse_etl.destinations.dotdigital import membership as dd_membership
 from reverse_etl.destinations.klaviyo import membership as kl_membership
 from reverse_etl.engine import make_destination
-from reverse_etl.errors import EXIT_OK, DestinationError
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, DestinationError
+from reverse_etl.sandbox.faults import FaultInjector
 from reverse_etl.sandbox.spec import load_spec
 from tests.sandboxes import (
     EVERY_FAULT,
@@ -42,6 +45,7 @@ KL_MAPPING = {"email": "email", "first_name": "first_name", "phone": "phone_numb
 DD_MAPPING = {"email": "email", "first_name": "FIRSTNAME"}
 KL_DELETE = "/relationships/profiles"
 DD_DELETE = "/contacts/delete"
+DD_JOB = "/v2/contacts/deletion/"  # a removal job's status
 
 
 def members(keys: Sequence[str | None], dest_ids: Sequence[str | None] | None = None) -> pa.Table:
@@ -276,8 +280,10 @@ def dd_members(rig: Rig, book: str = "Newsletter") -> set[str]:
     return {c["identifiers"]["email"] for c in rig.sandbox.address_book_members(book)}
 
 
-def dd_synced(dotdigital: Any, n: int, **sync: Any) -> Rig:
-    rig = dotdigital()
+def dd_synced(
+    dotdigital: Any, n: int, *, settings: dict[str, Any] | None = None, **sync: Any
+) -> Rig:
+    rig = dotdigital(**(settings or {}))
     rig.table(profile_rows(range(n)))
     rig.configure([dd_sync(**sync)])
     assert rig.run("people").exit_code == EXIT_OK
@@ -313,6 +319,7 @@ def test_dotdigital_removes_from_the_book_only_and_keeps_contacts_and_consent(do
     assert [r.method for r in rig.sandbox.request_log if r.method != "GET"] == ["POST"]
     [post] = calls(rig, "POST", DD_DELETE)
     assert post.status == 202
+    assert [r.status for r in calls(rig, "GET", DD_JOB)][-1:] == [200]  # polled to its end
 
 
 def test_dotdigital_member_not_in_the_book_or_unknown_counts_as_removed(dotdigital):
@@ -338,7 +345,8 @@ def test_dotdigital_finds_contacts_in_the_fewest_calls(dotdigital, monkeypatch):
 
     few = remove(rig, "people", members([email_of(n) for n in range(4)]))  # 4 look-ups < 1+5+1
     assert len(calls(rig, "GET", "/contacts/v3/email/")) == 4
-    assert calls(rig, "GET", "/contacts") == calls(rig, "GET", "/contacts/v3/email/")
+    looked = [r for r in calls(rig, "GET", "/contacts") if DD_JOB not in r.path]
+    assert looked == calls(rig, "GET", "/contacts/v3/email/")  # the book was not paged
     rig.sandbox.reset_log()
 
     leaving = [email_of(n) for n in range(10, 40)] + ["never.synced@example.com"]
@@ -506,3 +514,131 @@ def test_dotdigital_api_down_raises_and_removes_nothing(dotdigital, monkeypatch)
     with pytest.raises(DestinationError, match="failed after 3 attempts"):
         remove(rig, "people", members([email_of(0)], [ids[email_of(0)]]))
     assert len(dd_members(rig)) == 5
+
+
+# --------------------------------------------------------------------------- Dotdigital jobs
+
+
+class FailFirst(FaultInjector):
+    """Makes the first ``n`` removal jobs fail (``failed_job``, drawn only on the removal
+    call among the calls a removal makes), then injects nothing."""
+
+    def __init__(self, n: int):
+        super().__init__(1.0, ("failed_job",), 0)
+        self.left = n
+
+    def draw(self, eligible: Collection[str]) -> str | None:
+        if self.left <= 0:
+            return None
+        kind = super().draw(eligible)
+        if kind is not None:
+            self.left -= 1
+        return kind
+
+
+def watch_removal_jobs(
+    rig: Rig, dest: Destination, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, str, set[str]]]:
+    """Every status read of a removal job the destination makes, as it made it: the job id,
+    its status and the book's members at that moment."""
+    seen: list[tuple[str, str, set[str]]] = []
+    original = dest.client.json  # type: ignore[attr-defined]
+
+    def json(method: str, path: str, *a: Any, **k: Any) -> Any:
+        doc = original(method, path, *a, **k)
+        if DD_JOB in path:
+            seen.append((doc["id"], doc["status"], dd_members(rig)))
+        return doc
+
+    monkeypatch.setattr(dest.client, "json", json)  # type: ignore[attr-defined]
+    return seen
+
+
+def test_dotdigital_removal_counts_only_once_its_job_completed(dotdigital, monkeypatch):
+    # 25 s of vendor time at the rig's speedup of 50: a removal job runs 0.5 s, several polls
+    rig = dd_synced(dotdigital, 6, settings={"job_seconds": 25.0})
+    leaving = [email_of(n) for n in (1, 4)]
+
+    with destination(rig, "people") as dest:
+        seen = watch_removal_jobs(rig, dest, monkeypatch)
+        started = time.monotonic()
+        removed = dest.remove(members(leaving))
+        took = time.monotonic() - started
+        after = dd_members(rig)  # no wait_idle: the removal is done once remove returns
+
+    assert (sorted(removed.ids), removed.errors) == (sorted(leaving), [])
+    assert after == {email_of(n) for n in (0, 2, 3, 5)}
+    assert took >= rig.sandbox.jobs.duration
+    statuses = [status for _, status, _ in seen]
+    assert len(statuses) >= 3 and set(statuses[:-1]) == {"Started"}, statuses
+    assert statuses[-1] == "Completed"
+    for _, _, book in seen[:-1]:  # accepted (202) and polled: still in the book
+        assert set(leaving) <= book
+    assert not set(leaving) & seen[-1][2]
+    assert len({job for job, _, _ in seen}) == 1  # one job, no resubmission
+    [post] = calls(rig, "POST", DD_DELETE)
+    assert post.status == 202
+
+
+def test_dotdigital_failed_removal_job_is_submitted_again_and_then_removes(dotdigital, monkeypatch):
+    rig = dd_synced(dotdigital, 6)
+    ids = {c["identifiers"]["email"]: str(c["contactId"]) for c in rig.sandbox.contacts()}
+    leaving = [email_of(n) for n in (0, 3)]
+    rig.sandbox.faults = FailFirst(1)
+
+    with destination(rig, "people") as dest:
+        seen = watch_removal_jobs(rig, dest, monkeypatch)
+        removed = dest.remove(members(leaving, [ids[e] for e in leaving]))
+
+    assert (sorted(removed.ids), removed.errors) == (sorted(leaving), [])
+    assert dd_members(rig) == {email_of(n) for n in (1, 2, 4, 5)}
+    assert rig.sandbox.counters["fault_failed_job"] == 1
+    assert [r.status for r in calls(rig, "POST", DD_DELETE)] == [202, 202]  # the same call again
+    jobs = list(dict.fromkeys(job for job, _, _ in seen))
+    assert len(jobs) == 2
+    first = [(status, book) for job, status, book in seen if job == jobs[0]]
+    assert first[-1][0] == "Failed" and all(set(leaving) <= book for _, book in first)
+    assert [status for job, status, _ in seen if job == jobs[1]][-1] == "Completed"
+
+
+def test_dotdigital_removal_job_that_keeps_failing_raises_and_reports_nobody(dotdigital):
+    rig = dd_synced(dotdigital, 6)
+    set_faults(rig.sandbox, 1.0, ("failed_job",))
+    # the last is not in the book (it would count as removed), and is not reported either
+    leaving = [email_of(1), email_of(2), "never.synced@example.com"]
+
+    with destination(rig, "people") as dest:
+        outcome: list[Removed] = []
+        with pytest.raises(
+            DestinationError, match=r"failed as a whole 3 times \(status 'Failed'\)"
+        ):
+            outcome.append(dest.remove(members(leaving)))
+
+    assert outcome == []  # nobody reported removed, so nobody is forgotten
+    assert rig.sandbox.wait_idle(30)
+    assert dd_members(rig) == {email_of(n) for n in range(6)}
+    posts = calls(rig, "POST", DD_DELETE)
+    assert len(posts) == Destination.job_attempts == 3  # submitted, then again twice
+    assert rig.sandbox.counters["fault_failed_job"] == 3
+    assert len({r.path for r in calls(rig, "GET", DD_JOB)}) == 3  # each job polled to its end
+
+
+def test_dotdigital_mirror_run_keeps_a_member_whose_removal_job_failed(dotdigital):
+    rig = dotdigital()
+    rig.table(profile_rows(range(10)))
+    rig.configure([dd_sync(mode="mirror")])
+    assert rig.run("people").exit_code == EXIT_OK
+    rig.table(profile_rows([n for n in range(10) if n != 4]))  # 4 left the view
+
+    set_faults(rig.sandbox, 1.0, ("failed_job",))  # every removal job fails at Dotdigital
+    failed = rig.run("people")
+    assert failed.exit_code == EXIT_FAILED, failed.record.message
+    assert failed.record.counts.removed == 0
+    assert email_of(4) in dd_members(rig)
+
+    set_faults(rig.sandbox, 0.0)  # the snapshot still holds 4: the next run removes it
+    again = rig.run("people")
+    assert again.exit_code == EXIT_OK, again.record.message
+    assert again.record.counts.removed == 1
+    assert dd_members(rig) == {email_of(n) for n in range(10) if n != 4}
+    assert rig.run("people").record.counts.removed == 0  # removed once: forgotten now

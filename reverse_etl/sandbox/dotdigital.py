@@ -13,7 +13,9 @@ hour per API user, reported in ``X-RateLimit-Limit/Remaining/Reset`` (Reset in e
 every answer. None of these numbers is in the specs (see the package README).
 
 Import status follows each spec's enum: contacts ``NotFinished`` -> ``Finished`` (or ``Failed``),
-insight ``NotStarted`` -> ``Processing`` -> ``Complete`` (or ``Failed``). Errors use the v3 shape
+insight ``NotStarted`` -> ``Processing`` -> ``Complete`` (or ``Failed``); a removal from an
+address book is a job too (``GET /v2/contacts/deletion/{id}``: ``Started`` -> ``Completed``, or
+``Failed``), its members gone only once it completed (``dotdigital_v2``). Errors use the v3 shape
 ``{"errorCode", "description", "details": [{"item", "description"}]}``; v2 answers add the v2
 ``message`` with its ``ERROR_...`` code.
 """
@@ -74,6 +76,13 @@ class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
                 "/v2/address-books/{addressBookId}/contacts/delete",
                 v2,
                 self.remove_contacts,
+                JOB_FAULTS,
+            ),
+            Endpoint(
+                "GET",
+                "/v2/contacts/deletion/{deletionRequestId}",
+                v2,
+                self.get_contact_deletion,
                 req,
             ),
             Endpoint(

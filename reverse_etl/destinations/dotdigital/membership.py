@@ -25,13 +25,23 @@ contact ids of members without a ``dest_id`` are found with whichever costs fewe
   again afterwards and, if it changed, the members not seen are looked up one by one.
 
 Then ``POST /v2/address-books/{id}/contacts/delete`` with up to ``MAX_REMOVE`` contact ids a
-call: Dotdigital answers 202 and removes them in the background ("for larger lists may take
-some minutes", the v2 spec); the 202 is taken as the acknowledgement. (The spec's ``GET
-/v2/contacts/deletion/{id}`` tells Started/Completed/Failed; polling it would catch a removal
-failing in the background, but the sandbox does not serve it yet.) The v2 API states no maximum; 5,000 is the v3 contacts bulk
-delete's ``maxItems``, and a refusal naming no contact is narrowed down by halving the call, so
-a lower real limit costs calls, not members (``MAX_REFUSED_CALLS`` bounds what one removal
-spends on that). A contact id not in the book is no error. A refusal of a single contact is
+call: Dotdigital answers 202 with an ``ApiBulkContactDeletion`` (a job id) and removes them in
+the background ("for larger lists may take some minutes", the v2 spec). The 202 is not the
+acknowledgement: a removal that fails in the background leaves the members in the book, and
+the engine forgets a member once ``remove`` reports it removed. So each job is polled to its
+end (``GET /v2/contacts/deletion/{id}``, the shared ``destinations.jobs.wait``): ``Completed``
+acknowledges its members; ``Failed`` (or a status this API version cannot name,
+``NotAvailableInThisVersion``, or none) is a job that failed as a whole and is submitted again,
+up to ``Destination.job_attempts`` submissions, then ``DestinationError``: no member of the
+removal is reported removed, all are tried again next run. Every poll is a call of the hourly
+budget: all of a removal's calls are sent before the first job is polled, so while the first
+runs the others do too and are mostly found completed at their first poll, and polls back off
+from ``Destination.poll_interval`` to 5 s (``jobs.poll``).
+
+The v2 API states no maximum of contact ids a call; 5,000 is the v3 contacts bulk delete's
+``maxItems``, and a refusal naming no contact is narrowed down by halving the call, so a lower
+real limit costs calls, not members (``MAX_REFUSED_CALLS`` bounds what one removal spends on
+that). A contact id not in the book is no error. A refusal of a single contact is
 that member's row error (``destination_rejected``); a refusal of the call as a whole (the book
 is gone: 404; 401, 403) or a call failing after the retries raise ``DestinationError``.
 """
@@ -44,10 +54,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import orjson
 import pyarrow as pa
 
-from reverse_etl.destinations.base import Removed, Request
+from reverse_etl.destinations import jobs
+from reverse_etl.destinations.base import Destination, Removed, Request
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
 from reverse_etl.destinations.http import decoded, error_detail
 from reverse_etl.errors import DestinationError
@@ -66,6 +78,10 @@ def removal_path(book_id: int) -> str:
     return f"/v2/address-books/{book_id}/contacts/delete"
 
 
+def deletion_path(job_id: str) -> str:
+    return f"/v2/contacts/deletion/{quote(job_id, safe='')}"
+
+
 @dataclass
 class _Member:
     row: int
@@ -77,10 +93,14 @@ class _Member:
 
 @dataclass
 class Membership:
-    """Removal from one address book; ``column`` names the sync's email column in row errors."""
+    """Removal from one address book; ``column`` names the sync's email column in row errors.
+    ``poll_interval`` and ``attempts`` pace the removal jobs (None: ``Destination``'s, read
+    when a removal runs)."""
 
     client: DotdigitalClient
     column: str
+    poll_interval: float | None = None
+    attempts: int | None = None
 
     # ------------------------------------------------------------------ the dry run
 
@@ -168,22 +188,23 @@ class Membership:
                 m.contact = int(contact["contactId"])
 
     def _delete(self, book_id: int, members: list[_Member]) -> None:
+        """Take ``members`` out of the book and see each removal job to its end; raises
+        ``DestinationError`` when a job keeps failing (nobody reported removed)."""
         owners: dict[int, list[_Member]] = {}
         for m in members:
             owners.setdefault(m.contact, []).append(m)  # type: ignore[arg-type]
         ids = list(owners)
         pending = [ids[i : i + MAX_REMOVE] for i in range(0, len(ids), MAX_REMOVE)]
+        running: list[_Removal] = []
         refused_calls = 0
         while pending:
             chunk = pending.pop(0)
             response = self.client.call("POST", removal_path(book_id), chunk)
             if response.status_code < 400:
+                running.append(_Removal(self, book_id, chunk, _job_id(response), attempts=1))
                 continue
             if response.status_code not in SPLIT_STATUS:  # the book is gone (404), the API
-                raise DestinationError(  # user may not write to it (403) ...
-                    f"Dotdigital refused removing contacts from address book {book_id}: "
-                    f"{error_detail(response)}"
-                )
+                raise _refused(book_id, response)  # user may not write to it (403) ...
             refused_calls += 1
             message = f"Dotdigital refused the removal: {error_detail(response)}"
             if refused_calls >= MAX_REFUSED_CALLS:  # not a few bad contacts: all left, next run
@@ -196,9 +217,68 @@ class Membership:
             for cid in chunk:
                 for m in owners[cid]:
                     m.error = self._error(m, message)
+        attempts = Destination.job_attempts if self.attempts is None else self.attempts
+        interval = Destination.poll_interval if self.poll_interval is None else self.poll_interval
+        for job in running:  # submitted all at once: they run while the first is polled
+            jobs.wait(job, attempts=attempts, poll_interval=interval)
 
     def _error(self, m: _Member, message: str) -> RowError:
         return RowError(m.row, m.ident, self.column, m.email, "destination_rejected", message)
+
+
+@dataclass
+class _Removal:
+    """One accepted removal call as the shared job loop (``jobs.wait``) sees it."""
+
+    membership: Membership
+    book_id: int
+    contacts: list[int]
+    id: str
+    attempts: int
+
+    @property
+    def what(self) -> str:
+        n, book = len(self.contacts), self.book_id
+        return f"Dotdigital removal of {n} contact{'s' * (n != 1)} from address book {book}"
+
+    def start(self) -> None:
+        """Send the removal again (it failed as a whole): the same contact ids, a new job."""
+        client = self.membership.client
+        response = client.call("POST", removal_path(self.book_id), self.contacts)
+        if response.status_code >= 400:
+            raise _refused(self.book_id, response)
+        self.id = _job_id(response)
+        self.attempts += 1
+
+    def status(self) -> tuple[jobs.State, dict[str, Any]]:
+        doc = self.membership.client.json("GET", deletion_path(self.id))
+        status = doc.get("status") if isinstance(doc, dict) else None
+        if status == "Completed":
+            return "done", doc
+        if status == "Started":
+            return "running", doc
+        # Failed; or NotAvailableInThisVersion (the v2 API's word for a status it cannot name)
+        # or none: not known to have completed, so not taken for it
+        return "failed", doc if isinstance(doc, dict) else {"status": status}
+
+
+def _job_id(response: httpx.Response) -> str:
+    """The removal job's id from the 202's ``ApiBulkContactDeletion``."""
+    doc = decoded(response, "Dotdigital removal from an address book")
+    job_id = doc.get("id") if isinstance(doc, dict) else None
+    if not job_id:
+        raise DestinationError(
+            "Dotdigital accepted a removal from an address book without a job id to follow it "
+            f"by: {error_detail(response)}"
+        )
+    return str(job_id)
+
+
+def _refused(book_id: int, response: httpx.Response) -> DestinationError:
+    return DestinationError(
+        f"Dotdigital refused removing contacts from address book {book_id}: "
+        f"{error_detail(response)}"
+    )
 
 
 def _contact_id(value: str | None) -> int | None:
