@@ -9,6 +9,7 @@ so retries and fault injection take milliseconds instead of the production back-
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -16,15 +17,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from reverse_etl.config import Project, load_project
-from reverse_etl.destinations import http
+from reverse_etl.destinations import http, registry
 from reverse_etl.destinations.base import Destination
+from reverse_etl.destinations.registry import DestinationPlugin
 from reverse_etl.engine import RunOptions, RunResult, run_sync
 from reverse_etl.errors import ConfigError
 from reverse_etl.sandbox import DotdigitalSandbox, KlaviyoSandbox, SandboxServer, SandboxSettings
 from reverse_etl.sandbox.faults import FaultInjector
+from reverse_etl.sandbox.spec import load_spec
 from reverse_etl.state import RunRecord, StateStore, Watermark
 from tests.helpers import at, create_table, read_csv_rows, write_project
 
@@ -113,23 +117,61 @@ def fast_faulty_clients(
     )
 
 
+def plugin_of(sandbox: Sandbox) -> DestinationPlugin:
+    """The registered destination whose sandbox ``sandbox`` is."""
+    for plugin in registry.plugins().values():
+        if plugin.sandbox is not None and type(sandbox) is plugin.sandbox_class():
+            return plugin
+    raise LookupError(f"no registered destination has {type(sandbox).__name__} as its sandbox")
+
+
+# What a run creates once and must never create twice, per destination type: name -> the names
+# the sandbox holds. Klaviyo lets list names repeat (only the client's look-ups prevent a
+# second list) and a catalog item is created once; Dotdigital data fields and address books are
+# unique ignoring case. A destination with one-off creates adds its entry here.
+CREATED_ONCE: dict[str, Callable[[Any], dict[str, list[str]]]] = {
+    "klaviyo": lambda s: {
+        "lists": [x["name"] for x in s.lists()],
+        "catalog items": [x["external_id"] for x in s.catalog_items()],
+    },
+    "dotdigital": lambda s: {
+        "data fields": [x["name"].upper() for x in s.data_fields()],
+        "address books": [x["name"].lower() for x in s.address_books()],
+    },
+}
+
+
 def assert_created_once(sandbox: Sandbox) -> None:
-    """Nothing a run creates exists twice: Klaviyo lists (Klaviyo lets names repeat, so only the
-    client's look-ups prevent a second one) and catalog items; Dotdigital data fields and
-    address books (names unique ignoring case)."""
-    if isinstance(sandbox, KlaviyoSandbox):
-        groups = {
-            "lists": [x["name"] for x in sandbox.lists()],
-            "catalog items": [x["external_id"] for x in sandbox.catalog_items()],
-        }
-    else:
-        groups = {
-            "data fields": [x["name"].upper() for x in sandbox.data_fields()],
-            "address books": [x["name"].lower() for x in sandbox.address_books()],
-        }
-    for what, names in groups.items():
+    """Nothing a run creates exists twice (``CREATED_ONCE`` says what, per destination type)."""
+    type_ = plugin_of(sandbox).type
+    created = CREATED_ONCE.get(type_)
+    assert created is not None, f"add {type_!r} to tests.sandboxes.CREATED_ONCE"
+    for what, names in created(sandbox).items():
         twice = sorted({n for n in names if names.count(n) > 1})
         assert not twice, f"{what} created more than once: {twice}"
+
+
+def spec_problems(sandbox: Sandbox, method: str, path: str, body: Any) -> list[str]:
+    """What the vendor would refuse in one request, as the sandbox checks it but without sending
+    it: the route, the documented body size limit and the body against the operation's schema in
+    the vendor spec. ``body`` is the parsed JSON (a dry run's line). Empty: on spec."""
+    method = method.upper()
+    raw = orjson.dumps(body)
+    for ep in sandbox.endpoints():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(ep.template)) + "$"
+        if ep.method.upper() != method or not re.match(pattern, path):
+            continue
+        problems = []
+        if ep.max_body is not None and len(raw) > ep.max_body:
+            problems.append(f"{method} {path}: {len(raw)} bytes, over the {ep.max_body} allowed")
+        if ep.spec is not None:
+            op = load_spec(ep.spec).operation(ep.method, ep.template)
+            if op.spec.present and op.media_types:
+                error = op.body_validator().first_error(body)
+                if error is not None:
+                    problems.append(f"{method} {path} {error.pointer}: {error.message}")
+        return problems
+    return [f"{method} {path}: no such endpoint"]
 
 
 def faults_met(sandbox: Sandbox) -> dict[str, int]:
@@ -257,22 +299,18 @@ class Rig:
     ) -> None:
         create_table(self.db, name, PROFILE_COLUMNS, rows, replace=replace)
 
+    @property
+    def plugin(self) -> DestinationPlugin:
+        return plugin_of(self.sandbox)
+
     def configure(self, syncs: list[dict[str, Any]]) -> Project:
-        settings = self.sandbox.settings
-        connections: dict[str, Any] = {"warehouse": {"type": "duckdb", "path": "warehouse.duckdb"}}
-        if isinstance(self.sandbox, KlaviyoSandbox):
-            connections["klaviyo"] = {
-                "type": "klaviyo",
-                "api_key": settings.api_key,
-                "base_url": self.base_url,
-            }
-        else:
-            connections["dotdigital"] = {
-                "type": "dotdigital",
-                "username": settings.username,
-                "password": settings.password,
-                "base_url": self.base_url,
-            }
+        """Write and load a project holding ``syncs``: the warehouse, and a connection named
+        after the destination type that points at this rig's sandbox."""
+        plugin = self.plugin
+        connections: dict[str, Any] = {
+            "warehouse": {"type": "duckdb", "path": "warehouse.duckdb"},
+            plugin.type: plugin.sandbox_connection(self.sandbox.settings, self.base_url),
+        }
         write_project(
             self.root,
             {

@@ -1,5 +1,8 @@
 """Dotdigital end to end: the real engine, client and destination against the Dotdigital
-sandbox over loopback HTTP. Every test ends with the sandbox holding no violation."""
+sandbox over loopback HTTP. Every test ends with the sandbox holding no violation.
+What every destination object must do (incremental runs, dry run, resume, faults,
+size limits, config checks) is in tests/contract/; here is what is particular to
+Dotdigital contacts."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, Destinatio
 from reverse_etl.state import Watermark
 from tests.helpers import at, execute
 from tests.sandboxes import (
-    FAULT_SEEDS,
     Rig,
     assert_counts,
     assert_counts_add_up,
@@ -21,10 +23,7 @@ from tests.sandboxes import (
     dotdigital_config_error,
     email_of,
     error_rows,
-    every_fault,
     fast_clients,
-    fast_faulty_clients,
-    faults_met,
     profile_row,
     profile_rows,
     set_faults,
@@ -285,30 +284,6 @@ def test_contact_refused_by_dotdigital_is_a_row_error(dotdigital):
 # --------------------------------------------------------------------------- faults
 
 
-@pytest.mark.parametrize("seed", FAULT_SEEDS)
-def test_sync_completes_through_injected_faults(dotdigital, monkeypatch, seed):
-    # The one-off creates at the start of the run (address book, data fields) meet the faults
-    # as much as the imports do; a held create is applied after the client's timeout.
-    fast_faulty_clients(monkeypatch)
-    rig = dotdigital(**every_fault(seed))
-    rig.table(profile_rows(range(3000)))
-    rig.configure([dd_sync(batch_size=100, options={"import_size": 50})])
-
-    result = rig.run("contacts")
-
-    assert_counts(result, EXIT_OK, read=3000, sent=3000, rejected=0, failed=0)
-    assert result.record.counts.created + result.record.counts.updated == 3000
-    everyone = {email_of(n) for n in range(3000)}
-    assert {c["identifiers"]["email"] for c in rig.sandbox.contacts()} == everyone
-    assert members(rig, "Customers") == everyone
-    assert rig.sandbox.contact(email_of(2999))["dataFields"]["LOYALTY_POINTS"] == 29990
-    assert {k: field_types(rig)[k] for k in CUSTOM_TYPES} == CUSTOM_TYPES
-    assert_created_once(rig.sandbox)
-    assert rig.watermark("contacts") == Watermark(at(2999), email_of(2999))
-    injected = faults_met(rig.sandbox)
-    assert sum(injected.values()) >= 4, injected
-
-
 @pytest.mark.parametrize("kind", ["timeout", "reset", "500"])
 def test_field_and_book_created_once_when_the_create_answers_are_lost(
     dotdigital, monkeypatch, kind
@@ -385,28 +360,6 @@ def test_field_another_writer_created_meanwhile_is_used(dotdigital, monkeypatch)
         [refused] = rig.sandbox.violations
         rig.sandbox.violations.clear()
     assert (refused.status, refused.code) == (400, "ERROR_NON_UNIQUE_DATAFIELD")
-
-
-def test_api_down_fails_with_exit_3_and_a_later_run_sends_everything(dotdigital, monkeypatch):
-    fast_clients(monkeypatch, max_attempts=3)
-    rig = dotdigital()
-    rig.table(profile_rows(range(300)))
-    rig.configure([dd_sync(batch_size=100)])
-    assert rig.run("contacts").exit_code == EXIT_OK
-
-    rig.table(profile_rows(range(600)))
-    set_faults(rig.sandbox, 1.0, ("500",))
-    failed = rig.run("contacts")
-    assert failed.exit_code == EXIT_FAILED and failed.record.status == "failed"
-    assert rig.watermark("contacts") == Watermark(at(299), email_of(299))
-    assert len(rig.sandbox.contacts()) == 300
-
-    set_faults(rig.sandbox, 0.0)
-    resumed = rig.run("contacts")
-    assert resumed.exit_code == EXIT_OK
-    assert (resumed.record.counts.read, resumed.record.counts.created) == (300, 300)
-    assert members(rig, "Customers") == {email_of(n) for n in range(600)}
-    assert rig.watermark("contacts") == Watermark(at(599), email_of(599))
 
 
 # --------------------------------------------------------------------------- known bugs

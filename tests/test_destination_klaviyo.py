@@ -1,5 +1,8 @@
 """Klaviyo end to end: the real engine, client and destination against the Klaviyo sandbox over
-loopback HTTP. Every test ends with the sandbox holding no violation (nothing off-spec sent)."""
+loopback HTTP. Every test ends with the sandbox holding no violation (nothing off-spec sent).
+What every destination object must do (incremental runs, dry run, resume, faults,
+size limits, config checks) is in tests/contract/; here is what is particular to
+Klaviyo profiles."""
 
 from __future__ import annotations
 
@@ -11,30 +14,21 @@ import orjson
 import pytest
 
 from reverse_etl.engine import make_destination
-from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, DestinationError
+from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, DestinationError
 from reverse_etl.sandbox import KlaviyoSandbox
-from reverse_etl.state import Watermark
 from tests.helpers import at
 from tests.sandboxes import (
-    FAULT_SEEDS,
     Rig,
     assert_counts,
-    assert_counts_add_up,
-    assert_created_once,
     email_of,
     error_rows,
-    every_fault,
     fast_clients,
-    fast_faulty_clients,
-    faults_met,
     profile_row,
     profile_rows,
     rig_fixture,
     set_faults,
     sync_entry,
 )
-
-IMPORT = "/api/profile-bulk-import-jobs"
 
 MAPPING: dict[str, Any] = {
     "email": "email",
@@ -73,10 +67,6 @@ def klaviyo(
 
 def emails(profiles: list[dict[str, Any]]) -> set[str]:
     return {p["email"] for p in profiles}
-
-
-def imports_posted(rig: Rig) -> int:
-    return len(rig.requests("POST", IMPORT))
 
 
 # --------------------------------------------------------------------------- values
@@ -204,48 +194,6 @@ def test_list_is_created_once_and_holds_exactly_the_synced_profiles(klaviyo):
     }
 
 
-# --------------------------------------------------------------------------- incremental runs
-
-
-def test_second_run_sends_only_changed_rows(klaviyo):
-    rig = klaviyo()
-    rows = profile_rows(range(1200))
-    rig.table(rows)
-    rig.configure([klaviyo_sync(batch_size=500)])
-
-    first = rig.run("profiles")
-    assert first.exit_code == EXIT_OK
-    assert (first.record.counts.read, first.record.counts.sent) == (1200, 1200)
-    assert imports_posted(rig) == 3  # 500 + 500 + 200, jobs in flight together
-    assert rig.sandbox.counters["profiles_received"] == 1200
-    assert rig.watermark("profiles") == Watermark(at(1199), email_of(1199))
-
-    changed = {10: "Changed10", 500: "Changed500", 1100: "Changed1100"}
-    for k, (n, name) in enumerate(changed.items()):
-        rows[n] = profile_row(n, first_name=name, points=-1, modified_at=at(5000 + k))
-    rig.table(rows)
-    rig.sandbox.reset_log()
-    received = rig.sandbox.counters["profiles_received"]
-
-    second = rig.run("profiles")
-    assert second.exit_code == EXIT_OK
-    c = second.record.counts
-    assert (c.read, c.sent, c.updated, c.rejected) == (3, 3, 3, 0)
-    assert imports_posted(rig) == 1
-    assert rig.sandbox.counters["profiles_received"] - received == 3
-    for n, name in changed.items():
-        profile = rig.sandbox.profile_by_email(email_of(n))
-        assert profile["first_name"] == name and profile["properties"]["Points"] == -1
-    assert rig.sandbox.profile_by_email(email_of(11))["first_name"] == "First11"
-    assert len(rig.sandbox.profiles()) == 1200
-    assert rig.watermark("profiles") == Watermark(at(5002), email_of(1100))
-
-    rig.sandbox.reset_log()
-    third = rig.run("profiles")
-    assert (third.record.counts.read, third.record.counts.sent) == (0, 0)
-    assert imports_posted(rig) == 0
-
-
 # --------------------------------------------------------------------------- null values
 
 
@@ -288,127 +236,6 @@ def test_null_values_skip_leaves_properties_and_clear_unsets_custom_ones(klaviyo
     assert (
         untouched["properties"]["Tier"] == "gold" and untouched["location"]["city"] == "Springfield"
     )
-
-
-# --------------------------------------------------------------------------- size limits
-
-
-def oversized_project(rig: Rig) -> None:
-    rows = profile_rows(range(6))
-    rows[3] = profile_row(3, notes="x" * 120_000)
-    rows[4] = profile_row(4, notes="y" * 90_000)  # large, but under 100,000 bytes as a profile
-    rig.table(rows)
-    rig.configure([klaviyo_sync(mapping={**MAPPING, "notes": "properties.Notes"})])
-
-
-def test_profile_over_100kb_is_a_row_error_and_the_rest_land(klaviyo):
-    rig = klaviyo()
-    oversized_project(rig)
-
-    result = rig.run("profiles")
-
-    assert result.exit_code == EXIT_ROW_ERRORS
-    assert emails(rig.sandbox.profiles()) == {email_of(n) for n in (0, 1, 2, 4, 5)}
-    assert len(rig.sandbox.profile_by_email(email_of(4))["properties"]["Notes"]) == 90_000
-    [error] = error_rows(result)
-    assert (error["row_number"], error["identifier"], error["reason"]) == (
-        "4",
-        email_of(3),
-        "value_too_large",
-    )
-    assert "100000" in error["message"]
-    # found before sending (screen): rejected, not sent
-    assert_counts(result, EXIT_ROW_ERRORS, read=6, rejected=1, sent=5, updated=5, failed=0)
-
-
-def test_counts_add_up_with_an_oversized_profile(klaviyo):
-    rig = klaviyo()
-    oversized_project(rig)
-    assert_counts_add_up(rig.run("profiles"))
-
-
-# --------------------------------------------------------------------------- faults
-
-
-@pytest.mark.parametrize("seed", FAULT_SEEDS)
-def test_sync_completes_through_injected_faults(klaviyo, monkeypatch, seed):
-    # A client timeout shorter than the sandbox's held answer makes `timeout` a real timeout:
-    # the request is applied later, after the client gave up on its answer; the list create at
-    # the start meets these faults as much as the imports do.
-    fast_faulty_clients(monkeypatch)
-    rig = klaviyo(**every_fault(seed))
-    rig.table(profile_rows(range(3000)))
-    rig.configure([klaviyo_sync(batch_size=100, consent={"email": "email_consent"})])
-
-    result = rig.run("profiles")
-
-    assert result.exit_code == EXIT_OK, result.record.message
-    assert_counts(result, EXIT_OK, read=3000, rejected=0, failed=0)
-    assert result.record.counts.sent >= 3000
-    everyone = {email_of(n) for n in range(3000)}
-    assert emails(rig.sandbox.profiles()) == everyone
-    assert emails(rig.sandbox.list_members("VIP Club")) == everyone
-    assert [lst["name"] for lst in rig.sandbox.lists()] == ["VIP Club"]
-    assert_created_once(rig.sandbox)
-    consent = {s["email"]: s["consent"] for s in rig.sandbox.subscriptions()}
-    assert len(consent) == 2000  # "yes" and "no" rows; NULL leaves the subscription alone
-    assert rig.watermark("profiles") == Watermark(at(2999), email_of(2999))
-    injected = faults_met(rig.sandbox)
-    assert sum(injected.values()) >= 4, injected  # the run really met faults
-
-
-def test_api_down_from_the_start_fails_with_exit_3_and_sends_later(klaviyo, monkeypatch):
-    fast_clients(monkeypatch, max_attempts=3)
-    rig = klaviyo(fault_rate=1.0, fault_kinds=("500",))
-    rig.table(profile_rows(range(50)))
-    rig.configure([klaviyo_sync()])
-
-    failed = rig.run("profiles")
-    assert failed.exit_code == EXIT_FAILED
-    assert failed.record.status == "failed" and "failed after 3 attempts" in failed.record.message
-    assert rig.watermark("profiles") is None
-    assert rig.sandbox.profiles() == []
-
-    set_faults(rig.sandbox, 0.0)
-    again = rig.run("profiles")
-    assert again.exit_code == EXIT_OK
-    assert again.record.counts.sent == 50
-    assert emails(rig.sandbox.list_members("VIP Club")) == {email_of(n) for n in range(50)}
-
-
-def test_api_failing_mid_run_keeps_unacknowledged_rows_behind_the_watermark(klaviyo, monkeypatch):
-    fast_clients(monkeypatch, max_attempts=3)
-    rig = klaviyo()
-    rig.table(profile_rows(range(1000)))
-    rig.configure([klaviyo_sync(batch_size=100)])
-    store = rig.store
-    assert store is not None
-    original = store.set_watermark
-    marks: list[Watermark] = []
-
-    def break_after_first_ack(sync: str, mark: Watermark) -> None:
-        original(sync, mark)
-        marks.append(mark)
-        set_faults(
-            rig.sandbox, 1.0, ("500",)
-        )  # from now on the API answers 500 to writes and polls
-
-    monkeypatch.setattr(store, "set_watermark", break_after_first_ack)
-    failed = rig.run("profiles")
-    monkeypatch.setattr(store, "set_watermark", original)
-
-    assert failed.exit_code == EXIT_FAILED
-    assert failed.record.status == "failed" and "sent again next run" in failed.record.message
-    assert marks == [Watermark(at(99), email_of(99))]  # only the first batch was acknowledged
-    assert rig.watermark("profiles") == Watermark(at(99), email_of(99))
-
-    set_faults(rig.sandbox, 0.0)
-    resumed = rig.run("profiles")
-    assert resumed.exit_code == EXIT_OK
-    assert resumed.record.counts.read == 900  # everything after the acknowledged batch
-    assert emails(rig.sandbox.profiles()) == {email_of(n) for n in range(1000)}  # none lost
-    assert emails(rig.sandbox.list_members("VIP Club")) == {email_of(n) for n in range(1000)}
-    assert rig.watermark("profiles") == Watermark(at(999), email_of(999))
 
 
 # --------------------------------------------------------------------------- known bugs

@@ -1,10 +1,11 @@
 """Klaviyo catalog end to end: products become catalog items through bulk create and update
 jobs, create versus update decided by what the catalog holds, against the sandbox over
-loopback."""
+loopback. What every destination object must do (incremental runs, dry run, resume, faults,
+size limits, config checks) is in tests/contract/; this file holds what is particular to the
+catalog."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,15 +17,11 @@ from reverse_etl.engine import make_destination
 from reverse_etl.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, DestinationError
 from tests.helpers import execute
 from tests.sandboxes import (
-    FAULT_SEEDS,
     Rig,
     assert_counts,
     assert_created_once,
     error_rows,
-    every_fault,
     fast_clients,
-    fast_faulty_clients,
-    faults_met,
     set_faults,
 )
 from tests.test_klaviyo_support import klaviyo_sync
@@ -166,28 +163,6 @@ def test_null_values_skip_leaves_fields_and_clear_clears_them(klaviyo):
     assert "price" not in items(rig)["P1"]
 
 
-@pytest.mark.parametrize("seed", FAULT_SEEDS)
-def test_catalog_through_injected_faults(klaviyo, monkeypatch, seed):
-    # A create job whose answer was lost and that lands after the look-ups gave up is sent
-    # again and its items come back as conflicts, which go to update jobs: no duplicate either
-    # way, so a short margin keeps the many futile look-ups (after a reset or a 500) short.
-    fast_faulty_clients(monkeypatch, settle_margin=0.5)
-    # twice the usual rate: a catalog run makes few calls (a job holds 100 items)
-    rig = klaviyo(**{**every_fault(seed), "fault_rate": 0.2})
-    products_table(rig, range(3000))
-    rig.configure([catalog_sync(batch_size=500)])
-
-    result = rig.run("catalog")
-
-    assert_counts(result, EXIT_OK, read=3000, sent=3000, rejected=0, failed=0)
-    # every item is new; one whose create job was lost and sent again after all is an update
-    assert result.record.counts.created + result.record.counts.updated == 3000
-    assert len(items(rig)) == 3000
-    assert_created_once(rig.sandbox)
-    injected = faults_met(rig.sandbox)
-    assert sum(injected.values()) >= 3, injected  # the run really met faults
-
-
 @pytest.mark.parametrize("kind", ["timeout", "reset", "500"])
 def test_create_job_whose_answer_is_lost_is_not_sent_twice(klaviyo, monkeypatch, kind):
     # A held create job (timeout) is applied after the client gave up: its items are looked up
@@ -267,19 +242,6 @@ def test_catalog_config_errors(klaviyo, change, message):
     with pytest.raises(ConfigError) as info:
         rig.configure([catalog_sync(**change)])
     assert message in str(info.value)
-
-
-def test_dry_run_shows_create_jobs_and_sends_nothing(klaviyo):
-    rig = klaviyo()
-    products_table(rig, range(150))
-    rig.configure([catalog_sync()])
-
-    result = rig.run("catalog", dry_run=True)
-
-    assert result.record.counts.sent == 150
-    lines = [orjson.loads(x) for x in Path(result.dry_run_file).read_bytes().splitlines()]
-    assert [(x["path"], x["rows"]) for x in lines] == [(CREATE, 100), (CREATE, 50)]
-    assert rig.sandbox.request_log == []
 
 
 def test_item_gone_since_the_look_up_is_created(klaviyo, monkeypatch):
