@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
@@ -327,6 +328,7 @@ def _run(
                     loaded.table, _Token(earned.mark, earned.prints, key, earned.flagged)
                 )
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
+                    _reserve(snapshot, earned.prints, loaded.table, key)
                     pending.append(loaded)
                 yield loaded
 
@@ -476,6 +478,22 @@ def _dry_run(
 REMOVAL_CHUNK = 10_000  # members handed to Destination.remove at once
 
 
+def _reserve(snapshot: SnapshotStore, prints: pa.Table | None, table: pa.Table, key: str) -> None:
+    """Note the batch's new identifiers in the snapshot before the destination gets them
+    (``SnapshotStore.reserve``)."""
+    if prints is None or table.num_rows == 0 or prints.num_rows == 0:
+        return
+    keys = table[key] if key in table.column_names else pa.nulls(table.num_rows, pa.string())
+    try:
+        keys = pc.cast(keys, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        keys = pa.array([None if v is None else str(v) for v in keys.to_pylist()], pa.string())
+    sent = pa.table({"__row": pc.cast(table["__row"], pa.int64()), "key": keys})
+    ours = prints.select(["__row", "id"])
+    ours = ours.set_column(0, "__row", pc.cast(ours["__row"], pa.int64()))
+    snapshot.reserve(ours.join(sent, "__row", join_type="inner").select(["id", "key"]))
+
+
 def _stopping(options: RunOptions, lock: LockHandle) -> bool:
     return lock.lost or (options.interrupt is not None and options.interrupt.requested)
 
@@ -528,6 +546,7 @@ def _remove_departed(
                 f"sync {sync.name!r}: run {record.run_id} lost its lock during removals; the "
                 "members not yet removed are removed by the next run"
             )
+        snapshot.unsettle(chunk["__id"].to_pylist())
         done = destination.remove(chunk)
         asked = set(chunk["__id"].to_pylist())
         removed = [i for i in {str(i) for i in done.ids} if i in asked]

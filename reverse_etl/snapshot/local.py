@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from reverse_etl.extract import DUP_RANK
 from reverse_etl.snapshot.fingerprint import Fingerprint
-from reverse_etl.snapshot.store import Diff
+from reverse_etl.snapshot.store import UNSETTLED, Diff
 from reverse_etl.sql import ident
 from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
 
@@ -172,6 +172,34 @@ class Snapshot:
         finally:
             cur.unregister("prints")
             cur.unregister("sent")
+
+    def reserve(self, members: pa.Table) -> None:
+        if members.num_rows == 0:
+            return
+        cur = self._cursor()
+        cur.register("reserved", members)
+        try:
+            cur.execute(
+                f"INSERT INTO members SELECT DISTINCT r.id, {UNSETTLED}, {UNSETTLED}, "
+                "CAST(r.key AS VARCHAR), NULL, now(), NULL FROM reserved AS r "
+                "WHERE r.id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM members AS m "
+                "WHERE m.id = r.id)"
+            )
+        finally:
+            cur.unregister("reserved")
+
+    def unsettle(self, ids: Sequence[Any]) -> None:
+        if not ids:
+            return
+        cur = self._cursor()
+        cur.register("leaving", pa.table({"id": pa.array([str(i) for i in ids], pa.string())}))
+        try:
+            cur.execute(
+                f"UPDATE members SET payload = {UNSETTLED}, consent = {UNSETTLED}, doc = NULL "
+                "WHERE id IN (SELECT id FROM leaving)"
+            )
+        finally:
+            cur.unregister("leaving")
 
     def begin_mirror(self) -> None:
         """Start noting the identifiers this run reads (``departed`` needs a whole read)."""

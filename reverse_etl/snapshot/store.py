@@ -9,6 +9,10 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+# the fingerprint of a member the destination may or may not hold: no row's fingerprint is 0
+# (64 bits of MD5), so it always counts as changed
+UNSETTLED = 0
+
 
 @dataclass
 class Diff:
@@ -40,6 +44,19 @@ class SnapshotStore(Protocol):
     def diff(self, batch: pa.RecordBatch, *, resend: bool = False) -> Diff: ...
 
     def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None: ...
+
+    def reserve(self, members: pa.Table) -> None:
+        """Before a batch is handed to the destination: its identifiers the snapshot does not
+        hold yet (``id``, ``key``) become members with no fingerprint (``UNSETTLED``), as the
+        destination may hold them from then on. Should the run die before they are recorded, a
+        mirror run still removes them when they leave the view, and a read sends them again."""
+        ...
+
+    def unsettle(self, ids: Sequence[Any]) -> None:
+        """Before their removal is sent: the members' fingerprints are cleared, so if the run
+        dies after the destination removed them and they come back, they count as changed and
+        are added again, not skipped as unchanged."""
+        ...
 
     def begin_mirror(self) -> None: ...
 

@@ -50,7 +50,7 @@ from reverse_etl.errors import SourceError
 from reverse_etl.extract import DUP_RANK
 from reverse_etl.secrets import scrub
 from reverse_etl.snapshot.fingerprint import Fingerprint
-from reverse_etl.snapshot.store import Diff
+from reverse_etl.snapshot.store import UNSETTLED, Diff
 from reverse_etl.sql import ident, literal
 from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
 
@@ -283,6 +283,17 @@ class WarehouseSnapshot:
         if acked.num_rows:
             self.tables.upsert(acked.select(["id", "payload", "consent", "key", "doc"]))
 
+    def reserve(self, members: pa.Table) -> None:
+        members = members.filter(pc.is_valid(members["id"]))
+        if members.num_rows:
+            self.tables.reserve(
+                pa.table({"id": _as_text(members["id"]), "key": _as_text(members["key"])})
+            )
+
+    def unsettle(self, ids: Sequence[Any]) -> None:
+        if ids:
+            self.tables.unsettle([str(i) for i in ids])
+
     def begin_mirror(self) -> None:
         self.tables.clear_seen()
         self.mirror = True
@@ -357,6 +368,13 @@ class _Tables:
         raise NotImplementedError
 
     def add_seen(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        raise NotImplementedError
+
+    def reserve(self, members: pa.Table) -> None:
+        """Add ``members`` (``id``, ``key``) not held yet, unsettled (read-ahead thread)."""
+        raise NotImplementedError
+
+    def unsettle(self, ids: list[str]) -> None:
         raise NotImplementedError
 
     def clear_seen(self) -> None:
@@ -449,6 +467,30 @@ class _DuckDBTables(_Tables):
     def clear_seen(self) -> None:
         with self._failing("cannot clear the identifiers read"):
             self._main.execute(f"DELETE FROM {self.seen}")
+
+    def reserve(self, members: pa.Table) -> None:
+        cur = self._reader
+        with (
+            self._failing("cannot note the members being sent"),
+            self._registered(cur, "retl_reserved", members),
+        ):
+            cur.execute(
+                f"INSERT INTO {self.snapshot} SELECT DISTINCT r.id, {UNSETTLED}, {UNSETTLED}, "
+                "r.key, NULL, now(), NULL FROM retl_reserved AS r WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {self.snapshot} AS m WHERE m.id = r.id)"
+            )
+
+    def unsettle(self, ids: list[str]) -> None:
+        cur = self._main
+        leaving = pa.table({"id": pa.array(ids, pa.string())})
+        with (
+            self._failing("cannot mark the members being removed"),
+            self._registered(cur, "retl_leaving", leaving),
+        ):
+            cur.execute(
+                f"UPDATE {self.snapshot} SET payload = {UNSETTLED}, consent = {UNSETTLED}, "
+                "doc = NULL WHERE id IN (SELECT id FROM retl_leaving)"
+            )
 
     def forget(self, ids: list[str]) -> None:
         cur = self._main
@@ -581,6 +623,31 @@ class _PostgresTables(_Tables):
                         copy.write_row((ident_,))
             except self._error_types as exc:
                 raise self._failed("cannot note the identifiers read", exc) from None
+
+    def reserve(self, members: pa.Table) -> None:
+        ids, keys = members["id"].to_pylist(), members["key"].to_pylist()
+        with self._lock:
+            try:
+                self._con.execute(
+                    f"INSERT INTO {self.snapshot} (id, payload, consent, key, dest_id, sent_at, "
+                    f"doc) SELECT r.id, {UNSETTLED}, {UNSETTLED}, r.key, NULL, now(), NULL "
+                    "FROM unnest(%s::text[], %s::text[]) AS r (id, key) "
+                    "ON CONFLICT (id) DO NOTHING",
+                    (ids, keys),
+                )
+            except self._error_types as exc:
+                raise self._failed("cannot note the members being sent", exc) from None
+
+    def unsettle(self, ids: list[str]) -> None:
+        with self._lock:
+            try:
+                self._con.execute(
+                    f"UPDATE {self.snapshot} SET payload = {UNSETTLED}, consent = {UNSETTLED}, "
+                    "doc = NULL WHERE id = ANY(%s)",
+                    (ids,),
+                )
+            except self._error_types as exc:
+                raise self._failed("cannot mark the members being removed", exc) from None
 
     def clear_seen(self) -> None:
         with self._lock:
