@@ -324,9 +324,7 @@ def _run(
                 resend=options.resend,
             ):
                 earned: Earned = loaded.token
-                loaded = LoadBatch(
-                    loaded.table, _Token(earned.mark, earned.prints, key, earned.flagged)
-                )
+                loaded = LoadBatch(loaded.table, _Token(earned.mark, earned.prints, key))
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     _reserve(snapshot, earned.prints, loaded.table, key)
                     pending.append(loaded)
@@ -403,7 +401,10 @@ def _commit(
         keys = sent.select(["__row"]).append_column(
             "key", sent[token.key] if token.key in sent.column_names else pa.nulls(sent.num_rows)
         )
-        snapshot.record(token.prints, keys, {e.row_number for e in loaded.errors} | token.flagged)
+        # rows the destination refused are not held; a row sent without the part the screen
+        # took off (consent without an address) is held as it is: its error was reported, and
+        # sending it again cannot fix it until it changes
+        snapshot.record(token.prints, keys, {e.row_number for e in loaded.errors})
     mark: Watermark | None = token.mark
     if replace:
         if mark is None:
@@ -422,7 +423,6 @@ class _Token:
     mark: Watermark | None
     prints: pa.Table | None = None  # fingerprints of the rows sent, for the snapshot
     key: str = ""  # the field the destination finds a record by, kept in the snapshot
-    flagged: frozenset[int] = frozenset()  # rows sent in part: not remembered as held
 
 
 def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:

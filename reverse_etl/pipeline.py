@@ -93,9 +93,6 @@ class Earned:
 
     mark: Watermark | None
     prints: pa.Table | None = None
-    # rows sent with part of them refused before sending (consent without an address): not
-    # remembered as held, so they are checked and reported again whenever they are read
-    flagged: frozenset[int] = frozenset()
 
 
 def transformed_batches(
@@ -144,8 +141,7 @@ def transformed_batches(
                 where = np.flatnonzero(diff.changed.to_numpy(zero_copy_only=False))
                 skip = frozenset(int(where[p]) for p in out.future)
             mark = batch_watermark(batch, spec.cursor, spec.identifier, skip)
-            flagged = frozenset(e.row_number for e in screened.errors)
-            yield LoadBatch(screened.table, Earned(mark, prints, flagged))
+            yield LoadBatch(screened.table, Earned(mark, prints))
             if stop():
                 return
         if snapshot is not None:

@@ -13,8 +13,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.types as pt
 
 from reverse_etl.sql import ident, literal
@@ -115,6 +117,10 @@ class RowJson:
                 expr = f"regexp_replace({expr}, {literal(_unmark(mark))}, '\\1', 'g')"
             self._sql = f"SELECT {expr} AS doc FROM tbl AS t"
             self._schema = table.schema
+        parts = [self._build(part) for part in _slices(table, CHUNK_BYTES)]
+        return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
+
+    def _build(self, table: pa.Table) -> pa.Array:
         self._con.register("tbl", table)
         try:
             result: pa.Table = self._con.execute(str(self._sql)).to_arrow_table()  # see scratch.py
@@ -124,6 +130,33 @@ class RowJson:
 
     def close(self) -> None:
         self._con.close()
+
+
+# Bytes of values one JSON query takes: DuckDB's JSON functions hold several copies of a
+# vector's values in 16 MB arenas, so 2 MB of long strings in one query outgrew the scratch
+# database's 64 MB (an OutOfMemoryException); a batch of long values goes in slices instead.
+CHUNK_BYTES = 1_000_000
+
+
+def _slices(table: pa.Table, limit: int) -> list[pa.Table]:
+    """``table`` in consecutive row slices of about ``limit`` bytes of values each (a row
+    larger than that alone); one slice when it is small, the common case."""
+    if table.nbytes <= limit:
+        return [table]
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        if (
+            pt.is_string(column.type)
+            or pt.is_large_string(column.type)
+            or pt.is_binary(column.type)
+        ):
+            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+        else:  # fixed width or nested: its share of the column's bytes
+            sizes += max(column.nbytes // table.num_rows, 8)
+    ends = np.cumsum(sizes)
+    cuts = np.unique(np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), side="right"))
+    bounds = [0, *(int(c) for c in cuts if 0 < c < table.num_rows), table.num_rows]
+    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def pack(

@@ -16,7 +16,9 @@ import duckdb
 # thread-safe next to the read-ahead thread).
 warnings.filterwarnings("ignore", message="Arrow output on a DB-API result", category=UserWarning)
 
-MEMORY_LIMIT = "64MB"
+# a cap, not a reservation: JSON over long values needs about 12 times their size at once
+# (rowjson builds a batch in slices of about 1 MB), so one value of up to ~15 MB fits
+MEMORY_LIMIT = "256MB"
 _lock = threading.Lock()
 _db: duckdb.DuckDBPyConnection | None = None
 

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 import pytest
 
@@ -309,13 +308,6 @@ def test_a_batch_over_the_call_size_is_split_and_lands(case, start, roomy_scratc
     assert all(len(notes[case.key(i)]) == size for i in range(n))
 
 
-@pytest.mark.xfail(
-    raises=duckdb.OutOfMemoryException,
-    strict=True,
-    reason="rowjson: json_strip_nulls(to_json(...)) over ~2 MB of long strings exceeds the "
-    "64 MB scratch DuckDB (util/scratch.py MEMORY_LIMIT): the run dies with an "
-    "OutOfMemoryException",
-)
 def test_a_batch_of_long_values_fits_the_scratch_memory(case, start):
     # 30 records of 90 KB: within every limit of every destination here, 2.7 MB in one batch
     rows = [case.row(i, note=chr(ord("a") + i % 26) * 90_000) for i in range(30)]
