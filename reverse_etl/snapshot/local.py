@@ -64,6 +64,9 @@ class Snapshot:
             "sent_at TIMESTAMPTZ NOT NULL, doc VARCHAR)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id VARCHAR)")
+        # identifiers handed to the destination before it answered (``reserve``): a table of
+        # their own, so recording the first run's batches never has to search ``members``
+        self._db.execute("CREATE TABLE IF NOT EXISTS pending (id VARCHAR, key VARCHAR)")
         self.mirror = False  # note every identifier read, to find who left the view
         self.read_complete = False  # the read ran to its end (not stopped, not failed)
         self._local = threading.local()
@@ -109,8 +112,8 @@ class Snapshot:
             f"AND m.consent = h.consent) AS unchanged, m.id IS NOT NULL AS known, {old} AS old "
             "FROM h LEFT JOIN members AS m ON m.id = h.id) "
             "SELECT __row, id, payload, consent, unchanged, known, "
-            "CASE WHEN NOT unchanged THEN '[' || pdoc || ',' || cdoc || ']' END AS doc, old "
-            "FROM d ORDER BY __pos"
+            "CASE WHEN NOT unchanged THEN '[' || pdoc || ',' || cdoc || ']' END AS doc, old, "
+            "__pos FROM d"
         )
 
     def diff(self, batch: pa.RecordBatch | pa.Table, *, resend: bool = False) -> Diff:
@@ -126,6 +129,8 @@ class Snapshot:
             out: pa.Table = cur.execute(self._diff_sql).to_arrow_table()
         finally:
             cur.unregister("batch")
+        # the join's order is not the batch's: put it back (a sort of one batch, in Arrow)
+        out = out.take(pa.compute.sort_indices(out["__pos"])).drop_columns(["__pos"])
         if self.mirror:
             cur.register("seen_batch", out.select(["id"]))
             try:
@@ -151,6 +156,11 @@ class Snapshot:
             rows = rows.filter(keep)
         if rows.num_rows == 0:
             return
+        known = (
+            bool(pa.compute.any(prints["known"]).as_py())
+            if "known" in prints.column_names
+            else True
+        )
         cur = self._cursor()
         cur.register("prints", prints)
         cur.register("sent", rows)
@@ -158,13 +168,17 @@ class Snapshot:
             cur.execute("BEGIN TRANSACTION")
             cur.execute(
                 "CREATE OR REPLACE TEMP TABLE acked AS SELECT p.id, p.payload, p.consent, "
-                "CAST(s.key AS VARCHAR) AS key, p.doc FROM prints AS p JOIN sent AS s "
+                "CAST(s.key AS VARCHAR) AS key, p.doc, p.known FROM prints AS p JOIN sent AS s "
                 "USING (__row) WHERE p.id IS NOT NULL"
             )
-            cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM acked)")
+            # only identifiers the snapshot held when the batch was read can be in members:
+            # a run of new rows (a first run) never searches it
+            if known:
+                cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM acked WHERE known)")
             cur.execute(
                 "INSERT INTO members SELECT id, payload, consent, key, NULL, now(), doc FROM acked"
             )
+            cur.execute("DELETE FROM pending WHERE id IN (SELECT id FROM acked)")
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
@@ -180,10 +194,8 @@ class Snapshot:
         cur.register("reserved", members)
         try:
             cur.execute(
-                f"INSERT INTO members SELECT DISTINCT r.id, {UNSETTLED}, {UNSETTLED}, "
-                "CAST(r.key AS VARCHAR), NULL, now(), NULL FROM reserved AS r "
-                "WHERE r.id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM members AS m "
-                "WHERE m.id = r.id)"
+                "INSERT INTO pending SELECT DISTINCT r.id, CAST(r.key AS VARCHAR) "
+                "FROM reserved AS r WHERE r.id IS NOT NULL"
             )
         finally:
             cur.unregister("reserved")
@@ -219,9 +231,15 @@ class Snapshot:
         table: pa.Table = self._cursor().execute(sql).to_arrow_table()
         return table
 
+    # members, and the identifiers sent whose answer never came (the destination may hold
+    # them), that this run's read did not return
+    _MEMBERS = (
+        "(SELECT id, key, dest_id FROM members UNION "
+        "SELECT id, key, NULL FROM pending WHERE id NOT IN (SELECT id FROM members))"
+    )
     _DEPARTED = (
-        "SELECT {what} FROM members AS m WHERE NOT EXISTS "
-        "(SELECT 1 FROM seen AS s WHERE s.id = m.id)"
+        f"SELECT {{what}} FROM {_MEMBERS} AS m "
+        "WHERE NOT EXISTS (SELECT 1 FROM seen AS s WHERE s.id = m.id)"
     )
 
     def forget(self, ids: Sequence[Any]) -> None:
@@ -232,11 +250,12 @@ class Snapshot:
         cur.register("gone", pa.table({"id": pa.array([str(i) for i in ids], pa.string())}))
         try:
             cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM gone)")
+            cur.execute("DELETE FROM pending WHERE id IN (SELECT id FROM gone)")
         finally:
             cur.unregister("gone")
 
     def count(self) -> int:
-        row = self._cursor().execute("SELECT count(*) FROM members").fetchone()
+        row = self._cursor().execute(f"SELECT count(DISTINCT id) FROM {self._MEMBERS}").fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
