@@ -84,8 +84,8 @@ def wait(job: AsyncJob, *, attempts: int, poll_interval: float) -> dict[str, Any
         if job.attempts >= attempts:
             raise DestinationError(
                 f"{job.what} {job.id} failed as a whole {job.attempts} times "
-                f"({_describe(doc)}); its rows stay behind the watermark and are sent again "
-                "next run"
+                f"({_describe(doc)}); nothing it carried is counted as done, so the next run "
+                "does it again"
             )
         job.start()
 
