@@ -172,6 +172,8 @@ class InsightDestination(DotdigitalBase):
         if self._rules is None:
             self._rules = _Rules(self)
         kept, errors = self._rules.checked(table)
+        kept, too_large = self.too_large(kept)
+        errors = sorted(errors + too_large, key=lambda e: e.row_number)
         return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
 
     def _with_owner(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:

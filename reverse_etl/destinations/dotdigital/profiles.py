@@ -201,6 +201,8 @@ class DotdigitalProfiles(DotdigitalBase):
     def screen(self, table: pa.Table) -> Screened:
         """Rows without an email left out with their row errors: no contact can be made."""
         kept, errors = self._without_email(table)
+        kept, too_large = self.too_large(kept)
+        errors = sorted(errors + too_large, key=lambda e: e.row_number)
         return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
 
     def _without_email(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
