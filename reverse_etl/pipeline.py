@@ -17,13 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pt
 
-from reverse_etl.destinations.base import Destination, LoadBatch
+from reverse_etl.destinations.base import Destination, LoadBatch, Screened
 from reverse_etl.extract import IncrementalQuery, batch_watermark
 from reverse_etl.snapshot import SnapshotStore
 from reverse_etl.sources import Source
 from reverse_etl.state import RunCounts, Watermark
 from reverse_etl.transform.rowerrors import ErrorFileWriter
-from reverse_etl.transform.transformer import StreamTransformer, TransformSpec, schema_problems
+from reverse_etl.transform.transformer import (
+    StreamTransformer,
+    TransformResult,
+    TransformSpec,
+    schema_problems,
+)
 
 
 def cursor_problems(sync_name: str, cursor: str, dtype: pa.DataType) -> list[str]:
@@ -116,6 +121,7 @@ def transformed_batches(
     acknowledged and committed."""
     transformer = StreamTransformer(spec)
     next_row = 1
+    nothing: TransformResult | None = None  # a transform's empty result, for an empty batch
     try:
         for batch in source.stream(query.sql, query.params, batch_size):
             counts.read += batch.num_rows
@@ -132,8 +138,14 @@ def transformed_batches(
                 counts.unchanged += diff.unchanged
                 prints = diff.prints
                 todo = batch.filter(diff.changed) if diff.unchanged else batch
-            out = transformer.transform(todo)
-            screened = destination.screen(out.good)
+            if todo.num_rows == 0 and nothing is not None:
+                # every row unchanged: no transform, no screen (two queries a batch saved)
+                out, screened = nothing, Screened(nothing.good)
+            else:
+                out = transformer.transform(todo)
+                screened = destination.screen(out.good)
+                if nothing is None:
+                    nothing = TransformResult(out.good.slice(0, 0))
             counts.rejected += out.rejected + screened.rejected
             errors.write([*out.errors, *screened.errors])  # one write: kept in row order
             skip = out.future
