@@ -378,3 +378,23 @@ def test_plan_command_prints_json(env) -> None:
     data = json.loads(out.output)
     assert (data["adds"], data["updates"], data["unchanged"]) == (0, 1, 0)
     assert data["samples"]["updates"][0]["fields"] == {"first_name": {"old": "Name1", "new": "Z"}}
+
+
+def test_a_member_noted_twice_before_an_answer_counts_once(tmp_path: Path) -> None:
+    from reverse_etl.snapshot import Snapshot
+    from reverse_etl.transform.transformer import FieldSpec, TransformSpec
+
+    spec = TransformSpec("s", "email", "modified_at", (FieldSpec("email", "email", "email"),))
+    snap = Snapshot(tmp_path / "s.duckdb", spec, "salt")
+    try:
+        # two runs died after sending the same new member, its address spelled differently
+        snap.reserve(pa.table({"id": ["a@x.com"], "key": ["a@x.com"]}))
+        snap.reserve(pa.table({"id": ["a@x.com"], "key": ["A@x.com"]}))
+        snap.reserve(pa.table({"id": ["b@x.com"], "key": ["b@x.com"]}))
+        snap.begin_mirror()  # then a read that returned nobody
+        assert snap.count() == 2 and snap.departed_count() == 2
+        assert sorted(snap.departed(10)["__id"].to_pylist()) == ["a@x.com", "b@x.com"]
+        snap.forget(["a@x.com"])
+        assert snap.departed(10)["__id"].to_pylist() == ["b@x.com"]
+    finally:
+        snap.close()

@@ -234,8 +234,9 @@ class Snapshot:
     # members, and the identifiers sent whose answer never came (the destination may hold
     # them), that this run's read did not return
     _MEMBERS = (
-        "(SELECT id, key, dest_id FROM members UNION "
-        "SELECT id, key, NULL FROM pending WHERE id NOT IN (SELECT id FROM members))"
+        "(SELECT id, key, dest_id FROM members UNION ALL "
+        "SELECT DISTINCT ON (id) id, key, NULL FROM pending "
+        "WHERE id NOT IN (SELECT id FROM members))"
     )
     _DEPARTED = (
         f"SELECT {{what}} FROM {_MEMBERS} AS m "
@@ -255,7 +256,7 @@ class Snapshot:
             cur.unregister("gone")
 
     def count(self) -> int:
-        row = self._cursor().execute(f"SELECT count(DISTINCT id) FROM {self._MEMBERS}").fetchone()
+        row = self._cursor().execute(f"SELECT count(*) FROM {self._MEMBERS}").fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
