@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +16,8 @@ import orjson
 
 from reverse_etl.config import Project, Sync
 from reverse_etl.destinations import registry
-from reverse_etl.engine import fit_view, make_destination
+from reverse_etl.engine import fit_view, make_destination, read_plan
 from reverse_etl.errors import SchemaMismatchError
-from reverse_etl.extract import plan_read
 from reverse_etl.pipeline import preflight, transformed_batches
 from reverse_etl.sources import Source, SourceError, open_source
 from reverse_etl.sources.duckdb import DuckDBSource
@@ -134,15 +132,7 @@ def validate(
                 raise SchemaMismatchError(
                     f"{where} does not fit the mapping:\n  - " + "\n  - ".join(problems)
                 )
-            plan = plan_read(
-                source,
-                view_sql,
-                cursor=sync.cursor_column,
-                identifier=sync.identifier,
-                email_identifier=spec.identifier_field().kind == "email",
-                watermark=None,
-                lookback=timedelta(0),
-            )
+            plan = read_plan(source, view_sql, sync, spec)
             destination = make_destination(project, sync)
             try:
                 for _ in transformed_batches(

@@ -33,7 +33,7 @@ from reverse_etl.errors import (
     ReverseEtlError,
     SchemaMismatchError,
 )
-from reverse_etl.extract import later, plan_read
+from reverse_etl.extract import ReadPlan, later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import Earned, preflight, transformed_batches
 from reverse_etl.plan import Plan
@@ -45,6 +45,7 @@ from reverse_etl.snapshot import (
     definition,
     snapshot_path,
 )
+from reverse_etl.snapshot.store import as_text
 from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
@@ -234,6 +235,29 @@ def fit_view(
     return sync, transform_spec(sync, destination_for(conn.type, sync.object)), schema
 
 
+def read_plan(
+    source: Source,
+    view_sql: str,
+    sync: Sync,
+    spec: TransformSpec,
+    *,
+    watermark: Watermark | None = None,
+    annotate: Callable[[str], str] | None = None,
+) -> ReadPlan:
+    """The one read of ``sync``'s view (``extract.plan_read``) from the sync's own columns,
+    past ``watermark`` (and its lookback window); the whole view without one."""
+    return plan_read(
+        source,
+        view_sql,
+        cursor=sync.cursor_column,
+        identifier=sync.identifier,
+        email_identifier=spec.identifier_field().kind == "email",
+        watermark=watermark,
+        lookback=timedelta(minutes=sync.lookback_minutes),
+        annotate=annotate,
+    )
+
+
 def view_problems(project: Project, sync: Sync, source: Source) -> list[str]:
     """What a run of ``sync`` would refuse before reading a row (``reverse-etl check``): the
     SQL file, the view's columns and types against the mapping, the cursor's type."""
@@ -292,14 +316,12 @@ def _run(
                 snapshot.begin_mirror()
             snapshot.keep_old = options.dry_run and options.plan_samples > 0
             # a warehouse snapshot is joined by the read itself: the diff runs where the data is
-            plan = plan_read(
+            plan = read_plan(
                 source,
                 view_sql,
-                cursor=sync.cursor_column,
-                identifier=sync.identifier,
-                email_identifier=spec.identifier_field().kind == "email",
+                sync,
+                spec,
                 watermark=watermark,
-                lookback=timedelta(minutes=sync.lookback_minutes),
                 annotate=snapshot.in_read(resend=options.resend),
             )
             destination = destination_factory(project, sync)
@@ -308,7 +330,6 @@ def _run(
             raise
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
-        interrupt = options.interrupt
 
         def batches() -> Iterator[LoadBatch]:
             for loaded in transformed_batches(
@@ -319,7 +340,7 @@ def _run(
                 batch_size=sync.batch_size,
                 errors=errors,
                 counts=record.counts,
-                stop=lambda: lock.lost or (interrupt is not None and interrupt.requested),
+                stop=lambda: _stopping(options, lock),
                 snapshot=snapshot,
                 resend=options.resend,
             ):
@@ -398,9 +419,7 @@ def _commit(
     errors.write(loaded.errors)
     token: _Token = loaded.token
     if snapshot is not None and token.prints is not None and sent is not None and sent.num_rows:
-        keys = sent.select(["__row"]).append_column(
-            "key", sent[token.key] if token.key in sent.column_names else pa.nulls(sent.num_rows)
-        )
+        keys = _sent_keys(sent, token.key)
         # rows the destination refused are not held; a row sent without the part the screen
         # took off (consent without an address) is held as it is: its error was reported, and
         # sending it again cannot fix it until it changes
@@ -483,15 +502,17 @@ def _reserve(snapshot: SnapshotStore, prints: pa.Table | None, table: pa.Table, 
     (``SnapshotStore.reserve``)."""
     if prints is None or table.num_rows == 0 or prints.num_rows == 0:
         return
-    keys = table[key] if key in table.column_names else pa.nulls(table.num_rows, pa.string())
-    try:
-        keys = pc.cast(keys, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        keys = pa.array([None if v is None else str(v) for v in keys.to_pylist()], pa.string())
-    sent = pa.table({"__row": pc.cast(table["__row"], pa.int64()), "key": keys})
+    sent = _sent_keys(table, key)
     ours = prints.select(["__row", "id"])
     ours = ours.set_column(0, "__row", pc.cast(ours["__row"], pa.int64()))
     snapshot.reserve(ours.join(sent, "__row", join_type="inner").select(["id", "key"]))
+
+
+def _sent_keys(table: pa.Table, key: str) -> pa.Table:
+    """``__row`` and, as text, the value of field ``key`` the destination finds each row by
+    (what the snapshot keeps to find a member again)."""
+    keys = table[key] if key in table.column_names else pa.nulls(table.num_rows, pa.string())
+    return pa.table({"__row": pc.cast(table["__row"], pa.int64()), "key": as_text(keys)})
 
 
 def _stopping(options: RunOptions, lock: LockHandle) -> bool:

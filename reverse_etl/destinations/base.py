@@ -124,6 +124,48 @@ class Removed:
     ids: list[Any] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, members: Iterable[Any]) -> Removed:
+        """From members that each have an ``ident`` and, where their removal failed, an
+        ``error``."""
+        out = cls()
+        for m in members:
+            if m.error is not None:
+                out.errors.append(m.error)
+            else:
+                out.ids.append(m.ident)
+        return out
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """One row of the table ``Destination.remove`` is given, its values as text."""
+
+    row: int
+    ident: Any
+    key: str | None
+    dest_id: str | None
+
+    @classmethod
+    def rows(cls, table: pa.Table) -> list[Leaving]:
+        rows = table["__row"].to_pylist() if "__row" in table.column_names else [0] * table.num_rows
+        return [
+            cls(row, ident, key, dest)
+            for row, ident, key, dest in zip(
+                rows,
+                table["__id"].to_pylist(),
+                _text(table, "key"),
+                _text(table, "dest_id"),
+                strict=True,
+            )
+        ]
+
+
+def _text(table: pa.Table, name: str) -> list[str | None]:
+    if name in table.column_names:
+        return [None if v is None else str(v) for v in table[name].to_pylist()]
+    return [None] * table.num_rows
+
 
 @dataclass
 class _Pending:

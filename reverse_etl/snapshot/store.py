@@ -8,6 +8,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def as_text(values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """``values`` as text, as the snapshot keeps identifiers and keys: a cast where Arrow has
+    one, else each value's ``str``."""
+    try:
+        return pc.cast(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())
+
 
 # the fingerprint of a member the destination may or may not hold: no row's fingerprint is 0
 # (64 bits of MD5), so it always counts as changed

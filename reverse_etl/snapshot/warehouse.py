@@ -50,7 +50,7 @@ from reverse_etl.errors import SourceError
 from reverse_etl.extract import DUP_RANK
 from reverse_etl.secrets import scrub
 from reverse_etl.snapshot.fingerprint import Fingerprint
-from reverse_etl.snapshot.store import UNSETTLED, Diff
+from reverse_etl.snapshot.store import UNSETTLED, Diff, as_text
 from reverse_etl.sql import ident, literal
 from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
 
@@ -272,7 +272,7 @@ class WarehouseSnapshot:
         rows = pa.table(
             {
                 "__row": pc.cast(rows["__row"], pa.int64()),
-                "key": _as_text(rows["key"]),
+                "key": as_text(rows["key"]),
             }
         )
         ours = prints.filter(pc.is_valid(prints["id"])).select(
@@ -287,7 +287,7 @@ class WarehouseSnapshot:
         members = members.filter(pc.is_valid(members["id"]))
         if members.num_rows:
             self.tables.reserve(
-                pa.table({"id": _as_text(members["id"]), "key": _as_text(members["key"])})
+                pa.table({"id": as_text(members["id"]), "key": as_text(members["key"])})
             )
 
     def unsettle(self, ids: Sequence[Any]) -> None:
@@ -333,13 +333,6 @@ class WarehouseSnapshot:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _as_text(values: pa.ChunkedArray | pa.Array) -> pa.Array:
-    try:
-        return pc.cast(values, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())
 
 
 # --------------------------------------------------------------------------- the tables

@@ -59,7 +59,7 @@ import orjson
 import pyarrow as pa
 
 from reverse_etl.destinations import jobs
-from reverse_etl.destinations.base import Destination, Removed, Request
+from reverse_etl.destinations.base import Destination, Leaving, Removed, Request
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
 from reverse_etl.destinations.http import decoded, error_detail
 from reverse_etl.errors import DestinationError
@@ -107,7 +107,7 @@ class Membership:
     def requests(self, book_id: int, members: pa.Table) -> Iterator[Request]:
         """The removal calls; 0 stands for a contact id a lookup would find (as for a book not
         looked up yet)."""
-        ids = [_contact_id(d) or 0 for d in _column(members, "dest_id")]
+        ids = [_contact_id(m.dest_id) or 0 for m in Leaving.rows(members)]
         for start in range(0, len(ids), MAX_REMOVE):
             chunk = ids[start : start + MAX_REMOVE]
             yield Request("POST", removal_path(book_id), orjson.dumps(chunk), len(chunk))
@@ -122,13 +122,7 @@ class Membership:
                 m.error = self._error(m, "no email kept for this member: it cannot be found")
         self._find(book_id, [m for m in unknown if m.error is None])
         self._delete(book_id, [m for m in members if m.contact is not None and m.error is None])
-        out = Removed()
-        for m in members:
-            if m.error is not None:
-                out.errors.append(m.error)
-            else:
-                out.ids.append(m.ident)
-        return out
+        return Removed.of(members)
 
     def _find(self, book_id: int, members: list[_Member]) -> None:
         """The contact ids of ``members`` that are in the book, in the fewest calls."""
@@ -288,21 +282,7 @@ def _contact_id(value: str | None) -> int | None:
         return None
 
 
-def _column(table: pa.Table, name: str) -> list[Any]:
-    if name in table.column_names:
-        return [None if v is None else str(v) for v in table[name].to_pylist()]
-    return [None] * table.num_rows
-
-
 def _members(table: pa.Table) -> list[_Member]:
-    rows = table["__row"].to_pylist() if "__row" in table.column_names else [0] * table.num_rows
     return [
-        _Member(row, ident, email or None, _contact_id(dest))
-        for row, ident, email, dest in zip(
-            rows,
-            table["__id"].to_pylist(),
-            _column(table, "key"),
-            _column(table, "dest_id"),
-            strict=True,
-        )
+        _Member(m.row, m.ident, m.key or None, _contact_id(m.dest_id)) for m in Leaving.rows(table)
     ]

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from reverse_etl.destinations.base import Removed, Request
+from reverse_etl.destinations.base import Leaving, Removed, Request
 from reverse_etl.destinations.http import error_detail
 from reverse_etl.destinations.klaviyo.client import (
     MAX_LIST_MEMBERS,
@@ -98,8 +98,8 @@ class Membership:
     def requests(self, list_id: str, members: pa.Table) -> Iterator[Request]:
         """The DELETE calls, with a placeholder for each profile id a lookup would find."""
         ids = [
-            dest or f"<profile id of {self.match_field} {key!r}>"
-            for key, dest in zip(_column(members, "key"), _column(members, "dest_id"), strict=True)
+            m.dest_id or f"<profile id of {self.match_field} {m.key!r}>"
+            for m in Leaving.rows(members)
         ]
         for start in range(0, len(ids), MAX_LIST_MEMBERS):
             chunk = ids[start : start + MAX_LIST_MEMBERS]
@@ -121,13 +121,7 @@ class Membership:
             m.profiles.clear()
         self._find(stale)
         self._delete(list_id, stale)
-        out = Removed()
-        for m in members:
-            if m.error is not None:
-                out.errors.append(m.error)
-            else:
-                out.ids.append(m.ident)
-        return out
+        return Removed.of(members)
 
     def _find(self, members: list[_Member]) -> None:
         """Each member's profiles, by the match field; a row error for a member without a
@@ -225,24 +219,8 @@ class Membership:
         return RowError(m.row, m.ident, self.column, m.key, "destination_rejected", message)
 
 
-def _column(table: pa.Table, name: str) -> list[Any]:
-    if name in table.column_names:
-        return [None if v is None else str(v) for v in table[name].to_pylist()]
-    return [None] * table.num_rows
-
-
 def _members(table: pa.Table) -> list[_Member]:
-    rows = table["__row"].to_pylist() if "__row" in table.column_names else [0] * table.num_rows
-    return [
-        _Member(row, ident, key, dest or None)
-        for row, ident, key, dest in zip(
-            rows,
-            table["__id"].to_pylist(),
-            _column(table, "key"),
-            _column(table, "dest_id"),
-            strict=True,
-        )
-    ]
+    return [_Member(m.row, m.ident, m.key, m.dest_id or None) for m in Leaving.rows(table)]
 
 
 def _groups(values: list[str], most: int, chars: int) -> Iterator[list[str]]:
