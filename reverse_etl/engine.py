@@ -345,7 +345,7 @@ def _run(
                 resend=options.resend,
             ):
                 earned: Earned = loaded.token
-                loaded = LoadBatch(loaded.table, _Token(earned.mark, earned.prints, key))
+                loaded = LoadBatch(loaded.table, _Token(earned.mark, earned.prints))
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     _reserve(snapshot, earned.prints, loaded.table, key)
                     pending.append(loaded)
@@ -383,6 +383,7 @@ def _run(
                     replace=replace,
                     snapshot=snapshot,
                     sent=sent.table,
+                    key=key,
                 )
                 replace = False
             if mirror and snapshot.read_complete and not _stopping(options, lock):
@@ -407,10 +408,12 @@ def _commit(
     replace: bool = False,
     snapshot: SnapshotStore | None = None,
     sent: pa.Table | None = None,
+    key: str = "",
 ) -> None:
     """Count the batch, remember what it sent in the snapshot, then move the watermark past
     it (in that order: see ``snapshot/local.py``). ``replace``: the first acknowledged batch
-    of a full refresh, which takes the place of the old watermark (even behind it)."""
+    of a full refresh, which takes the place of the old watermark (even behind it). ``key``:
+    the field the destination finds a record by (``match_field``), kept with each row."""
     c = record.counts
     c.sent += loaded.sent
     c.created += loaded.created
@@ -419,7 +422,7 @@ def _commit(
     errors.write(loaded.errors)
     token: _Token = loaded.token
     if snapshot is not None and token.prints is not None and sent is not None and sent.num_rows:
-        keys = _sent_keys(sent, token.key)
+        keys = _sent_keys(sent, key)
         # rows the destination refused are not held; a row sent without the part the screen
         # took off (consent without an address) is held as it is: its error was reported, and
         # sending it again cannot fix it until it changes
@@ -441,7 +444,6 @@ class _Token:
 
     mark: Watermark | None
     prints: pa.Table | None = None  # fingerprints of the rows sent, for the snapshot
-    key: str = ""  # the field the destination finds a record by, kept in the snapshot
 
 
 def _unsent(pending: deque[LoadBatch]) -> Iterator[RowError]:

@@ -125,13 +125,13 @@ def transformed_batches(
     try:
         for batch in source.stream(query.sql, query.params, batch_size):
             counts.read += batch.num_rows
+            if "__row" not in batch.schema.names:  # the row's place in the run (a CSV: its line)
+                numbers = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
+                batch = batch.append_column("__row", pa.array(numbers))
+            next_row += batch.num_rows
             prints = None
             todo = batch
             if snapshot is not None:
-                if "__row" not in batch.schema.names:
-                    numbers = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
-                    batch = batch.append_column("__row", pa.array(numbers))
-                next_row += batch.num_rows
                 diff = snapshot.diff(batch, resend=resend)
                 if diff.batch is not None:
                     batch = diff.batch

@@ -196,7 +196,7 @@ class Transformer:
             return default
         return f"COALESCE(UPPER(TRIM(CAST(b0.{q(self.spec.phone_region_column)} AS VARCHAR))), {default})"
 
-    def transform(self, batch: pa.RecordBatch, first_row: int) -> TransformResult:
+    def transform(self, batch: pa.RecordBatch, first_row: int = 1) -> TransformResult:
         if "__row" not in batch.schema.names:  # a CSV brings its own line numbers
             rows = pa.array(np.arange(first_row, first_row + batch.num_rows, dtype=np.int64))
             batch = batch.append_column("__row", rows)
@@ -389,21 +389,19 @@ class Transformer:
 
 
 class StreamTransformer:
-    """Transforms the batches of one read: compiles a Transformer for the first batch's
-    schema, numbers rows across the whole stream. The caller closes it when the read is over
-    (after any thread that reads has stopped)."""
+    """Transforms the batches of one read, numbered across the read (``__row``: the pipeline
+    numbers them, a CSV brings its lines): compiles a Transformer for the first batch's
+    schema. The caller closes it when the read is over (after any thread that reads has
+    stopped)."""
 
     def __init__(self, spec: TransformSpec):
         self.spec = spec
-        self.next_row = 1
         self._transformer: Transformer | None = None
 
     def transform(self, batch: pa.RecordBatch) -> TransformResult:
         if self._transformer is None:
             self._transformer = Transformer(self.spec, batch.schema)
-        out = self._transformer.transform(batch, self.next_row)
-        self.next_row += batch.num_rows
-        return out
+        return self._transformer.transform(batch)
 
     def close(self) -> None:
         if self._transformer is not None:
