@@ -426,7 +426,8 @@ def _commit(
         # rows the destination refused are not held; a row sent without the part the screen
         # took off (consent without an address) is held as it is: its error was reported, and
         # sending it again cannot fix it until it changes
-        snapshot.record(token.prints, keys, {e.row_number for e in loaded.errors})
+        refused = pa.array(sorted({e.row_number for e in loaded.errors}), pa.int64())
+        snapshot.record(token.prints, keys.filter(pc.invert(pc.is_in(keys["__row"], refused))))
     mark: Watermark | None = token.mark
     if replace:
         if mark is None:

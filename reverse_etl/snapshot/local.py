@@ -144,17 +144,11 @@ class Snapshot:
         prints = out.filter(changed).drop_columns(["unchanged"])
         return Diff(changed, prints, len(unchanged) - prints.num_rows)
 
-    def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None:
-        """Remember the rows of an acknowledged batch: ``prints`` from its ``Diff``, ``sent``
-        the rows handed to the destination (``__row`` and ``key``), minus the ``refused`` row
-        numbers. One transaction: a crash leaves the snapshot as it was before the batch."""
-        rows = sent.select(["__row", "key"])
-        if refused:
-            keep = pa.compute.invert(
-                pa.compute.is_in(rows["__row"], value_set=pa.array(sorted(refused), pa.int64()))
-            )
-            rows = rows.filter(keep)
-        if rows.num_rows == 0:
+    def record(self, prints: pa.Table, acked: pa.Table) -> None:
+        """Remember the rows of an acknowledged batch: ``prints`` from its ``Diff``, ``acked``
+        the rows the destination took (``__row``, and ``key`` as text). One transaction: a
+        crash leaves the snapshot as it was before the batch."""
+        if acked.num_rows == 0:
             return
         known = (
             bool(pa.compute.any(prints["known"]).as_py())
@@ -163,7 +157,7 @@ class Snapshot:
         )
         cur = self._cursor()
         cur.register("prints", prints)
-        cur.register("sent", rows)
+        cur.register("sent", acked)
         try:
             cur.execute("BEGIN TRANSACTION")
             cur.execute(

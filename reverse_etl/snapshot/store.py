@@ -54,7 +54,10 @@ class SnapshotStore(Protocol):
 
     def diff(self, batch: pa.RecordBatch, *, resend: bool = False) -> Diff: ...
 
-    def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None: ...
+    def record(self, prints: pa.Table, acked: pa.Table) -> None:
+        """Remember the rows the destination took (``acked``: ``__row`` (int64) and ``key``
+        (text)), with their fingerprints from the batch's ``Diff`` (``prints``)."""
+        ...
 
     def reserve(self, members: pa.Table) -> None:
         """Before a batch is handed to the destination: its identifiers the snapshot does not

@@ -258,30 +258,18 @@ class WarehouseSnapshot:
 
     # ------------------------------------------------------------------ writes
 
-    def record(self, prints: pa.Table, sent: pa.Table, refused: set[int]) -> None:
+    def record(self, prints: pa.Table, acked: pa.Table) -> None:
         """Remember the acknowledged rows of a batch (see ``Snapshot.record``), in one
         transaction of the warehouse."""
-        rows = sent.select(["__row", "key"])
-        if refused:
-            keep = pc.invert(
-                pc.is_in(rows["__row"], value_set=pa.array(sorted(refused), pa.int64()))
-            )
-            rows = rows.filter(keep)
-        if rows.num_rows == 0:
+        if acked.num_rows == 0:
             return
-        rows = pa.table(
-            {
-                "__row": pc.cast(rows["__row"], pa.int64()),
-                "key": as_text(rows["key"]),
-            }
-        )
         ours = prints.filter(pc.is_valid(prints["id"])).select(
             ["__row", "id", "payload", "consent", "doc"]
         )
         ours = ours.set_column(0, "__row", pc.cast(ours["__row"], pa.int64()))
-        acked = ours.join(rows, "__row", join_type="inner")
-        if acked.num_rows:
-            self.tables.upsert(acked.select(["id", "payload", "consent", "key", "doc"]))
+        held = ours.join(acked, "__row", join_type="inner")
+        if held.num_rows:
+            self.tables.upsert(held.select(["id", "payload", "consent", "key", "doc"]))
 
     def reserve(self, members: pa.Table) -> None:
         members = members.filter(pc.is_valid(members["id"]))
