@@ -27,6 +27,9 @@ acknowledged it and before its watermark is committed. A crash between the two r
 the snapshot already holds: they are found unchanged and not sent again, which is right, as
 they were acknowledged. A crash before the snapshot write re-sends them (idempotent upserts).
 Rows the destination refused are not recorded, so they are sent again when read again.
+Identifiers handed to the destination before it answered wait in ``pending`` (``reserve``),
+and a member's fingerprint is cleared before its removal is sent (``unsettle``): a crash at
+any point leaves a member either counted among the list's members or sent again, never lost.
 """
 
 from __future__ import annotations
