@@ -135,7 +135,7 @@ class RowJson:
 # Bytes of values one JSON query takes: DuckDB's JSON functions hold several copies of a
 # vector's values in 16 MB arenas, so 2 MB of long strings in one query outgrew the scratch
 # database's 64 MB (an OutOfMemoryException); a batch of long values goes in slices instead.
-CHUNK_BYTES = 1_000_000
+CHUNK_BYTES = 4_000_000
 
 
 def _slices(table: pa.Table, limit: int) -> list[pa.Table]:
