@@ -8,7 +8,7 @@ run would refuse, and ``failed`` is left to mean only "the API refused it".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -19,7 +19,7 @@ import pyarrow.types as pt
 
 from reverse_etl.destinations.base import Destination, LoadBatch, Screened
 from reverse_etl.extract import IncrementalQuery, batch_watermark
-from reverse_etl.snapshot import SnapshotStore
+from reverse_etl.snapshot import Diff, SnapshotStore
 from reverse_etl.sources import Source
 from reverse_etl.state import RunCounts, Watermark
 from reverse_etl.transform.rowerrors import ErrorFileWriter
@@ -120,21 +120,15 @@ def transformed_batches(
     before each read (a signal, a lost lock): what was read is still handed on, so it can be
     acknowledged and committed."""
     transformer = StreamTransformer(spec)
-    next_row = 1
     nothing: TransformResult | None = None  # a transform's empty result, for an empty batch
+    read = _numbered(source.stream(query.sql, query.params, batch_size))
+    diffs = snapshot.diffs(read, resend=resend) if snapshot is not None else _no_diffs(read)
     try:
-        for batch in source.stream(query.sql, query.params, batch_size):
+        for batch, diff in diffs:
             counts.read += batch.num_rows
-            if "__row" not in batch.schema.names:  # the row's place in the run (a CSV: its line)
-                numbers = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
-                batch = batch.append_column("__row", pa.array(numbers))
-            next_row += batch.num_rows
             prints = None
             todo = batch
-            if snapshot is not None:
-                diff = snapshot.diff(batch, resend=resend)
-                if diff.batch is not None:
-                    batch = diff.batch
+            if diff is not None:
                 counts.unchanged += diff.unchanged
                 prints = diff.prints
                 todo = batch.filter(diff.changed) if diff.unchanged else batch
@@ -149,7 +143,7 @@ def transformed_batches(
             counts.rejected += out.rejected + screened.rejected
             errors.write([*out.errors, *screened.errors])  # one write: kept in row order
             skip = out.future
-            if todo is not batch:  # the transform saw only the changed rows: map its positions
+            if diff is not None and todo is not batch:  # the transform saw the changed rows
                 where = np.flatnonzero(diff.changed.to_numpy(zero_copy_only=False))
                 skip = frozenset(int(where[p]) for p in out.future)
             mark = batch_watermark(batch, spec.cursor, spec.identifier, skip)
@@ -159,4 +153,28 @@ def transformed_batches(
         if snapshot is not None:
             snapshot.read_complete = True
     finally:
+        diffs.close()
         transformer.close()
+
+
+def _numbered(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Each batch with ``__row``, its rows' places in the run (a CSV's read has its lines)."""
+    next_row = 1
+    try:
+        for batch in batches:
+            if "__row" not in batch.schema.names:
+                numbers = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
+                batch = batch.append_column("__row", pa.array(numbers))
+            next_row += batch.num_rows
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _no_diffs(
+    batches: Iterator[pa.RecordBatch],
+) -> Generator[tuple[pa.RecordBatch, Diff | None], None, None]:
+    for batch in batches:
+        yield batch, None

@@ -398,3 +398,96 @@ def test_a_member_noted_twice_before_an_answer_counts_once(tmp_path: Path) -> No
         assert snap.departed(10)["__id"].to_pylist() == ["b@x.com"]
     finally:
         snap.close()
+
+
+def _snapshot(tmp_path: Path) -> Any:
+    from reverse_etl.snapshot import Snapshot
+    from reverse_etl.transform.transformer import FieldSpec, TransformSpec
+
+    fields = (FieldSpec("email", "email", "email"), FieldSpec("score", "score", "properties.s"))
+    spec = TransformSpec("s", "email", "modified_at", fields)
+    return Snapshot(tmp_path / "s.duckdb", spec, "salt")
+
+
+def _numbered_batches(sizes: list[int], start: int = 1) -> list[pa.RecordBatch]:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    out, row = [], start
+    for size in sizes:
+        rows = range(row, row + size)
+        out.append(
+            pa.record_batch(
+                {
+                    "email": pa.array([f"p{n}@x.com" for n in rows], pa.large_string()),
+                    "score": pa.array([Decimal(n) / 100 for n in rows], pa.decimal128(12, 2)),
+                    "modified_at": pa.array(
+                        [datetime(2025, 1, 1, tzinfo=UTC)] * size, pa.timestamp("us", tz="UTC")
+                    ),
+                    "__row": pa.array(list(rows), pa.int64()),
+                }
+            )
+        )
+        row += size
+    return out
+
+
+def test_the_diff_hands_each_batch_on_as_it_came_with_its_verdict(tmp_path: Path) -> None:
+    """One query over the read's stream, yet each batch goes on whole, in order, with the
+    types it was read with; a row recorded as sent is unchanged on the next read."""
+    snap = _snapshot(tmp_path)
+    try:
+        read = _numbered_batches([3000, 1, 0, 2500])
+        first = list(snap.diffs(iter(read)))
+        assert [b.num_rows for b, _ in first] == [3000, 1, 0, 2500]
+        for (batch, diff), original in zip(first, read, strict=True):
+            assert batch.equals(original)  # values and types (large_string, decimal, tz)
+            assert diff.unchanged == 0 and diff.prints.num_rows == batch.num_rows
+        batch, diff = first[0]
+        snap.record(
+            diff.prints.slice(0, 10),
+            pa.table({"__row": batch["__row"][:10], "key": batch["email"][:10].cast(pa.string())}),
+        )
+        again = list(snap.diffs(iter(_numbered_batches([3000, 1, 0, 2500]))))
+        assert [d.unchanged for _, d in again] == [10, 0, 0, 0]
+        assert again[0][1].changed.to_pylist()[:11] == [False] * 10 + [True]
+    finally:
+        snap.close()
+
+
+def test_a_read_that_fails_midway_fails_the_diff_with_its_own_error(tmp_path: Path) -> None:
+    from reverse_etl.errors import SourceError
+
+    def failing() -> Any:
+        yield from _numbered_batches([5000])
+        raise SourceError("the warehouse went away (row 5001)")
+
+    snap = _snapshot(tmp_path)
+    try:
+        with pytest.raises(SourceError, match="went away"):
+            list(snap.diffs(failing()))
+        # the snapshot stays usable after the failed read
+        assert [b.num_rows for b, _ in snap.diffs(iter(_numbered_batches([10])))] == [10]
+    finally:
+        snap.close()
+
+
+def test_annotations_for_other_rows_than_the_batch_fail_the_run() -> None:
+    """The watermark relies on each batch's verdict being for its own rows, in order: the
+    query's rows are put in the batch's order, and anything else fails the run."""
+    from reverse_etl.snapshot.annotate import EXTRA
+    from reverse_etl.snapshot.local import _annotated, _rows_of
+
+    (batch,) = _numbered_batches([3])
+    notes = {name: pa.nulls(3) for name in EXTRA}
+    good = pa.table({"__row": [1, 2, 3], **notes})
+    assert _annotated(batch, good).num_columns == batch.num_columns + len(EXTRA)
+    late = pa.table({"__row": [7, 3, 1, 2], "x": ["g", "c", "a", "b"]})
+    mine, rest = _rows_of(batch, late)
+    assert mine is not None and mine["x"].to_pylist() == ["a", "b", "c"]
+    assert rest["__row"].to_pylist() == [7]
+    assert _rows_of(batch, late.slice(0, 2)) == (None, late.slice(0, 2))  # 1 and 2 to come
+    for rows in ([2, 1, 3], [1, 2]):
+        bad = pa.table({"__row": rows, **{n: pa.nulls(len(rows)) for n in EXTRA}})
+        with pytest.raises(RuntimeError, match="each of the read's rows once"):
+            _annotated(batch, bad)

@@ -3,7 +3,7 @@ what its diff of a batch returns (``Diff``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,10 +49,16 @@ class SnapshotStore(Protocol):
 
     def in_read(self, *, resend: bool) -> Callable[[str], str] | None:
         """For a snapshot the read itself joins (in the warehouse): what wraps the read's
-        ranked SELECT (see ``extract.build_query``). None: ``diff`` compares each batch."""
+        ranked SELECT (see ``extract.build_query``). None: ``diffs`` joins the read's stream."""
         ...
 
-    def diff(self, batch: pa.RecordBatch, *, resend: bool = False) -> Diff: ...
+    def diffs(
+        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False
+    ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
+        """Each batch of the read (numbered: ``__row``) as it goes on, with its ``Diff``.
+        ``resend``: every row counts as changed (their fingerprints are still taken). A mirror
+        run notes every identifier read."""
+        ...
 
     def record(self, prints: pa.Table, acked: pa.Table) -> None:
         """Remember the rows the destination took (``acked``: ``__row`` (int64) and ``key``

@@ -39,7 +39,7 @@ import functools
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -47,12 +47,12 @@ import pyarrow.compute as pc
 
 from reverse_etl.config import DuckDBConnection, PostgresConnection, WarehouseConnection
 from reverse_etl.errors import SourceError
-from reverse_etl.extract import DUP_RANK
 from reverse_etl.secrets import scrub
+from reverse_etl.snapshot.annotate import Annotation, take_annotations
 from reverse_etl.snapshot.fingerprint import Fingerprint
 from reverse_etl.snapshot.store import UNSETTLED, Diff, as_text
-from reverse_etl.sql import ident, literal
-from reverse_etl.transform.transformer import TransformSpec, cursor_checks, future_cursor_sql
+from reverse_etl.sql import ident
+from reverse_etl.transform.transformer import TransformSpec
 
 if TYPE_CHECKING:
     import duckdb
@@ -64,22 +64,6 @@ if TYPE_CHECKING:
 SNAPSHOT_PREFIX = "retl_snapshot_"
 SEEN_PREFIX = "retl_seen_"
 
-# the columns the read adds (and ``diff`` takes off again)
-SID = "__retl_snap_id"
-PAYLOAD = "__retl_snap_payload"
-CONSENT = "__retl_snap_consent"
-UNCHANGED = "__retl_snap_unchanged"
-KNOWN = "__retl_snap_known"
-DOC = "__retl_snap_doc"
-OLD = "__retl_snap_old"
-EXTRA = (SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN, DOC, OLD)
-_PDOC, _CDOC, _FIRST, _MOLD = (
-    "__retl_snap_pdoc",
-    "__retl_snap_cdoc",
-    "__retl_snap_first",
-    "__retl_snap_mold",
-)
-_RANKED = "\x00ranked\x00"  # where the read's ranked SELECT goes in the template
 # pg_advisory_xact_lock key held while a snapshot's schema and tables are created: b"retl-snp"
 _PG_DDL_LOCK = int.from_bytes(b"retl-snp", "big")
 
@@ -107,6 +91,9 @@ class WarehouseSnapshot:
         self.spec = spec
         self.view = view
         self.fingerprint = Fingerprint.of(spec, salt)
+        self.annotation = Annotation(
+            self.fingerprint, spec, view, tables.snapshot, postgres=tables.postgres
+        )
         self.mirror = False
         self.read_complete = False
         self.keep_old = False
@@ -147,114 +134,20 @@ class WarehouseSnapshot:
         return functools.partial(self._annotate, resend=resend)
 
     def _annotate(self, ranked: str, *, resend: bool) -> str:
-        """The read's ranked SELECT joined with the snapshot: the view's columns (all but
-        the identifier and cursor NULL where the row is unchanged), ``DUP_RANK`` and
-        ``EXTRA``. ``resend``: no row is unchanged (fingerprints are still taken)."""
-        fp, spec, pg = self.fingerprint, self.spec, self.tables.postgres
-        q = ident
-        doc = fp.pg_doc if pg else fp.doc
-        digest = fp.pg_hash if pg else fp.hash
-        text = "text" if pg else "VARCHAR"
-        cursor = f"r.{q(spec.cursor)}"
-        future = self._future(cursor)
-        first = f"COALESCE(r.{q(DUP_RANK)}, 1) = 1 AND {cursor} IS NOT NULL AND NOT ({future})"
-        prints = (
-            f"SELECT r.*, CAST(r.{q(spec.identifier)} AS {text}) AS {q(SID)}, "
-            f"{doc(fp.payload, 'r')} AS {q(_PDOC)}, {doc(fp.consent, 'r')} AS {q(_CDOC)}, "
-            f"{first} AS {q(_FIRST)} FROM ({_RANKED}) AS r"
-        )
-        # PostgreSQL would inline each level's expressions into the next, computing a row's
-        # JSON and MD5 once per use: OFFSET 0 keeps the level whole, each computed once
-        fence = " OFFSET 0" if pg else ""
-        hashed = (
-            f"SELECT h.*, {digest(f'h.{q(_PDOC)}')} AS {q(PAYLOAD)}, "
-            f"{digest(f'h.{q(_CDOC)}')} AS {q(CONSENT)} FROM ({prints}{fence}) AS h{fence}"
-        )
-        same = (
-            "FALSE"
-            if resend
-            else (
-                f"d.{q(_FIRST)} AND d.{q(SID)} IS NOT NULL AND m.id IS NOT NULL AND "
-                f"m.payload = d.{q(PAYLOAD)} AND m.consent = d.{q(CONSENT)}"
-            )
-        )
-        joined = (
-            f"SELECT d.*, COALESCE({same}, FALSE) AS {q(UNCHANGED)}, "
-            f"m.id IS NOT NULL AS {q(KNOWN)}, m.doc AS {q(_MOLD)} "
-            f"FROM ({hashed}) AS d LEFT JOIN {self.tables.snapshot} AS m ON m.id = d.{q(SID)}"
-            f"{fence}"
-        )
-        kept = {spec.identifier, spec.cursor}
-        blank = [] if resend else [c for c in self.view.names if c not in kept]
-        columns = []
-        for c in self.view.names:
-            if c not in blank:
-                columns.append(f"j.{q(c)}")
-            elif pg:  # a column of a lateral join keeps its type modifier (numeric(10,2))
-                columns.append(f"x.{q(c)}")
-            else:
-                columns.append(f"CASE WHEN j.{q(UNCHANGED)} THEN NULL ELSE j.{q(c)} END AS {q(c)}")
-        changed = f"NOT j.{q(UNCHANGED)}"
-        old = f"CASE WHEN {changed} THEN j.{q(_MOLD)} END" if self.keep_old else "NULL"
-        columns += [f"j.{q(c)}" for c in (DUP_RANK, SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN)]
-        columns += [
-            f"CASE WHEN {changed} THEN '[' || j.{q(_PDOC)} || ',' || j.{q(_CDOC)} || ']' END "
-            f"AS {q(DOC)}",
-            f"CAST({old} AS {text}) AS {q(OLD)}",
-        ]
-        sql = f"SELECT {', '.join(columns)} FROM ({joined}) AS j"
-        if pg and blank:
-            fields = ", ".join(f"j.{q(c)}" for c in blank)
-            sql += f" LEFT JOIN LATERAL (SELECT {fields}) AS x ON {changed}"
-        if pg:  # every % of a pyformat statement is significant; the ranked read's are doubled
-            sql = sql.replace("%", "%%")
-        return sql.replace(_RANKED, ranked)
+        return self.annotation.sql(ranked, resend=resend, keep_old=self.keep_old)
 
-    def _future(self, cursor: str) -> str:
-        """SQL true when the row's cursor lies beyond now + max_future_skew (as the
-        transform judges it: such a row is held back, never unchanged)."""
-        dtype = self.view.field(self.spec.cursor).type
-        checks = cursor_checks(self.spec)
-        if not self.tables.postgres:
-            return future_cursor_sql(cursor, dtype, checks)
-        bound = f"CAST({literal(checks.max_timestamp)} AS timestamptz)"
-        if pa.types.is_timestamp(dtype) and dtype.tz is not None:
-            return f"{cursor} > {bound}"
-        if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
-            zone = literal(checks.naive_timezone)
-            return f"(CAST({cursor} AS timestamp) AT TIME ZONE {zone}) > {bound}"
-        return "FALSE"
-
-    def diff(self, batch: pa.RecordBatch, *, resend: bool = False) -> Diff:
-        """The read's verdict on ``batch`` (with ``__row``): its extra columns say which rows
-        are unchanged and carry the fingerprints of the others; the batch goes on without
+    def diffs(
+        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False
+    ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
+        """The read's verdict on each batch (with ``__row``): its extra columns say which
+        rows are unchanged and carry the fingerprints of the others; the batch goes on without
         them. A mirror run notes the identifiers read in the ``seen`` table."""
-        missing = [c for c in EXTRA if c not in batch.schema.names]
-        if missing:
-            raise SourceError(
-                f"the read did not join the snapshot table (no {missing[0]!r} column): the "
-                "read must be built with this snapshot's in_read()"
-            )
-        unchanged = pc.fill_null(batch.column(UNCHANGED), False)
-        if resend:
-            unchanged = pa.array([False] * batch.num_rows, pa.bool_())
-        changed = pc.invert(unchanged)
-        prints = pa.table(
-            {
-                "__row": batch.column("__row"),
-                "id": batch.column(SID),
-                "payload": batch.column(PAYLOAD),
-                "consent": batch.column(CONSENT),
-                "known": batch.column(KNOWN),
-                "doc": batch.column(DOC),
-                "old": batch.column(OLD),
-            }
-        ).filter(changed)
-        if self.mirror:
-            ids = batch.column(SID)
-            self.tables.add_seen(ids.filter(pc.is_valid(ids)))
-        rest = batch.drop_columns(list(EXTRA))
-        return Diff(changed, prints, batch.num_rows - prints.num_rows, rest)
+        for batch in batches:
+            diff, ids = take_annotations(batch, resend=resend)
+            if self.mirror:
+                self.tables.add_seen(ids)
+            assert diff.batch is not None
+            yield diff.batch, diff
 
     # ------------------------------------------------------------------ writes
 

@@ -98,7 +98,6 @@ def peak_mb() -> float:
 def instrument(clock: Clock, marks: dict[str, float]) -> None:
     """Wrap the steps of a run with timers (see the module's docstring)."""
     import functools
-    import threading
 
     import reverse_etl.engine as engine
     import reverse_etl.pipeline as pipeline
@@ -144,55 +143,34 @@ def instrument(clock: Clock, marks: dict[str, float]) -> None:
 
     DuckDBSource.stream = timed_stream  # type: ignore[method-assign]
 
-    in_diff = threading.local()
-
-    class TimedCursor:
-        """The diff's cursor: its SQL (the join; the mirror's INSERT INTO seen) and the
-        fetch of the result as Arrow timed apart."""
-
-        def __init__(self, cur: Any) -> None:
-            self._cur = cur
-
-        def execute(self, sql: str, *args: Any) -> TimedCursor:
-            key = "diff.seen" if sql.lstrip().startswith("INSERT INTO seen") else "diff.sql"
-            t = time.perf_counter()
-            self._cur.execute(sql, *args)
-            clock.add(key, time.perf_counter() - t)
-            return self
-
-        def to_arrow_table(self) -> Any:
-            t = time.perf_counter()
-            out = self._cur.to_arrow_table()
-            clock.add("diff.fetch", time.perf_counter() - t)
-            return out
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._cur, name)
-
     opened = engine.open_snapshot
 
     def open_snapshot(*args: Any, **kwargs: Any) -> Any:
-        """The run's snapshot with its ``diff`` and ``record`` timed (instance attributes:
-        the pipeline and ``diff`` itself call them through the instance)."""
+        """The run's snapshot with its ``diffs`` and ``record`` timed (instance attributes:
+        the pipeline calls them through the instance). The diff's time is each ``next()`` of
+        its stream less the read's own time inside it (the diff pulls the read)."""
         snap: Any = opened(*args, **kwargs)
-        diff, cursor = snap.diff, getattr(snap, "_cursor", None)
+        diffs = snap.diffs
 
-        def timed_diff(*a: Any, **k: Any) -> Any:
-            in_diff.on = True
-            t = time.perf_counter()
+        def timed_diffs(*a: Any, **k: Any) -> Any:
+            stream = diffs(*a, **k)
             try:
-                return diff(*a, **k)
+                while True:
+                    t, read = time.perf_counter(), clock.seconds["read"]
+                    try:
+                        item = next(stream)
+                    except StopIteration:
+                        return
+                    finally:
+                        spent = time.perf_counter() - t - (clock.seconds["read"] - read)
+                        clock.add("diff", spent)
+                    yield item
             finally:
-                in_diff.on = False
-                clock.add("diff", time.perf_counter() - t)
+                stream.close()
 
-        snap.diff = timed_diff
-        if cursor is not None:  # diff's own cursor timed: its SQL and its fetch apart
-
-            def timed_cursor() -> Any:
-                return TimedCursor(cursor()) if getattr(in_diff, "on", False) else cursor()
-
-            snap._cursor = timed_cursor
+        snap.diffs = timed_diffs
+        if hasattr(snap, "_note_seen"):
+            timed(snap, "_note_seen", "diff.seen")
         timed(snap, "record", "record")
         return snap
 
@@ -393,8 +371,6 @@ BREAKDOWN = [
     ("read", ("read",)),
     ("(1st)", ("read.first",)),
     ("diff", ("diff",)),
-    ("d.sql", ("diff.sql",)),
-    ("d.fetch", ("diff.fetch",)),
     ("d.seen", ("diff.seen",)),
     ("transf", ("transform",)),
     ("screen", ("screen",)),
@@ -547,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\nWhere the time goes (seconds; setup = run start to the first read; read-ahead "
             "thread: read (1st = its first batch, which executes the ordered read), diff = "
-            "d.sql (the join) + d.fetch (result to Arrow) + d.seen (mirror) + Python, "
+            "the diff's stream (its DuckDB query over the read, the read's own time taken off) incl. d.seen (mirror), "
             "transform, screen, watermark, errors (error-file rows kept); then e.close (the error "
             "file sorted and written at the end); other = wall - setup - those - remove; after | "
             "the main thread, overlapping the read-ahead thread: request bodies, snapshot record, "
