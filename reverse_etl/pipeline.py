@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pt
 
+from reverse_etl.consent import mark_kept
 from reverse_etl.destinations.base import Destination, LoadBatch, Screened
 from reverse_etl.extract import IncrementalQuery, batch_watermark
 from reverse_etl.snapshot import Diff, SnapshotStore
@@ -137,7 +138,7 @@ def transformed_batches(
                 out, screened = nothing, Screened(nothing.good)
             else:
                 out = transformer.transform(todo)
-                screened = destination.screen(out.good)
+                screened = destination.screen(mark_kept(out.good, prints))
                 if nothing is None:
                     nothing = TransformResult(out.good.slice(0, 0))
             counts.rejected += out.rejected + screened.rejected

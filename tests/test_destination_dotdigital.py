@@ -424,3 +424,40 @@ def test_calls_are_paced_on_the_hourly_budget_without_429s(dotdigital):
     assert len(rig.sandbox.contacts()) == 500
     assert rig.sandbox.counters["requests"] > 2 * 12  # more than two windows' budget
     assert rig.sandbox.counters["throttled"] == 0
+
+
+def test_a_kept_consent_leaves_the_consent_data_field_out_even_when_nulls_clear(dotdigital):
+    """``null_values: clear`` sends NULLs to clear fields, but the consent data field of a row
+    whose consent Dotdigital holds from us (``consent.kept``) is left out, not cleared: the
+    person may have changed it inside Dotdigital since."""
+    import orjson
+    import pyarrow as pa
+
+    from reverse_etl.consent import KEPT
+    from reverse_etl.engine import make_destination
+
+    rig = dotdigital()
+    options = {"consent_mode": "data_field"}
+    project = rig.configure(
+        [dd_sync(options=options, consent={"email": "email_consent"}, null_values="clear")]
+    )
+    sync = project.sync("contacts")
+    dest = make_destination(project, sync)
+    table = pa.table(
+        {
+            "email": [email_of(1), email_of(2), email_of(3)],
+            "FIRSTNAME": [None, "B", "C"],
+            "consent.email": ["subscribed", "unsubscribed", "subscribed"],
+            "__row": pa.array([1, 2, 3], pa.int64()),
+            "__id": [email_of(1), email_of(2), email_of(3)],
+            KEPT: [True, False, None],
+        }
+    )
+    try:
+        [request] = list(dest.requests(table))
+    finally:
+        dest.close()
+    contacts = orjson.loads(request.body)["contacts"]
+    fields = [c["dataFields"] for c in contacts]
+    assert "NEWSLETTER_SUBSCRIBE" not in fields[0] and fields[0]["FIRSTNAME"] is None
+    assert fields[1]["NEWSLETTER_SUBSCRIBE"] == "NO" and fields[2]["NEWSLETTER_SUBSCRIBE"] == "YES"

@@ -444,6 +444,54 @@ def test_one_changed_column_sends_exactly_that_row(rig: Rig) -> None:
     assert other is not None and rig.kind.first_name_of(other) == "First8"
 
 
+CONSENT_PATHS = (
+    "/api/profile-subscription-bulk-create-jobs",
+    "/api/profile-subscription-bulk-delete-jobs",
+)
+
+
+def consent_written(kind: Kind, run: Run) -> set[str]:
+    """The addresses whose consent a run wrote: Klaviyo's subscription calls, Dotdigital's
+    import documents carrying an email status."""
+    if kind.name == "klaviyo":
+        return {
+            m.decode()
+            for r in run.writes
+            if r.path in CONSENT_PATHS
+            for m in EMAIL_RE.findall(r.body)
+        }
+    return {
+        c["identifiers"]["email"]
+        for r in run.writes
+        if r.path == kind.import_path
+        for c in kind.records(r.body)
+        if ((c.get("channelProperties") or {}).get("email") or {}).get("status")
+    }
+
+
+def test_consent_is_written_only_when_it_changed(rig: Rig) -> None:
+    """A row sent again because another column changed, a lookback, ``--full-refresh`` or
+    ``--resend`` leaves the destination's consent alone: re-sending an unchanged "yes" would
+    resubscribe a person who unsubscribed inside the vendor since."""
+    rig.warehouse.load(view())
+    rig.configure(lookback_minutes=60 * 24 * 3)
+    first = rig.run()
+    with_consent = {email_of(n) for n in range(N) if n % 3 != 2}  # "yes" and "no" rows
+    assert consent_written(rig.kind, first) == with_consent
+    # row 0 ("yes") gets a new first name, row 1's consent turns from "no" to "yes"
+    rig.warehouse.load(view({0: {"first_name": "Renamed"}, 1: {"email_consent": "yes"}}, later=60))
+    again = rig.run()
+    assert again.counts() == (N + 1, 2, N - 2, 1)
+    assert consent_written(rig.kind, again) == {email_of(1)}
+    assert rig.kind.first_name_of(rig.held(email_of(0)) or {}) == "Renamed"
+    resent = rig.run(full_refresh=True, resend=True)  # every profile again, no consent
+    assert resent.counts() == (N + 1, N, 0, 1)
+    assert consent_written(rig.kind, resent) == set()
+    if rig.kind.name == "dotdigital":  # a kept consent's contact stays in its books
+        held = rig.held(email_of(0))
+        assert held is not None and held["channelProperties"]["email"]["status"] == "subscribed"
+
+
 # --------------------------------------------------------------------------- mirror
 
 REMOVAL_PATHS = ("/relationships/profiles", "/contacts/delete")  # Klaviyo, Dotdigital

@@ -34,7 +34,8 @@ UNCHANGED = "__retl_snap_unchanged"
 KNOWN = "__retl_snap_known"
 DOC = "__retl_snap_doc"
 OLD = "__retl_snap_old"
-EXTRA = (SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN, DOC, OLD)
+CONSENT_SAME = "__retl_snap_consent_same"  # the destination holds this consent from us
+EXTRA = (SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN, CONSENT_SAME, DOC, OLD)
 _PDOC, _CDOC, _FIRST, _MOLD = (
     "__retl_snap_pdoc",
     "__retl_snap_cdoc",
@@ -96,14 +97,16 @@ class Annotation:
         )
         joined = (
             f"SELECT d.*, COALESCE({same}, FALSE) AS {q(UNCHANGED)}, "
-            f"m.id IS NOT NULL AS {q(KNOWN)}, {'m.doc' if keep_old else 'NULL'} AS {q(_MOLD)} "
+            f"m.id IS NOT NULL AS {q(KNOWN)}, "
+            f"COALESCE(m.consent = d.{q(CONSENT)}, FALSE) AS {q(CONSENT_SAME)}, "
+            f"{'m.doc' if keep_old else 'NULL'} AS {q(_MOLD)} "
             f"FROM ({hashed}) AS d LEFT JOIN {self.table} AS m ON m.id = d.{q(SID)}"
             f"{fence}"
         )
         changed = f"NOT j.{q(UNCHANGED)}"
         columns, blank = self._returned(resend)
         old = f"CASE WHEN {changed} THEN j.{q(_MOLD)} END" if keep_old else "NULL"
-        columns += [f"j.{q(c)}" for c in (SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN)]
+        columns += [f"j.{q(c)}" for c in (SID, PAYLOAD, CONSENT, UNCHANGED, KNOWN, CONSENT_SAME)]
         columns += [
             f"CASE WHEN {changed} THEN '[' || j.{q(_PDOC)} || ',' || j.{q(_CDOC)} || ']' END "
             f"AS {q(DOC)}",
@@ -172,6 +175,7 @@ def take_annotations(batch: pa.RecordBatch, *, resend: bool) -> tuple[Diff, pa.A
             "payload": batch.column(PAYLOAD),
             "consent": batch.column(CONSENT),
             "known": batch.column(KNOWN),
+            "consent_same": batch.column(CONSENT_SAME),
             "doc": batch.column(DOC),
             "old": batch.column(OLD),
         }

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
+from reverse_etl.consent import KEPT, kept_sql
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
@@ -82,7 +83,9 @@ class DotdigitalProfiles(DotdigitalBase):
         self.email_column = next(c for c, t in sync.fields().items() if t.field == "email")
         self.list_ids: dict[str, int] = {}
         self._fields_ready = False
-        self._json: RowJson | None = None
+        # one document builder per template: (the batch has the consent.kept flag, the
+        # consent data field is left out)
+        self._json: dict[tuple[bool, bool], RowJson] = {}
 
     # ------------------------------------------------------------------ config checks
 
@@ -145,7 +148,7 @@ class DotdigitalProfiles(DotdigitalBase):
 
     # ------------------------------------------------------------------ payloads
 
-    def _template(self, table: pa.Table) -> dict[str, Any]:
+    def _template(self, table: pa.Table, *, consent_field: bool = True) -> dict[str, Any]:
         identifiers: dict[str, Any] = {"email": Col("email")}
         if "mobileNumber" in table.column_names:
             identifiers["mobileNumber"] = Expr("ltrim(t.\"mobileNumber\", '+')")
@@ -160,8 +163,12 @@ class DotdigitalProfiles(DotdigitalBase):
                 Expr(f'CAST(to_json(t."{name}") AS VARCHAR)') if nested else Col(name)
             )
         doc: dict[str, Any] = {"matchIdentifier": "email", "identifiers": identifiers}
-        consent = 't."consent.email"' if "consent.email" in table.column_names else "NULL"
-        if self.consent_mode == "data_field" and consent != "NULL":
+        given = 't."consent.email"' if "consent.email" in table.column_names else "NULL"
+        # consent Dotdigital holds from us (consent.kept) is not written again: no status, no
+        # data field; its address books are still chosen by it (the same as last time)
+        kept = kept_sql(table.schema)
+        consent = given if kept == "FALSE" else f"CASE WHEN {kept} THEN NULL ELSE {given} END"
+        if self.consent_mode == "data_field" and consent != "NULL" and consent_field:
             data[self.consent_field] = Expr(
                 f"CASE {consent} WHEN 'subscribed' THEN 'YES' WHEN 'unsubscribed' THEN 'NO' END"
             )
@@ -177,7 +184,7 @@ class DotdigitalProfiles(DotdigitalBase):
                     f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}))"
                 )
             }
-        lists = self._lists_sql(consent)
+        lists = self._lists_sql(given)
         if lists:
             doc["lists"] = Expr(lists)
         return doc
@@ -226,9 +233,23 @@ class DotdigitalProfiles(DotdigitalBase):
         return table.filter(pc.invert(missing)), errors
 
     def _docs(self, table: pa.Table) -> pa.Array:
-        if self._json is None:
-            self._json = RowJson(self._template(table), drop_nulls=self.sync.null_values == "skip")
-        return self._json.build(table)
+        docs = self._builder(table, consent_field=True).build(table)
+        if self.consent_mode != "data_field" or self.sync.null_values == "skip":
+            return docs  # a kept consent's NULL is left out of the document
+        # null_values: clear sends NULLs, which would clear the consent data field of the
+        # rows whose consent is kept: those rows' documents leave the field out instead
+        kept = pc.fill_null(table[KEPT], False) if KEPT in table.column_names else None
+        if kept is None or not pc.any(kept).as_py():
+            return docs
+        bare = self._builder(table, consent_field=False).build(table)
+        return pc.if_else(kept, bare, docs)
+
+    def _builder(self, table: pa.Table, *, consent_field: bool) -> RowJson:
+        key = (KEPT in table.column_names, consent_field)
+        if key not in self._json:
+            template = self._template(table, consent_field=consent_field)
+            self._json[key] = RowJson(template, drop_nulls=self.sync.null_values == "skip")
+        return self._json[key]
 
     def import_bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
         docs = self._docs(table)
@@ -327,8 +348,8 @@ class DotdigitalProfiles(DotdigitalBase):
 
     def close(self) -> None:
         super().close()
-        if self._json is not None:
-            self._json.close()
+        for builder in self._json.values():
+            builder.close()
 
 
 def _field_type(dtype: pa.DataType) -> str:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
+from reverse_etl.consent import without_kept
 from reverse_etl.destinations.base import Request
 from reverse_etl.destinations.klaviyo import bulk
 from reverse_etl.destinations.klaviyo.client import (
@@ -149,8 +150,10 @@ class Consent:
 
     def screen(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Consent that cannot be sent, taken off its row (the channel's consent set to NULL,
-        so the profile still goes and its subscription is left alone), with a row error."""
+        so the profile still goes and its subscription is left alone), with a row error; and
+        consent unchanged since Klaviyo acknowledged it (``consent.kept``), taken off too."""
         errors: list[RowError] = []
+        table = without_kept(table)  # consent Klaviyo holds from us is not sent again
         for channel in self.columns:
             missing, found = self._without_address(table, channel)
             if found:

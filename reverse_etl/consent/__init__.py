@@ -1,0 +1,9 @@
+"""Consent that stays true: what decides whether a row's consent is sent at all.
+
+``kept.py``: consent the destination already holds from us (the snapshot's consent
+fingerprint is unchanged) is not sent again, whatever else about the row changed.
+"""
+
+from reverse_etl.consent.kept import KEPT, kept_sql, mark_kept, without_kept
+
+__all__ = ["KEPT", "kept_sql", "mark_kept", "without_kept"]
