@@ -123,7 +123,12 @@ def transformed_batches(
     transformer = StreamTransformer(spec)
     nothing: TransformResult | None = None  # a transform's empty result, for an empty batch
     read = _numbered(source.stream(query.sql, query.params, batch_size))
-    diffs = snapshot.diffs(read, resend=resend) if snapshot is not None else _no_diffs(read)
+    whole = query.where == "TRUE"  # no watermark: the whole view is read
+    diffs = (
+        snapshot.diffs(read, resend=resend, whole=whole)
+        if snapshot is not None
+        else _no_diffs(read)
+    )
     try:
         for batch, diff in diffs:
             counts.read += batch.num_rows

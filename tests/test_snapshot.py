@@ -432,13 +432,17 @@ def _numbered_batches(sizes: list[int], start: int = 1) -> list[pa.RecordBatch]:
     return out
 
 
-def test_the_diff_hands_each_batch_on_as_it_came_with_its_verdict(tmp_path: Path) -> None:
-    """One query over the read's stream, yet each batch goes on whole, in order, with the
-    types it was read with; a row recorded as sent is unchanged on the next read."""
+@pytest.mark.parametrize("whole", [True, False], ids=["streamed", "batch-by-batch"])
+def test_the_diff_hands_each_batch_on_as_it_came_with_its_verdict(
+    tmp_path: Path, whole: bool
+) -> None:
+    """One query over the read's stream (a whole read) or one per batch (an incremental
+    read), yet each batch goes on whole, in order, with the types it was read with; a row
+    recorded as sent is unchanged on the next read."""
     snap = _snapshot(tmp_path)
     try:
         read = _numbered_batches([3000, 1, 0, 2500])
-        first = list(snap.diffs(iter(read)))
+        first = list(snap.diffs(iter(read), whole=whole))
         assert [b.num_rows for b, _ in first] == [3000, 1, 0, 2500]
         for (batch, diff), original in zip(first, read, strict=True):
             assert batch.equals(original)  # values and types (large_string, decimal, tz)
@@ -448,7 +452,7 @@ def test_the_diff_hands_each_batch_on_as_it_came_with_its_verdict(tmp_path: Path
             diff.prints.slice(0, 10),
             pa.table({"__row": batch["__row"][:10], "key": batch["email"][:10].cast(pa.string())}),
         )
-        again = list(snap.diffs(iter(_numbered_batches([3000, 1, 0, 2500]))))
+        again = list(snap.diffs(iter(_numbered_batches([3000, 1, 0, 2500])), whole=whole))
         assert [d.unchanged for _, d in again] == [10, 0, 0, 0]
         assert again[0][1].changed.to_pylist()[:11] == [False] * 10 + [True]
     finally:

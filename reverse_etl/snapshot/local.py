@@ -110,14 +110,18 @@ class Snapshot:
         return cur
 
     def diffs(
-        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False
+        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False, whole: bool = True
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         """Each batch of the read (with ``__row``) with its ``Diff``: which of its rows differ
-        from what the destination holds. One DuckDB query over the whole read (``Annotation``
-        over its Arrow stream) joins it with ``members``, whose hash table is built once per
-        run, not once per batch; it returns only the annotations, each row's values stay in
-        the batch they came in. ``resend``: every row counts as changed (their fingerprints
-        are still taken)."""
+        from what the destination holds. ``resend``: every row counts as changed (their
+        fingerprints are still taken).
+
+        A whole read (``whole``: no watermark, ``--full-refresh``, mirror) is one DuckDB query
+        over the read's Arrow stream (``Annotation``), joined with ``members``, whose hash
+        table is built once per run: a join per batch scanned all of ``members`` once per
+        batch. An incremental read, a small share of the members, is joined batch by batch,
+        each batch the hash table's side, so it never builds one of every member. Either
+        returns only the annotations: each row's values stay in the batch they came in."""
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
@@ -133,6 +137,49 @@ class Snapshot:
                 carry=("__row",),
             )
         sql = self._annotation.sql("SELECT * FROM retl_read", resend=resend, keep_old=self.keep_old)
+        if whole:
+            yield from self._streamed(first, batches, schema, sql, resend)
+        else:
+            yield from self._batch_by_batch(itertools.chain([first], batches), schema, sql, resend)
+
+    def _batch_by_batch(
+        self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, sql: str, resend: bool
+    ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
+        cur = self._cursor()
+        cur.execute("SET disabled_optimizers = ''")  # the batch, the smaller side, is built
+        try:
+            for batch in batches:
+                if not batch.schema.equals(schema):  # a source's batches share a schema
+                    batch = batch.cast(schema)
+                cur.register("retl_read", pa.Table.from_batches([batch]))
+                try:
+                    notes = cur.sql(sql).to_arrow_table()
+                finally:
+                    cur.unregister("retl_read")
+                mine, _ = _rows_of(batch, notes)
+                yield self._verdict(batch, mine, resend)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _verdict(
+        self, batch: pa.RecordBatch, notes: pa.Table | None, resend: bool
+    ) -> tuple[pa.RecordBatch, Diff]:
+        diff, ids = take_annotations(_annotated(batch, notes), resend=resend)
+        if self.mirror and len(ids):
+            self._note_seen(ids)
+        assert diff.batch is not None
+        return diff.batch, diff
+
+    def _streamed(
+        self,
+        first: pa.RecordBatch,
+        batches: Iterator[pa.RecordBatch],
+        schema: pa.Schema,
+        sql: str,
+        resend: bool,
+    ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         fed: collections.deque[pa.RecordBatch] = collections.deque()
         failed: list[BaseException] = []
 
@@ -167,13 +214,8 @@ class Snapshot:
                     mine, rest = _rows_of(fed[0], notes)
                     if mine is None and chunk is not None:
                         break
-                    batch = fed.popleft()
-                    notes = rest
-                    diff, ids = take_annotations(_annotated(batch, mine), resend=resend)
-                    if self.mirror and len(ids):
-                        self._note_seen(ids)
-                    assert diff.batch is not None
-                    yield diff.batch, diff
+                    batch, notes = fed.popleft(), rest
+                    yield self._verdict(batch, mine, resend)
         except (duckdb.Error, pa.ArrowException, OSError):  # the stream's error, as DuckDB saw it
             if failed:
                 raise failed[0] from None

@@ -53,11 +53,12 @@ class SnapshotStore(Protocol):
         ...
 
     def diffs(
-        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False
+        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False, whole: bool = True
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         """Each batch of the read (numbered: ``__row``) as it goes on, with its ``Diff``.
-        ``resend``: every row counts as changed (their fingerprints are still taken). A mirror
-        run notes every identifier read."""
+        ``resend``: every row counts as changed (their fingerprints are still taken).
+        ``whole``: the read is the whole view (no watermark), not a small share of it. A
+        mirror run notes every identifier read."""
         ...
 
     def record(self, prints: pa.Table, acked: pa.Table) -> None:

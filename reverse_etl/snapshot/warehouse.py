@@ -137,7 +137,7 @@ class WarehouseSnapshot:
         return self.annotation.sql(ranked, resend=resend, keep_old=self.keep_old)
 
     def diffs(
-        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False
+        self, batches: Iterator[pa.RecordBatch], *, resend: bool = False, whole: bool = True
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         """The read's verdict on each batch (with ``__row``): its extra columns say which
         rows are unchanged and carry the fingerprints of the others; the batch goes on without
