@@ -99,8 +99,8 @@ def _values(doc: str | None) -> dict[str, Any]:
     parts = orjson.loads(doc)
     out: dict[str, Any] = {}
     for part in parts if isinstance(parts, list) else [parts]:
-        if isinstance(part, dict):
-            out.update(part)
+        if isinstance(part, dict):  # "<column>?": the consent's address is there (not shown)
+            out.update((k, v) for k, v in part.items() if not k.endswith("?"))
     return out
 
 

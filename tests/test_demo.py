@@ -202,7 +202,10 @@ def assert_validate_and_dry_run_refuse_what_the_run_refused(root: Path, store: S
         dry = run_sync(
             project, sync.name, store, RunOptions(dry_run=True, full_refresh=True, resend=True)
         )
-        assert Counter(dry.by_reason) == ran, sync.name
+        # consent the destination holds from the first run is not sent again, --resend or
+        # not (consent.kept): so nor is consent missing its address reported again
+        again = Counter({k: v for k, v in ran.items() if k != "missing_consent_address"})
+        assert Counter(dry.by_reason) == again, sync.name
         assert dry.record.counts.rejected == record.counts.rejected, sync.name
     # what the issue found validate missing on the demo is now among what all three report
     assert {"missing_consent_address", "missing_required_field", "missing_email"} <= set(seen)

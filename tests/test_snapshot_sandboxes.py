@@ -492,6 +492,33 @@ def test_consent_is_written_only_when_it_changed(rig: Rig) -> None:
         assert held is not None and held["channelProperties"]["email"]["status"] == "subscribed"
 
 
+def test_consent_that_waited_for_its_address_is_sent_when_the_address_comes(rig: Rig) -> None:
+    """SMS consent without a phone number cannot be sent (a row note); it counts as changed
+    once the number comes, not before, and not again after."""
+    if rig.kind.name != "klaviyo":
+        pytest.skip("SMS consent is Klaviyo's")
+    rig.warehouse.load(view({0: {"phone": None}}))
+    rig.configure(consent={"email": "email_consent", "sms": "email_consent"})
+    first = rig.run()
+    assert first.result.by_reason.get("missing_consent_address") == 1
+    rig.warehouse.load(view({0: {"phone": None, "first_name": "Renamed"}}, later=1_000))
+    renamed = rig.run()
+    assert renamed.counts()[1] == 1, (renamed.counts(), renamed.result.by_reason)
+    assert consent_written(rig.kind, renamed) == set()
+    assert "missing_consent_address" not in renamed.result.by_reason  # not sent: not tried
+    rig.warehouse.load(view({0: {"phone": "(415) 555-0100", "first_name": "Renamed"}}, later=2_000))
+    numbered = rig.run()
+    assert consent_written(rig.kind, numbered) == {email_of(0)}
+    sms = [
+        s
+        for s in rig.sandbox.subscriptions()
+        if s["email"] == email_of(0) and s["channel"] == "sms"
+    ]
+    assert sms and all(s["consent"] == "SUBSCRIBED" for s in sms), sms
+    rig.warehouse.load(view({0: {"phone": "(415) 555-0199", "first_name": "Renamed"}}, later=3_000))
+    assert consent_written(rig.kind, rig.run()) == set()  # a new number: consent as it was
+
+
 # --------------------------------------------------------------------------- mirror
 
 REMOVAL_PATHS = ("/relationships/profiles", "/contacts/delete")  # Klaviyo, Dotdigital

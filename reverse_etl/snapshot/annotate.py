@@ -77,7 +77,8 @@ class Annotation:
             first = f"COALESCE(r.{q(DUP_RANK)}, 1) = 1 AND {first}"
         prints = (
             f"SELECT r.*, CAST(r.{q(spec.identifier)} AS {text}) AS {q(SID)}, "
-            f"{doc(fp.payload, 'r')} AS {q(_PDOC)}, {doc(fp.consent, 'r')} AS {q(_CDOC)}, "
+            f"{doc(fp.payload, 'r')} AS {q(_PDOC)}, "
+            f"{doc(fp.consent, 'r', fp.present)} AS {q(_CDOC)}, "
             f"{first} AS {q(_FIRST)} FROM ({_RANKED}) AS r"
         )
         # PostgreSQL would inline each level's expressions into the next, computing a row's

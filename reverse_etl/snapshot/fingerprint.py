@@ -46,14 +46,22 @@ def definition(sync: Sync, destination_type: str) -> str:
     return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+# the field holding the address each consent channel needs
+ADDRESSES = {"consent.email": ("email",), "consent.sms": ("phone_number", "mobileNumber")}
+
+
 @dataclass(frozen=True)
 class Fingerprint:
-    """Which source columns make up a row's payload and its consent."""
+    """Which source columns make up a row's payload and its consent. The consent fingerprint
+    also holds whether each consented channel's address is there (``present``), not the
+    address itself: consent that could not be sent for want of an address counts as changed
+    once the address comes, and an address that changes does not resend consent."""
 
     identifier: str
     payload: tuple[str, ...]
     consent: tuple[str, ...]
     salt: str
+    present: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, spec: TransformSpec, salt: str) -> Fingerprint:
@@ -65,17 +73,22 @@ class Fingerprint:
                 side.append(f.column)
         if spec.phone_region_column and spec.phone_region_column not in payload:
             payload.append(spec.phone_region_column)
-        return cls(spec.identifier, tuple(payload), tuple(consent), salt)
+        channels = {f.field.split(".")[1] for f in spec.fields if f.field.startswith("consent.")}
+        wanted = {a for ch in channels for a in ADDRESSES.get(f"consent.{ch}", ())}
+        present = tuple(dict.fromkeys(f.column for f in spec.fields if f.field in wanted))
+        return cls(spec.identifier, tuple(payload), tuple(consent), salt, present)
 
     # ------------------------------------------------------------------ DuckDB
 
     @staticmethod
-    def doc(columns: Sequence[str], alias: str = "b") -> str:
-        """DuckDB: ``columns`` of row ``alias`` as JSON text, NULL-safe, in a fixed order."""
-        if not columns:
+    def doc(columns: Sequence[str], alias: str = "b", present: Sequence[str] = ()) -> str:
+        """DuckDB: ``columns`` of row ``alias`` as JSON text, NULL-safe, in a fixed order;
+        then, for each of ``present``, whether it is there (``"<column>?": true``)."""
+        if not columns and not present:
             return "'{}'"
-        fields = ", ".join(f"{ident(c)} := {alias}.{ident(c)}" for c in columns)
-        return f"CAST(to_json(struct_pack({fields})) AS VARCHAR)"
+        fields = [f"{ident(c)} := {alias}.{ident(c)}" for c in columns]
+        fields += [f"{ident(c + '?')} := {alias}.{ident(c)} IS NOT NULL" for c in present]
+        return f"CAST(to_json(struct_pack({', '.join(fields)})) AS VARCHAR)"
 
     def hash(self, doc: str) -> str:
         """DuckDB: 64 bits of the salted doc's MD5 (a UBIGINT), stable across releases."""
@@ -84,16 +97,15 @@ class Fingerprint:
     # ------------------------------------------------------------------ PostgreSQL
 
     @staticmethod
-    def pg_doc(columns: Sequence[str], alias: str = "r") -> str:
+    def pg_doc(columns: Sequence[str], alias: str = "r", present: Sequence[str] = ()) -> str:
         """PostgreSQL: ``columns`` of row ``alias`` as JSON text (``json_build_object``, whose
         text keeps the columns' order and renders times as ISO 8601 in the session's time
         zone, UTC for the source); past 50 columns, the parts are merged as ``jsonb``."""
-        if not columns:
+        pairs = [f"{literal(c)}, {alias}.{ident(c)}" for c in columns]
+        pairs += [f"{literal(c + '?')}, {alias}.{ident(c)} IS NOT NULL" for c in present]
+        if not pairs:
             return "'{}'"
-        parts = [
-            ", ".join(f"{literal(c)}, {alias}.{ident(c)}" for c in columns[i : i + _PG_PAIRS])
-            for i in range(0, len(columns), _PG_PAIRS)
-        ]
+        parts = [", ".join(pairs[i : i + _PG_PAIRS]) for i in range(0, len(pairs), _PG_PAIRS)]
         if len(parts) == 1:
             return f"CAST(json_build_object({parts[0]}) AS text)"
         merged = " || ".join(f"jsonb_build_object({p})" for p in parts)
