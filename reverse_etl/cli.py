@@ -288,7 +288,11 @@ def plan(obj: Ctx, sync: str, full_refresh: bool, samples: int, as_json: bool) -
 
 
 def print_runs(records: list[RunRecord]) -> None:
-    table = Table(title="runs", caption="read = sent + unchanged + rejected")
+    table = Table(
+        title="runs",
+        caption="read = sent + unchanged + rejected; consent held: subscribes not sent, as the "
+        "person opted out at the destination since (kept_unsubscribed in the error file)",
+    )
     for col in (
         "sync",
         "run",
@@ -301,6 +305,7 @@ def print_runs(records: list[RunRecord]) -> None:
         "updated",
         "failed",
         "removed",
+        "consent held",
         "seconds",
     ):
         table.add_column(col, justify="right" if col not in {"sync", "run", "status"} else "left")
@@ -322,6 +327,7 @@ def print_runs(records: list[RunRecord]) -> None:
                     c.updated,
                     c.failed,
                     c.removed,
+                    c.consent_held,
                 )
             ),
             f"{secs:.1f}",

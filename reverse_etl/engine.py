@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
+from reverse_etl.consent.memory import ConsentMemory
+from reverse_etl.consent.newest import NewestWins
 from reverse_etl.destinations import registry
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult
 from reverse_etl.destinations.registry import destination_for
@@ -48,7 +50,7 @@ from reverse_etl.snapshot import (
 from reverse_etl.snapshot.store import as_text
 from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
-from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
+from reverse_etl.transform.rowerrors import NOTES, ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import FieldSpec, TransformSpec
 from reverse_etl.util import storage
 from reverse_etl.util.prefetch import prefetch
@@ -76,7 +78,8 @@ class RunResult:
     def exit_code(self) -> int:
         if self.record.status in {"failed", "interrupted"}:
             return EXIT_FAILED
-        if self.record.counts.rejected or self.record.counts.failed or self.by_reason:
+        problems = any(reason not in NOTES for reason in self.by_reason)
+        if self.record.counts.rejected or self.record.counts.failed or problems:
             return EXIT_ROW_ERRORS
         return EXIT_OK
 
@@ -278,7 +281,8 @@ def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> 
     if options.dry_run:
         return "dry_run"
     c = record.counts
-    return "partial" if c.rejected or c.failed or result.by_reason else "success"
+    problems = any(reason not in NOTES for reason in result.by_reason)
+    return "partial" if c.rejected or c.failed or problems else "success"
 
 
 def _run(
@@ -328,6 +332,12 @@ def _run(
         except BaseException:
             snapshot.close()
             raise
+        try:
+            newest = _newest_wins(store, sync, destination, conn.type, options)
+        except BaseException:
+            destination.close()
+            snapshot.close()
+            raise
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
 
@@ -343,6 +353,7 @@ def _run(
                 stop=lambda: _stopping(options, lock),
                 snapshot=snapshot,
                 resend=options.resend,
+                newest=newest,
             ):
                 earned: Earned = loaded.token
                 loaded = LoadBatch(loaded.table, _Token(earned.mark, earned.prints))
@@ -384,6 +395,7 @@ def _run(
                     snapshot=snapshot,
                     sent=sent.table,
                     key=key,
+                    newest=newest,
                 )
                 replace = False
             if mirror and snapshot.read_complete and not _stopping(options, lock):
@@ -398,6 +410,22 @@ def _run(
             snapshot.close()
 
 
+def _newest_wins(
+    store: StateStore, sync: Sync, destination: Destination, kind: str, options: RunOptions
+) -> NewestWins | None:
+    """What the destination says about its people's consent, read back since the last run
+    (not by a dry run, which uses what earlier runs read): subscribes older than an opt-out
+    there are held back. None when the sync sends no consent or the destination reads none."""
+    columns = {channel: c.column for channel, c in sync.consent.columns().items()}
+    account = destination.consent_account() if columns else None
+    if account is None:
+        return None
+    memory = ConsentMemory(store, account)
+    if not options.dry_run:
+        destination.read_back(memory)
+    return NewestWins(memory, kind.capitalize(), columns)
+
+
 def _commit(
     store: StateStore,
     sync: Sync,
@@ -409,6 +437,7 @@ def _commit(
     snapshot: SnapshotStore | None = None,
     sent: pa.Table | None = None,
     key: str = "",
+    newest: NewestWins | None = None,
 ) -> None:
     """Count the batch, remember what it sent in the snapshot, then move the watermark past
     it (in that order: see ``snapshot/local.py``). ``replace``: the first acknowledged batch
@@ -428,6 +457,9 @@ def _commit(
         # sending it again cannot fix it until it changes
         refused = pa.array(sorted({e.row_number for e in loaded.errors}), pa.int64())
         snapshot.record(token.prints, keys.filter(pc.invert(pc.is_in(keys["__row"], refused))))
+    if newest is not None and sent is not None and sent.num_rows:
+        refused = pa.array(sorted({e.row_number for e in loaded.errors}), pa.int64())
+        newest.acknowledged(sent.filter(pc.invert(pc.is_in(sent["__row"], refused))))
     mark: Watermark | None = token.mark
     if replace:
         if mark is None:

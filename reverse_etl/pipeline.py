@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.types as pt
 
 from reverse_etl.consent import mark_kept
+from reverse_etl.consent.newest import NewestWins
 from reverse_etl.destinations.base import Destination, LoadBatch, Screened
 from reverse_etl.extract import IncrementalQuery, batch_watermark
 from reverse_etl.snapshot import Diff, SnapshotStore
 from reverse_etl.sources import Source
 from reverse_etl.state import RunCounts, Watermark
-from reverse_etl.transform.rowerrors import ErrorFileWriter
+from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import (
     StreamTransformer,
     TransformResult,
@@ -113,13 +114,15 @@ def transformed_batches(
     stop: Callable[[], bool] = lambda: False,
     snapshot: SnapshotStore | None = None,
     resend: bool = False,
+    newest: NewestWins | None = None,
 ) -> Iterator[LoadBatch]:
     """Read, diff, transform and screen the query's batches; each comes with what it earns
     once acknowledged (``Earned``). With a ``snapshot``, rows the destination already holds as
     they are now are counted ``unchanged`` and go no further (a warehouse snapshot's read
     flags them itself, and its diff takes its columns off the batch). ``stop()`` is asked
     before each read (a signal, a lost lock): what was read is still handed on, so it can be
-    acknowledged and committed."""
+    acknowledged and committed. ``newest``: consent read back from the destination, against
+    which older subscribes are held back (``consent/newest.py``)."""
     transformer = StreamTransformer(spec)
     nothing: TransformResult | None = None  # a transform's empty result, for an empty batch
     read = _numbered(source.stream(query.sql, query.params, batch_size))
@@ -133,6 +136,7 @@ def transformed_batches(
         for batch, diff in diffs:
             counts.read += batch.num_rows
             prints = None
+            held: list[RowError] = []
             todo = batch
             if diff is not None:
                 counts.unchanged += diff.unchanged
@@ -143,11 +147,15 @@ def transformed_batches(
                 out, screened = nothing, Screened(nothing.good)
             else:
                 out = transformer.transform(todo)
-                screened = destination.screen(mark_kept(out.good, prints))
+                good = mark_kept(out.good, prints)
+                if newest is not None:  # subscribes older than an opt-out there: held back
+                    good, held = newest.apply(good)
+                    counts.consent_held += len(held)
+                screened = destination.screen(good)
                 if nothing is None:
                     nothing = TransformResult(out.good.slice(0, 0))
             counts.rejected += out.rejected + screened.rejected
-            errors.write([*out.errors, *screened.errors])  # one write: kept in row order
+            errors.write([*out.errors, *held, *screened.errors])  # one write: in row order
             skip = out.future
             if diff is not None and todo is not batch:  # the transform saw the changed rows
                 where = np.flatnonzero(diff.changed.to_numpy(zero_copy_only=False))

@@ -98,8 +98,35 @@ runs = sa.Table(
     sa.Column("failed", sa.BigInteger, nullable=False, default=0),
     sa.Column("unchanged", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("removed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("consent_held", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error_file", sa.Text),
     sa.Column("message", sa.Text),
+)
+
+# what a destination said about a person's consent, read back (reverse_etl/consent/memory.py):
+# the latest opt-out or opt-in seen per destination account, person and channel
+consent_seen = sa.Table(
+    "retl_consent_seen",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("person", sa.String(320), primary_key=True),
+    sa.Column("channel", sa.String(20), primary_key=True),
+    sa.Column("status", sa.String(40), nullable=False),  # subscribed|unsubscribed|suppressed
+    sa.Column("reason", sa.String(60)),  # the vendor's word: UNSUBSCRIBE, HardBounced, ...
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("read_at", sa.DateTime(timezone=True), nullable=False),
+    # when we last sent this person an opt-out there: an opt-out read back soon after is ours
+    sa.Column("ours_at", sa.DateTime(timezone=True)),
+)
+
+# how far each read-back stream of a destination account has read (its own cursor)
+consent_cursors = sa.Table(
+    "retl_consent_cursors",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("stream", sa.String(60), primary_key=True),
+    sa.Column("cursor", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 locks = sa.Table(
@@ -162,6 +189,7 @@ class RunCounts:
     failed: int = 0
     unchanged: int = 0
     removed: int = 0
+    consent_held: int = 0  # rows whose consent was not sent: the destination knows newer
 
     def add(self, other: RunCounts) -> None:
         for name in self.__dataclass_fields__:
@@ -569,10 +597,43 @@ def _v2_unchanged_removed(con: sa.Connection) -> None:
         con.execute(sa.text(f"ALTER TABLE retl_runs ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
 
 
+def _v3_consent_read_back(con: sa.Connection) -> None:
+    """Consent read back from destinations (the latest opt-out or opt-in per account, person
+    and channel, and each read-back stream's cursor); runs count the consent held back."""
+    v3 = sa.MetaData()
+    sa.Table(
+        "retl_consent_seen",
+        v3,
+        sa.Column("destination", sa.String(200), primary_key=True),
+        sa.Column("person", sa.String(320), primary_key=True),
+        sa.Column("channel", sa.String(20), primary_key=True),
+        sa.Column("status", sa.String(40), nullable=False),
+        sa.Column("reason", sa.String(60)),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("read_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ours_at", sa.DateTime(timezone=True)),
+    )
+    sa.Table(
+        "retl_consent_cursors",
+        v3,
+        sa.Column("destination", sa.String(200), primary_key=True),
+        sa.Column("stream", sa.String(60), primary_key=True),
+        sa.Column("cursor", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    v3.create_all(con)
+    con.execute(sa.text("ALTER TABLE retl_runs ADD COLUMN consent_held BIGINT NOT NULL DEFAULT 0"))
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
     Migration(2, "runs count unchanged and removed rows", _v2_unchanged_removed),
+    Migration(
+        3,
+        "consent read back from destinations; runs count consent held back",
+        _v3_consent_read_back,
+    ),
 )
 
 

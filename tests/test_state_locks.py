@@ -296,7 +296,14 @@ def test_first_runs_started_at_once_all_create_the_store(target: Target) -> None
             pass
         assert lock_row(store, "shared") is None
         tables = set(sa.inspect(store.engine).get_table_names())  # in the fresh schema
-        assert tables == {"retl_locks", "retl_runs", "retl_schema_version", "retl_watermarks"}
+        assert tables == {
+            "retl_locks",
+            "retl_runs",
+            "retl_schema_version",
+            "retl_watermarks",
+            "retl_consent_seen",
+            "retl_consent_cursors",
+        }
         store.close()
 
 

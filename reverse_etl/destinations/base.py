@@ -18,7 +18,7 @@ import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, final
 
 import pyarrow as pa
 
@@ -27,6 +27,9 @@ from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.jobs import in_order
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
+
+if TYPE_CHECKING:
+    from reverse_etl.consent.memory import ConsentMemory
 
 
 @dataclass
@@ -284,6 +287,15 @@ class Destination(ABC):
 
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Network set-up before the first batch (find or create the list, fields ...)."""
+
+    def consent_account(self) -> str | None:
+        """The account whose people's consent this destination reads back
+        (``consent.memory.account_key``); None: it reads none back."""
+        return None
+
+    def read_back(self, memory: ConsentMemory) -> None:  # noqa: B027 - optional hook
+        """Read what people did to their consent at the destination since the last read
+        (unsubscribes, complaints, suppressions) into ``memory``, before a run reads a row."""
 
     def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """The cheap part of ``screen`` again, as a safety net for a batch that was not

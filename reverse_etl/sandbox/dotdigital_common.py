@@ -32,6 +32,7 @@ INSIGHT_STATUS = {
     DONE: "Complete",
     FAILED: "Failed",
 }
+# v3 email channel status -> v2 ApiContactStatuses (others: first letter upper-cased)
 V2_STATUS = {
     "subscribed": "Subscribed",
     "unsubscribed": "Unsubscribed",
@@ -39,6 +40,10 @@ V2_STATUS = {
     "suppressed": "Suppressed",
     "softBounced": "SoftBounced",
     "hardBounced": "HardBounced",
+    "ispComplained": "IspComplained",
+    "directComplaint": "DirectComplaint",
+    "sharedsuppression": "SharedSuppression",
+    "domainSuppressed": "DomainSuppression",
 }
 # Error codes by violation kind, per API family.
 V3_CODES = {

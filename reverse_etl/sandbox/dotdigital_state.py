@@ -20,6 +20,30 @@ No HTTP here; ``dotdigital.py`` turns requests into these calls. The rules:
 * New contacts' email channel defaults to ``subscribed`` (spec); ``verifiedDouble`` opt-in makes
   it ``pendingOptIn``. The SMS channel of a new contact defaults to ``noSubscription`` (the
   spec defers to an account setting the sandbox does not have).
+* Email status history: when a contact's email status becomes ``unsubscribed`` or a suppression
+  status (``hardBounced``, ``ispComplained``, ``suppressed``, ...), the contact's removal is
+  kept (``removals``): when (``dateRemoved``, UTC, to the millisecond, as v2 prints it) and why
+  (``reason``, in v2's ``ApiContactStatuses`` spelling: ``Unsubscribed``, ``IspComplained``,
+  ...), for ``GET /v2/contacts/unsubscribed-since|suppressed-since/{date}``. It is cleared when
+  the status becomes ``subscribed`` again; an import that leaves the status as it is keeps the
+  first date. A challenged resubscription (``pendingOptIn``) keeps it: the person has not
+  confirmed yet (UNCONFIRMED: Dotdigital does not say what its suppression list shows then).
+* Resubscribing by import (v3 ``PUT /contacts/v3/import`` and ``PATCH`` of one contact): asking
+  for ``subscribed`` for an ``unsubscribed`` contact resubscribes it.
+  ``channelProperties.email.resubscribeOptions.resubscribeWithNoChallenge`` defaults to true
+  (v3 spec), so the status becomes ``subscribed``; with it false Dotdigital sends a challenge
+  email and the status is ``pendingOptIn`` until the person confirms (``act_as_person``
+  ``subscribe``). A ``verifiedDouble`` opt-in still makes it ``pendingOptIn``. A contact in a
+  suppression status (``hardBounced``, ``ispComplained``, ``suppressed``, ...) keeps its email
+  status whatever an import asks; the rest of the row is applied (v3 docs: "Updating a
+  suppressed contact will succeed and the contacts channel statuses will remain unchanged";
+  help centre: an import of suppressed contacts "will not be successful"). Whether Dotdigital
+  also reports such a row (``globallySuppressed`` or a failure) is UNCONFIRMED; the sandbox
+  counts it as updated.
+* The person inside Dotdigital (``act_as_person``): ``unsubscribe`` (status ``unsubscribed``,
+  reason ``Unsubscribed``), ``subscribe`` (``subscribed``, removal cleared), ``complain``
+  (``ispComplained``, reason ``IspComplained``), at a given time; each also moves the contact's
+  ``updated`` (UNCONFIRMED whether Dotdigital does).
 """
 
 from __future__ import annotations
@@ -28,7 +52,7 @@ import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from reverse_etl.sandbox.jobs import iso, utcnow
@@ -41,6 +65,36 @@ STANDARD_FIELDS = ("FIRSTNAME", "LASTNAME", "FULLNAME", "GENDER", "POSTCODE")
 MERGE_OPTIONS = ("overwrite", "overwriteIfNotEmpty", "overwriteIfEmpty")
 _COUNTRY = {"44": "GB", "1": "US", "31": "NL", "32": "BE", "33": "FR", "49": "DE", "61": "AU"}
 _CAPITAL = {"plainText": "PlainText", "verifiedDouble": "VerifiedDouble"}
+#: v3 email channel statuses that take a contact off the channel, with the reason v2's
+#: since-endpoints give (``ApiContactStatuses``); v3 statuses without a v2 spelling are left
+#: out (the sandbox never sets them).
+REMOVAL_REASONS = {
+    "unsubscribed": "Unsubscribed",
+    "hardBounced": "HardBounced",
+    "ispComplained": "IspComplained",
+    "directComplaint": "DirectComplaint",
+    "suppressed": "Suppressed",
+    "sharedsuppression": "SharedSuppression",
+    "domainSuppressed": "DomainSuppression",
+}
+#: the v3 contact's top-level ``status`` enum; any other email status shows as ``suppressed``
+CONTACT_STATUSES = frozenset(
+    {
+        "subscribed",
+        "unsubscribed",
+        "pendingOptIn",
+        "deleted",
+        "suppressed",
+        "binned",
+        "noSubscription",
+    }
+)
+#: what the person can do inside Dotdigital (``act_as_person``), and the email status it gives
+PERSON_ACTIONS = {
+    "unsubscribe": "unsubscribed",
+    "subscribe": "subscribed",
+    "complain": "ispComplained",
+}
 
 
 def _capital(word: str) -> str:
@@ -77,6 +131,28 @@ def typed_value(kind: str, value: Any) -> tuple[bool, Any]:
     return False, value
 
 
+def to_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC (a naive one taken as UTC), cut to the millisecond v2 prints."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def v2_time(moment: datetime) -> str:
+    """A UTC time as v2 prints it: ``2020-01-01T09:40:18.527Z``."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Removal:
+    """When and why a contact's email channel was taken away (v2 ``ApiContactSuppression``)."""
+
+    at: datetime  # UTC, to the millisecond
+    reason: str  # ApiContactStatuses spelling
+
+    def doc(self) -> dict[str, str]:
+        return {"dateRemoved": v2_time(self.at), "reason": self.reason}
+
+
 @dataclass
 class ImportRow:
     """The outcome of one contact of an import."""
@@ -103,6 +179,7 @@ class DotdigitalState:
         self.address_books: dict[int, dict[str, Any]] = {}
         self.members: dict[int, dict[int, str]] = {}  # book id -> contact id -> status
         self.collections: dict[str, dict[str, Any]] = {}
+        self.removals: dict[int, Removal] = {}  # contact id -> its current removal
 
     # --- data fields -------------------------------------------------------------------------
 
@@ -230,17 +307,24 @@ class DotdigitalState:
         result.outcome = "created" if created else "updated"
         self._set_identifiers(contact, email, mobile, created)
         self._set_fields(contact, row.get("dataFields") or {}, merge, result)
-        self._set_channels(contact, row.get("channelProperties") or {}, created)
+        self._set_channels(
+            contact, row.get("channelProperties") or {}, created, datetime.fromisoformat(stamp)
+        )
         for list_id in row.get("lists") or ():
             self.members[list_id].setdefault(cid, "subscribed")
         for record in row.get("consentRecords") or ():
             contact["consentRecords"].append({**record, "dateTimeCreated": stamp})
         if row.get("preferences"):
             contact["preferences"] = list(row["preferences"])
-        contact["status"] = contact["channelProperties"]["email"]["status"]
         contact["updated"] = stamp
         result.identifiers = dict(contact["identifiers"])
         return result
+
+    def field_failures(self, values: Mapping[str, Any]) -> list[dict[str, str]]:
+        """What an import would list in ``failures`` for these data field values (no change)."""
+        result = ImportRow("check")
+        self._set_fields({"dataFields": {}}, values, "overwrite", result)
+        return result.failures
 
     @staticmethod
     def _reject(result: ImportRow, code: str, description: str) -> ImportRow:
@@ -303,8 +387,9 @@ class DotdigitalState:
             else:
                 stored[df["name"]] = typed
 
-    @staticmethod
-    def _set_channels(contact: dict[str, Any], props: Mapping[str, Any], created: bool) -> None:
+    def _set_channels(
+        self, contact: dict[str, Any], props: Mapping[str, Any], created: bool, at: datetime
+    ) -> None:
         channels = contact["channelProperties"]
         email = props.get("email") or {}
         target = channels["email"]
@@ -312,18 +397,85 @@ class DotdigitalState:
             target["emailType"] = _capital(email["emailType"])
         if "optInType" in email:
             target["optInType"] = _capital(email["optInType"])
+        status = target["status"]
         if "status" in email:
-            target["status"] = email["status"]
+            status = self._requested_status(contact, email, created)
         if (
             target["optInType"] == "VerifiedDouble"
-            and target["status"] == "subscribed"
+            and status == "subscribed"
             and (created or "status" in email)
         ):
-            target["status"] = "pendingOptIn"
+            status = "pendingOptIn"
+        self.set_email_status(contact, status, at)
         for name in ("sms", "whatsApp"):
             status = (props.get(name) or {}).get("status")
             if status is not None:
                 channels.setdefault(name, {})["status"] = status
+
+    def _requested_status(
+        self, contact: Mapping[str, Any], email: Mapping[str, Any], created: bool
+    ) -> str:
+        """The email status an import's ``channelProperties.email`` leads to (module doc)."""
+        wanted = str(email["status"])
+        current = contact["channelProperties"]["email"]["status"]
+        if created or wanted == current:
+            return wanted
+        if current in REMOVAL_REASONS and current != "unsubscribed":
+            return str(current)  # suppressed: an import does not change it
+        challenged = current == "pendingOptIn" and contact["contactId"] in self.removals
+        if wanted == "subscribed" and (current == "unsubscribed" or challenged):
+            options = email.get("resubscribeOptions") or {}
+            if options.get("resubscribeWithNoChallenge", True):
+                return "subscribed"
+            return "pendingOptIn"  # a resubscription email is sent; confirmed by the person
+        return wanted
+
+    def set_email_status(
+        self, contact: dict[str, Any], status: str, at: datetime, *, renew: bool = False
+    ) -> None:
+        """Set the email channel's status and keep the removal history in step with it.
+
+        A removal is recorded when the status becomes a removal status (``renew``: also when
+        it already was one, as when the person unsubscribes again), cleared when it becomes
+        ``subscribed``; other statuses (``pendingOptIn``) leave it as it is."""
+        target = contact["channelProperties"]["email"]
+        old = target["status"]
+        target["status"] = status
+        contact["status"] = status if status in CONTACT_STATUSES else "suppressed"
+        cid = contact["contactId"]
+        reason = REMOVAL_REASONS.get(status)
+        if reason is not None:
+            if renew or old != status or cid not in self.removals:
+                self.removals[cid] = Removal(to_utc(at), reason)
+        elif status == "subscribed":
+            self.removals.pop(cid, None)
+
+    def act_as_person(self, cid: int, action: str, at: datetime) -> None:
+        """The person behind contact ``cid`` acts inside Dotdigital (``PERSON_ACTIONS``)."""
+        status = PERSON_ACTIONS.get(action)
+        if status is None:
+            raise ValueError(
+                f"Unknown action {action!r}; one of {', '.join(sorted(PERSON_ACTIONS))}."
+            )
+        contact = self.contacts[cid]
+        self.set_email_status(contact, status, at, renew=True)
+        contact["updated"] = iso(to_utc(at))
+
+    def removed_since(
+        self, since: datetime, reasons: frozenset[str] | None = None
+    ) -> list[tuple[int, Removal]]:
+        """Contacts with an email address removed strictly after ``since`` (with one of
+        ``reasons``; None: any), oldest removal first (then by contact id)."""
+        since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+        rows = [
+            (cid, removal)
+            for cid, removal in self.removals.items()
+            if removal.at > since
+            and (reasons is None or removal.reason in reasons)
+            and self.contacts[cid]["identifiers"].get("email")
+        ]
+        rows.sort(key=lambda row: (row[1].at, row[0]))
+        return rows
 
     # --- insight data ------------------------------------------------------------------------
 

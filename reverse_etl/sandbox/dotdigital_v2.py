@@ -1,4 +1,5 @@
-"""Dotdigital's v2 address books (lists) and contact data fields.
+"""Dotdigital's v2 address books (lists), contact data fields, and unsubscribed and suppressed
+contacts.
 
 Taking contacts out of a book (``POST /v2/address-books/{id}/contacts/delete``) is a job, as
 the spec has it ("This will run in the background"): answered 202 with an
@@ -8,6 +9,18 @@ the spec has it ("This will run in the background"): answered 202 with an
 ``failed_job`` fault ``Failed``, nothing removed. The spec's fourth status,
 ``NotAvailableInThisVersion``, is never answered. The members leave when the job completes,
 not when it is accepted, so a client that takes the 202 for the removal sees them still there.
+
+``GET /v2/contacts/unsubscribed-since/{date}`` and ``GET /v2/contacts/suppressed-since/{date}``
+answer a JSON array of ``ApiContactSuppression`` (``{suppressedContact: ApiContact with
+dataFields null, dateRemoved, reason}``) for the contacts whose email removal (see
+``dotdigital_state``) is strictly after ``date`` (the spec's ``date-time``: a date alone or a
+time without an offset is refused as a parameter violation; with validation off such a time
+is taken as UTC), paged by ``select`` (1-1000, default 1000; 400 outside) and ``skip`` (default 0).
+unsubscribed-since lists reason ``Unsubscribed`` only; suppressed-since lists every reason,
+``Unsubscribed`` included (UNCONFIRMED: the spec says "suppressed contacts ... along with the
+reason for suppression" without listing the reasons). A contact resubscribed since is not
+listed. Rows come oldest removal first, ties by contact id (UNCONFIRMED: the spec and docs give
+no order; clients page with ``skip`` and should not rely on it).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from starlette.responses import Response
@@ -40,7 +54,8 @@ DELETION_STATUS = {
 
 
 class AddressBooksAPI(DotdigitalBase):
-    """/v2/address-books..., /v2/contacts/deletion/{id} and /v2/data-fields."""
+    """/v2/address-books..., /v2/contacts/deletion/{id}, /v2/data-fields and
+    /v2/contacts/unsubscribed-since|suppressed-since/{date}."""
 
     def __init__(self, settings: SandboxSettings | None = None):
         # removals accepted whose work is not handed to the job runner yet (``wait_idle``)
@@ -103,24 +118,55 @@ class AddressBooksAPI(DotdigitalBase):
         with self.lock:
             book = self._book(call.path_params["addressBookId"])
             ids = list(self.state.members[book["id"]])[skip : skip + select]
-            out = []
-            for cid in ids:
-                c = self.state.contacts[cid]
-                email = c["channelProperties"]["email"]
-                out.append(
-                    {
-                        "id": cid,
-                        "email": c["identifiers"].get("email"),
-                        "optInType": email["optInType"],
-                        "emailType": email["emailType"],
-                        "dataFields": [{"key": k, "value": v} for k, v in c["dataFields"].items()]
-                        if full
-                        else None,
-                        "status": V2_STATUS.get(
-                            c["status"], c["status"][:1].upper() + c["status"][1:]
-                        ),
-                    }
-                )
+            out = [self._v2_contact(cid, full) for cid in ids]
+        return JSONResponse(out)
+
+    def _v2_contact(self, cid: int, full: bool) -> dict[str, Any]:
+        """Contact ``cid`` as v2's ``ApiContact`` (``dataFields`` null unless ``full``)."""
+        c = self.state.contacts[cid]
+        email = c["channelProperties"]["email"]
+        status = email["status"]
+        return {
+            "id": cid,
+            "email": c["identifiers"].get("email"),
+            "optInType": email["optInType"],
+            "emailType": email["emailType"],
+            "dataFields": [{"key": k, "value": v} for k, v in c["dataFields"].items()]
+            if full
+            else None,
+            "status": V2_STATUS.get(status, status[:1].upper() + status[1:]),
+        }
+
+    # --- v2 unsubscribed and suppressed contacts ---------------------------------------------
+
+    async def get_unsubscribed_since(self, call: Call) -> Response:
+        """``GET /v2/contacts/unsubscribed-since/{date}``: removals with reason Unsubscribed."""
+        return self._removed_since(call, frozenset({"Unsubscribed"}))
+
+    async def get_suppressed_since(self, call: Call) -> Response:
+        """``GET /v2/contacts/suppressed-since/{date}``: every removal, unsubscribes included."""
+        return self._removed_since(call, None)
+
+    def _removed_since(self, call: Call, reasons: frozenset[str] | None) -> Response:
+        """``ApiContactSuppression`` rows of contacts removed after ``date`` (module doc)."""
+        select, skip = self._select_skip(call)
+        raw = call.path_params["date"]
+        try:
+            since = datetime.fromisoformat(raw)
+        except ValueError:  # the spec's format: date-time
+            raise fail(
+                400,
+                "parameter",
+                "ERROR_PARAMETER_INVALID",
+                f"date {raw!r} is not a date-time.",
+                "date",
+            ) from None
+        with self.lock:
+            rows = self.state.removed_since(since, reasons)[skip : skip + select]
+            out = [
+                {"suppressedContact": self._v2_contact(cid, False), **removal.doc()}
+                for cid, removal in rows
+            ]
         return JSONResponse(out)
 
     async def remove_contacts(self, call: Call) -> Response:

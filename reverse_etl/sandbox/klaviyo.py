@@ -3,7 +3,15 @@
 Serves the bulk endpoints a sync uses (profile import jobs, lists and membership, consent,
 events, catalog items) plus the lookups a client needs, checks every request against Klaviyo's
 published spec and documented limits, and keeps the account in memory for tests to inspect
-(``profiles()``, ``list_members()``, ``subscriptions()``, ``events()``, ``catalog_items()``).
+(``profiles()``, ``list_members()``, ``subscriptions()``, ``suppressions()``, ``events()``,
+``catalog_items()``).
+
+Consent can be read back as Klaviyo gives it: ``GET /api/profiles`` and ``/api/profiles/{id}``
+with ``additional-fields[profile]=subscriptions`` (email marketing consent and its global
+suppressions, SMS consent), and ``GET /api/profiles`` filters and sorts on
+``subscriptions.email.marketing.suppression.timestamp``. What the person does inside Klaviyo
+(unsubscribe link, preference page, spam complaint, a suppression in the app) is played by
+``act_as_person`` or, over HTTP, ``POST /_sandbox/person`` (sandbox-only, outside the spec).
 
 Profile rules (identity, "omitted keeps, null clears", merged ``properties``) are documented
 in ``klaviyo_state``. Documented limits enforced (all from the spec's operation descriptions):
@@ -24,22 +32,34 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from reverse_etl.sandbox.base import Endpoint
+from reverse_etl.sandbox.base import Call, Endpoint
 from reverse_etl.sandbox.faults import JOB_FAULTS, REQUEST_FAULTS
+from reverse_etl.sandbox.jobs import utcnow
 from reverse_etl.sandbox.jsonapi import error_document
 from reverse_etl.sandbox.klaviyo_catalog import CatalogAPI
-from reverse_etl.sandbox.klaviyo_common import MAX_BODY_BYTES, REVISION, jsonapi
+from reverse_etl.sandbox.klaviyo_common import (
+    MAX_BODY_BYTES,
+    REVISION,
+    bad,
+    jsonapi,
+    parse_time,
+)
 from reverse_etl.sandbox.klaviyo_consent import ConsentAPI
 from reverse_etl.sandbox.klaviyo_events import EventsAPI
 from reverse_etl.sandbox.klaviyo_lists import ListsAPI
 from reverse_etl.sandbox.klaviyo_profiles import ProfilesAPI
+from reverse_etl.sandbox.klaviyo_state import PERSON_ACTIONS, now_iso, utc_iso
 from reverse_etl.sandbox.limits import Window, klaviyo_windows, retry_after_headers
 from reverse_etl.sandbox.spec import Violation, load_spec
+
+#: The sandbox-only route for ``act_as_person`` over HTTP.
+PERSON_PATH = "/_sandbox/person"
 
 
 class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
@@ -70,6 +90,7 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
                 req,
             ),
             Endpoint("GET", "/api/profiles", p, self.get_profiles),
+            Endpoint("GET", "/api/profiles/{id}", p, self.get_profile),
             Endpoint(
                 "POST",
                 "/api/profile-subscription-bulk-create-jobs",
@@ -120,6 +141,8 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
                 "GET", "/api/catalog-item-bulk-update-jobs/{job_id}", ca, self.get_item_job, req
             ),
             Endpoint("GET", "/api/catalog-items", ca, self.get_items),
+            # sandbox-only (no spec): the person acting inside Klaviyo, for tests and the demo
+            Endpoint("POST", PERSON_PATH, None, self.person_action),
         ]
 
     def authenticate(self, request: Request) -> str | None:
@@ -129,6 +152,8 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
         return None
 
     def precheck(self, request: Request, endpoint: Endpoint) -> Violation | None:
+        if endpoint.spec is None:  # sandbox-only: no revision to check
+            return None
         revision = request.headers.get("revision")
         if revision is None:
             return Violation(
@@ -154,6 +179,8 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
         )
 
     def throttle(self, principal: str, endpoint: Endpoint, request: Request) -> Response | None:
+        if endpoint.spec is None:  # sandbox-only: no rate limit
+            return None
         extra = request.query_params.get("additional-fields[list]", "") + request.query_params.get(
             "additional-fields[profile]", ""
         )
@@ -180,6 +207,63 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
             parameter=violation.parameter,
         )
         return jsonapi(doc, violation.status)
+
+    # --- the person, inside Klaviyo (for tests and the demo) -------------------------------
+
+    def act_as_person(self, email: str, action: str, *, at: datetime | None = None) -> None:
+        """Do what the person with ``email`` can do inside Klaviyo, ``at`` (default now, UTC;
+        a naive time is taken as UTC), to their email marketing consent:
+
+        * ``"unsubscribe"``: consent UNSUBSCRIBED at ``at``, an UNSUBSCRIBE suppression at ``at``;
+        * ``"subscribe"``: consent SUBSCRIBED at ``at``; UNSUBSCRIBE, SPAM_COMPLAINT and
+          USER_SUPPRESSED suppressions removed (HARD_BOUNCE, INVALID_EMAIL stay);
+        * ``"complain"``: a SPAM_COMPLAINT suppression at ``at``, consent UNSUBSCRIBED;
+        * ``"suppress"``: a USER_SUPPRESSED suppression at ``at``.
+
+        KeyError for an email no profile has; ValueError for another action.
+        """
+        if action not in PERSON_ACTIONS:
+            raise ValueError(f"unknown action {action!r}; one of {', '.join(PERSON_ACTIONS)}")
+        when = utc_iso(at or utcnow())
+        with self.lock:
+            profile_id = self.state.find_by("email", email)
+            if profile_id is None:
+                raise KeyError(email)
+            self.state.person_acts(profile_id, action, when, now_iso())
+
+    async def person_action(self, call: Call) -> Response:
+        """POST /_sandbox/person ``{"email", "action", "at"?}``: ``act_as_person`` over HTTP.
+
+        204 done; 404 for an unknown email (counted as ``not_found``, as a lookup miss); 400
+        for a body that is not such an object, an unknown action or an ``at`` that is not an
+        ISO 8601 time. Outside the vendor's API, so a 400 here is not recorded as a violation.
+        """
+        body = call.body
+        if not isinstance(body, dict):
+            return self._person_refusal('The body must be {"email", "action", "at"?}.', "/")
+        email, action, at = body.get("email"), body.get("action"), body.get("at")
+        if not isinstance(email, str):
+            return self._person_refusal("email must be a string.", "/email")
+        if action not in PERSON_ACTIONS:
+            return self._person_refusal(
+                f"action must be one of {', '.join(PERSON_ACTIONS)}; got {action!r}.", "/action"
+            )
+        moment = None
+        if at is not None:
+            try:
+                moment = parse_time(at) if isinstance(at, str) else None
+            except ValueError:
+                moment = None
+            if moment is None:
+                return self._person_refusal("at must be an ISO 8601 date-time.", "/at")
+        try:
+            self.act_as_person(email, action, at=moment)
+        except KeyError:
+            raise bad(f"No profile has email {email!r}.", status=404, kind="not_found") from None
+        return Response(status_code=204)
+
+    def _person_refusal(self, detail: str, pointer: str) -> Response:
+        return self.error_response(Violation(400, "semantic", detail, pointer=pointer))
 
     # --- inspection (for tests; no HTTP, no faults) -----------------------------------------
 
@@ -208,6 +292,19 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
         """One record per (profile, channel, consent type): the latest consent given or revoked."""
         return self._copy(list(self.state.subscriptions.values()))
 
+    def suppressions(self, email: str) -> list[dict[str, Any]]:
+        """The email marketing suppressions of the profile with ``email``, oldest first:
+        ``[{"reason": ..., "timestamp": ...}]`` (UTC ISO times). KeyError for an unknown email."""
+        with self.lock:
+            profile_id = self.state.find_by("email", email)
+            if profile_id is None:
+                raise KeyError(email)
+            held = self.state.suppressions.get(profile_id, {})
+            return [
+                {"reason": reason, "timestamp": at}
+                for reason, at in sorted(held.items(), key=lambda item: (item[1], item[0]))
+            ]
+
     def events(self) -> list[dict[str, Any]]:
         return self._copy(self.state.events)
 
@@ -215,4 +312,4 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
         return self._copy(list(self.state.catalog.values()))
 
 
-__all__ = ["REVISION", "KlaviyoSandbox"]
+__all__ = ["PERSON_PATH", "REVISION", "KlaviyoSandbox"]

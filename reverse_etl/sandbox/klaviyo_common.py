@@ -78,10 +78,13 @@ PROFILE_FILTERS = {
     "subscriptions.email.marketing.suppression.reason": {"equals"},
     "subscriptions.email.marketing.suppression.timestamp": CMP,
 }
+#: A profile's email marketing suppression time, filtered and sorted on by its newest one.
+SUPPRESSED_AT = "subscriptions.email.marketing.suppression.timestamp"
 PROFILE_FILTERS_DONE = {
     k: v
     for k, v in PROFILE_FILTERS.items()
     if k in ("id", "email", "phone_number", "external_id", "_kx", "created", "updated")
+    or k == SUPPRESSED_AT
 }
 LIST_FILTERS = {
     "name": EQ_ANY,

@@ -1,4 +1,5 @@
-"""Klaviyo's bulk subscribe and unsubscribe jobs: email/SMS consent per profile."""
+"""Klaviyo's bulk subscribe and unsubscribe jobs: email/SMS consent per profile, and the email
+marketing suppressions they lift or make (``subscribe``, ``unsubscribe``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from starlette.responses import Response
 
 from reverse_etl.sandbox.base import Call
-from reverse_etl.sandbox.jobs import Job, iso, utcnow
+from reverse_etl.sandbox.jobs import Job, utcnow
 from reverse_etl.sandbox.klaviyo_common import (
     CHUNK,
     MAX_SUBSCRIBE,
@@ -20,7 +21,7 @@ from reverse_etl.sandbox.klaviyo_common import (
     over_limit,
     parse_time,
 )
-from reverse_etl.sandbox.klaviyo_state import ProfileError, now_iso
+from reverse_etl.sandbox.klaviyo_state import LIFTED_BY_SUBSCRIBE, ProfileError, now_iso
 
 # per profile: (its id or None, its attributes, its (channel, kind, consented_at) consents)
 _Plan = list[tuple[str | None, Mapping[str, Any], list[tuple[str, str, str | None]]]]
@@ -39,6 +40,17 @@ class ConsentAPI(KlaviyoBase):
         return str(rel["id"])
 
     async def subscribe(self, call: Call) -> Response:
+        """bulk_subscribe_profiles. Each consent asked for becomes SUBSCRIBED, dated
+        ``consented_at`` (a historical import) or the time the job is processed.
+
+        For email marketing it also lifts suppressions, as the operation's description says:
+        "This API will remove any `UNSUBSCRIBE`, `SPAM_REPORT` or `USER_SUPPRESSED`
+        suppressions from the provided profiles." The suppression reason enum has no
+        SPAM_REPORT; its SPAM_COMPLAINT is taken to be meant. HARD_BOUNCE and INVALID_EMAIL
+        suppressions stay, so such a profile is SUBSCRIBED but cannot receive email marketing.
+        That the lift applies only when email marketing is in the request (not for an
+        SMS-only subscribe) is the sandbox's reading.
+        """
         attrs = call.body["data"]["attributes"]
         profiles = attrs["profiles"]["data"]
         where = "/data/attributes/profiles/data"
@@ -57,6 +69,8 @@ class ConsentAPI(KlaviyoBase):
             "historical_import": historical,
             "custom_source": attrs.get("custom_source"),
             "list_id": list_id,
+            "method": "API",
+            "method_detail": None,
         }
         self.jobs.submit(
             Job("profile-subscription-bulk-create-job", len(plan)),
@@ -116,7 +130,7 @@ class ConsentAPI(KlaviyoBase):
         subscribe: bool,
     ) -> Iterator[None]:
         state = self.state
-        received = iso(utcnow())
+        received = now_iso()  # when processing starts: the time of consent not dated
         for start in range(0, len(plan), CHUNK):
             done = []
             stamp = now_iso()  # one clock read a chunk, as the import does
@@ -143,12 +157,31 @@ class ConsentAPI(KlaviyoBase):
                         {"consent": consent, "consented_at": at or received, **record},
                         stamp=stamp,
                     )
+                    if (channel, kind) != ("email", "marketing"):
+                        continue
+                    if subscribe:
+                        state.unsuppress(pid, LIFTED_BY_SUBSCRIBE, stamp)
+                    else:
+                        state.suppress(pid, "UNSUBSCRIBE", received, stamp)
                 done.append(pid)
             if list_id is not None:
                 (state.add_members if subscribe else state.remove_members)(list_id, done)
             yield
 
     async def unsubscribe(self, call: Call) -> Response:
+        """bulk_unsubscribe_profiles. Each consent named becomes UNSUBSCRIBED, dated the time
+        the job is processed (the request has no consent time to give).
+
+        For email marketing the profile also gets an UNSUBSCRIBE suppression at that time (one
+        per reason: an existing one is moved to it). ASSUMED, UNCONFIRMED in the docs: neither
+        the operation's description nor the spec says which suppression, if any, the endpoint
+        writes. It is assumed because the spec's suppression reasons include UNSUBSCRIBE, the
+        subscribe endpoint is documented to remove UNSUBSCRIBE suppressions (so something must
+        make them), and Klaviyo's help centre ("Understanding suppressed email profiles") says
+        "When someone unsubscribes, Klaviyo will suppress them" (another version of that page
+        says unsubscribes are "not displayed as suppression reasons" in the app). A client
+        should not depend on it: read ``consent`` as well as ``suppression``.
+        """
         attrs = call.body["data"]["attributes"]
         profiles = attrs["profiles"]["data"]
         where = "/data/attributes/profiles/data"
@@ -163,7 +196,13 @@ class ConsentAPI(KlaviyoBase):
             self._check_identity(i, a, None, where)
             consents = self._consents(i, a, None, False, utcnow(), where)
             plan.append((None, a, consents))
-        record = {"historical_import": False, "custom_source": None, "list_id": list_id}
+        record = {
+            "historical_import": False,
+            "custom_source": None,
+            "list_id": list_id,
+            "method": "API",
+            "method_detail": None,
+        }
         self.jobs.submit(
             Job("profile-subscription-bulk-delete-job", len(plan)),
             self._consent_work(plan, record, list_id, False),

@@ -1,9 +1,18 @@
-"""Klaviyo's bulk profile import jobs, their import errors, and profile lookups."""
+"""Klaviyo's bulk profile import jobs, their import errors, and profile lookups.
+
+``GET /api/profiles`` and ``GET /api/profiles/{id}`` give a profile's consent with
+``additional-fields[profile]=subscriptions`` in the spec's ``Subscriptions`` shape: email
+marketing always (NEVER_SUBSCRIBED for a profile never given consent), with its global
+suppressions; other channels once they have consent. ``GET /api/profiles`` filters on
+``subscriptions.email.marketing.suppression.timestamp`` (greater-than, greater-or-equal,
+less-than, less-or-equal; a profile matches by its newest suppression, never without one) and
+sorts on it (ascending or ``-`` descending; profiles without a suppression last).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -20,18 +29,28 @@ from reverse_etl.sandbox.klaviyo_common import (
     PROFILE_ATTRS,
     PROFILE_FILTERS,
     PROFILE_FILTERS_DONE,
+    SUPPRESSED_AT,
     KlaviyoBase,
     bad,
     csv_arg,
     jsonapi,
     over_limit,
     page_size,
+    parse_time,
     related_links,
     resource,
     sort_rows,
     sparse,
 )
 from reverse_etl.sandbox.klaviyo_state import ProfileError, now_iso
+from reverse_etl.sandbox.spec import SpecViolation, Violation
+
+_COMPARE = {
+    "greater-than": lambda a, b: a > b,
+    "greater-or-equal": lambda a, b: a >= b,
+    "less-than": lambda a, b: a < b,
+    "less-or-equal": lambda a, b: a <= b,
+}
 
 
 class ProfilesAPI(KlaviyoBase):
@@ -181,22 +200,50 @@ class ProfilesAPI(KlaviyoBase):
         return resource(call, "profile", "profiles", profile["id"], attrs, rels)
 
     def _subscriptions_of(self, profile_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for (pid, channel, kind), rec in self.state.subscriptions.items():
-            if pid == profile_id:
-                out.setdefault(channel, {})[kind] = {
-                    "consent": rec["consent"],
-                    "consent_timestamp": rec.get("consented_at"),
-                    "method": "API",
-                    "last_updated": rec["updated"],
-                }
+        """The profile's ``subscriptions`` (the spec's ``Subscriptions``)."""
+        consents = self.state.consents(profile_id)
+        out: dict[str, Any] = {"email": {"marketing": self._email_marketing(profile_id, consents)}}
+        for (channel, kind), rec in consents.items():
+            shaped = _channel_consent(channel, kind, rec)
+            if shaped is not None:
+                out.setdefault(shaped[0], {})[kind] = shaped[1]
         return out
+
+    def _email_marketing(
+        self, profile_id: str, consents: dict[tuple[str, str], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """``EmailMarketing``: consent (NEVER_SUBSCRIBED while none was ever recorded) and the
+        global suppressions, oldest first. ``can_receive_email_marketing``: SUBSCRIBED and not
+        suppressed. ``last_updated``: when the consent or a suppression last changed."""
+        state = self.state
+        rec = consents.get(("email", "marketing"))
+        held = state.suppressions.get(profile_id, {})
+        consent = rec["consent"] if rec else "NEVER_SUBSCRIBED"
+        changed = [
+            t for t in (rec and rec["updated"], state.suppressions_changed.get(profile_id)) if t
+        ]
+        return {
+            "can_receive_email_marketing": consent == "SUBSCRIBED" and not held,
+            "consent": consent,
+            "consent_timestamp": rec.get("consented_at") if rec else None,
+            "last_updated": max(changed) if changed else None,
+            "method": rec.get("method", "API") if rec else None,
+            "method_detail": rec.get("method_detail") if rec else None,
+            "custom_method_detail": rec.get("custom_source") if rec else None,
+            "suppression": [
+                {"reason": reason, "timestamp": at}
+                for reason, at in sorted(held.items(), key=lambda item: (item[1], item[0]))
+            ],
+            "list_suppressions": [],
+        }
 
     async def get_profiles(self, call: Call) -> Response:
         conds = self._filter(call, PROFILE_FILTERS, PROFILE_FILTERS_DONE)
+        bounds = _suppression_bounds(conds)
+        conds = [c for c in conds if c.field != SUPPRESSED_AT]
         with self.lock:
-            rows = self._select_profiles(conds)
-            rows = sort_rows(rows, call.arg("sort"))
+            rows = self._select_profiles(conds, bounds)
+            rows = self._sort_profiles(rows, call.arg("sort"))
             offset = decode_cursor(call.arg("page[cursor]"))
             page = paginate(rows, offset, page_size(call, 20))
             data = [self._profile_resource(p, call) for p in page.items]
@@ -204,15 +251,109 @@ class ProfilesAPI(KlaviyoBase):
             {"data": data, "links": page_links(call.request, page.next_offset, page.prev_offset)}
         )
 
-    def _select_profiles(self, conds: list[Condition]) -> list[dict[str, Any]]:
+    async def get_profile(self, call: Call) -> Response:
+        """GET /api/profiles/{id}: one profile, with ``subscriptions`` when asked for."""
+        if call.arg("include"):
+            raise SpecViolation(
+                Violation(501, "unsupported", "The sandbox does not include related resources.")
+            )
+        profile_id = call.path_params["id"]
+        with self.lock:
+            profile = self.state.profiles.get(profile_id)
+            if profile is None:
+                raise bad(f"Profile {profile_id!r} does not exist.", status=404, kind="not_found")
+            data = self._profile_resource(profile, call)
+        return jsonapi({"data": data, "links": {"self": str(call.request.url)}})
+
+    def _select_profiles(
+        self, conds: list[Condition], bounds: list[tuple[str, datetime]]
+    ) -> list[dict[str, Any]]:
         state = self.state
+        rows: list[dict[str, Any]] | None = None
         for c in conds:  # use the identifier indexes instead of scanning every profile
             if c.field in ("email", "phone_number", "external_id") and c.op in EQ_ANY:
                 values = c.value if isinstance(c.value, list) else [c.value]
                 ids = {state.find_by(c.field, v) for v in values if isinstance(v, str)}
-                candidates = [state.profiles[i] for i in sorted(i for i in ids if i)]
-                return [p for p in candidates if matches(p, conds, {})]
-        return [p for p in state.profiles.values() if matches(p, conds, {})]
+                rows = [state.profiles[i] for i in sorted(i for i in ids if i)]
+                break
+        candidates = state.profiles.values() if rows is None else rows
+        return [
+            p
+            for p in candidates
+            if matches(p, conds, {}) and (not bounds or self._suppressed_within(p["id"], bounds))
+        ]
+
+    def _suppressed_within(self, profile_id: str, bounds: list[tuple[str, datetime]]) -> bool:
+        latest = self.state.latest_suppression(profile_id)
+        if latest is None:
+            return False
+        at = parse_time(latest)
+        return all(_COMPARE[op](at, bound) for op, bound in bounds)
+
+    def _sort_profiles(self, rows: list[dict[str, Any]], sort: str | None) -> list[dict[str, Any]]:
+        """``sort_rows``, and the newest suppression's time for SUPPRESSED_AT (ties keep
+        creation order; profiles without a suppression last either way)."""
+        if sort is None or sort.lstrip("-") != SUPPRESSED_AT:
+            return sort_rows(rows, sort)
+        latest = self.state.latest_suppression
+        present = [r for r in rows if latest(r["id"]) is not None]
+        missing = [r for r in rows if latest(r["id"]) is None]
+        present.sort(key=lambda r: latest(r["id"]) or "", reverse=sort.startswith("-"))
+        return present + missing
+
+
+def _suppression_bounds(conds: list[Condition]) -> list[tuple[str, datetime]]:
+    """(operator, time) of each suppression-timestamp condition; 400 for a value not a time."""
+    bounds = []
+    for c in conds:
+        if c.field != SUPPRESSED_AT:
+            continue
+        try:
+            if not isinstance(c.value, str):
+                raise ValueError(c.value)
+            bounds.append((c.op, parse_time(c.value)))
+        except ValueError as exc:
+            raise SpecViolation(
+                Violation(
+                    400,
+                    "parameter",
+                    f"Invalid filter: {c.op}({c.field},...) needs a datetime, got {c.value!r}",
+                    parameter="filter",
+                )
+            ) from exc
+    return bounds
+
+
+def _channel_consent(
+    channel: str, kind: str, rec: dict[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """(``Subscriptions`` key, object) for a consent record other than email marketing, in its
+    schema's shape (``SMSMarketing``, ``SMSTransactional``, ``OpenTrackingConsent``, the
+    WhatsApp channels, ``PushMarketing``); None for what has no place there."""
+    consent = rec["consent"]
+    yes = consent == "SUBSCRIBED"
+    when = {"consent_timestamp": rec.get("consented_at")}
+    if channel == "sms" and kind in ("marketing", "transactional"):
+        return "sms", {
+            f"can_receive_sms_{kind}": yes,
+            "consent": consent,
+            **when,
+            "last_updated": rec["updated"],
+            "method": rec.get("method", "API"),
+            "method_detail": rec.get("method_detail"),
+        }
+    if (channel, kind) == ("email", "open_tracking") or (
+        channel == "whatsapp" and kind in ("marketing", "transactional")
+    ):
+        return channel, {
+            "consent": consent,
+            "can_receive": yes,
+            **when,
+            "last_updated": rec["updated"],
+        }
+    if (channel, kind) == ("push", "marketing"):
+        return "mobile_push", {"can_receive_push_marketing": yes, "consent": consent, **when}
+    return None
 
 
 class _FailedJobErrors(Sequence[dict[str, Any]]):

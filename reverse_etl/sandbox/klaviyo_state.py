@@ -13,6 +13,12 @@ No HTTP here; ``klaviyo.py`` turns requests into these calls. The rules follow K
   ``properties: null`` leaves all custom properties as they are.
 * Emails must look like ``local@domain.tld`` and phone numbers be E.164 (``+`` and 7-15
   digits); the sandbox does not check numbering plans.
+* Consent: one record per (profile, channel, consent type), the latest given or revoked
+  (``subscriptions``). Email marketing also has global *suppressions*, at most one per reason
+  (``SUPPRESSION_REASONS``, the spec's ``EmailMarketingSuppression.reason`` enum), each with
+  when it was made (``suppressions``); a profile can receive email marketing only when it is
+  SUBSCRIBED and has none. ``person_acts`` plays the person inside Klaviyo (unsubscribe link,
+  preference page, spam complaint); the API jobs' effects are in ``klaviyo_consent``.
 """
 
 from __future__ import annotations
@@ -40,9 +46,31 @@ _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 MAX_CUSTOM_METADATA_BYTES = 100_000  # a catalog item's custom_metadata: "100kb"
 
+#: profiles.json, EmailMarketingSuppression.reason.
+SUPPRESSION_REASONS = (
+    "HARD_BOUNCE",
+    "INVALID_EMAIL",
+    "SPAM_COMPLAINT",
+    "UNSUBSCRIBE",
+    "USER_SUPPRESSED",
+)
+#: What a subscribe lifts. bulk_subscribe_profiles: "This API will remove any UNSUBSCRIBE,
+#: SPAM_REPORT or USER_SUPPRESSED suppressions from the provided profiles"; the reason enum
+#: spells SPAM_REPORT as SPAM_COMPLAINT. HARD_BOUNCE and INVALID_EMAIL stay.
+LIFTED_BY_SUBSCRIBE = frozenset({"UNSUBSCRIBE", "SPAM_COMPLAINT", "USER_SUPPRESSED"})
+#: What the person can do inside Klaviyo (``KlaviyoState.person_acts``).
+PERSON_ACTIONS = ("unsubscribe", "subscribe", "complain", "suppress")
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def utc_iso(moment: datetime) -> str:
+    """``moment`` in UTC, as the sandbox prints times (naive times are taken as UTC), so that
+    stored times compare as strings."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _plain(attrs: Mapping[str, Any]) -> bool:
@@ -105,6 +133,12 @@ class KlaviyoState:
         self.lists: dict[str, dict[str, Any]] = {}
         self.members: dict[str, dict[str, str]] = {}  # list id -> profile id -> joined at
         self.subscriptions: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # profile id -> (channel, type) -> its record in ``subscriptions`` (reads per profile)
+        self._consents: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        # profile id -> suppression reason -> when (UTC ISO); one per reason
+        self.suppressions: dict[str, dict[str, str]] = {}
+        # profile id -> when its suppressions last changed (for email marketing's last_updated)
+        self.suppressions_changed: dict[str, str] = {}
         self.metrics: dict[str, str] = {}  # name -> id
         self.events: list[dict[str, Any]] = []
         self._event_keys: set[tuple[str, str, str]] = set()
@@ -282,7 +316,7 @@ class KlaviyoState:
         self, profile_id: str, channel: str, kind: str, record: Mapping[str, Any], stamp: str
     ) -> None:
         profile = self.profiles[profile_id]
-        self.subscriptions[(profile_id, channel, kind)] = {
+        rec = {
             "profile_id": profile_id,
             "email": profile.get("email"),
             "phone_number": profile.get("phone_number"),
@@ -291,6 +325,81 @@ class KlaviyoState:
             "updated": stamp,
             **record,
         }
+        self.subscriptions[(profile_id, channel, kind)] = rec
+        self._consents.setdefault(profile_id, {})[(channel, kind)] = rec
+
+    def consents(self, profile_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """The profile's consent records by (channel, type)."""
+        return self._consents.get(profile_id, {})
+
+    def suppress(self, profile_id: str, reason: str, at: str, stamp: str) -> None:
+        """Add the email marketing suppression ``reason`` made ``at`` (UTC ISO), or move an
+        existing one of that reason to ``at``: a profile has at most one per reason."""
+        if reason not in SUPPRESSION_REASONS:
+            raise ValueError(f"unknown suppression reason {reason!r}")
+        self.suppressions.setdefault(profile_id, {})[reason] = at
+        self.suppressions_changed[profile_id] = stamp
+
+    def unsuppress(self, profile_id: str, reasons: Iterable[str], stamp: str) -> None:
+        """Remove the profile's suppressions with these reasons (others stay)."""
+        held = self.suppressions.get(profile_id)
+        if not held:
+            return
+        gone = [r for r in reasons if r in held]
+        for reason in gone:
+            del held[reason]
+        if gone:
+            self.suppressions_changed[profile_id] = stamp
+        if not held:
+            del self.suppressions[profile_id]
+
+    def latest_suppression(self, profile_id: str) -> str | None:
+        """When the profile's newest suppression was made (UTC ISO), None without any."""
+        held = self.suppressions.get(profile_id)
+        return max(held.values()) if held else None
+
+    def person_acts(self, profile_id: str, action: str, at: str, stamp: str) -> None:
+        """The person does ``action`` (one of ``PERSON_ACTIONS``) inside Klaviyo ``at``.
+
+        * ``unsubscribe`` (the unsubscribe link or preference page): email marketing consent
+          UNSUBSCRIBED at ``at`` and an UNSUBSCRIBE suppression at ``at``;
+        * ``subscribe`` (a sign-up form or the preference page): consent SUBSCRIBED at ``at``
+          and the suppressions a subscribe lifts (``LIFTED_BY_SUBSCRIBE``) removed;
+        * ``complain`` (marks a message as spam): a SPAM_COMPLAINT suppression at ``at`` and
+          consent UNSUBSCRIBED;
+        * ``suppress`` (suppressed in Klaviyo's UI): a USER_SUPPRESSED suppression at ``at``;
+          consent unchanged.
+
+        The profile's ``updated`` is left alone: whether Klaviyo bumps it for a consent change
+        is not documented, so a client cannot rely on it and the sandbox does not offer it.
+        ``method``/``method_detail`` are the sandbox's choice (Klaviyo's values for these
+        actions are not in the spec).
+        """
+        if action not in PERSON_ACTIONS:
+            raise ValueError(f"unknown action {action!r}; one of {', '.join(PERSON_ACTIONS)}")
+        consent = {"subscribe": "SUBSCRIBED", "unsubscribe": "UNSUBSCRIBED"}.get(action)
+        if action == "complain":
+            consent = "UNSUBSCRIBED"
+        if consent is not None:
+            record = {
+                "consent": consent,
+                "consented_at": at,
+                "historical_import": False,
+                "custom_source": None,
+                "list_id": None,
+                "method": "SPAM_COMPLAINT" if action == "complain" else "PREFERENCE_PAGE",
+                "method_detail": f"sandbox act_as_person: {action}",
+            }
+            self.set_consent(profile_id, "email", "marketing", record, stamp)
+        if action == "subscribe":
+            self.unsuppress(profile_id, LIFTED_BY_SUBSCRIBE, stamp)
+        else:
+            reason = {
+                "unsubscribe": "UNSUBSCRIBE",
+                "complain": "SPAM_COMPLAINT",
+                "suppress": "USER_SUPPRESSED",
+            }[action]
+            self.suppress(profile_id, reason, at, stamp)
 
     # --- events ------------------------------------------------------------------------------
 

@@ -23,9 +23,11 @@ import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
 from reverse_etl.consent import KEPT, kept_sql
+from reverse_etl.consent.memory import ConsentMemory, account_key
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
+from reverse_etl.destinations.dotdigital import readback
 from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
 from reverse_etl.destinations.dotdigital.destination import (
     MAX_IMPORT_BYTES,
@@ -273,6 +275,17 @@ class DotdigitalProfiles(DotdigitalBase):
     def prepare(self) -> None:
         for name in filter(None, (self.sync.destination.list, self.unsubscribed_list)):
             self.list_ids[name] = self.client.find_or_create_address_book(name)
+
+    def consent_account(self) -> str | None:
+        """Opt-outs are read back where consent is the email status (``consent_mode:
+        channel``); a consent data field (``data_field``) subscribes nobody."""
+        if self.consent_mode != "channel" or not self.sync.consent.email:
+            return None
+        password = self.conn.password.get_secret_value()
+        return account_key("dotdigital", self.conn.url(), self.conn.username, password)
+
+    def read_back(self, memory: ConsentMemory) -> None:
+        readback.read_back(self.client, memory)
 
     def before_import(self, table: pa.Table) -> None:
         """Create missing data fields with the type their values have; refuse a type clash."""

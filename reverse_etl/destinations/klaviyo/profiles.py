@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
+from reverse_etl.consent.memory import ConsentMemory, account_key
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
-from reverse_etl.destinations.klaviyo import jobs, sizes
+from reverse_etl.destinations.klaviyo import jobs, readback, sizes
 from reverse_etl.destinations.klaviyo.client import (
     MAX_JOB_BYTES,
     MAX_PROFILE_BYTES,
@@ -235,6 +236,13 @@ class KlaviyoProfiles(KlaviyoBase):
     def prepare(self) -> None:
         if self.sync.destination.list:
             self.list_id = self.client.find_or_create_list(self.sync.destination.list)
+
+    def consent_account(self) -> str | None:
+        key = self.conn.api_key.get_secret_value()
+        return account_key("klaviyo", self.conn.base_url, key) if self.consent else None
+
+    def read_back(self, memory: ConsentMemory) -> None:
+        readback.read_back(self.client, memory)
 
     def submit(self, table: pa.Table) -> _InFlight:
         table, docs, errors = self._docs(table)

@@ -1,0 +1,178 @@
+"""Newest wins: a row's consent is sent only when it is newer than what the destination knows.
+
+A subscribe is sent only when the row's consent time (its ``consented_at`` column) is after the
+person's latest opt-out at the destination, as read back (``memory.py``): an unsubscribe, a
+spam complaint or a suppression the person or the vendor made there. A subscribe without a
+consent time never overrides one: a date-less "yes" cannot be shown to be newer, and
+subscribing lifts the opt-out (Klaviyo's bulk subscribe "will remove any UNSUBSCRIBE,
+SPAM_REPORT or USER_SUPPRESSED suppressions"; Dotdigital's import resubscribes by default,
+``resubscribeWithNoChallenge`` being true). What is held back keeps its row going (the profile
+or contact is still written) without its consent, and becomes a row note
+(``kept_unsubscribed``) with both times: not an error, counted as ``consent_held``.
+
+Opt-outs in the warehouse are sent as they are: an unsubscribe whose person opted in again at
+the destination since (``kept_subscribed``) is only known per person, which neither vendor
+offers as an incremental read, so this module holds back subscribes only.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reverse_etl.consent.kept import KEPT
+from reverse_etl.consent.memory import ConsentMemory
+from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
+from reverse_etl.transform.rowerrors import RowError
+
+# how long after we sent an opt-out the destination may record it (Klaviyo's subscription
+# jobs run asynchronously; Dotdigital's imports too): an opt-out read back within it is ours.
+# A person opting out themselves in that hour changed nothing: we had just opted them out.
+OURS_SLACK = pa.scalar(timedelta(hours=1), pa.duration("us"))
+
+# the transformed column holding the address a channel's consent is read back by
+PERSON = {"email": ("email",), "sms": ("phone_number", "mobileNumber")}
+
+
+class NewestWins:
+    """Holds back, batch by batch, the subscribes older than the destination's opt-outs as
+    read back into ``memory`` (a dry run uses what earlier runs read)."""
+
+    def __init__(self, memory: ConsentMemory, destination: str, columns: dict[str, str]):
+        self.memory = memory
+        self.destination = destination
+        self.columns = columns  # channel -> the view's consent column
+        self._any = {ch: memory.has_opt_outs(ch) for ch in columns}  # one query each, a run
+
+    def acknowledged(self, table: pa.Table) -> None:
+        """The destination took ``table``'s rows: remember the opt-outs they carried as ours
+        (a later subscribe without a consent time may lift them: nobody changed their mind
+        at the destination)."""
+        for channel in self.columns:
+            name = f"consent.{channel}"
+            person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+            if person is None or name not in table.column_names or table.num_rows == 0:
+                continue
+            sent = pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False)
+            if KEPT in table.column_names:
+                sent = pc.and_(sent, pc.invert(pc.fill_null(table[KEPT], False)))
+            if pc.any(sent).as_py():
+                persons = pc.utf8_lower(pc.cast(table[person].filter(sent), pa.string()))
+                self.memory.remember_ours(channel, persons.to_pylist(), datetime.now(UTC))
+
+    def apply(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        notes: list[RowError] = []
+        for channel, column in self.columns.items():
+            name = f"consent.{channel}"
+            person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+            if not self._any[channel] or person is None or name not in table.column_names:
+                continue
+            wanted = pc.fill_null(pc.equal(table[name], SUBSCRIBED), False)
+            if not pc.any(wanted).as_py():
+                continue
+            keys = pc.utf8_lower(pc.cast(table[person].filter(wanted), pa.string()))
+            opt_outs = self.memory.opt_outs(channel, keys.to_pylist())
+            table, held = hold_back_subscribes(
+                table,
+                channel,
+                person=person,
+                opt_outs=opt_outs,
+                column=column,
+                destination=self.destination,
+            )
+            notes += held
+        return table, sorted(notes, key=lambda n: n.row_number)
+
+
+def hold_back_subscribes(
+    table: pa.Table,
+    channel: str,
+    *,
+    person: str,
+    opt_outs: pa.Table,
+    column: str,
+    destination: str,
+) -> tuple[pa.Table, list[RowError]]:
+    """``table`` with ``consent.<channel>`` NULL where a subscribe is older than the person's
+    opt-out in ``opt_outs`` (``person``, ``at``, ``reason``; persons lower-cased like
+    ``table[person]``), and a ``kept_unsubscribed`` note for each such row. ``column``: the
+    view's consent column, for the notes; ``destination``: its name, for the messages."""
+    name = f"consent.{channel}"
+    if name not in table.column_names or opt_outs.num_rows == 0 or table.num_rows == 0:
+        return table, []
+    wanted = pc.fill_null(pc.equal(table[name], SUBSCRIBED), False)
+    if not pc.any(wanted).as_py():
+        return table, []
+    at_name = f"{name}.consented_at"
+    given = (
+        table[at_name]
+        if at_name in table.column_names
+        else pa.nulls(table.num_rows, pa.timestamp("us", "UTC"))
+    )
+    keys = pc.utf8_lower(pc.cast(table[person], pa.string()))
+    where = pc.index_in(keys, value_set=opt_outs["person"])
+    found = pc.is_valid(where)
+    held = pc.and_(wanted, found)
+    if not pc.any(held).as_py():
+        return table, []
+    out_at = pc.take(opt_outs["at"], pc.fill_null(where, 0))
+    ours_at = pc.take(opt_outs["ours_at"], pc.fill_null(where, 0))
+    # an opt-out recorded soon after we sent one is ours: the warehouse said "no" then, and
+    # its "yes" now is newer in the warehouse's own order
+    ours = pc.fill_null(pc.less_equal(out_at, pc.add(ours_at, OURS_SLACK)), False)
+    held = pc.and_(held, pc.invert(ours))
+    given_utc = pc.cast(given, pa.timestamp("us", "UTC"))
+    newer = pc.fill_null(pc.greater(given_utc, out_at), False)
+    held = pc.and_(held, pc.invert(newer))
+    if not pc.any(held).as_py():
+        return table, []
+    notes = _notes(
+        table.filter(held),
+        given_utc.filter(held),
+        out_at.filter(held),
+        opt_outs,
+        where.filter(held),
+        channel,
+        column,
+        destination,
+    )
+    cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
+    return table.set_column(table.column_names.index(name), name, cleared), notes
+
+
+def _notes(
+    rows: pa.Table,
+    given: pa.ChunkedArray | pa.Array,
+    out_at: pa.ChunkedArray | pa.Array,
+    opt_outs: pa.Table,
+    where: pa.ChunkedArray | pa.Array,
+    channel: str,
+    column: str,
+    destination: str,
+) -> list[RowError]:
+    reasons = pc.take(opt_outs["reason"], where).to_pylist()
+    notes = []
+    for row, ident, at, out, reason in zip(
+        rows["__row"].to_pylist(),
+        rows["__id"].to_pylist(),
+        given.to_pylist(),
+        out_at.to_pylist(),
+        reasons,
+        strict=True,
+    ):
+        consented = f"consented at {at.isoformat()}" if at is not None else "with no consent time"
+        why = f" ({reason})" if reason else ""
+        notes.append(
+            RowError(
+                row,
+                ident,
+                column,
+                "subscribed",
+                "kept_unsubscribed",
+                f"{channel} subscribe {consented} not sent: the person opted out at "
+                f"{destination} at {out.isoformat()}{why}, which is newer",
+            )
+        )
+    return notes

@@ -1,0 +1,125 @@
+"""Consent that stays true, against both sandboxes on DuckDB and PostgreSQL sources: a person
+who opts out inside the vendor stays opted out through re-sends, lookbacks, ``--full-refresh``
+and an older warehouse consent; a newer warehouse consent subscribes them again; what was held
+back is a row note (``kept_unsubscribed``) counted as ``consent_held``, not an error; and the
+read-back costs a fixed, small number of calls when nothing changed at the vendor.
+
+The person acts inside the vendor through the sandbox (``act_as_person``), as they would on a
+preference page; the rig, its request log and the spec checks are test_snapshot_sandboxes'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reverse_etl.errors import EXIT_OK
+from tests.helpers import at
+from tests.sandboxes import email_of, profile_row
+from tests.test_snapshot_sandboxes import Rig, Run, consent_written, rig, source  # noqa: F401 - the fixtures
+
+N = 6
+READ_BACK = ("/api/profiles", "/v2/contacts/unsubscribed-since/", "/v2/contacts/suppressed-since/")
+
+
+def people(changes: dict[int, dict[str, Any]] | None = None, *, later: int = 0) -> list[Any]:
+    """Rows 0..N-1, every one consenting ("yes") at ``at(3600 + n)`` (``last_order_at``, the
+    sync's consent time), with ``changes`` by row number."""
+    return [
+        profile_row(
+            n,
+            **{
+                "email_consent": "yes",
+                "modified_at": at(later + n),
+                **(changes or {}).get(n, {}),
+            },
+        )
+        for n in range(N)
+    ]
+
+
+def configure(rig: Rig) -> None:
+    rig.configure(consent={"email": {"column": "email_consent", "consented_at": "last_order_at"}})
+
+
+def status(rig: Rig, email: str) -> str:
+    """The person's email marketing standing at the vendor: subscribed or unsubscribed."""
+    if rig.kind.name == "klaviyo":
+        [held] = [
+            s
+            for s in rig.sandbox.subscriptions()
+            if s["email"] == email and (s["channel"], s["type"]) == ("email", "marketing")
+        ]
+        return str(held["consent"]).lower()
+    contact = rig.held(email)
+    assert contact is not None
+    return str(contact["channelProperties"]["email"]["status"])
+
+
+def read_backs(run: Run) -> int:
+    return sum(1 for r in run.requests if r.method == "GET" and r.path.startswith(READ_BACK))
+
+
+def test_an_opt_out_inside_the_vendor_outlives_resends_and_older_consent(rig: Rig) -> None:
+    rig.warehouse.load(people())
+    configure(rig)
+    first = rig.run()
+    assert first.code == EXIT_OK, first.result.record.message
+    assert all(status(rig, email_of(n)) == "subscribed" for n in range(N))
+
+    # customer 0 unsubscribes on the vendor's preference page, after their warehouse consent
+    rig.sandbox.act_as_person(email_of(0), "unsubscribe", at=at(50_000))
+
+    # their next order moves modified_at and a column; a lookback-free full re-send follows
+    rig.warehouse.load(people({0: {"first_name": "Ordered"}}, later=100))
+    assert rig.run().counts()[1] == 1
+    assert rig.run(full_refresh=True, resend=True).counts()[1] == N
+    assert status(rig, email_of(0)) == "unsubscribed"
+
+    # the warehouse's consent changes, but is older than the opt-out: held back, a row note
+    rig.warehouse.load(
+        people({0: {"first_name": "Ordered", "last_order_at": at(40_000)}}, later=200)
+    )
+    older = rig.run()
+    assert older.code == EXIT_OK, older.result.by_reason
+    assert older.result.record.counts.consent_held == 1
+    assert older.result.by_reason == {"kept_unsubscribed": 1}
+    assert consent_written(rig.kind, older) == set()
+    assert status(rig, email_of(0)) == "unsubscribed"
+
+    # consent given again after the opt-out (a newer consented_at) is sent
+    rig.warehouse.load(
+        people({0: {"first_name": "Ordered", "last_order_at": at(60_000)}}, later=300)
+    )
+    newer = rig.run()
+    assert newer.result.record.counts.consent_held == 0
+    assert consent_written(rig.kind, newer) == {email_of(0)}
+    assert status(rig, email_of(0)) == "subscribed"
+    # the others were never touched again
+    assert all(status(rig, email_of(n)) == "subscribed" for n in range(1, N))
+
+
+def test_a_subscribe_without_a_consent_time_never_overrides_an_opt_out(rig: Rig) -> None:
+    rig.warehouse.load(people({1: {"email_consent": "no"}}))
+    rig.configure()  # no consented_at: the warehouse's consent has no time
+    rig.run()
+    rig.sandbox.act_as_person(email_of(2), "unsubscribe", at=at(50_000))
+    # customer 1 says yes in the warehouse, and so does customer 2's (changed) row
+    rig.warehouse.load(people({2: {"first_name": "Changed", "email_consent": "y"}}, later=100))
+    run = rig.run()
+    assert consent_written(rig.kind, run) == {email_of(1)}
+    assert run.result.by_reason == {"kept_unsubscribed": 1}
+    assert status(rig, email_of(1)) == "subscribed"
+    assert status(rig, email_of(2)) == "unsubscribed"
+
+
+def test_the_read_back_costs_a_few_calls_when_nothing_changed_at_the_vendor(rig: Rig) -> None:
+    rig.warehouse.load(people())
+    configure(rig)
+    first = rig.run()
+    calls = read_backs(first)
+    assert 1 <= calls <= 2, [(r.method, r.path) for r in first.requests]
+    again = rig.run()  # nothing changed anywhere
+    assert read_backs(again) == calls
+    assert again.writes == []
+    rig.sandbox.act_as_person(email_of(3), "unsubscribe", at=at(50_000))
+    after = rig.run()
+    assert read_backs(after) == calls  # one page each still
