@@ -78,8 +78,9 @@ class RunResult:
     def exit_code(self) -> int:
         if self.record.status in {"failed", "interrupted"}:
             return EXIT_FAILED
+        # every rejected row has its reason: rows set aside by a note alone are no error
         problems = any(reason not in NOTES for reason in self.by_reason)
-        if self.record.counts.rejected or self.record.counts.failed or problems:
+        if self.record.counts.failed or problems:
             return EXIT_ROW_ERRORS
         return EXIT_OK
 
@@ -282,7 +283,7 @@ def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> 
         return "dry_run"
     c = record.counts
     problems = any(reason not in NOTES for reason in result.by_reason)
-    return "partial" if c.rejected or c.failed or problems else "success"
+    return "partial" if c.failed or problems else "success"
 
 
 def _run(

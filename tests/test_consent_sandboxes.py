@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from reverse_etl.errors import EXIT_OK
 from tests.helpers import at
 from tests.sandboxes import email_of, profile_row
@@ -123,3 +125,95 @@ def test_the_read_back_costs_a_few_calls_when_nothing_changed_at_the_vendor(rig:
     rig.sandbox.act_as_person(email_of(3), "unsubscribe", at=at(50_000))
     after = rig.run()
     assert read_backs(after) == calls  # one page each still
+
+
+# --------------------------------------------------------------------------- unknown consent
+
+
+def dotdigital_only(rig: Rig) -> None:
+    if rig.kind.name != "dotdigital":
+        pytest.skip("unknown_consent is Dotdigital's: it creates a contact sent without consent")
+
+
+def imported(run: Run, rig: Rig) -> dict[str, dict[str, Any]]:
+    return {
+        c["identifiers"]["email"]: c
+        for r in run.writes
+        if r.path == rig.kind.import_path
+        for c in rig.kind.records(r.body)
+    }
+
+
+def test_unknown_consent_is_opted_in_as_unknown_and_kept_out_of_the_subscribers_book(
+    rig: Rig,
+) -> None:
+    dotdigital_only(rig)
+    rig.warehouse.load(people({0: {"email_consent": None}, 1: {"email_consent": "no"}}))
+    rig.configure(
+        destination={
+            "connection": "dotdigital",
+            "list": "Subscribers",
+            "unsubscribed_list": "Others",
+        }
+    )
+    first = rig.run()
+    assert first.code == EXIT_OK
+    docs = imported(first, rig)
+    assert docs[email_of(0)]["channelProperties"]["email"] == {"optInType": "unknown"}
+    assert docs[email_of(2)]["channelProperties"]["email"]["optInType"] == "single"
+    books = {
+        name: {c["identifiers"]["email"] for c in rig.sandbox.address_book_members(name)}
+        for name in ("Subscribers", "Others")
+    }
+    assert email_of(0) not in books["Subscribers"] and email_of(0) in books["Others"]
+    assert books["Subscribers"] == {email_of(n) for n in range(2, N)}
+    # an update of a contact sent before says nothing about its opt-in any more
+    rig.warehouse.load(
+        people(
+            {0: {"email_consent": None, "first_name": "New"}, 1: {"email_consent": "no"}}, later=100
+        )
+    )
+    again = imported(rig.run(), rig)
+    assert set(again) == {email_of(0)}
+    assert again[email_of(0)].get("channelProperties", {}).get("email", {}) == {}
+
+
+def test_unknown_consent_skip_creates_no_contact_and_notes_the_row(rig: Rig) -> None:
+    dotdigital_only(rig)
+    rig.warehouse.load(people({0: {"email_consent": None}}))
+    rig.configure(
+        destination={"connection": "dotdigital", "list": "Subscribers", "unknown_consent": "skip"}
+    )
+    run = rig.run()
+    assert run.code == EXIT_OK, run.result.by_reason  # a note, not an error
+    assert run.result.by_reason == {"unknown_consent_skipped": 1}
+    assert run.counts() == (N, N - 1, 0, 1)
+    assert rig.held(email_of(0)) is None and rig.held(email_of(1)) is not None
+
+
+def test_unknown_consent_skip_without_a_consent_column_is_refused(tmp_path: Any) -> None:
+    from reverse_etl.config import load_project
+    from reverse_etl.errors import ConfigError
+    from tests.helpers import write_project
+
+    write_project(
+        tmp_path,
+        {
+            "connections": {
+                "wh": {"type": "duckdb", "path": "w.duckdb"},
+                "dd": {"type": "dotdigital", "username": "u", "password": "p"},
+            },
+            "syncs": [
+                {
+                    "name": "c",
+                    "source": {"connection": "wh", "table": "t"},
+                    "object": "profiles",
+                    "identifier": "email",
+                    "destination": {"connection": "dd", "unknown_consent": "skip"},
+                    "mapping": {"email": "email"},
+                }
+            ],
+        },
+    )
+    with pytest.raises(ConfigError, match="unknown_consent: skip needs consent.email"):
+        load_project(None, tmp_path, env={})

@@ -20,18 +20,23 @@ import pyarrow.compute as pc
 from reverse_etl.sql import ident
 
 KEPT = "__consent_kept"  # bool: the row's consent is what the destination holds from us
+NEW = "__consent_new"  # bool: the snapshot holds no record of the row (a first send)
 
 
 def mark_kept(good: pa.Table, prints: pa.Table | None) -> pa.Table:
     """``good`` (transformed rows, with ``__row``) with ``KEPT`` where the diff found the
-    row's consent unchanged (``prints``: the changed rows' fingerprints, ``consent_same``)."""
+    row's consent unchanged, and ``NEW`` where the snapshot knew nothing of the row
+    (``prints``: the changed rows' fingerprints, ``consent_same``, ``known``)."""
     if prints is None or "consent_same" not in prints.column_names:
         return good
     if not any(name.startswith("consent.") for name in good.column_names):
         return good
+    rows = good.schema.field("__row").type
     same = prints.filter(pc.fill_null(prints["consent_same"], False))["__row"]
-    kept = pc.is_in(good["__row"], value_set=pc.cast(same, good.schema.field("__row").type))
-    return good.append_column(KEPT, kept)
+    kept = pc.is_in(good["__row"], value_set=pc.cast(same, rows))
+    known = prints.filter(pc.fill_null(prints["known"], False))["__row"]
+    new = pc.invert(pc.is_in(good["__row"], value_set=pc.cast(known, rows)))
+    return good.append_column(KEPT, kept).append_column(NEW, new)
 
 
 def without_kept(table: pa.Table) -> pa.Table:

@@ -27,6 +27,8 @@ from reverse_etl.consent.memory import ConsentMemory
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
+HELD = "__consent_held"  # bool: the row's consent was held back (its consent column is NULL)
+
 # how long after we sent an opt-out the destination may record it (Klaviyo's subscription
 # jobs run asynchronously; Dotdigital's imports too): an opt-out read back within it is ours.
 # A person opting out themselves in that hour changed nothing: we had just opted them out.
@@ -139,7 +141,11 @@ def hold_back_subscribes(
         destination,
     )
     cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
-    return table.set_column(table.column_names.index(name), name, cleared), notes
+    table = table.set_column(table.column_names.index(name), name, cleared)
+    if HELD in table.column_names:
+        held = pc.or_(pc.fill_null(table[HELD], False), held)
+        return table.set_column(table.column_names.index(HELD), HELD, held), notes
+    return table.append_column(HELD, held), notes
 
 
 def _notes(

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
-from reverse_etl.consent import KEPT, kept_sql
+from reverse_etl.consent import KEPT, NEW, kept_sql
 from reverse_etl.consent.memory import ConsentMemory, account_key
+from reverse_etl.consent.newest import HELD
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
@@ -38,6 +39,7 @@ from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
 from reverse_etl.destinations.dotdigital.membership import Membership
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
+from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
 
 IMPORT_PATH = "/contacts/v3/import"
@@ -63,6 +65,7 @@ class DotdigitalProfiles(DotdigitalBase):
             "consent_field",
             "opt_in_type",
             "unsubscribed_list",
+            "unknown_consent",
             "import_size",
         ),
         takes_list=True,
@@ -82,12 +85,13 @@ class DotdigitalProfiles(DotdigitalBase):
         self.consent_field: str = str(opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")).upper()
         self.opt_in_type: str = opts.get("opt_in_type", "single")
         self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
+        self.unknown_consent: str = opts.get("unknown_consent", "opt_in_unknown")
         self.email_column = next(c for c, t in sync.fields().items() if t.field == "email")
         self.list_ids: dict[str, int] = {}
         self._fields_ready = False
-        # one document builder per template: (the batch has the consent.kept flag, the
-        # consent data field is left out)
-        self._json: dict[tuple[bool, bool], RowJson] = {}
+        # one document builder per template: (the batch has the consent flags KEPT, HELD,
+        # NEW; the consent data field is left out)
+        self._json: dict[tuple[bool, ...], RowJson] = {}
 
     # ------------------------------------------------------------------ config checks
 
@@ -113,6 +117,18 @@ class DotdigitalProfiles(DotdigitalBase):
         }:
             problems.append(
                 "destination.opt_in_type: use unknown, single, double or verifiedDouble"
+            )
+        unknown = opts.get("unknown_consent", "opt_in_unknown")
+        if unknown not in {"opt_in_unknown", "skip"}:
+            problems.append(
+                "destination.unknown_consent: use opt_in_unknown (contacts whose consent is "
+                "empty are created with opt-in type unknown, in unsubscribed_list when set) or "
+                "skip (no contact is created for them)"
+            )
+        elif unknown == "skip" and not sync.consent.email:
+            problems.append(
+                "destination.unknown_consent: skip needs consent.email (without a consent "
+                "column every contact's consent is unknown, so none would be created)"
             )
         name = opts.get("consent_field", "NEWSLETTER_SUBSCRIBE")
         if df.name_problem(name):
@@ -176,11 +192,21 @@ class DotdigitalProfiles(DotdigitalBase):
             )
         if data:
             doc["dataFields"] = data
-        if self.consent_mode == "channel" and consent != "NULL":
+        if self.consent_mode == "channel" and (
+            consent != "NULL" or self.unknown_consent == "opt_in_unknown"
+        ):
             # nulls are never sent inside channelProperties (the spec closes that object),
             # whatever null_values says: an unknown consent leaves the status as it is
             status = f"CASE {consent} WHEN 'subscribed' THEN 'subscribed' WHEN 'unsubscribed' THEN 'unsubscribed' END"
             opt_in = f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' END"
+            if self.unknown_consent == "opt_in_unknown":
+                # a first send without consent: say so, rather than leave Dotdigital's
+                # default opt-in standing (it creates such a contact subscribed)
+                unknown = self._unknown_sql(table.schema, given)
+                opt_in = (
+                    f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' "
+                    f"WHEN {unknown} AND {flag(table.schema, NEW)} THEN 'unknown' END"
+                )
             doc["channelProperties"] = {
                 "email": Expr(
                     f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}))"
@@ -190,6 +216,11 @@ class DotdigitalProfiles(DotdigitalBase):
         if lists:
             doc["lists"] = Expr(lists)
         return doc
+
+    @staticmethod
+    def _unknown_sql(schema: pa.Schema, given: str) -> str:
+        """SQL: the row's consent is empty in the warehouse (not kept, not held back)."""
+        return f"({given} IS NULL AND NOT {flag(schema, KEPT)} AND NOT {flag(schema, HELD)})"
 
     def _lists_sql(self, consent: str) -> str | None:
         main = self._list_ref(self.sync.destination.list)
@@ -208,11 +239,39 @@ class DotdigitalProfiles(DotdigitalBase):
         return self.list_ids.get(name, 0)  # 0 in a dry run: the book is looked up when sending
 
     def screen(self, table: pa.Table) -> Screened:
-        """Rows without an email left out with their row errors: no contact can be made."""
+        """Rows without an email left out with their row errors: no contact can be made; with
+        ``unknown_consent: skip``, rows whose consent is empty, with a row note."""
         kept, errors = self._without_email(table)
+        if self.unknown_consent == "skip":
+            kept, skipped = self._unknown_skipped(kept)
+            errors += skipped
         kept, too_large = self.too_large(kept)
         errors = sorted(errors + too_large, key=lambda e: e.row_number)
         return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
+
+    def _unknown_skipped(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        if table.num_rows == 0 or "consent.email" not in table.column_names:
+            return table, []
+        unknown = pc.is_null(table["consent.email"])
+        for name in (KEPT, HELD):
+            if name in table.column_names:
+                unknown = pc.and_(unknown, pc.invert(pc.fill_null(table[name], False)))
+        if not pc.any(unknown).as_py():
+            return table, []
+        bad = table.filter(unknown)
+        column = self.sync.consent.email.column if self.sync.consent.email else "consent"
+        notes = [
+            RowError(
+                row,
+                ident,
+                column,
+                None,
+                "unknown_consent_skipped",
+                "consent is empty and unknown_consent is skip: no contact was created or updated",
+            )
+            for row, ident in zip(bad["__row"].to_pylist(), bad["__id"].to_pylist(), strict=True)
+        ]
+        return table.filter(pc.invert(unknown)), notes
 
     def _without_email(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Rows with no email (possible when the identifier is another column) split off as
@@ -247,7 +306,7 @@ class DotdigitalProfiles(DotdigitalBase):
         return pc.if_else(kept, bare, docs)
 
     def _builder(self, table: pa.Table, *, consent_field: bool) -> RowJson:
-        key = (KEPT in table.column_names, consent_field)
+        key = (*(f in table.column_names for f in (KEPT, HELD, NEW)), consent_field)
         if key not in self._json:
             template = self._template(table, consent_field=consent_field)
             self._json[key] = RowJson(template, drop_nulls=self.sync.null_values == "skip")
@@ -373,3 +432,8 @@ def _field_type(dtype: pa.DataType) -> str:
     if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
         return "Date"
     return "String"
+
+
+def flag(schema: pa.Schema, name: str) -> str:
+    """SQL: the row's boolean flag ``name`` (FALSE for a batch without it)."""
+    return f"COALESCE(t.{ident(name)}, FALSE)" if name in schema.names else "FALSE"
