@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -380,6 +381,63 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
                 slept += 1.0
     console.print(f"scheduler stopped by {interrupt.name}")
     sys.exit(interrupt.exit_code)
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--since", type=click.DateTime(), help="Only opt-outs after this time (UTC).")
+@click.option("--csv", "csv_target", help="Write them to this CSV file (or s3://bucket/key).")
+@click.pass_obj
+def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None) -> None:
+    """What people did to their consent at SYNC's destination (unsubscribes, complaints,
+    suppressions), read back first: person, channel, status, time, reason, for analysts to
+    join in their views."""
+    import csv
+
+    from reverse_etl.consent.memory import ConsentMemory
+    from reverse_etl.engine import make_destination
+    from reverse_etl.util.storage import open_text_for_write
+
+    try:
+        project = obj.project
+        s = project.sync(sync)
+        destination = make_destination(project, s)
+        try:
+            account = destination.consent_account()
+            if account is None:
+                _fail(
+                    f"{sync}: its destination reads no consent back (it sends no consent, or "
+                    "sends it as a data field)"
+                )
+            memory = ConsentMemory(obj.store(), account)
+            destination.read_back(memory)
+        finally:
+            destination.close()
+        after = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+        found = memory.statements(after)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    header = ("person", "channel", "status", "at", "reason", "source")
+    rows = [
+        (x.person, x.channel, x.status, x.at.isoformat(), x.reason or "", s.destination.connection)
+        for x in found
+    ]
+    if csv_target:
+        try:
+            with open_text_for_write(csv_target) as out:
+                writer = csv.writer(out)
+                writer.writerow(header)
+                writer.writerows(rows)
+        except OSError as exc:
+            _fail(f"cannot write {csv_target}: {exc}")
+        console.print(f"{sync}: {len(rows)} opt-outs written to {csv_target}")
+        return
+    table = Table(title=f"{sync}: consent read back from {s.destination.connection}")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 @main.command()

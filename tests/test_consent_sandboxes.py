@@ -16,6 +16,7 @@ import pytest
 from reverse_etl.errors import EXIT_OK
 from tests.helpers import at
 from tests.sandboxes import email_of, profile_row
+from tests.test_snapshot_sandboxes import SYNC as SYNC_NAME
 from tests.test_snapshot_sandboxes import Rig, Run, consent_written, rig, source  # noqa: F401 - the fixtures
 
 N = 6
@@ -217,3 +218,32 @@ def test_unknown_consent_skip_without_a_consent_column_is_refused(tmp_path: Any)
     )
     with pytest.raises(ConfigError, match="unknown_consent: skip needs consent.email"):
         load_project(None, tmp_path, env={})
+
+
+def test_optouts_exports_what_people_did_at_the_vendor(rig: Rig) -> None:
+    import csv
+
+    from click.testing import CliRunner
+
+    from reverse_etl.cli import main
+
+    rig.warehouse.load(people())
+    configure(rig)
+    rig.run()
+    rig.sandbox.act_as_person(email_of(3), "unsubscribe", at=at(50_000))
+    rig.sandbox.act_as_person(email_of(4), "complain", at=at(60_000))
+    out = rig.root / "optouts.csv"
+    args = ["--project-dir", str(rig.root), "optouts", SYNC_NAME, "--csv", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["person"], r["channel"], r["status"]) for r in rows] == [
+        (email_of(3), "email", "unsubscribed"),
+        (email_of(4), "email", "unsubscribed" if rig.kind.name == "klaviyo" else "suppressed"),
+    ]
+    assert rows[0]["at"].startswith(at(50_000).isoformat()[:19])
+    # --since: only what happened after it
+    since = at(55_000).strftime("%Y-%m-%dT%H:%M:%S")
+    later = CliRunner().invoke(main, [*args[:4], "--since", since], catch_exceptions=False)
+    assert later.exit_code == 0, later.output
+    assert email_of(4) in later.output and email_of(3) not in later.output

@@ -157,6 +157,23 @@ class ConsentMemory:
             if rows:
                 con.execute(sa.insert(consent_seen), rows)
 
+    def statements(self, since: datetime | None = None) -> list[Seen]:
+        """Everything read back from this account (not our own sends alone), oldest first;
+        ``since``: only what happened after it."""
+        c = consent_seen.c
+        query = (
+            sa.select(c.person, c.channel, c.status, c.at, c.reason)
+            .where(c.destination == self.account, c.status != "sent")
+            .order_by(c.at, c.person, c.channel)
+        )
+        if since is not None:
+            query = query.where(c.at > since)
+        with self.engine.connect() as con:
+            return [
+                Seen(r.person, r.channel, r.status, _utc(r.at), r.reason)
+                for r in con.execute(query)
+            ]
+
     def has_opt_outs(self, channel: str) -> bool:
         """Whether any opt-out on ``channel`` was read back from this account."""
         c = consent_seen.c
