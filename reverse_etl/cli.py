@@ -225,9 +225,11 @@ def run(
 
 
 def plan_line(plan: Plan) -> str:
+    consent = ", ".join(f"{k} {v}" for k, v in sorted(plan.consent.items()) if v)
     return (
         f"would add {plan.adds}, update {plan.updates}, remove {plan.removals}; "
         f"unchanged {plan.unchanged}, rejected {plan.rejected} (read {plan.read})"
+        + (f"; consent: {consent}" if consent else "")
     )
 
 

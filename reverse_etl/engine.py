@@ -510,6 +510,7 @@ def _dry_run(
         for batch in batches:
             if batch.table.num_rows:
                 plan.take(batch.token.prints, batch.table["__row"])
+                plan.take_consent(batch.table)
             for req in destination.requests(batch.table):
                 line: dict[str, Any] = {
                     "method": req.method,

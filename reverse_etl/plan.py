@@ -44,6 +44,9 @@ class Plan:
     added: list[Change] = field(default_factory=list)
     updated: list[Change] = field(default_factory=list)
     removed: list[Change] = field(default_factory=list)
+    # consent the run would write, per "<channel> subscribe|unsubscribe", and hold back
+    consent: Counter[str] = field(default_factory=Counter)
+    held: list[Any] = field(default_factory=list)  # identifiers of a sample held back
 
     def take(self, prints: pa.Table | None, sent_rows: pa.Array | pa.ChunkedArray) -> None:
         """Count a batch's rows that would be sent (``sent_rows``: their ``__row``) as adds
@@ -65,6 +68,36 @@ class Plan:
             rows = going.filter(mask).slice(0, room).to_pylist()
             into.extend(_change(r, with_old=kind == "update") for r in rows)
 
+    def take_consent(self, table: pa.Table) -> None:
+        """Count the consent a batch about to be sent would write (consent the destination
+        holds from us is not written again) and that it holds back (``newest``)."""
+        from reverse_etl.consent.kept import KEPT
+        from reverse_etl.consent.newest import HELD
+        from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
+
+        if table.num_rows == 0:
+            return
+        fresh = (
+            pc.invert(pc.fill_null(table[KEPT], False))
+            if KEPT in table.column_names
+            else pa.array([True] * table.num_rows)
+        )
+        for name in table.column_names:
+            if not name.startswith("consent.") or name.count(".") != 1:
+                continue
+            channel = name.split(".")[1]
+            for word, kind in ((SUBSCRIBED, "subscribe"), (UNSUBSCRIBED, "unsubscribe")):
+                mask = pc.and_(pc.fill_null(pc.equal(table[name], word), False), fresh)
+                self.consent[f"{channel} {kind}"] += int(
+                    pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+                )
+        if HELD in table.column_names:
+            held = pc.fill_null(table[HELD], False)
+            self.consent["held back"] += int(pc.sum(pc.cast(held, pa.int64())).as_py() or 0)
+            room = self.samples - len(self.held)
+            if room > 0:
+                self.held.extend(table["__id"].filter(held).slice(0, room).to_pylist())
+
     def take_removals(self, count: int, members: pa.Table) -> None:
         self.removals = count
         for ident, key in zip(
@@ -84,10 +117,12 @@ class Plan:
             "unchanged": self.unchanged,
             "rejected": self.rejected,
             "rejected_by_reason": dict(self.by_reason.most_common()),
+            "consent": dict(sorted(self.consent.items())),
             "samples": {
                 "adds": [c.as_dict() for c in self.added],
                 "updates": [c.as_dict() for c in self.updated],
                 "removals": [c.as_dict() for c in self.removed],
+                "consent_held_back": self.held,
             },
         }
 

@@ -247,3 +247,27 @@ def test_optouts_exports_what_people_did_at_the_vendor(rig: Rig) -> None:
     later = CliRunner().invoke(main, [*args[:4], "--since", since], catch_exceptions=False)
     assert later.exit_code == 0, later.output
     assert email_of(4) in later.output and email_of(3) not in later.output
+
+
+def test_plan_shows_the_consent_a_run_would_write_and_hold_back(rig: Rig) -> None:
+    import orjson
+    from click.testing import CliRunner
+
+    from reverse_etl.cli import main
+
+    rig.warehouse.load(people({1: {"email_consent": "no"}}))
+    configure(rig)
+    rig.run()
+    rig.sandbox.act_as_person(email_of(0), "unsubscribe", at=at(50_000))
+    rig.run()  # reads the opt-out back
+    # customer 0's consent moves, but stays older than their opt-out; customer 1 says yes
+    rig.warehouse.load(
+        people({0: {"last_order_at": at(40_000)}, 1: {"last_order_at": at(45_000)}}, later=100)
+    )
+    args = ["--project-dir", str(rig.root), "plan", SYNC_NAME, "--json"]
+    out = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    plan = orjson.loads(out.output)
+    assert plan["consent"] == {"email subscribe": 1, "email unsubscribe": 0, "held back": 1}
+    assert plan["samples"]["consent_held_back"] == [email_of(0)]
+    assert status(rig, email_of(0)) == "unsubscribed"  # a plan sends nothing
