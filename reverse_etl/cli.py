@@ -105,7 +105,7 @@ def main(ctx: click.Context, config: str | None, project_dir: str | None, verbos
 @click.pass_obj
 def check(obj: Ctx, offline: bool) -> None:
     """Validate the project file, then each sync's view against its mapping (schema only)."""
-    from reverse_etl.engine import view_problems
+    from reverse_etl.engine import consent_warnings, view_problems
     from reverse_etl.sources import open_source
 
     try:
@@ -113,6 +113,7 @@ def check(obj: Ctx, offline: bool) -> None:
     except ReverseEtlError as exc:
         _fail(str(exc))
     problems: list[str] = []
+    warnings: list[str] = []
     if not offline:
         by_source: dict[str, list[Any]] = {}
         for s in project.syncs:
@@ -121,9 +122,16 @@ def check(obj: Ctx, offline: bool) -> None:
             try:
                 with open_source(project.connections[connection], project) as source:  # type: ignore[arg-type]
                     for s in syncs:
-                        problems += [f"{s.name}: {p}" for p in view_problems(project, s, source)]
+                        found = view_problems(project, s, source)
+                        problems += [f"{s.name}: {p}" for p in found]
+                        if not found:
+                            warnings += [
+                                f"{s.name}: {w}" for w in consent_warnings(project, s, source)
+                            ]
             except ReverseEtlError as exc:
                 problems.append(f"connection {connection!r}: {scrub(str(exc))}")
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if problems:
         _fail(f"{project.file}:\n  - " + "\n  - ".join(problems))
     console.print(

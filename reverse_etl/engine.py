@@ -140,11 +140,17 @@ def transform_spec(sync: Sync, destination_type: type[Destination]) -> Transform
             fields.append(
                 FieldSpec(consent.consented_at, f"consent.{channel}.consented_at", "datetime")
             )
+    untouched = frozenset(
+        f"consent.{channel}"
+        for channel, consent in sync.consent.columns().items()
+        if consent.no_means == "not_subscribed"
+    )
     return TransformSpec(
         sync=sync.name,
         identifier=sync.identifier,
         cursor=sync.cursor_column,
         fields=tuple(fields),
+        no_change_on_no=untouched,
         default_phone_region=sync.default_phone_region,
         phone_region_column=sync.phone_region_column,
         strict_phones=sync.phone_validation == "strict",
@@ -270,6 +276,38 @@ def view_problems(project: Project, sync: Sync, source: Source) -> list[str]:
     except ReverseEtlError as exc:
         return [scrub(str(exc))]
     return preflight(sync.name, spec, schema)
+
+
+def consent_warnings(project: Project, sync: Sync, source: Source) -> list[str]:
+    """Consent columns holding an ambiguous "no" (no, false, 0, ...) with no ``no_means``
+    saying whether it is an opt-out or a box never ticked (``reverse-etl check``)."""
+    from reverse_etl.transform.consent import AMBIGUOUS_NO
+
+    unsure = {ch: c for ch, c in sync.consent.columns().items() if c.no_means is None}
+    if not unsure:
+        return []
+    d = source.dialect
+    view = d.embed_sql(project.source_sql(sync))
+    words = ", ".join(f"'{w}'" for w in sorted(AMBIGUOUS_NO))
+    out = []
+    for channel, consent in unsure.items():
+        value = f"lower(trim(CAST(v.{d.quote(consent.column)} AS {d.string_type})))"
+        sql = f"SELECT DISTINCT {value} AS w FROM ({view}) AS v WHERE {value} IN ({words})"
+        try:
+            found = sorted(
+                str(w) for b in source.stream(sql, {}, 100) for w in b.column(0).to_pylist()
+            )
+        except ReverseEtlError as exc:
+            out.append(f"consent.{channel}: could not look for ambiguous words: {scrub(str(exc))}")
+            continue
+        if found:
+            out.append(
+                f"consent.{channel}: column {consent.column!r} holds {', '.join(found)}, which "
+                "may mean an opt-out or a box never ticked; say which with consent."
+                f"{channel}.no_means: unsubscribed (sends an unsubscribe, the default) or "
+                "not_subscribed (leaves the destination's consent as it is)"
+            )
+    return out
 
 
 def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> str:

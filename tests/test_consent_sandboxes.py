@@ -271,3 +271,39 @@ def test_plan_shows_the_consent_a_run_would_write_and_hold_back(rig: Rig) -> Non
     assert plan["consent"] == {"email subscribe": 1, "email unsubscribe": 0, "held back": 1}
     assert plan["samples"]["consent_held_back"] == [email_of(0)]
     assert status(rig, email_of(0)) == "unsubscribed"  # a plan sends nothing
+
+
+# --------------------------------------------------------------------------- what "no" means
+
+
+def test_check_warns_about_an_ambiguous_no_until_no_means_says_what_it_is(rig: Rig) -> None:
+    from click.testing import CliRunner
+
+    from reverse_etl.cli import main
+
+    if rig.warehouse.name != "duckdb" or rig.kind.name != "klaviyo":
+        pytest.skip("the check's query is the view's, whatever the destination")
+    rig.warehouse.load(people({1: {"email_consent": "no"}, 2: {"email_consent": "0"}}))
+    rig.configure()
+    args = ["--project-dir", str(rig.root), "check"]
+    unsure = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert unsure.exit_code == 0, unsure.output
+    assert "warning" in unsure.output and "0, no" in unsure.output
+    assert "no_means" in unsure.output
+    rig.configure(consent={"email": {"column": "email_consent", "no_means": "not_subscribed"}})
+    sure = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert sure.exit_code == 0 and "warning" not in sure.output, sure.output
+
+
+def test_a_box_never_ticked_leaves_the_vendors_consent_alone(rig: Rig) -> None:
+    rig.warehouse.load(people())
+    rig.configure(consent={"email": {"column": "email_consent", "no_means": "not_subscribed"}})
+    rig.run()
+    # the warehouse now says "no" (a box not ticked) for 1 and "unsubscribed" for 2
+    rig.warehouse.load(
+        people({1: {"email_consent": "no"}, 2: {"email_consent": "unsubscribed"}}, later=100)
+    )
+    run = rig.run()
+    assert consent_written(rig.kind, run) == {email_of(2)}
+    assert status(rig, email_of(1)) == "subscribed"
+    assert status(rig, email_of(2)) == "unsubscribed"

@@ -145,6 +145,31 @@ def test_consent_whitespace_agrees_with_canonical() -> None:
     assert by_row(result, "consent.email") == {1: SUBSCRIBED, 2: UNSUBSCRIBED, 3: SUBSCRIBED}
 
 
+@pytest.mark.parametrize("no_means", ["unsubscribed", "not_subscribed"])
+def test_an_ambiguous_no_means_what_the_column_says(no_means: str) -> None:
+    """ "no", "0" or a false boolean is an opt-out, or (not_subscribed) a box never ticked,
+    which leaves the destination alone; an explicit opt-out word is an opt-out either way."""
+    untouched = frozenset({"consent.email"}) if no_means == "not_subscribed" else frozenset()
+    words = ["no", "0", "N", "unsubscribed", "opt-out", "yes"]
+    texts = run({"c": words}, [("c", "consent.email", "consent")], no_change_on_no=untouched)
+    flags = run(
+        {"b": pa.array([False, True, None])},
+        [("b", "consent.email", "consent")],
+        no_change_on_no=untouched,
+    )
+    no = None if no_means == "not_subscribed" else UNSUBSCRIBED
+    assert by_row(texts, "consent.email") == {
+        1: no,
+        2: no,
+        3: no,
+        4: UNSUBSCRIBED,
+        5: UNSUBSCRIBED,
+        6: SUBSCRIBED,
+    }
+    assert by_row(flags, "consent.email") == {1: no, 2: SUBSCRIBED, 3: None}
+    assert texts.errors == [] and flags.errors == []
+
+
 # --------------------------------------------------------------------------- timestamps
 
 

@@ -128,6 +128,11 @@ class FieldMapping(Strict):
 class ConsentColumn(Strict):
     column: str
     consented_at: str | None = None  # column holding when consent was given
+    # what an ambiguous "no" (no, n, false, f, 0, off, a false boolean) means: an opt-out
+    # (unsubscribed) or a box never ticked (not_subscribed: the destination is left as it is).
+    # Explicit words (unsubscribed, opt-out, revoked, ...) always opt out. None: unsubscribed,
+    # and `check` warns when the column holds such words.
+    no_means: Literal["unsubscribed", "not_subscribed"] | None = None
 
 
 class ConsentSpec(Strict):

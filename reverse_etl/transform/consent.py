@@ -58,6 +58,10 @@ WORDS: dict[str, str] = {
 }
 
 
+# words that say "no" without saying whether it is an opt-out or a box never ticked
+AMBIGUOUS_NO = frozenset({"no", "n", "false", "f", "0", "off"})
+
+
 def canonical(value: object) -> str | None:
     """The canonical value for one spelling, None for empty, KeyError for an unknown word."""
     if value is None:

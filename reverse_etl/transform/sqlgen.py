@@ -147,7 +147,8 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
     if kind == "consent":  # words are mapped in Arrow (transformer._consent)
         if pt.is_boolean(dtype):
             return (
-                f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'unsubscribed' END",
+                # "false" is an ambiguous no: what it means is the column's no_means
+                f"CASE WHEN {col} THEN 'subscribed' WHEN NOT {col} THEN 'false' END",
                 "NULL",
             )
         return f"CAST({col} AS VARCHAR)", "NULL"

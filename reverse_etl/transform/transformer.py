@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.extract import DUP_RANK
-from reverse_etl.transform.consent import WORDS
+from reverse_etl.transform.consent import AMBIGUOUS_NO, WORDS
 from reverse_etl.transform.kinds import compatible, kind_of_arrow
 from reverse_etl.transform.rowerrors import RowError, cell_text
 from reverse_etl.transform.slowpath import PossibleLength, check_email, check_phone, region_codes
@@ -84,6 +84,9 @@ class TransformSpec:
     # A column holding the cursor as the user wrote it (CSV files), so a value that could not
     # be read is reported as itself (``invalid_cursor``) rather than as an empty cursor.
     cursor_text: str | None = None
+    # consent fields (consent.email, ...) whose ambiguous "no" means no change (no_means:
+    # not_subscribed): the word becomes NULL, the destination's consent is left as it is
+    no_change_on_no: frozenset[str] = frozenset()
 
     def identifier_field(self) -> FieldSpec:
         for f in self.fields:
@@ -254,6 +257,9 @@ class Transformer:
         words = pc.if_else(pc.equal(words, ""), pa.scalar(None, pa.string()), words)
         idx = pc.index_in(words, value_set=_CONSENT_WORDS)
         canonical = pc.take(_CONSENT_VALUES, idx)
+        if field_name in self.spec.no_change_on_no:  # a box never ticked: leave it as it is
+            ambiguous = pc.fill_null(pc.is_in(words, value_set=_AMBIGUOUS_NO), False)
+            canonical = pc.if_else(ambiguous, pa.scalar(None, pa.string()), canonical)
         invalid = pc.and_(pc.is_valid(words), pc.is_null(idx))
         out = self._set(out, field_name, canonical)
         return self._set(out, ecol, pc.if_else(invalid, pa.scalar("invalid_consent"), out[ecol]))
@@ -410,6 +416,7 @@ class StreamTransformer:
 
 _CONSENT_WORDS = pa.array(list(WORDS), pa.string())
 _CONSENT_VALUES = pa.array(list(WORDS.values()), pa.string())
+_AMBIGUOUS_NO = pa.array(sorted(AMBIGUOUS_NO), pa.string())
 
 
 def future_cursor_sql(cursor: str, dtype: pa.DataType, checks: Checks) -> str:
