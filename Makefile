@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/source_speed.py
 	PYTHONPATH=. $(BIN)/python tests/bench/klaviyo_sandbox.py
 	PYTHONPATH=. $(BIN)/python tests/bench/dotdigital_sandbox.py
+	PYTHONPATH=. $(BIN)/python tests/bench/consent_readback.py
 	PYTHONPATH=. $(BIN)/python tests/bench/snapshot_diff.py
 
 ## make constraints: re-pin constraints.txt to what .venv holds now (after changing a

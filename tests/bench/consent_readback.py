@@ -1,0 +1,127 @@
+"""`make bench`, consent read-back: what reading people's opt-outs back costs, per run.
+
+For each destination a sandbox holds 100,000 people, served over loopback with its published
+rate limits on; 1 % of them (1,000) then opt out inside the vendor (``act_as_person``). Three
+read-backs follow, as three runs would make them: the first (every opt-out since the epoch),
+one when nothing changed at the vendor, and one after another 1 % opted out. Each reports the
+calls it made (the sandbox's request log), its wall time and the people whose standing
+changed. The state store is a SQLite file, as by default. Nothing is asserted: figures only.
+
+Run with ``PYTHONPATH=.`` from the repository root (the Makefile does); well under a minute.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+PEOPLE = 100_000
+SHARE = 0.01
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def email(n: int) -> str:
+    return f"person{n:06d}@example.com"
+
+
+def klaviyo() -> tuple[Any, Any, Any]:
+    from reverse_etl.destinations.klaviyo import readback
+    from reverse_etl.destinations.klaviyo.client import KlaviyoClient
+    from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
+    from reverse_etl.sandbox import KlaviyoSandbox, SandboxSettings
+
+    sandbox = KlaviyoSandbox(SandboxSettings())
+    with sandbox.lock:
+        for n in range(PEOPLE):
+            sandbox.state.upsert({"email": email(n)})
+
+    def client(base_url: str) -> Any:
+        conn = KlaviyoConnection(
+            type="klaviyo", api_key=sandbox.settings.api_key, base_url=base_url
+        )
+        return KlaviyoClient(conn)
+
+    return sandbox, client, readback.read_back
+
+
+def dotdigital() -> tuple[Any, Any, Any]:
+    from reverse_etl.destinations.dotdigital import readback
+    from reverse_etl.destinations.dotdigital.client import DotdigitalClient
+    from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
+    from reverse_etl.sandbox import DotdigitalSandbox, SandboxSettings
+
+    sandbox = DotdigitalSandbox(SandboxSettings())
+    stamp = T0.isoformat()
+    with sandbox.lock:
+        seen: set[tuple[str, str]] = set()
+        for n in range(PEOPLE):
+            row = {"matchIdentifier": "email", "identifiers": {"email": email(n)}}
+            sandbox.state.import_contact(row, "overwrite", seen, stamp)
+
+    def client(base_url: str) -> Any:
+        s = sandbox.settings
+        conn = DotdigitalConnection(
+            type="dotdigital", username=s.username, password=s.password, base_url=base_url
+        )
+        return DotdigitalClient(conn)
+
+    return sandbox, client, readback.read_back
+
+
+def measure(name: str, make: Any) -> None:
+    from reverse_etl.consent.memory import ConsentMemory
+    from reverse_etl.sandbox import SandboxServer
+    from reverse_etl.state import StateStore
+
+    sandbox, make_client, read_back = make()
+    step = int(1 / SHARE)
+    with tempfile.TemporaryDirectory() as tmp, SandboxServer(sandbox) as server:
+        store = StateStore("sqlite:///state.db", root=Path(tmp))
+        memory = ConsentMemory(store, f"{name}:bench")
+        client = make_client(server.base_url)
+        try:
+            for day, (label, opt_outs) in enumerate(
+                (
+                    ("first read (1 % opted out)", range(0, PEOPLE, step)),
+                    ("nothing changed", range(0)),
+                    ("another 1 % opted out", range(1, PEOPLE, step)),
+                )
+            ):
+                when = T0 + timedelta(days=day)  # each day's opt-outs after the last read
+                for i, n in enumerate(opt_outs):
+                    sandbox.act_as_person(email(n), "unsubscribe", at=when + timedelta(seconds=i))
+                before = len(sandbox.request_log)
+                started = time.perf_counter()
+                changed = read_back(client, memory)
+                seconds = time.perf_counter() - started
+                calls = len(sandbox.request_log) - before
+                print(
+                    f"{name:<11} {label:<28} {calls:>6} {seconds:>9.2f} {changed:>8,}",
+                    flush=True,
+                )
+        finally:
+            client.close()
+            store.close()
+    assert sandbox.violations == [], sandbox.violations
+
+
+def main() -> int:
+    print(
+        f"Consent read-back: {PEOPLE:,} people a destination, {SHARE:.0%} opting out inside it "
+        "between runs; sandbox with its rate limits, over loopback, SQLite state store"
+    )
+    print(f"{'destination':<11} {'read-back':<28} {'calls':>6} {'seconds':>9} {'changed':>8}")
+    measure("klaviyo", klaviyo)
+    measure("dotdigital", dotdigital)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
