@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from reverse_etl.config import ConsentColumn, ConsentSpec, FieldMapping, Sync
+from reverse_etl.config.models import EVIDENCE_KEYS, EvidenceColumn
 from reverse_etl.errors import ConfigError
 from reverse_etl.sources.base import AmbiguousColumnError, Dialect, MissingColumnError
 
@@ -48,12 +49,24 @@ def resolve_sync_columns(sync: Sync, columns: Sequence[str], dialect: Dialect) -
     consent_update: dict[str, ConsentColumn] = {}
     for channel, consent in sync.consent.columns().items():
         at = consent.consented_at
+        evidence = consent.evidence
+        if evidence is not None:  # its columns too, as the view spells them
+            evidence = evidence.model_copy(
+                update={
+                    key: EvidenceColumn(
+                        column=resolve(value.column, f"consent.{channel}.evidence.{key}")
+                    )
+                    for key in EVIDENCE_KEYS
+                    if isinstance(value := getattr(evidence, key), EvidenceColumn)
+                }
+            )
         consent_update[channel] = consent.model_copy(
             update={
                 "column": resolve(consent.column, f"consent.{channel}.column"),
                 "consented_at": None
                 if at is None
                 else resolve(at, f"consent.{channel}.consented_at"),
+                "evidence": evidence,
             }
         )
     consent_spec: ConsentSpec = sync.consent.model_copy(update=consent_update)

@@ -140,6 +140,10 @@ def transform_spec(sync: Sync, destination_type: type[Destination]) -> Transform
             fields.append(
                 FieldSpec(consent.consented_at, f"consent.{channel}.consented_at", "datetime")
             )
+        # evidence read per row is checked like any column (blank is empty); fixed evidence
+        # reads no column: the destination writes it as it is
+        for key, column in (consent.evidence.columns() if consent.evidence else {}).items():
+            fields.append(FieldSpec(column, f"consent.{channel}.evidence.{key}", "string"))
     untouched = frozenset(
         f"consent.{channel}"
         for channel, consent in sync.consent.columns().items()
@@ -460,9 +464,10 @@ def _newest_wins(
     if account is None:
         return None
     memory = ConsentMemory(store, account)
-    if not options.dry_run:
-        destination.read_back(memory)
-    return NewestWins(memory, kind.capitalize(), columns)
+    if options.dry_run:  # a dry run asks the destination nothing
+        return NewestWins(memory, kind.capitalize(), columns)
+    destination.read_back(memory)
+    return NewestWins(memory, kind.capitalize(), columns, destination.consent_standing)
 
 
 def _commit(

@@ -168,3 +168,22 @@ def test_two_mapping_keys_naming_one_column_is_a_config_error() -> None:
     message = str(err.value)
     assert "'email' and 'EMAIL' both name the view's column 'EMAIL'" in message
     assert "sync 'profiles'" in message
+
+
+def test_consent_evidence_columns_are_respelled_and_fixed_values_kept() -> None:
+    evidence = {
+        "text": "I agree",
+        "url": "https://shop.example.com/signup",
+        "ip_address": {"column": "signup_ip"},
+        "user_agent": {"column": "signup_ua"},
+    }
+    sync = make_sync(
+        consent={
+            "email": {"column": "email_consent", "consented_at": "consent_at", "evidence": evidence}
+        }
+    )
+    resolved = resolve_sync_columns(sync, [*UPPER, "SIGNUP_IP", "SIGNUP_UA"], SNOWFLAKE)
+    got = resolved.consent.email.evidence
+    assert got is not None
+    assert (got.ip_address.column, got.user_agent.column) == ("SIGNUP_IP", "SIGNUP_UA")
+    assert (got.text, got.url) == ("I agree", "https://shop.example.com/signup")

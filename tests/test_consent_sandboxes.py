@@ -307,3 +307,39 @@ def test_a_box_never_ticked_leaves_the_vendors_consent_alone(rig: Rig) -> None:
     assert consent_written(rig.kind, run) == {email_of(2)}
     assert status(rig, email_of(1)) == "subscribed"
     assert status(rig, email_of(2)) == "unsubscribed"
+
+
+def test_a_subscribe_inside_the_vendor_outlives_an_older_warehouse_opt_out(rig: Rig) -> None:
+    """Klaviyo can say, for a batch, who subscribed there and when: an unsubscribe older
+    than that is held back (``kept_subscribed``); a newer one is sent."""
+    if rig.kind.name != "klaviyo":
+        pytest.skip("Dotdigital cannot be asked for opt-ins cheaply: its opt-outs go as they are")
+    rig.warehouse.load(people({0: {"email_consent": None}}))
+    configure(rig)
+    rig.run()
+    # customer 0 subscribes through Klaviyo's own form; the warehouse then records an older "no"
+    rig.sandbox.act_as_person(email_of(0), "subscribe", at=at(50_000))
+    rig.warehouse.load(people({0: {"email_consent": "no", "last_order_at": at(40_000)}}, later=100))
+    older = rig.run()
+    assert older.code == EXIT_OK, older.result.by_reason
+    assert older.result.by_reason == {"kept_subscribed": 1}
+    assert older.result.record.counts.consent_held == 1
+    assert consent_written(rig.kind, older) == set()
+    assert status(rig, email_of(0)) == "subscribed"
+    # a newer opt-out in the warehouse is sent
+    rig.warehouse.load(people({0: {"email_consent": "no", "last_order_at": at(60_000)}}, later=200))
+    newer = rig.run()
+    assert consent_written(rig.kind, newer) == {email_of(0)}
+    assert status(rig, email_of(0)) == "unsubscribed"
+    # our own subscribes are not the person's: a warehouse "no" older than them still goes
+    rig.warehouse.load(
+        people(
+            {
+                0: {"email_consent": "no", "last_order_at": at(60_000)},
+                1: {"email_consent": "no", "last_order_at": at(1_000)},
+            },
+            later=300,
+        )
+    )
+    ours = rig.run()
+    assert consent_written(rig.kind, ours) == {email_of(1)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import operator
 import re
 from pathlib import Path
@@ -125,6 +126,88 @@ class FieldMapping(Strict):
     type: Literal[FIELD_TYPES] | None = None  # type: ignore[valid-type]
 
 
+class EvidenceColumn(Strict):
+    """A piece of consent evidence read per row from a column of the view."""
+
+    column: Annotated[str, Field(min_length=1)]
+
+
+# what a consent record says about how consent was obtained (its time is ``consented_at``)
+EVIDENCE_KEYS = ("text", "url", "ip_address", "user_agent")
+# an absolute URI (scheme:rest), as JSON Schema's "uri" format; the same test is made per row
+URI_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$"
+
+
+def evidence_ip(value: str) -> bool:
+    """``value`` is an IPv4 or IPv6 address (no zone index: ``fe80::1%eth0`` is not)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return "%" not in value
+
+
+class ConsentEvidence(Strict):
+    """How a consent was obtained, sent with it where the destination keeps consent records
+    (Dotdigital's ``consentRecords``): each value a fixed text, the same for every row, or
+    ``{column: NAME}``, the row's value in a column of the view. A row lacking one of them
+    carries no record; its consent is still sent."""
+
+    text: str | EvidenceColumn  # the consent wording the person agreed to
+    url: str | EvidenceColumn  # the page it was given on (an absolute URL)
+    ip_address: str | EvidenceColumn  # the person's IPv4 or IPv6 address
+    user_agent: str | EvidenceColumn  # their browser's User-Agent header
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # pydantic says a mapping is wanted
+        valid = ", ".join(EVIDENCE_KEYS)
+        for key in value:
+            if key not in EVIDENCE_KEYS:
+                hint = difflib.get_close_matches(str(key), EVIDENCE_KEYS, n=1)
+                raise ValueError(
+                    f"unknown key {key!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" Valid keys: {valid}"
+                )
+        missing = [k for k in EVIDENCE_KEYS if k not in value]
+        if missing:
+            raise ValueError(
+                f"give all of {valid} (a consent record needs each); missing: " + ", ".join(missing)
+            )
+        for key in EVIDENCE_KEYS:
+            problem = _evidence_problem(key, value[key])
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return value
+
+    def values(self) -> dict[str, str | EvidenceColumn]:
+        return {key: getattr(self, key) for key in EVIDENCE_KEYS}
+
+    def columns(self) -> dict[str, str]:
+        """Key -> the view column it is read from, for the keys read per row."""
+        return {k: v.column for k, v in self.values().items() if isinstance(v, EvidenceColumn)}
+
+
+def _evidence_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one evidence value as written in YAML, or None."""
+    if isinstance(value, dict):
+        if set(value) != {"column"} or not isinstance(value["column"], str) or not value["column"]:
+            return "write {column: NAME} to read it from a column of the view"
+        return None
+    if not isinstance(value, str):
+        return f"a fixed text or {{column: NAME}} (got {value!r})"
+    if not value.strip():
+        return "empty; give a fixed text or {column: NAME}"
+    if key == "url" and not re.match(URI_PATTERN, value):
+        return f"{value!r} is not an absolute URL (https://shop.example.com/signup)"
+    if key == "ip_address" and not evidence_ip(value):
+        return f"{value!r} is not an IPv4 or IPv6 address"
+    return None
+
+
 class ConsentColumn(Strict):
     column: str
     consented_at: str | None = None  # column holding when consent was given
@@ -133,6 +216,24 @@ class ConsentColumn(Strict):
     # Explicit words (unsubscribed, opt-out, revoked, ...) always opt out. None: unsubscribed,
     # and `check` warns when the column holds such words.
     no_means: Literal["unsubscribed", "not_subscribed"] | None = None
+    # how consent was obtained (text, url, ip_address, user_agent), sent with a subscribe
+    # where the destination keeps it; its time is consented_at
+    evidence: ConsentEvidence | None = None
+
+    @model_validator(mode="after")
+    def _evidence_needs_time(self) -> ConsentColumn:
+        if self.evidence is not None and self.consented_at is None:
+            raise ValueError(
+                "evidence needs consented_at: a consent record says when consent was given; "
+                "name the column that holds it, e.g. consented_at: consent_updated_at"
+            )
+        for key, name in (self.evidence.columns() if self.evidence else {}).items():
+            if name in (self.column, self.consented_at):
+                raise ValueError(
+                    f"evidence.{key}: column {name!r} already holds the consent or its time; "
+                    "read the evidence from a column of its own"
+                )
+        return self
 
 
 class ConsentSpec(Strict):

@@ -10,13 +10,20 @@ SPAM_REPORT or USER_SUPPRESSED suppressions"; Dotdigital's import resubscribes b
 or contact is still written) without its consent, and becomes a row note
 (``kept_unsubscribed``) with both times: not an error, counted as ``consent_held``.
 
-Opt-outs in the warehouse are sent as they are: an unsubscribe whose person opted in again at
-the destination since (``kept_subscribed``) is only known per person, which neither vendor
-offers as an incremental read, so this module holds back subscribes only.
+The other way round: an unsubscribe is sent only when its consent time is after the person's
+latest opt-in at the destination, where the destination can say so for a batch of people
+(``Destination.consent_standing``: Klaviyo's ``consent_timestamp`` of a SUBSCRIBED profile
+that we did not subscribe ourselves); otherwise held back as ``kept_subscribed``. Neither
+vendor lists opt-ins incrementally, so this costs a lookup per 100 unsubscribes with a
+consent time (a run sends only the consent that changed). An unsubscribe without a consent
+time is always sent: failing to honour an opt-out is the harm the law punishes. Dotdigital
+cannot be asked cheaply (one call a contact, on an hourly budget), so its unsubscribes go as
+they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
@@ -34,6 +41,10 @@ HELD = "__consent_held"  # bool: the row's consent was held back (its consent co
 # A person opting out themselves in that hour changed nothing: we had just opted them out.
 OURS_SLACK = pa.scalar(timedelta(hours=1), pa.duration("us"))
 
+# (channel, persons) -> the persons' latest opt-ins at the destination: ``person``, ``at``
+# (None: the destination cannot say)
+Standing = Callable[[str, Sequence[str]], pa.Table | None]
+
 # the transformed column holding the address a channel's consent is read back by
 PERSON = {"email": ("email",), "sms": ("phone_number", "mobileNumber")}
 
@@ -42,10 +53,17 @@ class NewestWins:
     """Holds back, batch by batch, the subscribes older than the destination's opt-outs as
     read back into ``memory`` (a dry run uses what earlier runs read)."""
 
-    def __init__(self, memory: ConsentMemory, destination: str, columns: dict[str, str]):
+    def __init__(
+        self,
+        memory: ConsentMemory,
+        destination: str,
+        columns: dict[str, str],
+        standing: Standing | None = None,
+    ):
         self.memory = memory
         self.destination = destination
         self.columns = columns  # channel -> the view's consent column
+        self.standing = standing  # opt-ins at the destination, looked up (None: not)
         self._any = {ch: memory.has_opt_outs(ch) for ch in columns}  # one query each, a run
 
     def acknowledged(self, table: pa.Table) -> None:
@@ -85,7 +103,37 @@ class NewestWins:
                 destination=self.destination,
             )
             notes += held
+        if self.standing is not None:
+            for channel, column in self.columns.items():
+                table, held = self._unsubscribes(table, channel, column)
+                notes += held
         return table, sorted(notes, key=lambda n: n.row_number)
+
+    def _unsubscribes(
+        self, table: pa.Table, channel: str, column: str
+    ) -> tuple[pa.Table, list[RowError]]:
+        name, at_name = f"consent.{channel}", f"consent.{channel}.consented_at"
+        person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+        if person is None or name not in table.column_names or at_name not in table.column_names:
+            return table, []
+        wanted = pc.and_(
+            pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), pc.is_valid(table[at_name])
+        )
+        if not pc.any(wanted).as_py():
+            return table, []
+        assert self.standing is not None
+        keys = pc.utf8_lower(pc.cast(table[person].filter(wanted), pa.string()))
+        opt_ins = self.standing(channel, sorted(set(keys.to_pylist())))
+        if opt_ins is None:
+            return table, []
+        return hold_back_unsubscribes(
+            table,
+            channel,
+            person=person,
+            opt_ins=opt_ins,
+            column=column,
+            destination=self.destination,
+        )
 
 
 def hold_back_subscribes(
@@ -182,3 +230,54 @@ def _notes(
             )
         )
     return notes
+
+
+def hold_back_unsubscribes(
+    table: pa.Table,
+    channel: str,
+    *,
+    person: str,
+    opt_ins: pa.Table,
+    column: str,
+    destination: str,
+) -> tuple[pa.Table, list[RowError]]:
+    """``table`` with ``consent.<channel>`` NULL where an unsubscribe with a consent time is
+    older than the person's opt-in in ``opt_ins`` (``person``, ``at``), and a
+    ``kept_subscribed`` note for each such row."""
+    name = f"consent.{channel}"
+    given = table[f"{name}.consented_at"]
+    if opt_ins.num_rows == 0:
+        return table, []
+    wanted = pc.and_(pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), pc.is_valid(given))
+    keys = pc.utf8_lower(pc.cast(table[person], pa.string()))
+    where = pc.index_in(keys, value_set=opt_ins["person"])
+    in_at = pc.take(opt_ins["at"], pc.fill_null(where, 0))
+    older = pc.fill_null(pc.less(pc.cast(given, pa.timestamp("us", "UTC")), in_at), False)
+    held = pc.and_(pc.and_(wanted, pc.is_valid(where)), older)
+    if not pc.any(held).as_py():
+        return table, []
+    rows = table.filter(held)
+    notes = [
+        RowError(
+            row,
+            ident,
+            column,
+            "unsubscribed",
+            "kept_subscribed",
+            f"{channel} unsubscribe consented at {at.isoformat()} not sent: the person "
+            f"subscribed at {destination} at {opted.isoformat()}, which is newer",
+        )
+        for row, ident, at, opted in zip(
+            rows["__row"].to_pylist(),
+            rows["__id"].to_pylist(),
+            pc.cast(given, pa.timestamp("us", "UTC")).filter(held).to_pylist(),
+            in_at.filter(held).to_pylist(),
+            strict=True,
+        )
+    ]
+    cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
+    table = table.set_column(table.column_names.index(name), name, cleared)
+    if HELD in table.column_names:
+        held = pc.or_(pc.fill_null(table[HELD], False), held)
+        return table.set_column(table.column_names.index(HELD), HELD, held), notes
+    return table.append_column(HELD, held), notes

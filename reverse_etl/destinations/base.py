@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
@@ -291,6 +291,12 @@ class Destination(ABC):
     def consent_account(self) -> str | None:
         """The account whose people's consent this destination reads back
         (``consent.memory.account_key``); None: it reads none back."""
+        return None
+
+    def consent_standing(self, channel: str, persons: Sequence[str]) -> pa.Table | None:
+        """The persons' latest opt-ins on ``channel`` made at the destination (not by us):
+        ``person``, ``at``; looked up for the few unsubscribes a run sends. None: the
+        destination cannot say (cheaply), and unsubscribes go as they are."""
         return None
 
     def read_back(self, memory: ConsentMemory) -> None:  # noqa: B027 - optional hook

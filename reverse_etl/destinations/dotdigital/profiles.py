@@ -4,7 +4,9 @@ Mapped columns become identifiers (``email``, ``mobileNumber``) or data fields; 
 that does not exist yet is created on first use with the type of its values. Consent is
 written as the user configures it: as the email channel status (``consent_mode: channel``)
 or as a YES/NO data field such as NEWSLETTER_SUBSCRIBE (``consent_mode: data_field``), which
-does not suppress the contact. List membership never implies consent.
+does not suppress the contact. List membership never implies consent. A subscribe sent with
+its time (``consented_at``) and the sync's ``evidence`` (the consent text, the page's URL,
+the person's IP address and browser) carries a consent record (``consentRecords``).
 
 Contacts are matched by email, so a row without one cannot become a contact: when the sync's
 identifier is another column (a customer id), ``screen`` leaves such rows out as row errors
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
+from reverse_etl.config.models import URI_PATTERN, ConsentEvidence, EvidenceColumn, evidence_ip
 from reverse_etl.consent import KEPT, NEW, kept_sql
 from reverse_etl.consent.memory import ConsentMemory, account_key
 from reverse_etl.consent.newest import HELD
@@ -39,7 +42,8 @@ from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
 from reverse_etl.destinations.dotdigital.membership import Membership
 from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
 from reverse_etl.errors import DestinationError
-from reverse_etl.sql import ident
+from reverse_etl.sql import ident, literal
+from reverse_etl.transform.consent import SUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
 IMPORT_PATH = "/contacts/v3/import"
@@ -50,6 +54,10 @@ CONTACT_IMPORTS = ImportApi(
     failed=frozenset({"Failed", "RejectedByWatchdog", "ExceedsAllowedContactLimit"}),
     max_active=25,  # 429 contacts:tooManyActiveImports beyond
 )
+# consent evidence key -> the property of Dotdigital's consent record it fills; the record's
+# dateTimeConsented is the consent's consented_at
+RECORD_KEYS = {"text": "text", "url": "url", "ip_address": "ipAddress", "user_agent": "userAgent"}
+CONSENTED_AT = "consent.email.consented_at"
 
 
 class DotdigitalProfiles(DotdigitalBase):
@@ -87,10 +95,13 @@ class DotdigitalProfiles(DotdigitalBase):
         self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
         self.unknown_consent: str = opts.get("unknown_consent", "opt_in_unknown")
         self.email_column = next(c for c, t in sync.fields().items() if t.field == "email")
+        self.evidence: ConsentEvidence | None = (
+            sync.consent.email.evidence if sync.consent.email else None
+        )
         self.list_ids: dict[str, int] = {}
         self._fields_ready = False
         # one document builder per template: (the batch has the consent flags KEPT, HELD,
-        # NEW; the consent data field is left out)
+        # NEW; the consent data field is left out; the contact carries a consent record)
         self._json: dict[tuple[bool, ...], RowJson] = {}
 
     # ------------------------------------------------------------------ config checks
@@ -162,11 +173,19 @@ class DotdigitalProfiles(DotdigitalBase):
             )
         if "email" not in {t.field for t in sync.fields().values()}:
             problems.append("map a column to `email`: Dotdigital contacts are matched by email")
+        if sync.consent.sms is not None and sync.consent.sms.evidence is not None:
+            problems.append(
+                "consent.sms.evidence: Dotdigital contacts keep consent records for email "
+                "consent only (this tool writes no SMS consent to Dotdigital); remove it, or "
+                "give it under consent.email"
+            )
         return problems
 
     # ------------------------------------------------------------------ payloads
 
-    def _template(self, table: pa.Table, *, consent_field: bool = True) -> dict[str, Any]:
+    def _template(
+        self, table: pa.Table, *, consent_field: bool = True, record: bool = False
+    ) -> dict[str, Any]:
         identifiers: dict[str, Any] = {"email": Col("email")}
         if "mobileNumber" in table.column_names:
             identifiers["mobileNumber"] = Expr("ltrim(t.\"mobileNumber\", '+')")
@@ -215,7 +234,60 @@ class DotdigitalProfiles(DotdigitalBase):
         lists = self._lists_sql(given)
         if lists:
             doc["lists"] = Expr(lists)
+        if record:
+            doc["consentRecords"] = Expr(self._record_sql())
         return doc
+
+    def _record_sql(self) -> str:
+        """SQL: the row's consent record, a list of one, for rows that have every part of it
+        (``_recorded``): the evidence, fixed (a literal) or the row's column, and the time."""
+        assert self.evidence is not None
+        parts = {}
+        for key, value in self.evidence.values().items():
+            name = f"consent.email.evidence.{key}"
+            parts[RECORD_KEYS[key]] = (
+                f"t.{ident(name)}" if isinstance(value, EvidenceColumn) else literal(value)
+            )
+        at = f"t.{ident(CONSENTED_AT)}"
+        parts["dateTimeConsented"] = (
+            f"strftime(CAST({at} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
+        )
+        order = ("text", "dateTimeConsented", "url", "ipAddress", "userAgent")
+        return "[{" + ", ".join(f"{literal(k)}: {parts[k]}" for k in order) + "}]"
+
+    def _recorded(self, table: pa.Table) -> pa.Array | None:
+        """Which rows carry a consent record: their email consent goes as a subscribe (not
+        kept, not held back) with its time, and every piece of evidence read per row is there
+        and of its kind (an IP address, an absolute URL). None when no row does. A row that
+        lacks one is sent without a record: its consent still goes."""
+        names = table.column_names
+        if self.evidence is None or "consent.email" not in names or CONSENTED_AT not in names:
+            return None
+        if table.num_rows == 0:
+            return None
+        mask = pc.and_(
+            pc.equal(table["consent.email"], SUBSCRIBED), pc.is_valid(table[CONSENTED_AT])
+        )
+        for name in (KEPT, HELD):
+            if name in names:
+                mask = pc.and_(mask, pc.invert(pc.fill_null(table[name], False)))
+        for key in self.evidence.columns():
+            name = f"consent.email.evidence.{key}"
+            if name not in names:
+                return None
+            values = table[name]
+            if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                values = pc.cast(values, pa.string())
+            ok = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+            if key == "url":
+                ok = pc.and_(ok, pc.match_substring_regex(values, URI_PATTERN))
+            elif key == "ip_address":
+                ok = pc.and_(ok, _ip_addresses(values))
+            mask = pc.and_(mask, ok)
+        mask = pc.fill_null(mask, False)
+        if isinstance(mask, pa.ChunkedArray):
+            mask = mask.combine_chunks()
+        return mask if pc.any(mask).as_py() else None
 
     @staticmethod
     def _unknown_sql(schema: pa.Schema, given: str) -> str:
@@ -294,6 +366,25 @@ class DotdigitalProfiles(DotdigitalBase):
         return table.filter(pc.invert(missing)), errors
 
     def _docs(self, table: pa.Table) -> pa.Array:
+        """One import document a row. The rows that carry a consent record (``_recorded``)
+        are built by a template that has one, the others by one that has none: the key is
+        present with a whole record or absent, never null, whatever ``null_values`` says."""
+        recorded = self._recorded(table)
+        if recorded is None:
+            return self._plain_docs(table)
+        docs = pa.nulls(table.num_rows, pa.string())
+        rest = table.filter(pc.invert(recorded))
+        if rest.num_rows:
+            plain = self._plain_docs(rest)
+            if isinstance(plain, pa.ChunkedArray):
+                plain = plain.combine_chunks()
+            docs = pc.replace_with_mask(docs, pc.invert(recorded), plain)
+        with_record = table.filter(recorded)
+        built = self._builder(with_record, consent_field=True, record=True).build(with_record)
+        return pc.replace_with_mask(docs, recorded, built)
+
+    def _plain_docs(self, table: pa.Table) -> pa.Array:
+        """Documents without a consent record."""
         docs = self._builder(table, consent_field=True).build(table)
         if self.consent_mode != "data_field" or self.sync.null_values == "skip":
             return docs  # a kept consent's NULL is left out of the document
@@ -305,10 +396,10 @@ class DotdigitalProfiles(DotdigitalBase):
         bare = self._builder(table, consent_field=False).build(table)
         return pc.if_else(kept, bare, docs)
 
-    def _builder(self, table: pa.Table, *, consent_field: bool) -> RowJson:
-        key = (*(f in table.column_names for f in (KEPT, HELD, NEW)), consent_field)
+    def _builder(self, table: pa.Table, *, consent_field: bool, record: bool = False) -> RowJson:
+        key = (*(f in table.column_names for f in (KEPT, HELD, NEW)), consent_field, record)
         if key not in self._json:
-            template = self._template(table, consent_field=consent_field)
+            template = self._template(table, consent_field=consent_field, record=record)
             self._json[key] = RowJson(template, drop_nulls=self.sync.null_values == "skip")
         return self._json[key]
 
@@ -432,6 +523,14 @@ def _field_type(dtype: pa.DataType) -> str:
     if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
         return "Date"
     return "String"
+
+
+def _ip_addresses(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Whether each value is an IPv4 or IPv6 address (null: false); each distinct value is
+    parsed once."""
+    distinct = pc.unique(values).drop_null().to_pylist()
+    good = pa.array([v for v in distinct if evidence_ip(v)], pa.string())
+    return pc.fill_null(pc.is_in(values, value_set=good), False)
 
 
 def flag(schema: pa.Schema, name: str) -> str:

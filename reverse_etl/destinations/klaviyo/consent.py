@@ -43,6 +43,7 @@ from reverse_etl.destinations.klaviyo.client import (
     KlaviyoClient,
 )
 from reverse_etl.destinations.klaviyo.destination import any_true, column_or_null, row_errors
+from reverse_etl.destinations.klaviyo.readback import OURS
 from reverse_etl.destinations.rowjson import Expr, RowJson
 from reverse_etl.sql import ident
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
@@ -105,8 +106,9 @@ class Consent:
         self.columns = {ch: c for ch, c in sync.consent.columns().items() if ch in CHANNELS}
         self.mapped = {target.field for target in sync.fields().values()}
         self.endpoints = {
-            HISTORICAL: _subscribe(True, f"reverse-etl sync {sync.name}"),
-            CURRENT: _subscribe(False, f"reverse-etl sync {sync.name}"),
+            # the custom_source by which a read-back knows a subscribe as ours (readback.OURS)
+            HISTORICAL: _subscribe(True, f"{OURS}{sync.name}"),
+            CURRENT: _subscribe(False, f"{OURS}{sync.name}"),
             REVOKED: UNSUBSCRIBE,
         }
         self._json = {

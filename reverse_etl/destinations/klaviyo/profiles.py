@@ -21,7 +21,7 @@ nothing to report twice.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,14 @@ class KlaviyoProfiles(KlaviyoBase):
             problems.append(
                 "consent.sms: SMS consent needs a phone number; map a column to phone_number"
             )
+        for channel, consent in sync.consent.columns().items():
+            if consent.evidence is not None:
+                problems.append(
+                    f"consent.{channel}.evidence: Klaviyo profiles take no consent evidence "
+                    f"({', '.join(consent.evidence.values())}); Klaviyo keeps only when consent "
+                    f"was given, from consent.{channel}.consented_at (sent as a historical "
+                    "import); remove evidence"
+                )
         return problems
 
     # ------------------------------------------------------------------ payloads
@@ -243,6 +251,10 @@ class KlaviyoProfiles(KlaviyoBase):
 
     def read_back(self, memory: ConsentMemory) -> None:
         readback.read_back(self.client, memory)
+
+    def consent_standing(self, channel: str, persons: Sequence[str]) -> pa.Table | None:
+        """Email opt-ins made in Klaviyo (looked up); SMS ones are not asked for."""
+        return readback.subscribed(self.client, persons) if channel == "email" else None
 
     def submit(self, table: pa.Table) -> _InFlight:
         table, docs, errors = self._docs(table)

@@ -13,17 +13,23 @@ seen. A run when nothing happened in Klaviyo costs one call. ``greater-or-equal`
 already read is read again and ignored.
 
 Re-subscribes inside Klaviyo have no such filter (``consent_timestamp`` cannot be filtered),
-so they are not read back; only opt-outs, which is what "never re-subscribe" needs.
+so they are looked up instead, for the few unsubscribes a run sends with a consent time
+(``subscribed``): ``any(email,[…])`` with the profiles' subscriptions, 100 a call. A SUBSCRIBED
+consent whose ``custom_method_detail`` is ours (the ``custom_source`` our bulk subscribe sends,
+"reverse-etl sync …", which Klaviyo stores as the consent's method detail) is not an opt-in
+the person made there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
+
 from reverse_etl.consent.memory import ConsentMemory, Seen
-from reverse_etl.destinations.klaviyo.client import KlaviyoClient
+from reverse_etl.destinations.klaviyo.client import KlaviyoClient, quote
 
 STREAM = "email.suppressions"
 _FIELD = "subscriptions.email.marketing.suppression.timestamp"
@@ -47,6 +53,46 @@ def read_back(client: KlaviyoClient, memory: ConsentMemory) -> int:
         seen.append(Seen(email, "email", status, at, reason))
         newest = max(newest, stamp, key=_when)
     return memory.remember(STREAM, seen, newest)
+
+
+OURS = "reverse-etl sync "  # the custom_source of our subscribes (consent.py)
+LOOKUP = 100  # emails per any(email,[...]) lookup: a page holds at most 100 profiles
+
+
+def subscribed(client: KlaviyoClient, emails: Sequence[str]) -> pa.Table:
+    """The profiles among ``emails`` whose email marketing consent is SUBSCRIBED by something
+    other than us, with its ``consent_timestamp``: ``person`` (lower-cased), ``at``."""
+    persons: list[str] = []
+    times: list[datetime] = []
+    for start in range(0, len(emails), LOOKUP):
+        group = emails[start : start + LOOKUP]
+        params = {
+            "filter": f"any(email,[{','.join(quote(e) for e in group)}])",
+            "additional-fields[profile]": "subscriptions",
+            "fields[profile]": "email,subscriptions",
+            "page[size]": str(LOOKUP),
+        }
+        body = client.json("get_profiles", "GET", "/api/profiles", params=params)
+        for profile in body.get("data") or []:
+            attrs = profile.get("attributes") or {}
+            email = attrs.get("email")
+            subs = ((attrs.get("subscriptions") or {}).get("email") or {}).get("marketing") or {}
+            stamp = subs.get("consent_timestamp")
+            detail = str(subs.get("custom_method_detail") or "")
+            if (
+                isinstance(email, str)
+                and subs.get("consent") == "SUBSCRIBED"
+                and isinstance(stamp, str)
+                and not detail.startswith(OURS)
+            ):
+                persons.append(email.strip().lower())
+                times.append(_when(stamp))
+    return pa.table(
+        {
+            "person": pa.array(persons, pa.string()),
+            "at": pa.array(times, pa.timestamp("us", "UTC")),
+        }
+    )
 
 
 def _suppressed_since(client: KlaviyoClient, since: str) -> Iterator[dict[str, Any]]:
