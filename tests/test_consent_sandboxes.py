@@ -343,3 +343,28 @@ def test_a_subscribe_inside_the_vendor_outlives_an_older_warehouse_opt_out(rig: 
     )
     ours = rig.run()
     assert consent_written(rig.kind, ours) == {email_of(1)}
+
+
+def test_a_withdrawn_consent_as_a_data_field_leaves_the_subscribers_book(rig: Rig) -> None:
+    dotdigital_only(rig)
+    rig.warehouse.load(people())
+    rig.configure(
+        destination={
+            "connection": "dotdigital",
+            "list": "Subscribers",
+            "unsubscribed_list": "Others",
+            "consent_mode": "data_field",
+        }
+    )
+    rig.run()
+    rig.warehouse.load(people({0: {"email_consent": "no"}}, later=100))
+    run = rig.run()
+    assert run.code == EXIT_OK, run.result.by_reason
+    books = {
+        name: {c["identifiers"]["email"] for c in rig.sandbox.address_book_members(name)}
+        for name in ("Subscribers", "Others")
+    }
+    assert email_of(0) in books["Others"] and email_of(0) not in books["Subscribers"]
+    assert books["Subscribers"] == {email_of(n) for n in range(1, N)}
+    contact = rig.held(email_of(0))
+    assert contact is not None and contact["dataFields"]["NEWSLETTER_SUBSCRIBE"] == "NO"

@@ -461,6 +461,32 @@ class DotdigitalProfiles(DotdigitalBase):
     def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         return self._without_email(table)
 
+    def complete(self, item: Any, tally: Tally) -> None:
+        """Count the batch's imports; then, with ``consent_mode: data_field`` and an
+        ``unsubscribed_list``, take those whose consent was withdrawn out of
+        ``destination.list`` (the subscribers' book): a NO data field alone leaves them
+        mailable there. The import already put them in ``unsubscribed_list``."""
+        super().complete(item, tally)
+        if self.consent_mode != "data_field" or not self.unsubscribed_list:
+            return
+        name = self.sync.destination.list
+        table = item.table
+        if not name or "consent.email" not in table.column_names or table.num_rows == 0:
+            return
+        withdrawn = pc.fill_null(pc.equal(table["consent.email"], "unsubscribed"), False)
+        for flag_name in (KEPT, HELD):
+            if flag_name in table.column_names:
+                withdrawn = pc.and_(withdrawn, pc.invert(pc.fill_null(table[flag_name], False)))
+        if not pc.any(withdrawn).as_py():
+            return
+        leaving = table.filter(withdrawn)
+        members = pa.table(
+            {"__row": leaving["__row"], "__id": leaving["__id"], "key": leaving["email"]}
+        )
+        book = self.list_ids.get(name) or self.client.find_address_book(name)
+        if book:
+            tally.reported(Membership(self.client, self.email_column).remove(book, members).errors)
+
     def account(self, table: pa.Table, imp: Import, report: dict[str, Any], tally: Tally) -> None:
         summary = report.get("summary") or {}
         failures = report.get("failures") or []
