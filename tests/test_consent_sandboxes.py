@@ -368,3 +368,19 @@ def test_a_withdrawn_consent_as_a_data_field_leaves_the_subscribers_book(rig: Ri
     assert books["Subscribers"] == {email_of(n) for n in range(1, N)}
     contact = rig.held(email_of(0))
     assert contact is not None and contact["dataFields"]["NEWSLETTER_SUBSCRIBE"] == "NO"
+
+
+def test_klaviyo_list_members_consented_keeps_profiles_without_consent_out_of_the_list(
+    rig: Rig,
+) -> None:
+    if rig.kind.name != "klaviyo":
+        pytest.skip("list_members is Klaviyo's: a profile in a list is emailable there")
+    rig.warehouse.load(people({1: {"email_consent": "no"}, 2: {"email_consent": None}}))
+    rig.configure(
+        destination={"connection": "klaviyo", "list": "Newsletter", "list_members": "consented"}
+    )
+    first = rig.run()
+    assert first.code == EXIT_OK, first.result.by_reason
+    members = {p["email"] for p in rig.sandbox.list_members("Newsletter")}
+    assert members == {email_of(n) for n in range(N) if n not in (1, 2)}
+    assert all(rig.held(email_of(n)) is not None for n in range(N))  # every profile landed

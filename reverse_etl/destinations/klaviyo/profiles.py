@@ -42,9 +42,10 @@ from reverse_etl.destinations.klaviyo.client import (
 )
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.consent import Consent
-from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true
+from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, column_or_null
 from reverse_etl.destinations.klaviyo.membership import Membership
 from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
+from reverse_etl.transform.consent import SUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
 IMPORT_PATH = "/api/profile-bulk-import-jobs"
@@ -154,6 +155,9 @@ class KlaviyoProfiles(KlaviyoBase):
         standard_fields=STANDARD_FIELDS,
         custom_prefix="properties",
         identifier_fields=IDENTIFIER_FIELDS,
+        # list_members: all (every profile joins destination.list) or consented (only those
+        # whose email consent is sent as subscribed)
+        options=("list_members",),
         takes_list=True,
         takes_consent=True,
         removes=True,  # membership.py; found by the identifier's field (match_field None)
@@ -167,6 +171,7 @@ class KlaviyoProfiles(KlaviyoBase):
     def __init__(self, conn: KlaviyoConnection, sync: Sync, *, speedup: float | None = None):
         super().__init__(conn, sync, speedup=speedup)
         self.list_id: str | None = None
+        self.list_members: str = sync.destination.options().get("list_members", "all")
         fields = {t.field: t.field for t in sync.fields().values()}
         self._template = _template(fields, sync.null_values == "clear")
         self._json = RowJson(self._template, drop_nulls=True)
@@ -176,6 +181,14 @@ class KlaviyoProfiles(KlaviyoBase):
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
         problems = super().check_sync(sync)
+        members = sync.destination.options().get("list_members", "all")
+        if members not in {"all", "consented"}:
+            problems.append(
+                "destination.list_members: use all (every profile joins the list) or consented "
+                "(only profiles whose email consent is sent as subscribed)"
+            )
+        elif members == "consented" and not sync.consent.email:
+            problems.append("destination.list_members: consented needs consent.email")
         mapped = {t.field for t in sync.fields().values()}
         if sync.consent.email and "email" not in mapped:
             problems.append(
@@ -220,22 +233,50 @@ class KlaviyoProfiles(KlaviyoBase):
         screened batch)."""
         return _measured(table, self._json.build(_payload(table)))
 
-    def _bodies(self, docs: pa.Array) -> Iterator[tuple[int, int, bytes]]:
-        tail = b"]}}}}"  # closes data, profiles, attributes, data, the document
+    def _joins(self, table: pa.Table) -> pa.Array | pa.ChunkedArray:
+        """Which rows join destination.list: all of them, or with ``list_members:
+        consented`` those whose email consent is sent as subscribed (Klaviyo treats every
+        profile in a list without a suppression as emailable)."""
+        if self.list_members != "consented":
+            return pa.array([True] * table.num_rows)
+        consent = column_or_null(table, "consent.email", pa.string())
+        return pc.fill_null(pc.equal(consent, SUBSCRIBED), False)
+
+    def _members_first(self, table: pa.Table) -> tuple[pa.Table, pa.Array, list[RowError], int]:
+        """The rows that join the list first (an import job joins all its profiles to the
+        list, or none), then their JSON: (table, docs, row errors, how many join)."""
+        joins = self._joins(table)
+        if self.list_members == "consented" and table.num_rows:
+            table = pa.concat_tables(
+                [table.filter(joins), table.filter(pc.invert(joins))]
+            ).combine_chunks()
+        table, docs, errors = self._docs(table)  # keeps the order: the joining rows first
+        joining = int(pc.sum(pc.cast(self._joins(table), pa.int64())).as_py() or 0)
+        return table, docs, errors, joining
+
+    def _bodies(
+        self, docs: pa.Array, joining: int | None = None
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """Import jobs of ``docs``; the first ``joining`` (all) join destination.list."""
+        joining = len(docs) if joining is None else joining
+        plain = b"]}}}}"  # closes data, profiles, attributes, data, the document
+        tail = plain
         if self.list_id or self.sync.destination.list:
             list_id = self.list_id or f"<id of list {self.sync.destination.list!r}>"
             rel = orjson.dumps({"lists": {"data": [{"type": "list", "id": list_id}]}})
             tail = b']}},"relationships":' + rel + b"}}"
-        overhead = len(_ENVELOPE) + len(tail)
-        for start, end in pack(docs, self.profiles_per_job, MAX_JOB_BYTES, overhead):
-            body = _ENVELOPE + ",".join(docs.slice(start, end - start).to_pylist()).encode() + tail
-            yield start, end, body
+        for lo, hi, end in ((0, joining, tail), (joining, len(docs), plain)):
+            part = docs.slice(lo, hi - lo)
+            overhead = len(_ENVELOPE) + len(end)
+            for start, stop in pack(part, self.profiles_per_job, MAX_JOB_BYTES, overhead):
+                chunk = part.slice(start, stop - start).to_pylist()
+                yield lo + start, lo + stop, _ENVELOPE + ",".join(chunk).encode() + end
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         """Import jobs, then the consent calls (a dry run cannot know which profiles Klaviyo
         will refuse, so consent is shown for every profile sent)."""
-        sent, docs, _ = self._docs(table)
-        for start, end, body in self._bodies(docs):
+        sent, docs, _, joining = self._members_first(table)
+        for start, end, body in self._bodies(docs, joining):
             yield Request("POST", IMPORT_PATH, body, end - start)
         yield from self.consent.requests(sent)
 
@@ -257,10 +298,10 @@ class KlaviyoProfiles(KlaviyoBase):
         return readback.subscribed(self.client, persons) if channel == "email" else None
 
     def submit(self, table: pa.Table) -> _InFlight:
-        table, docs, errors = self._docs(table)
+        table, docs, errors, joining = self._members_first(table)
         item = _InFlight(table, errors=errors)
         rows = table["__row"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
-        for start, end, body in self._bodies(docs):
+        for start, end, body in self._bodies(docs, joining):
             job = jobs.submit(self.client, jobs.Job(IMPORT, body, end - start))
             item.jobs.append(_Job(job, rows.slice(start, end - start)))
         return item
