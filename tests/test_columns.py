@@ -29,7 +29,7 @@ def make_sync(**overrides: Any) -> Sync:
         "object": "profiles",
         "identifier": "email",
         "cursor": "modified_at",
-        "destination": {"connection": "klaviyo"},
+        "destination": {"connection": "klaviyo", "sms_without_consent_time": True},
         "mapping": {
             "email": "email",
             "phone": "phone_number",

@@ -58,7 +58,9 @@ def people(rig: Rig, rows: list[tuple]) -> None:
 
 
 def consent_sync(name: str = "profiles", **extra: Any) -> dict[str, Any]:
-    entry = {"consent": CONSENT, **extra}
+    # SMS consent here has no time, on purpose (a subscribe without historical_import)
+    destination = {"sms_without_consent_time": True, **extra.pop("destination", {})}
+    entry = {"consent": CONSENT, "destination": destination, **extra}
     return klaviyo_sync(name, mapping=entry.pop("mapping", MAPPING), **entry)
 
 

@@ -83,7 +83,11 @@ def profile_batch(**overrides: list[Any]) -> pa.Table:
 
 
 def test_consent_without_its_address_is_taken_off_the_row_and_the_profile_stays(destination):
-    dest = destination(mapping=PROFILE_MAPPING, consent=CONSENT)
+    dest = destination(
+        mapping=PROFILE_MAPPING,
+        consent=CONSENT,
+        destination={"sms_without_consent_time": True},
+    )
     assert isinstance(dest, KlaviyoProfiles)
 
     screened = dest.screen(profile_batch())
@@ -249,3 +253,41 @@ def test_orders_without_a_profile_or_with_an_overlong_string_are_rejected(destin
     assert dest.screen(screened.table).errors == []
     [call] = dest.requests(screened.table)
     assert call.rows == 2
+
+
+def test_sms_consent_for_a_country_klaviyo_cannot_text_is_a_row_note(destination):
+    """Klaviyo texts the US (not Puerto Rico), Canada, the UK, much of Europe, Australia and
+    New Zealand: SMS consent for a number elsewhere is taken off with a note, not sent to
+    vanish; the profile and its email consent go."""
+    dest = destination(
+        mapping=PROFILE_MAPPING,
+        consent=CONSENT,
+        destination={"sms_without_consent_time": True},
+    )
+    table = profile_batch(
+        email=["a@example.com", "b@example.com", "c@example.com"],
+        phone_number=["+447400123456", "+525512345678", "+17875550123"],  # UK, Mexico, PR
+        **{"consent.sms": ["subscribed", "subscribed", "subscribed"]},
+    )
+    screened = dest.screen(table)
+    assert screened.rejected == 0
+    found = [(e.row_number, e.column, e.reason) for e in screened.errors]
+    assert found == [  # rows from 2: Mexico and Puerto Rico
+        (3, "sms_consent", "sms_region_unsupported"),
+        (4, "sms_consent", "sms_region_unsupported"),
+    ]
+    assert screened.table["consent.sms"].to_pylist() == ["subscribed", None, None]
+    assert screened.table["consent.email"].to_pylist() == [
+        "subscribed",
+        "subscribed",
+        "unsubscribed",
+    ]
+
+
+def test_sms_consent_needs_a_time_or_an_explicit_choice(destination):
+    from reverse_etl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SMS consent needs a consented_at column"):
+        destination(mapping=PROFILE_MAPPING, consent=CONSENT)
+    timed = {"email": "email_consent", "sms": {"column": "sms_consent", "consented_at": "at"}}
+    assert isinstance(destination(mapping=PROFILE_MAPPING, consent=timed), KlaviyoProfiles)

@@ -498,7 +498,10 @@ def test_consent_that_waited_for_its_address_is_sent_when_the_address_comes(rig:
     if rig.kind.name != "klaviyo":
         pytest.skip("SMS consent is Klaviyo's")
     rig.warehouse.load(view({0: {"phone": None}}))
-    rig.configure(consent={"email": "email_consent", "sms": "email_consent"})
+    rig.configure(
+        consent={"email": "email_consent", "sms": "email_consent"},
+        destination={"connection": "klaviyo", "list": LIST, "sms_without_consent_time": True},
+    )
     first = rig.run()
     assert first.result.by_reason.get("missing_consent_address") == 1
     rig.warehouse.load(view({0: {"phone": None, "first_name": "Renamed"}}, later=1_000))

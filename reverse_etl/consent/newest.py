@@ -123,7 +123,7 @@ class NewestWins:
             return table, []
         assert self.standing is not None
         keys = pc.utf8_lower(pc.cast(table[person].filter(wanted), pa.string()))
-        opt_ins = self.standing(channel, sorted(set(keys.to_pylist())))
+        opt_ins = self.standing(channel, sorted({k for k in keys.to_pylist() if k}))
         if opt_ins is None:
             return table, []
         return hold_back_unsubscribes(

@@ -66,12 +66,15 @@ FIXES: dict[str, str] = {
     "not_sent": "The destination did not acknowledge this record before the run stopped; the next run sends it again.",
     "kept_unsubscribed": "Nothing to fix: the person opted out at the destination after the consent in the warehouse, so the subscribe was not sent (newest wins). A newer consent (its consented_at after the opt-out) is sent.",
     "unknown_consent_skipped": "Nothing to fix if intended: the row's consent is empty and the sync's unknown_consent is skip, so no contact was made. Fill the consent column, or set unknown_consent: opt_in_unknown to create such contacts with opt-in type unknown.",
+    "sms_region_unsupported": "Nothing to fix if the number is right: Klaviyo cannot text this country, so the SMS consent was not sent (the profile was). Check the number's country code if it should be textable.",
     "kept_subscribed": "Nothing to fix: the person subscribed at the destination after the opt-out in the warehouse, so the unsubscribe was not sent (newest wins). A newer opt-out (its consented_at after that subscribe) is sent.",
 }
 
 # row notes, not problems: the row was handled as it should be; they go in the error file, are
 # counted in the run record (consent_held), and never make a run exit non-zero
-NOTES = frozenset({"kept_unsubscribed", "kept_subscribed", "unknown_consent_skipped"})
+NOTES = frozenset(
+    {"kept_unsubscribed", "kept_subscribed", "unknown_consent_skipped", "sms_region_unsupported"}
+)
 
 
 @dataclass(frozen=True, slots=True)

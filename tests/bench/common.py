@@ -23,7 +23,7 @@ PROFILE_MAPPING = """    phone_region_column: country
       is_vip: properties.VIP
     consent:
       email: {column: email_consent, consented_at: consent_updated_at}
-      sms: sms_consent
+      sms: {column: sms_consent, consented_at: consent_updated_at}
 """
 
 

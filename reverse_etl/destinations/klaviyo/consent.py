@@ -49,6 +49,14 @@ from reverse_etl.sql import ident
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
+# where Klaviyo can collect SMS consent and text (help.klaviyo.com/hc/en-us/articles/4402914866843,
+# "Where is Klaviyo SMS available?"); the US without Puerto Rico and the other territories,
+# which phonenumbers tells apart (PR, GU, VI ... share +1); the UK's +44 numbers include the
+# Crown Dependencies' (GG, JE, IM), which UK sending numbers reach
+SMS_REGIONS = frozenset(
+    "US CA GB GG JE IM IE AU NZ DE NL FR BE AT ES CH DK SE NO FI IT PT".split()  # noqa: SIM905
+)
+
 # channel -> the profile field holding its address
 CHANNELS: dict[str, str] = {"email": "email", "sms": "phone_number"}
 # call kinds: (flag prefix, endpoint builder)
@@ -150,12 +158,53 @@ class Consent:
         )
         return missing, errors
 
+    def _sms_elsewhere(self, table: pa.Table) -> tuple[pa.Array, list[RowError]]:
+        """Rows subscribing to SMS with a number in a country Klaviyo cannot text, and their
+        row notes (``sms_region_unsupported``). Only those rows' numbers are looked at."""
+        import phonenumbers
+
+        sub = pc.fill_null(pc.equal(table["consent.sms"], SUBSCRIBED), False)
+        phones = column_or_null(table, "phone_number", pa.string())
+        sub = pc.and_(sub, pc.is_valid(phones))
+        out = np.zeros(table.num_rows, dtype=bool)
+        notes: list[RowError] = []
+        if not any_true(sub):
+            return pa.array(out), notes
+        where = np.flatnonzero(sub.to_numpy(zero_copy_only=False))
+        numbers = phones.take(pa.array(where)).to_pylist()
+        for i, number in zip(where.tolist(), numbers, strict=True):
+            try:
+                region = phonenumbers.region_code_for_number(phonenumbers.parse(number))
+            except phonenumbers.NumberParseException:
+                region = None
+            if region not in SMS_REGIONS:
+                out[i] = True
+        flagged = pa.array(out)
+        if out.any():
+            notes = row_errors(
+                table,
+                flagged,
+                self.columns["sms"].column,
+                "sms_region_unsupported",
+                "SMS consent not sent: Klaviyo cannot text numbers in this country "
+                f"(it texts {', '.join(sorted(SMS_REGIONS))})",
+                value="phone_number",
+            )
+        return flagged, notes
+
     def screen(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         """Consent that cannot be sent, taken off its row (the channel's consent set to NULL,
         so the profile still goes and its subscription is left alone), with a row error; and
         consent unchanged since Klaviyo acknowledged it (``consent.kept``), taken off too."""
         errors: list[RowError] = []
         table = without_kept(table)  # consent Klaviyo holds from us is not sent again
+        if "sms" in self.columns and "consent.sms" in table.column_names:
+            elsewhere, notes = self._sms_elsewhere(table)
+            if notes:
+                name = "consent.sms"
+                cleared = pc.if_else(elsewhere, pa.scalar(None, table[name].type), table[name])
+                table = table.set_column(table.column_names.index(name), name, cleared)
+                errors += notes
         for channel in self.columns:
             missing, found = self._without_address(table, channel)
             if found:

@@ -157,7 +157,8 @@ class KlaviyoProfiles(KlaviyoBase):
         identifier_fields=IDENTIFIER_FIELDS,
         # list_members: all (every profile joins destination.list) or consented (only those
         # whose email consent is sent as subscribed)
-        options=("list_members",),
+        options=("list_members", "sms_without_consent_time"),
+        bool_options=("sms_without_consent_time",),
         takes_list=True,
         takes_consent=True,
         removes=True,  # membership.py; found by the identifier's field (match_field None)
@@ -193,6 +194,17 @@ class KlaviyoProfiles(KlaviyoBase):
         if sync.consent.email and "email" not in mapped:
             problems.append(
                 "consent.email: email consent needs the email address; map a column to email"
+            )
+        sms = sync.consent.sms
+        if (
+            sms is not None
+            and sms.consented_at is None
+            and not sync.destination.options().get("sms_without_consent_time", False)
+        ):
+            problems.append(
+                "consent.sms: SMS consent needs a consented_at column (when the person agreed: "
+                "TCPA and PECR ask for proof of it), or say destination.sms_without_consent_time: "
+                "true to subscribe without one (Klaviyo then applies the account's opt-in process)"
             )
         if sync.consent.sms and "phone_number" not in mapped:
             problems.append(
