@@ -188,12 +188,7 @@ def hold_back_subscribes(
         column,
         destination,
     )
-    cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
-    table = table.set_column(table.column_names.index(name), name, cleared)
-    if HELD in table.column_names:
-        held = pc.or_(pc.fill_null(table[HELD], False), held)
-        return table.set_column(table.column_names.index(HELD), HELD, held), notes
-    return table.append_column(HELD, held), notes
+    return _held_back(table, name, held), notes
 
 
 def _notes(
@@ -275,9 +270,14 @@ def hold_back_unsubscribes(
             strict=True,
         )
     ]
+    return _held_back(table, name, held), notes
+
+
+def _held_back(table: pa.Table, name: str, held: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``table`` with consent column ``name`` NULL on the ``held`` rows, flagged ``HELD``."""
     cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
     table = table.set_column(table.column_names.index(name), name, cleared)
     if HELD in table.column_names:
         held = pc.or_(pc.fill_null(table[HELD], False), held)
-        return table.set_column(table.column_names.index(HELD), HELD, held), notes
-    return table.append_column(HELD, held), notes
+        return table.set_column(table.column_names.index(HELD), HELD, held)
+    return table.append_column(HELD, held)
