@@ -384,3 +384,23 @@ def test_klaviyo_list_members_consented_keeps_profiles_without_consent_out_of_th
     members = {p["email"] for p in rig.sandbox.list_members("Newsletter")}
     assert members == {email_of(n) for n in range(N) if n not in (1, 2)}
     assert all(rig.held(email_of(n)) is not None for n in range(N))  # every profile landed
+
+
+@pytest.mark.parametrize("resubscribe", ["no_challenge", "challenge"])
+def test_a_newer_consent_resubscribes_as_the_sync_says(rig: Rig, resubscribe: str) -> None:
+    dotdigital_only(rig)
+    rig.warehouse.load(people())
+    rig.configure(
+        consent={"email": {"column": "email_consent", "consented_at": "last_order_at"}},
+        destination={"connection": "dotdigital", "list": "Subscribers", "resubscribe": resubscribe},
+    )
+    rig.run()
+    rig.sandbox.act_as_person(email_of(0), "unsubscribe", at=at(50_000))
+    rig.warehouse.load(people({0: {"last_order_at": at(60_000)}}, later=100))
+    run = rig.run()
+    [doc] = imported(run, rig).values()
+    again = resubscribe == "no_challenge"
+    assert doc["channelProperties"]["email"]["resubscribeOptions"] == {
+        "resubscribeWithNoChallenge": again
+    }
+    assert status(rig, email_of(0)) == ("subscribed" if again else "pendingOptIn")

@@ -67,13 +67,20 @@ FIXES: dict[str, str] = {
     "kept_unsubscribed": "Nothing to fix: the person opted out at the destination after the consent in the warehouse, so the subscribe was not sent (newest wins). A newer consent (its consented_at after the opt-out) is sent.",
     "unknown_consent_skipped": "Nothing to fix if intended: the row's consent is empty and the sync's unknown_consent is skip, so no contact was made. Fill the consent column, or set unknown_consent: opt_in_unknown to create such contacts with opt-in type unknown.",
     "sms_region_unsupported": "Nothing to fix if the number is right: Klaviyo cannot text this country, so the SMS consent was not sent (the profile was). Check the number's country code if it should be textable.",
+    "consent_evidence_incomplete": "Fill the consent's evidence columns (an IP address, an absolute URL, the wording and the user agent) for this row; its subscribe went without a consent record.",
     "kept_subscribed": "Nothing to fix: the person subscribed at the destination after the opt-out in the warehouse, so the unsubscribe was not sent (newest wins). A newer opt-out (its consented_at after that subscribe) is sent.",
 }
 
 # row notes, not problems: the row was handled as it should be; they go in the error file, are
 # counted in the run record (consent_held), and never make a run exit non-zero
 NOTES = frozenset(
-    {"kept_unsubscribed", "kept_subscribed", "unknown_consent_skipped", "sms_region_unsupported"}
+    {
+        "kept_unsubscribed",
+        "kept_subscribed",
+        "unknown_consent_skipped",
+        "sms_region_unsupported",
+        "consent_evidence_incomplete",
+    }
 )
 
 

@@ -74,6 +74,7 @@ class DotdigitalProfiles(DotdigitalBase):
             "opt_in_type",
             "unsubscribed_list",
             "unknown_consent",
+            "resubscribe",
             "import_size",
         ),
         takes_list=True,
@@ -94,6 +95,7 @@ class DotdigitalProfiles(DotdigitalBase):
         self.opt_in_type: str = opts.get("opt_in_type", "single")
         self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
         self.unknown_consent: str = opts.get("unknown_consent", "opt_in_unknown")
+        self.resubscribe: str = opts.get("resubscribe", "no_challenge")
         self.email_column = next(c for c, t in sync.fields().items() if t.field == "email")
         self.evidence: ConsentEvidence | None = (
             sync.consent.email.evidence if sync.consent.email else None
@@ -128,6 +130,11 @@ class DotdigitalProfiles(DotdigitalBase):
         }:
             problems.append(
                 "destination.opt_in_type: use unknown, single, double or verifiedDouble"
+            )
+        if opts.get("resubscribe", "no_challenge") not in {"no_challenge", "challenge"}:
+            problems.append(
+                "destination.resubscribe: use no_challenge (a newer consent resubscribes an "
+                "unsubscribed contact at once) or challenge (Dotdigital emails them to confirm)"
             )
         unknown = opts.get("unknown_consent", "opt_in_unknown")
         if unknown not in {"opt_in_unknown", "skip"}:
@@ -226,9 +233,18 @@ class DotdigitalProfiles(DotdigitalBase):
                     f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' "
                     f"WHEN {unknown} AND {flag(table.schema, NEW)} THEN 'unknown' END"
                 )
+            # a subscribe says how a contact unsubscribed there comes back: Dotdigital's
+            # default is without a confirmation email (resubscribeWithNoChallenge: true); only
+            # consent newer than the opt-out gets this far (consent/newest.py)
+            again = "true" if self.resubscribe == "no_challenge" else "false"
+            options = (
+                f"CASE WHEN {consent} = 'subscribed' THEN "
+                f"json_object('resubscribeWithNoChallenge', {again}) END"
+            )
             doc["channelProperties"] = {
                 "email": Expr(
-                    f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}))"
+                    f"json_strip_nulls(json_object('status', {status}, 'optInType', {opt_in}, "
+                    f"'resubscribeOptions', {options}))"
                 )
             }
         lists = self._lists_sql(given)
@@ -260,17 +276,10 @@ class DotdigitalProfiles(DotdigitalBase):
         kept, not held back) with its time, and every piece of evidence read per row is there
         and of its kind (an IP address, an absolute URL). None when no row does. A row that
         lacks one is sent without a record: its consent still goes."""
+        mask = self._subscribing(table)
+        if mask is None or self.evidence is None:
+            return None
         names = table.column_names
-        if self.evidence is None or "consent.email" not in names or CONSENTED_AT not in names:
-            return None
-        if table.num_rows == 0:
-            return None
-        mask = pc.and_(
-            pc.equal(table["consent.email"], SUBSCRIBED), pc.is_valid(table[CONSENTED_AT])
-        )
-        for name in (KEPT, HELD):
-            if name in names:
-                mask = pc.and_(mask, pc.invert(pc.fill_null(table[name], False)))
         for key in self.evidence.columns():
             name = f"consent.email.evidence.{key}"
             if name not in names:
@@ -288,6 +297,47 @@ class DotdigitalProfiles(DotdigitalBase):
         if isinstance(mask, pa.ChunkedArray):
             mask = mask.combine_chunks()
         return mask if pc.any(mask).as_py() else None
+
+    def _subscribing(self, table: pa.Table) -> pa.Array | pa.ChunkedArray | None:
+        """Rows whose email consent goes as a subscribe with its time (not kept, not held
+        back): those a consent record belongs to. None without evidence configured."""
+        names = table.column_names
+        if self.evidence is None or "consent.email" not in names or CONSENTED_AT not in names:
+            return None
+        if table.num_rows == 0:
+            return None
+        mask = pc.and_(
+            pc.equal(table["consent.email"], SUBSCRIBED), pc.is_valid(table[CONSENTED_AT])
+        )
+        for name in (KEPT, HELD):
+            if name in names:
+                mask = pc.and_(mask, pc.invert(pc.fill_null(table[name], False)))
+        return pc.fill_null(mask, False)
+
+    def _evidence_notes(self, table: pa.Table) -> list[RowError]:
+        """A note for each subscribe sent without its consent record, its evidence missing a
+        value or holding one of the wrong kind (an IP address, an absolute URL)."""
+        wanted = self._subscribing(table)
+        if wanted is None or not pc.any(wanted).as_py():
+            return []
+        recorded = self._recorded(table)
+        missing = wanted if recorded is None else pc.and_(wanted, pc.invert(recorded))
+        if not pc.any(missing).as_py():
+            return []
+        rows = table.filter(missing)
+        column = self.sync.consent.email.column if self.sync.consent.email else "consent"
+        return [
+            RowError(
+                row,
+                ident,
+                column,
+                "subscribed",
+                "consent_evidence_incomplete",
+                "the subscribe was sent without its consent record: a piece of its evidence "
+                "(text, url, ip_address, user_agent) is empty or not of its kind",
+            )
+            for row, ident in zip(rows["__row"].to_pylist(), rows["__id"].to_pylist(), strict=True)
+        ]
 
     @staticmethod
     def _unknown_sql(schema: pa.Schema, given: str) -> str:
@@ -317,6 +367,7 @@ class DotdigitalProfiles(DotdigitalBase):
         if self.unknown_consent == "skip":
             kept, skipped = self._unknown_skipped(kept)
             errors += skipped
+        errors += self._evidence_notes(kept)
         kept, too_large = self.too_large(kept)
         errors = sorted(errors + too_large, key=lambda e: e.row_number)
         return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
