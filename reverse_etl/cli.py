@@ -404,8 +404,10 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
     join in their views."""
     import csv
 
+    from reverse_etl.consent import export
     from reverse_etl.consent.memory import ConsentMemory
     from reverse_etl.engine import make_destination
+    from reverse_etl.sources import open_source
     from reverse_etl.util.storage import open_text_for_write
 
     try:
@@ -423,6 +425,11 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
             destination.read_back(memory)
         finally:
             destination.close()
+        if s.optouts_table:  # the sync's table too, as a run would leave it
+            warehouse = project.connections[s.source.connection]
+            with open_source(warehouse, project, writable=True) as source:  # type: ignore[arg-type]
+                rows = export.as_table(memory.statements(), s.destination.connection)
+                export.write(warehouse, source, s.optouts_table, rows)  # type: ignore[arg-type]
         after = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
         found = memory.statements(after)
     except ReverseEtlError as exc:

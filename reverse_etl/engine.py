@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
+from reverse_etl.consent import export
 from reverse_etl.consent.memory import ConsentMemory
 from reverse_etl.consent.newest import NewestWins
 from reverse_etl.destinations import registry
@@ -377,6 +378,10 @@ def _run(
             raise
         try:
             newest = _newest_wins(store, sync, destination, conn.type, options)
+            if newest is not None and sync.optouts_table and not options.dry_run:
+                warehouse = project.connections[sync.source.connection]
+                rows = export.as_table(newest.memory.statements(), sync.destination.connection)
+                export.write(warehouse, source, sync.optouts_table, rows)  # type: ignore[arg-type]
         except BaseException:
             destination.close()
             snapshot.close()
@@ -661,8 +666,9 @@ def _remove_departed(
 
 
 def _default_source(project: Project, sync: Sync) -> Source:
-    # a DuckDB warehouse that holds the sync's snapshot is written to as well as read
-    writable = project.snapshot_connection(sync) is not None
+    # a DuckDB warehouse that holds the sync's snapshot or its opt-outs table is written to
+    # as well as read
+    writable = project.snapshot_connection(sync) is not None or sync.optouts_table is not None
     conn = project.connections[sync.source.connection]
     return open_source(conn, project, writable=writable)  # type: ignore[arg-type]
 

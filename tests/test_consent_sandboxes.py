@@ -404,3 +404,73 @@ def test_a_newer_consent_resubscribes_as_the_sync_says(rig: Rig, resubscribe: st
         "resubscribeWithNoChallenge": again
     }
     assert status(rig, email_of(0)) == ("subscribed" if again else "pendingOptIn")
+
+
+def optouts_in_warehouse(rig: Rig, table: str) -> list[tuple[Any, ...]]:
+    sql = f"SELECT person, channel, status, reason FROM {table} ORDER BY person"
+    c = rig.warehouse.connection
+    if c["type"] == "duckdb":
+        import duckdb
+
+        with duckdb.connect(c["path"], read_only=True) as con:
+            return con.execute(sql).fetchall()
+    import psycopg
+
+    with psycopg.connect(
+        host=c["host"], port=c["port"], user=c["user"], password=c["password"], dbname=c["dbname"]
+    ) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_each_run_writes_the_opt_outs_read_back_to_the_warehouse_table(rig: Rig) -> None:
+    rig.warehouse.load(people())
+    configure(rig)
+    rig.configure(
+        consent={"email": {"column": "email_consent", "consented_at": "last_order_at"}},
+        optouts_table="analytics.vendor_optouts",
+    )
+    rig.run()
+    assert optouts_in_warehouse(rig, "analytics.vendor_optouts") == []
+    rig.sandbox.act_as_person(email_of(2), "unsubscribe", at=at(50_000))
+    rig.run()
+    [(person, channel, status_, reason)] = optouts_in_warehouse(rig, "analytics.vendor_optouts")
+    assert (person, channel, status_) == (email_of(2), "email", "unsubscribed")
+    assert reason  # the vendor's word: UNSUBSCRIBE, Unsubscribed
+
+
+def test_an_opt_outs_table_in_a_warehouse_it_cannot_be_written_to_is_refused(
+    tmp_path: Any,
+) -> None:
+    from reverse_etl.config import load_project
+    from reverse_etl.errors import ConfigError
+    from tests.helpers import write_project
+
+    write_project(
+        tmp_path,
+        {
+            "connections": {
+                "wh": {
+                    "type": "snowflake",
+                    "account": "a",
+                    "user": "u",
+                    "password": "p",
+                    "database": "d",
+                    "schema": "s",
+                },
+                "kl": {"type": "klaviyo", "api_key": "k"},
+            },
+            "syncs": [
+                {
+                    "name": "p",
+                    "source": {"connection": "wh", "table": "t"},
+                    "object": "profiles",
+                    "identifier": "email",
+                    "destination": {"connection": "kl"},
+                    "mapping": {"email": "email"},
+                    "optouts_table": "analytics.optouts",
+                }
+            ],
+        },
+    )
+    with pytest.raises(ConfigError, match="optouts_table.*written to postgres or duckdb only"):
+        load_project(None, tmp_path, env={})

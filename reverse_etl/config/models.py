@@ -286,6 +286,11 @@ class Sync(Strict):
     # a mirror run that would remove more than this share of the list's members (or any member
     # when the view returns no rows) stops before removing anything
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.2
+    # where each run writes the consent read back from the destination (schema.table in the
+    # sync's own warehouse, PostgreSQL or DuckDB), for analysts to join in their views
+    optouts_table: (
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")] | None
+    ) = None
     destination: DestinationSpec
     mapping: dict[str, str | FieldMapping]
     consent: ConsentSpec = ConsentSpec()
@@ -404,6 +409,18 @@ class Project(Strict):
                 sync.destination.connection,
                 DESTINATION_TYPES,
             )
+            conn = self.connections.get(sync.source.connection)
+            if (
+                sync.optouts_table
+                and conn is not None
+                and conn.type not in SNAPSHOT_WAREHOUSE_TYPES
+            ):
+                raise _at(
+                    f"syncs[{i}].optouts_table",
+                    f"the sync reads a {conn.type} warehouse: the opt-outs table is written to "
+                    f"{' or '.join(SNAPSHOT_WAREHOUSE_TYPES)} only; export them with "
+                    "`reverse-etl optouts SYNC --csv FILE` instead",
+                )
         if self.snapshot.connection is not None:
             _check_snapshot_connection(self, self.snapshot.connection)
         return self
