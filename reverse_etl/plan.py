@@ -17,6 +17,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reverse_etl.consent.kept import HELD, flagged, written
+from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
+
 
 @dataclass
 class Change:
@@ -55,7 +58,7 @@ class Plan:
             return
         going = prints.filter(pc.is_in(prints["__row"], value_set=sent_rows))
         known = going["known"]
-        updates = int(pc.sum(pc.cast(known, pa.int64())).as_py() or 0)
+        updates = _count(known)
         self.updates += updates
         self.adds += going.num_rows - updates
         for kind, mask, into in (
@@ -71,29 +74,19 @@ class Plan:
     def take_consent(self, table: pa.Table) -> None:
         """Count the consent a batch about to be sent would write (consent the destination
         holds from us is not written again) and that it holds back (``newest``)."""
-        from reverse_etl.consent.kept import KEPT
-        from reverse_etl.consent.newest import HELD
-        from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
-
         if table.num_rows == 0:
             return
-        fresh = (
-            pc.invert(pc.fill_null(table[KEPT], False))
-            if KEPT in table.column_names
-            else pa.array([True] * table.num_rows)
-        )
+        fresh = written(table)  # held-back consent is NULL already: not counted either way
         for name in table.column_names:
             if not name.startswith("consent.") or name.count(".") != 1:
                 continue
             channel = name.split(".")[1]
             for word, kind in ((SUBSCRIBED, "subscribe"), (UNSUBSCRIBED, "unsubscribe")):
                 mask = pc.and_(pc.fill_null(pc.equal(table[name], word), False), fresh)
-                self.consent[f"{channel} {kind}"] += int(
-                    pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
-                )
+                self.consent[f"{channel} {kind}"] += _count(mask)
         if HELD in table.column_names:
-            held = pc.fill_null(table[HELD], False)
-            self.consent["held back"] += int(pc.sum(pc.cast(held, pa.int64())).as_py() or 0)
+            held = flagged(table, HELD)
+            self.consent["held back"] += _count(held)
             room = self.samples - len(self.held)
             if room > 0:
                 self.held.extend(table["__id"].filter(held).slice(0, room).to_pylist())
@@ -147,3 +140,7 @@ def _change(row: dict[str, Any], *, with_old: bool) -> Change:
         row.get("id"),
         {n: (old.get(n), new.get(n)) for n in names if not with_old or old.get(n) != new.get(n)},
     )
+
+
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)

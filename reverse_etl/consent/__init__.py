@@ -6,6 +6,26 @@ fingerprint is unchanged) is not sent again, whatever else about the row changed
 ``newest.py``: a subscribe older than the person's opt-out at the destination is held back.
 """
 
-from reverse_etl.consent.kept import KEPT, NEW, kept_sql, mark_kept, without_kept
+from reverse_etl.consent.kept import (
+    HELD,
+    KEPT,
+    NEW,
+    cleared,
+    flag_sql,
+    flagged,
+    mark_kept,
+    without_kept,
+    written,
+)
 
-__all__ = ["KEPT", "NEW", "kept_sql", "mark_kept", "without_kept"]
+__all__ = [
+    "HELD",
+    "KEPT",
+    "NEW",
+    "cleared",
+    "flag_sql",
+    "flagged",
+    "mark_kept",
+    "without_kept",
+    "written",
+]

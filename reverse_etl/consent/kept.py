@@ -10,6 +10,9 @@ vendor's own form since. So a row whose consent values and times (the snapshot's
 fingerprint) are what the destination acknowledged last is flagged ``KEPT``, and each
 destination leaves its consent alone: no subscription call, no status, no consent data field.
 Even ``--resend`` does not resend consent: repairing a profile must never re-subscribe anyone.
+
+The row flags every consent step reads (``KEPT`` here, ``HELD`` set by ``newest.py``, ``NEW``)
+and the few ways they are read (``flagged``, ``written``, ``flag_sql``, ``cleared``) live here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,32 @@ from reverse_etl.sql import ident
 
 KEPT = "__consent_kept"  # bool: the row's consent is what the destination holds from us
 NEW = "__consent_new"  # bool: the snapshot holds no record of the row (a first send)
+HELD = "__consent_held"  # bool: the row's consent was held back (newest.py; column NULL)
+
+
+def flagged(table: pa.Table, name: str) -> pa.Array | pa.ChunkedArray:
+    """The rows of ``table`` whose flag ``name`` is set (none for a table without it)."""
+    if name not in table.column_names:
+        return pa.array([False] * table.num_rows, pa.bool_())
+    return pc.fill_null(table[name], False)
+
+
+def written(table: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """The rows whose consent the batch writes: neither kept nor held back."""
+    return pc.invert(pc.or_(flagged(table, KEPT), flagged(table, HELD)))
+
+
+def flag_sql(schema: pa.Schema, name: str, alias: str = "t") -> str:
+    """SQL: the row's flag ``name`` (FALSE for a batch without it)."""
+    return f"COALESCE({alias}.{ident(name)}, FALSE)" if name in schema.names else "FALSE"
+
+
+def cleared(table: pa.Table, name: str, rows: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``table`` with column ``name`` NULL on ``rows``: that consent is left alone."""
+    nulls = pa.scalar(None, table.schema.field(name).type)
+    return table.set_column(
+        table.column_names.index(name), name, pc.if_else(rows, nulls, table[name])
+    )
 
 
 def mark_kept(good: pa.Table, prints: pa.Table | None) -> pa.Table:
@@ -41,20 +70,10 @@ def mark_kept(good: pa.Table, prints: pa.Table | None) -> pa.Table:
 
 def without_kept(table: pa.Table) -> pa.Table:
     """``table`` with the consent of its ``KEPT`` rows taken off (NULL: leave it alone)."""
-    if KEPT not in table.column_names:
-        return table
-    kept = pc.fill_null(table[KEPT], False)
+    kept = flagged(table, KEPT)
     if not pc.any(kept).as_py():
         return table
-    for i, name in enumerate(table.column_names):
+    for name in table.column_names:
         if name.startswith("consent."):
-            nulls = pa.scalar(None, table.schema.field(i).type)
-            table = table.set_column(i, name, pc.if_else(kept, nulls, table[name]))
+            table = cleared(table, name, kept)
     return table
-
-
-def kept_sql(schema: pa.Schema, alias: str = "t") -> str:
-    """SQL: the row's consent is kept (FALSE for a batch without the flag)."""
-    if KEPT not in schema.names:
-        return "FALSE"
-    return f"COALESCE({alias}.{ident(KEPT)}, FALSE)"

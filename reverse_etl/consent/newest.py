@@ -29,12 +29,10 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reverse_etl.consent.kept import KEPT
+from reverse_etl.consent.kept import HELD, cleared, flagged, written
 from reverse_etl.consent.memory import ConsentMemory
 from reverse_etl.transform.consent import SUBSCRIBED, UNSUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
-
-HELD = "__consent_held"  # bool: the row's consent was held back (its consent column is NULL)
 
 # how long after we sent an opt-out the destination may record it (Klaviyo's subscription
 # jobs run asynchronously; Dotdigital's imports too): an opt-out read back within it is ours.
@@ -47,6 +45,16 @@ Standing = Callable[[str, Sequence[str]], pa.Table | None]
 
 # the transformed column holding the address a channel's consent is read back by
 PERSON = {"email": ("email",), "sms": ("phone_number", "mobileNumber")}
+
+
+def _person(table: pa.Table, channel: str) -> str | None:
+    """The column of ``table`` holding ``channel``'s address, if it has one."""
+    return next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+
+
+def _keys(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Addresses as the read-back keeps them: text, lower-cased."""
+    return pc.utf8_lower(pc.cast(values, pa.string()))
 
 
 class NewestWins:
@@ -72,28 +80,27 @@ class NewestWins:
         at the destination)."""
         for channel in self.columns:
             name = f"consent.{channel}"
-            person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+            person = _person(table, channel)
             if person is None or name not in table.column_names or table.num_rows == 0:
                 continue
-            sent = pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False)
-            if KEPT in table.column_names:
-                sent = pc.and_(sent, pc.invert(pc.fill_null(table[KEPT], False)))
+            sent = pc.and_(pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), written(table))
             if pc.any(sent).as_py():
-                persons = pc.utf8_lower(pc.cast(table[person].filter(sent), pa.string()))
-                self.memory.remember_ours(channel, persons.to_pylist(), datetime.now(UTC))
+                persons = _keys(table[person].filter(sent)).to_pylist()
+                self.memory.remember_ours(channel, persons, datetime.now(UTC))
 
     def apply(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         notes: list[RowError] = []
         for channel, column in self.columns.items():
             name = f"consent.{channel}"
-            person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+            person = _person(table, channel)
             if not self._any[channel] or person is None or name not in table.column_names:
                 continue
             wanted = pc.fill_null(pc.equal(table[name], SUBSCRIBED), False)
             if not pc.any(wanted).as_py():
                 continue
-            keys = pc.utf8_lower(pc.cast(table[person].filter(wanted), pa.string()))
-            opt_outs = self.memory.opt_outs(channel, keys.to_pylist())
+            opt_outs = self.memory.opt_outs(
+                channel, _keys(table[person].filter(wanted)).to_pylist()
+            )
             table, held = hold_back_subscribes(
                 table,
                 channel,
@@ -113,7 +120,7 @@ class NewestWins:
         self, table: pa.Table, channel: str, column: str
     ) -> tuple[pa.Table, list[RowError]]:
         name, at_name = f"consent.{channel}", f"consent.{channel}.consented_at"
-        person = next((p for p in PERSON.get(channel, ()) if p in table.column_names), None)
+        person = _person(table, channel)
         if person is None or name not in table.column_names or at_name not in table.column_names:
             return table, []
         wanted = pc.and_(
@@ -122,8 +129,8 @@ class NewestWins:
         if not pc.any(wanted).as_py():
             return table, []
         assert self.standing is not None
-        keys = pc.utf8_lower(pc.cast(table[person].filter(wanted), pa.string()))
-        opt_ins = self.standing(channel, sorted({k for k in keys.to_pylist() if k}))
+        keys = _keys(table[person].filter(wanted)).to_pylist()
+        opt_ins = self.standing(channel, sorted({k for k in keys if k}))
         if opt_ins is None:
             return table, []
         return hold_back_unsubscribes(
@@ -161,7 +168,7 @@ def hold_back_subscribes(
         if at_name in table.column_names
         else pa.nulls(table.num_rows, pa.timestamp("us", "UTC"))
     )
-    keys = pc.utf8_lower(pc.cast(table[person], pa.string()))
+    keys = _keys(table[person])
     where = pc.index_in(keys, value_set=opt_outs["person"])
     found = pc.is_valid(where)
     held = pc.and_(wanted, found)
@@ -244,7 +251,7 @@ def hold_back_unsubscribes(
     if opt_ins.num_rows == 0:
         return table, []
     wanted = pc.and_(pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), pc.is_valid(given))
-    keys = pc.utf8_lower(pc.cast(table[person], pa.string()))
+    keys = _keys(table[person])
     where = pc.index_in(keys, value_set=opt_ins["person"])
     in_at = pc.take(opt_ins["at"], pc.fill_null(where, 0))
     older = pc.fill_null(pc.less(pc.cast(given, pa.timestamp("us", "UTC")), in_at), False)
@@ -275,9 +282,8 @@ def hold_back_unsubscribes(
 
 def _held_back(table: pa.Table, name: str, held: pa.Array | pa.ChunkedArray) -> pa.Table:
     """``table`` with consent column ``name`` NULL on the ``held`` rows, flagged ``HELD``."""
-    cleared = pc.if_else(held, pa.scalar(None, table[name].type), table[name])
-    table = table.set_column(table.column_names.index(name), name, cleared)
+    table = cleared(table, name, held)
+    held = pc.or_(flagged(table, HELD), held)
     if HELD in table.column_names:
-        held = pc.or_(pc.fill_null(table[HELD], False), held)
         return table.set_column(table.column_names.index(HELD), HELD, held)
     return table.append_column(HELD, held)

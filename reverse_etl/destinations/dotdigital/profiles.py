@@ -25,9 +25,8 @@ import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
 from reverse_etl.config.models import URI_PATTERN, ConsentEvidence, EvidenceColumn, evidence_ip
-from reverse_etl.consent import KEPT, NEW, kept_sql
+from reverse_etl.consent import HELD, KEPT, NEW, flag_sql, flagged, written
 from reverse_etl.consent.memory import ConsentMemory, account_key
-from reverse_etl.consent.newest import HELD
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
@@ -210,7 +209,7 @@ class DotdigitalProfiles(DotdigitalBase):
         given = 't."consent.email"' if "consent.email" in table.column_names else "NULL"
         # consent Dotdigital holds from us (consent.kept) is not written again: no status, no
         # data field; its address books are still chosen by it (the same as last time)
-        kept = kept_sql(table.schema)
+        kept = flag_sql(table.schema, KEPT)
         consent = given if kept == "FALSE" else f"CASE WHEN {kept} THEN NULL ELSE {given} END"
         if self.consent_mode == "data_field" and consent != "NULL" and consent_field:
             data[self.consent_field] = Expr(
@@ -231,7 +230,7 @@ class DotdigitalProfiles(DotdigitalBase):
                 unknown = self._unknown_sql(table.schema, given)
                 opt_in = (
                     f"CASE WHEN {consent} = 'subscribed' THEN '{self.opt_in_type}' "
-                    f"WHEN {unknown} AND {flag(table.schema, NEW)} THEN 'unknown' END"
+                    f"WHEN {unknown} AND {flag_sql(table.schema, NEW)} THEN 'unknown' END"
                 )
             # a subscribe says how a contact unsubscribed there comes back: Dotdigital's
             # default is without a confirmation email (resubscribeWithNoChallenge: true); only
@@ -309,10 +308,7 @@ class DotdigitalProfiles(DotdigitalBase):
         mask = pc.and_(
             pc.equal(table["consent.email"], SUBSCRIBED), pc.is_valid(table[CONSENTED_AT])
         )
-        for name in (KEPT, HELD):
-            if name in names:
-                mask = pc.and_(mask, pc.invert(pc.fill_null(table[name], False)))
-        return pc.fill_null(mask, False)
+        return pc.and_(pc.fill_null(mask, False), written(table))
 
     def _evidence_notes(self, table: pa.Table) -> list[RowError]:
         """A note for each subscribe sent without its consent record, its evidence missing a
@@ -342,7 +338,8 @@ class DotdigitalProfiles(DotdigitalBase):
     @staticmethod
     def _unknown_sql(schema: pa.Schema, given: str) -> str:
         """SQL: the row's consent is empty in the warehouse (not kept, not held back)."""
-        return f"({given} IS NULL AND NOT {flag(schema, KEPT)} AND NOT {flag(schema, HELD)})"
+        kept, held = flag_sql(schema, KEPT), flag_sql(schema, HELD)
+        return f"({given} IS NULL AND NOT {kept} AND NOT {held})"
 
     def _lists_sql(self, consent: str) -> str | None:
         main = self._list_ref(self.sync.destination.list)
@@ -375,10 +372,7 @@ class DotdigitalProfiles(DotdigitalBase):
     def _unknown_skipped(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         if table.num_rows == 0 or "consent.email" not in table.column_names:
             return table, []
-        unknown = pc.is_null(table["consent.email"])
-        for name in (KEPT, HELD):
-            if name in table.column_names:
-                unknown = pc.and_(unknown, pc.invert(pc.fill_null(table[name], False)))
+        unknown = pc.and_(pc.is_null(table["consent.email"]), written(table))
         if not pc.any(unknown).as_py():
             return table, []
         bad = table.filter(unknown)
@@ -441,8 +435,8 @@ class DotdigitalProfiles(DotdigitalBase):
             return docs  # a kept consent's NULL is left out of the document
         # null_values: clear sends NULLs, which would clear the consent data field of the
         # rows whose consent is kept: those rows' documents leave the field out instead
-        kept = pc.fill_null(table[KEPT], False) if KEPT in table.column_names else None
-        if kept is None or not pc.any(kept).as_py():
+        kept = flagged(table, KEPT)
+        if not pc.any(kept).as_py():
             return docs
         bare = self._builder(table, consent_field=False).build(table)
         return pc.if_else(kept, bare, docs)
@@ -524,10 +518,9 @@ class DotdigitalProfiles(DotdigitalBase):
         table = item.table
         if not name or "consent.email" not in table.column_names or table.num_rows == 0:
             return
-        withdrawn = pc.fill_null(pc.equal(table["consent.email"], "unsubscribed"), False)
-        for flag_name in (KEPT, HELD):
-            if flag_name in table.column_names:
-                withdrawn = pc.and_(withdrawn, pc.invert(pc.fill_null(table[flag_name], False)))
+        withdrawn = pc.and_(
+            pc.fill_null(pc.equal(table["consent.email"], "unsubscribed"), False), written(table)
+        )
         if not pc.any(withdrawn).as_py():
             return
         leaving = table.filter(withdrawn)
@@ -608,8 +601,3 @@ def _ip_addresses(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedAr
     distinct = pc.unique(values).drop_null().to_pylist()
     good = pa.array([v for v in distinct if evidence_ip(v)], pa.string())
     return pc.fill_null(pc.is_in(values, value_set=good), False)
-
-
-def flag(schema: pa.Schema, name: str) -> str:
-    """SQL: the row's boolean flag ``name`` (FALSE for a batch without it)."""
-    return f"COALESCE(t.{ident(name)}, FALSE)" if name in schema.names else "FALSE"

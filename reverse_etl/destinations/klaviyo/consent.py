@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
-from reverse_etl.consent import without_kept
+from reverse_etl.consent import cleared, without_kept
 from reverse_etl.destinations.base import Request
 from reverse_etl.destinations.klaviyo import bulk
 from reverse_etl.destinations.klaviyo.client import (
@@ -201,16 +201,12 @@ class Consent:
         if "sms" in self.columns and "consent.sms" in table.column_names:
             elsewhere, notes = self._sms_elsewhere(table)
             if notes:
-                name = "consent.sms"
-                cleared = pc.if_else(elsewhere, pa.scalar(None, table[name].type), table[name])
-                table = table.set_column(table.column_names.index(name), name, cleared)
+                table = cleared(table, "consent.sms", elsewhere)
                 errors += notes
         for channel in self.columns:
             missing, found = self._without_address(table, channel)
             if found:
-                name = f"consent.{channel}"
-                cleared = pc.if_else(missing, pa.scalar(None, table[name].type), table[name])
-                table = table.set_column(table.column_names.index(name), name, cleared)
+                table = cleared(table, f"consent.{channel}", missing)
                 errors += found
         return table, errors
 
