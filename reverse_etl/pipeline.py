@@ -31,6 +31,7 @@ from reverse_etl.transform.transformer import (
     TransformSpec,
     schema_problems,
 )
+from reverse_etl.util.prefetch import close
 
 
 def cursor_problems(sync_name: str, cursor: str, dtype: pa.DataType) -> list[str]:
@@ -182,9 +183,7 @@ def _numbered(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             next_row += batch.num_rows
             yield batch
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        close(batches)
 
 
 def _no_diffs(

@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from reverse_etl.sql import literal
+from reverse_etl.util.scratch import registered
 
 ANCHOR = datetime(2026, 11, 1, tzinfo=UTC)
 """The demo's "now": every generated time lies before it."""
@@ -781,9 +782,8 @@ def _write(path: Path, tables: dict[str, pa.Table]) -> dict[str, int]:
         con.execute("CREATE SCHEMA raw")
         for name, table in tables.items():
             con.execute(f"CREATE TABLE raw.{name} ({_DDL[name]})")
-            con.register("_demo_rows", table)
-            con.execute(f"INSERT INTO raw.{name} BY NAME SELECT * FROM _demo_rows")
-            con.unregister("_demo_rows")
+            with registered(con, "_demo_rows", table):
+                con.execute(f"INSERT INTO raw.{name} BY NAME SELECT * FROM _demo_rows")
             counts[f"raw.{name}"] = table.num_rows
         con.execute("CHECKPOINT")
     finally:

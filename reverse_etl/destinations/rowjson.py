@@ -121,12 +121,9 @@ class RowJson:
         return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
 
     def _build(self, table: pa.Table) -> pa.Array:
-        self._con.register("tbl", table)
-        try:
+        with scratch.registered(self._con, "tbl", table):
             result: pa.Table = self._con.execute(str(self._sql)).to_arrow_table()  # see scratch.py
-            return result.column("doc").combine_chunks()
-        finally:
-            self._con.unregister("tbl")
+        return result.column("doc").combine_chunks()
 
     def close(self) -> None:
         self._con.close()

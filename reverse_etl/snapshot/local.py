@@ -42,7 +42,6 @@ any point leaves a member either counted among the list's members or sent again,
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -58,6 +57,8 @@ from reverse_etl.snapshot.annotate import EXTRA, Annotation, take_annotations
 from reverse_etl.snapshot.fingerprint import Fingerprint
 from reverse_etl.snapshot.store import UNSETTLED, Diff
 from reverse_etl.transform.transformer import TransformSpec
+from reverse_etl.util.prefetch import close
+from reverse_etl.util.scratch import registered
 
 MEMORY_LIMIT = "256MB"  # the diff's join spills beyond it (at 128 MB, 1M members and a
 # batch's record at once ran out): memory stays flat as the snapshot grows
@@ -125,45 +126,41 @@ class Snapshot:
         each batch the hash table's side, so it never builds one of every member. Either
         returns only the annotations: each row's values stay in the batch they came in."""
         batches = iter(batches)
-        first = next(batches, None)
-        if first is None:
-            return
-        schema = first.schema
-        if self._annotation is None or not self._annotation.view.equals(schema):
-            self._annotation = Annotation(
-                self.fingerprint,
-                self.spec,
-                schema,
-                "members",
-                has_rank=DUP_RANK in schema.names,
-                carry=("__row",),
+        try:
+            first = next(batches, None)
+            if first is None:
+                return
+            schema = first.schema
+            if self._annotation is None or not self._annotation.view.equals(schema):
+                self._annotation = Annotation(
+                    self.fingerprint,
+                    self.spec,
+                    schema,
+                    "members",
+                    has_rank=DUP_RANK in schema.names,
+                    carry=("__row",),
+                )
+            sql = self._annotation.sql(
+                "SELECT * FROM retl_read", resend=resend, keep_old=self.keep_old
             )
-        sql = self._annotation.sql("SELECT * FROM retl_read", resend=resend, keep_old=self.keep_old)
-        if whole:
-            yield from self._streamed(first, batches, schema, sql, resend)
-        else:
-            yield from self._batch_by_batch(itertools.chain([first], batches), schema, sql, resend)
+            read = _conformed(itertools.chain([first], batches), schema)
+            if whole:
+                yield from self._streamed(read, schema, first.num_rows, sql, resend)
+            else:
+                yield from self._batch_by_batch(read, sql, resend)
+        finally:
+            close(batches)
 
     def _batch_by_batch(
-        self, batches: Iterator[pa.RecordBatch], schema: pa.Schema, sql: str, resend: bool
+        self, read: Iterator[pa.RecordBatch], sql: str, resend: bool
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         cur = self._cursor()
         cur.execute("SET disabled_optimizers = ''")  # the batch, the smaller side, is built
-        try:
-            for batch in batches:
-                if not batch.schema.equals(schema):  # a source's batches share a schema
-                    batch = batch.cast(schema)
-                cur.register("retl_read", pa.Table.from_batches([batch]))
-                try:
-                    notes = cur.sql(sql).to_arrow_table()
-                finally:
-                    cur.unregister("retl_read")
-                mine, _ = _rows_of(batch, notes)
-                yield self._verdict(batch, mine, resend)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+        for batch in read:
+            with registered(cur, "retl_read", pa.Table.from_batches([batch])):
+                notes = cur.sql(sql).to_arrow_table()
+            mine, _ = _rows_of(batch, notes)
+            yield self._verdict(batch, mine, resend)
 
     def _verdict(
         self, batch: pa.RecordBatch, notes: pa.Table | None, resend: bool
@@ -176,9 +173,9 @@ class Snapshot:
 
     def _streamed(
         self,
-        first: pa.RecordBatch,
-        batches: Iterator[pa.RecordBatch],
+        read: Iterator[pa.RecordBatch],
         schema: pa.Schema,
+        rows: int,
         sql: str,
         resend: bool,
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
@@ -187,9 +184,7 @@ class Snapshot:
 
         def feed() -> Iterator[pa.RecordBatch]:
             try:
-                for batch in itertools.chain([first], batches):
-                    if not batch.schema.equals(schema):  # a source's batches share a schema
-                        batch = batch.cast(schema)
+                for batch in read:
                     fed.append(batch)
                     yield batch
             except BaseException as exc:  # the read's own error, raised as it was below
@@ -199,46 +194,38 @@ class Snapshot:
         # a cursor of its own: a streaming result holds its connection until it is drained
         with self._lock:
             cur = self._db.cursor()
-        result: pa.RecordBatchReader | None = None
         try:
             cur.execute("SET TimeZone = 'UTC'")
             # the read is the probe side, streamed in its order; members the build side
             cur.execute("SET disabled_optimizers = 'build_side_probe_side,join_order'")
-            cur.register("retl_read", pa.RecordBatchReader.from_batches(schema, feed()))
-            result = cur.sql(sql).to_arrow_reader(max(first.num_rows, 1))
-            notes = result.schema.empty_table()
-            for chunk in itertools.chain(result, [None]):
-                if chunk is not None:
-                    notes = pa.concat_tables([notes, pa.Table.from_batches([chunk])])
-                # each batch goes on as it came, once the query returned all its rows (its
-                # operators may hold a few rows back: the join's output is not in read order)
-                while fed:
-                    mine, rest = _rows_of(fed[0], notes)
-                    if mine is None and chunk is not None:
-                        break
-                    batch, notes = fed.popleft(), rest
-                    yield self._verdict(batch, mine, resend)
+            with registered(cur, "retl_read", pa.RecordBatchReader.from_batches(schema, feed())):
+                result = cur.sql(sql).to_arrow_reader(max(rows, 1))
+                try:  # the result is closed before the read it streams is unregistered
+                    notes = result.schema.empty_table()
+                    for chunk in itertools.chain(result, [None]):
+                        if chunk is not None:
+                            notes = pa.concat_tables([notes, pa.Table.from_batches([chunk])])
+                        # each batch goes on as it came, once the query returned all its rows
+                        # (its operators hold a few rows back: the join's output is unordered)
+                        while fed:
+                            mine, rest = _rows_of(fed[0], notes)
+                            if mine is None and chunk is not None:
+                                break
+                            batch, notes = fed.popleft(), rest
+                            yield self._verdict(batch, mine, resend)
+                finally:
+                    result.close()
         except (duckdb.Error, pa.ArrowException, OSError):  # the stream's error, as DuckDB saw it
             if failed:
                 raise failed[0] from None
             raise
         finally:
-            if result is not None:
-                result.close()
-            with contextlib.suppress(duckdb.Error):
-                cur.unregister("retl_read")
             cur.close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
 
     def _note_seen(self, ids: pa.Array) -> None:
         cur = self._cursor()
-        cur.register("seen_batch", pa.table({"id": ids}))
-        try:
+        with registered(cur, "seen_batch", pa.table({"id": ids})):
             cur.execute("INSERT INTO seen SELECT id FROM seen_batch")
-        finally:
-            cur.unregister("seen_batch")
 
     def record(self, prints: pa.Table, acked: pa.Table) -> None:
         """Remember the rows of an acknowledged batch: ``prints`` from its ``Diff``, ``acked``
@@ -252,8 +239,11 @@ class Snapshot:
             else True
         )
         cur = self._cursor()
-        cur.register("prints", prints)
-        cur.register("sent", acked)
+        with registered(cur, "prints", prints), registered(cur, "sent", acked):
+            self._record(cur, known)
+
+    @staticmethod
+    def _record(cur: duckdb.DuckDBPyConnection, known: bool) -> None:
         try:
             cur.execute("BEGIN TRANSACTION")
             cur.execute(
@@ -273,35 +263,26 @@ class Snapshot:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        finally:
-            cur.unregister("prints")
-            cur.unregister("sent")
 
     def reserve(self, members: pa.Table) -> None:
         if members.num_rows == 0:
             return
         cur = self._cursor()
-        cur.register("reserved", members)
-        try:
+        with registered(cur, "reserved", members):
             cur.execute(
                 "INSERT INTO pending SELECT DISTINCT r.id, CAST(r.key AS VARCHAR) "
                 "FROM reserved AS r WHERE r.id IS NOT NULL"
             )
-        finally:
-            cur.unregister("reserved")
 
     def unsettle(self, ids: Sequence[Any]) -> None:
         if not ids:
             return
         cur = self._cursor()
-        cur.register("leaving", pa.table({"id": pa.array([str(i) for i in ids], pa.string())}))
-        try:
+        with registered(cur, "leaving", _ids(ids)):
             cur.execute(
                 f"UPDATE members SET payload = {UNSETTLED}, consent = {UNSETTLED}, doc = NULL "
                 "WHERE id IN (SELECT id FROM leaving)"
             )
-        finally:
-            cur.unregister("leaving")
 
     def begin_mirror(self) -> None:
         """Start noting the identifiers this run reads (``departed`` needs a whole read)."""
@@ -338,12 +319,9 @@ class Snapshot:
         if not ids:
             return
         cur = self._cursor()
-        cur.register("gone", pa.table({"id": pa.array([str(i) for i in ids], pa.string())}))
-        try:
+        with registered(cur, "gone", _ids(ids)):
             cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM gone)")
             cur.execute("DELETE FROM pending WHERE id IN (SELECT id FROM gone)")
-        finally:
-            cur.unregister("gone")
 
     def count(self) -> int:
         row = self._cursor().execute(f"SELECT count(*) FROM {self._MEMBERS}").fetchone()
@@ -361,6 +339,16 @@ class Snapshot:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _conformed(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The read's batches, each with the first one's schema (a source's batches share one)."""
+    for batch in batches:
+        yield batch if batch.schema.equals(schema) else batch.cast(schema)
+
+
+def _ids(ids: Sequence[Any]) -> pa.Table:
+    return pa.table({"id": pa.array([str(i) for i in ids], pa.string())})
 
 
 def _rows_of(batch: pa.RecordBatch, notes: pa.Table) -> tuple[pa.Table | None, pa.Table]:

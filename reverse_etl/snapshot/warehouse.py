@@ -53,6 +53,7 @@ from reverse_etl.snapshot.fingerprint import Fingerprint
 from reverse_etl.snapshot.store import UNSETTLED, Diff, as_text
 from reverse_etl.sql import ident
 from reverse_etl.transform.transformer import TransformSpec
+from reverse_etl.util.scratch import registered
 
 if TYPE_CHECKING:
     import duckdb
@@ -290,16 +291,6 @@ class _DuckDBTables(_Tables):
                 f"the sync's snapshot in the DuckDB warehouse: {doing}: {exc}"
             ) from None
 
-    @contextlib.contextmanager
-    def _registered(
-        self, cur: duckdb.DuckDBPyConnection, name: str, table: pa.Table
-    ) -> Iterator[None]:
-        cur.register(name, table)
-        try:
-            yield
-        finally:
-            cur.unregister(name)
-
     def scalar(self, sql: str) -> int:
         with self._failing("cannot read it"):
             row = self._main.execute(sql).fetchone()
@@ -314,7 +305,7 @@ class _DuckDBTables(_Tables):
         cur = self._main
         with (
             self._failing("cannot record the acknowledged rows"),
-            self._registered(cur, "retl_acked", acked),
+            registered(cur, "retl_acked", acked),
         ):
             cur.execute("BEGIN TRANSACTION")
             try:
@@ -334,7 +325,7 @@ class _DuckDBTables(_Tables):
         cur = self._reader
         with (
             self._failing("cannot note the identifiers read"),
-            self._registered(cur, "retl_seen_batch", pa.table({"id": ids})),
+            registered(cur, "retl_seen_batch", pa.table({"id": ids})),
         ):
             cur.execute(f"INSERT INTO {self.seen} SELECT id FROM retl_seen_batch")
 
@@ -346,7 +337,7 @@ class _DuckDBTables(_Tables):
         cur = self._reader
         with (
             self._failing("cannot note the members being sent"),
-            self._registered(cur, "retl_reserved", members),
+            registered(cur, "retl_reserved", members),
         ):
             cur.execute(
                 f"INSERT INTO {self.snapshot} SELECT DISTINCT r.id, {UNSETTLED}, {UNSETTLED}, "
@@ -359,7 +350,7 @@ class _DuckDBTables(_Tables):
         leaving = pa.table({"id": pa.array(ids, pa.string())})
         with (
             self._failing("cannot mark the members being removed"),
-            self._registered(cur, "retl_leaving", leaving),
+            registered(cur, "retl_leaving", leaving),
         ):
             cur.execute(
                 f"UPDATE {self.snapshot} SET payload = {UNSETTLED}, consent = {UNSETTLED}, "
@@ -371,7 +362,7 @@ class _DuckDBTables(_Tables):
         gone = pa.table({"id": pa.array(ids, pa.string())})
         with (
             self._failing("cannot forget the removed members"),
-            self._registered(cur, "retl_gone", gone),
+            registered(cur, "retl_gone", gone),
         ):
             cur.execute(f"DELETE FROM {self.snapshot} WHERE id IN (SELECT id FROM retl_gone)")
 

@@ -32,6 +32,7 @@ from reverse_etl.transform.sqlgen import (
     value_and_error,
 )
 from reverse_etl.util import scratch
+from reverse_etl.util.scratch import registered
 
 MIN_TIMESTAMP = "1990-01-01T00:00:00Z"
 
@@ -204,11 +205,8 @@ class Transformer:
             rows = pa.array(np.arange(first_row, first_row + batch.num_rows, dtype=np.int64))
             batch = batch.append_column("__row", rows)
         batch = batch.append_column("__pos", pa.array(np.arange(batch.num_rows, dtype=np.int64)))
-        self.con.register("batch", batch)
-        try:
+        with registered(self.con, "batch", batch):
             out = _arrow(self.con.execute(self.sql))
-        finally:
-            self.con.unregister("batch")
         details: dict[tuple[int, str], str] = {}
         for (ecol, column), f in zip(self._errs, self.fields, strict=True):
             kind = self.kinds[column]

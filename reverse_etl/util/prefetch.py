@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Generator, Iterator
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 _DONE = object()
@@ -39,9 +39,7 @@ def prefetch(source: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
         except BaseException as exc:  # handed to the consumer, raised there
             put(exc)
         finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+            close(source)
 
     thread = threading.Thread(target=produce, name="reverse-etl-prefetch", daemon=True)
     thread.start()
@@ -56,3 +54,11 @@ def prefetch(source: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
     finally:
         stop.set()
         thread.join()  # the producer checks `stop` between items, so this is one item's wait
+
+
+def close(iterator: Iterator[Any]) -> None:
+    """Close a generator now, so its ``finally`` blocks run (a cursor released, a file
+    closed) before what it read from is; other iterators have nothing to close."""
+    done = getattr(iterator, "close", None)
+    if done is not None:
+        done()

@@ -6,8 +6,11 @@ limit instead of each connection paying for its own.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import duckdb
 
@@ -32,3 +35,14 @@ def cursor() -> duckdb.DuckDBPyConnection:
         con = _db.cursor()
     con.execute("SET TimeZone = 'UTC'")
     return con
+
+
+@contextlib.contextmanager
+def registered(cur: duckdb.DuckDBPyConnection, name: str, data: Any) -> Iterator[None]:
+    """``data`` (an Arrow table, batch or reader) visible to ``cur`` as ``name`` for the
+    block, on any DuckDB connection (this one's or another's)."""
+    cur.register(name, data)
+    try:
+        yield
+    finally:
+        cur.unregister(name)

@@ -42,6 +42,7 @@ from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
 from reverse_etl.util import scratch
+from reverse_etl.util.scratch import registered
 
 IMPORT_PATH = "/insightData/v3/import"
 INSIGHT_IMPORTS = ImportApi(
@@ -310,11 +311,8 @@ class _Rules:
         self._compile(table)
         if not self._checks or table.num_rows == 0:
             return table, []
-        self._con.register("tbl", table)
-        try:
+        with registered(self._con, "tbl", table):
             flags: pa.Table = self._con.execute(self._sql).to_arrow_table()
-        finally:
-            self._con.unregister("tbl")
         bad: pa.ChunkedArray | None = None
         errors: list[RowError] = []
         for i, check in enumerate(self._checks):
@@ -388,14 +386,11 @@ class _Rules:
 
     def _type_of(self, sql: str, table: pa.Table) -> pa.DataType:
         """The type of ``sql`` over the batch (the value as it will be sent)."""
-        self._con.register("tbl", table.slice(0, 0))
-        try:
+        with registered(self._con, "tbl", table.slice(0, 0)):
             result: pa.Table = self._con.execute(
                 f"SELECT {sql} AS v FROM tbl AS t"
             ).to_arrow_table()
-            return result.schema.field("v").type
-        finally:
-            self._con.unregister("tbl")
+        return result.schema.field("v").type
 
     def close(self) -> None:
         self._con.close()

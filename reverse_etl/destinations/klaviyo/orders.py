@@ -50,6 +50,7 @@ from reverse_etl.destinations.rowjson import Col, Expr, RowJson
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
 from reverse_etl.util import scratch
+from reverse_etl.util.scratch import registered
 
 STANDARD_FIELDS = {
     "order_id": "string",
@@ -330,14 +331,12 @@ class _Events:
 
     def _lines(self, table: pa.Table) -> pa.Table:
         """One row per order line (``line``, 1-based ``line_no``), with its order's columns."""
-        self._con.register("orders", table)
-        try:
-            return self._con.execute(
+        with registered(self._con, "orders", table):
+            lines: pa.Table = self._con.execute(
                 "SELECT o.*, unnest(o.items) AS line, generate_subscripts(o.items, 1) AS line_no "
                 "FROM orders AS o"
             ).to_arrow_table()
-        finally:
-            self._con.unregister("orders")
+        return lines
 
     def _entries(self, table: pa.Table, events: pa.Array) -> pa.Array:
         """Bulk entries: each row's profile and one event, joined with Arrow string kernels."""
