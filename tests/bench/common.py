@@ -29,7 +29,8 @@ PROFILE_MAPPING = """    phone_region_column: country
 
 def unsent(totals: dict[str, int]) -> Callable[[Any, Any], Any]:
     """A destination factory for ``run_sync``: the real destination, whose ``load`` builds
-    every request body (counted in ``totals``) and acknowledges without sending."""
+    every request body (counted in ``totals``) and acknowledges without sending, and which
+    reads no consent back."""
     from reverse_etl.destinations.base import LoadResult
     from reverse_etl.engine import make_destination
 
@@ -45,6 +46,9 @@ def unsent(totals: dict[str, int]) -> Callable[[Any, Any], Any]:
 
         dest.load = load
         dest.prepare = lambda: None  # no list lookup: nothing leaves the process
+        # nor any consent read-back (tests/bench/consent_readback.py measures that apart)
+        dest.read_back = lambda memory: None
+        dest.consent_standing = lambda channel, persons: None
         return dest
 
     return factory
