@@ -67,33 +67,47 @@ class ConsentMemory:
             if key not in latest or s.at > latest[key].at:
                 latest[key] = s
         read_at = datetime.now(UTC)
-        changed = 0
+        new: list[dict[str, object]] = []
+        newer: list[dict[str, object]] = []
+        c = consent_seen.c
         with self.engine.begin() as con:
             held = self._held(con, [p for p, _ in latest], None)
             for (person, channel), s in latest.items():
                 old = held.get((person, channel))
                 if old is not None and old[0] != "sent" and old[1] >= s.at:
                     continue
-                values = {"status": s.status, "reason": s.reason, "at": s.at, "read_at": read_at}
+                values: dict[str, object] = {
+                    "status": s.status,
+                    "reason": s.reason,
+                    "at": s.at,
+                    "read_at": read_at,
+                }
                 if old is None:
-                    con.execute(
-                        sa.insert(consent_seen).values(
-                            destination=self.account, person=person, channel=channel, **values
-                        )
-                    )
+                    row = {"destination": self.account, "person": person, "channel": channel}
+                    new.append({**values, **row})
                 else:
-                    con.execute(
-                        sa.update(consent_seen)
-                        .where(
-                            consent_seen.c.destination == self.account,
-                            consent_seen.c.person == person,
-                            consent_seen.c.channel == channel,
-                        )
-                        .values(**values)
+                    newer.append({**values, "p_person": person, "p_channel": channel})
+            # one statement each, however many people (executemany)
+            if new:
+                con.execute(sa.insert(consent_seen), new)
+            if newer:
+                con.execute(
+                    sa.update(consent_seen)
+                    .where(
+                        c.destination == self.account,
+                        c.person == sa.bindparam("p_person"),
+                        c.channel == sa.bindparam("p_channel"),
                     )
-                changed += 1
+                    .values(
+                        status=sa.bindparam("status"),
+                        reason=sa.bindparam("reason"),
+                        at=sa.bindparam("at"),
+                        read_at=sa.bindparam("read_at"),
+                    ),
+                    newer,
+                )
             self._set_cursor(con, stream, cursor)
-        return changed
+        return len(new) + len(newer)
 
     def _set_cursor(self, con: sa.Connection, stream: str, cursor: str) -> None:
         where = (consent_cursors.c.destination == self.account, consent_cursors.c.stream == stream)
