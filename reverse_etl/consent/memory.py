@@ -199,6 +199,20 @@ class ConsentMemory:
         with self.engine.connect() as con:
             return con.execute(query).first() is not None
 
+    def opt_ins(self, channel: str, persons: Sequence[str]) -> pa.Table:
+        """The persons among ``persons`` whose latest statement on ``channel`` is an opt-in
+        read back: ``person``, ``at`` (UTC)."""
+        wanted = sorted({p for p in persons if p})
+        with self.engine.connect() as con:
+            held = self._held(con, wanted, channel)
+        rows = [(p, at) for (p, _), (st, at, *_) in held.items() if st == "subscribed"]
+        return pa.table(
+            {
+                "person": pa.array([r[0] for r in rows], pa.string()),
+                "at": pa.array([r[1] for r in rows], pa.timestamp("us", "UTC")),
+            }
+        )
+
     def opt_outs(self, channel: str, persons: Sequence[str]) -> pa.Table:
         """The persons among ``persons`` whose latest statement on ``channel`` is an opt-out:
         ``person``, ``at`` (UTC), ``reason``, ``ours_at`` (when we last sent them one)."""

@@ -13,12 +13,12 @@ or contact is still written) without its consent, and becomes a row note
 The other way round: an unsubscribe is sent only when its consent time is after the person's
 latest opt-in at the destination, where the destination can say so for a batch of people
 (``Destination.consent_standing``: Klaviyo's ``consent_timestamp`` of a SUBSCRIBED profile
-that we did not subscribe ourselves); otherwise held back as ``kept_subscribed``. Neither
-vendor lists opt-ins incrementally, so this costs a lookup per 100 unsubscribes with a
-consent time (a run sends only the consent that changed). An unsubscribe without a consent
-time is always sent: failing to honour an opt-out is the harm the law punishes. Dotdigital
-cannot be asked cheaply (one call a contact, on an hourly budget), so its unsubscribes go as
-they are.
+that we did not subscribe ourselves, a lookup per 100 unsubscribes with a consent time;
+Dotdigital's newest consent record of a subscribed contact, read from the contacts modified
+since the last read); otherwise held back as ``kept_subscribed``. Either is asked only by a
+run with an unsubscribe that has a consent time (a run sends only the consent that changed).
+An unsubscribe without a consent time is always sent, and so is one for a person whose
+opt-in has no date: failing to honour an opt-out is the harm the law punishes.
 """
 
 from __future__ import annotations

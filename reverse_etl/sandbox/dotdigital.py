@@ -66,6 +66,7 @@ class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
         return [
             Endpoint("PUT", "/contacts/v3/import", c, self.import_contacts, JOB_FAULTS),
             Endpoint("GET", "/contacts/v3/import/{importId}", c, self.get_contact_import, req),
+            Endpoint("GET", "/contacts/v3", c, self.list_contacts),
             Endpoint("GET", "/contacts/v3/{identifier}/{value}", c, self.get_contact),
             Endpoint("PATCH", "/contacts/v3/{identifier}/{value}", c, self.patch_contact, req),
             Endpoint("PUT", "/insightData/v3/import", i, self.import_insight, JOB_FAULTS),

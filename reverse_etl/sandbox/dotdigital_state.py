@@ -41,9 +41,10 @@ No HTTP here; ``dotdigital.py`` turns requests into these calls. The rules:
   also reports such a row (``globallySuppressed`` or a failure) is UNCONFIRMED; the sandbox
   counts it as updated.
 * The person inside Dotdigital (``act_as_person``): ``unsubscribe`` (status ``unsubscribed``,
-  reason ``Unsubscribed``), ``subscribe`` (``subscribed``, removal cleared), ``complain``
-  (``ispComplained``, reason ``IspComplained``), at a given time; each also moves the contact's
-  ``updated`` (UNCONFIRMED whether Dotdigital does).
+  reason ``Unsubscribed``), ``subscribe`` (``subscribed``, removal cleared, and a consent record
+  dated then, as a signup form with consent text keeps one), ``complain`` (``ispComplained``,
+  reason ``IspComplained``), at a given time; each also moves the contact's ``updated`` to now,
+  when Dotdigital recorded it (UNCONFIRMED whether a status change moves it).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ CONTACT_STATUSES = frozenset(
         "noSubscription",
     }
 )
+#: the consent record (ConsentInsight) a signup form keeps when the person subscribes there:
+#: text, when, the form's URL, IP address and browser, with ``dateTimeCreated`` added
+#: ("Record consent for your contacts", https://support.dotdigital.com/en/articles/8199471;
+#: the sandbox's text, URL and browser are its own)
+FORM_CONSENT = {
+    "text": "Yes, send me news and offers (sandbox signup form).",
+    "url": "https://sandbox.invalid/signup",
+    "ipAddress": "127.0.0.1",
+    "userAgent": "reverse-etl-sandbox/1.0",
+}
 #: what the person can do inside Dotdigital (``act_as_person``), and the email status it gives
 PERSON_ACTIONS = {
     "unsubscribe": "unsubscribed",
@@ -459,7 +470,11 @@ class DotdigitalState:
             )
         contact = self.contacts[cid]
         self.set_email_status(contact, status, at, renew=True)
-        contact["updated"] = iso(to_utc(at))
+        stamp = now()  # when Dotdigital recorded it, whatever time the act itself is dated
+        if action == "subscribe":
+            record = dict(FORM_CONSENT, dateTimeConsented=v2_time(to_utc(at)))
+            contact["consentRecords"].append({**record, "dateTimeCreated": stamp})
+        contact["updated"] = stamp
 
     def removed_since(
         self, since: datetime, reasons: frozenset[str] | None = None

@@ -367,3 +367,61 @@ def test_act_as_person_errors(dotdigital):
         "reason": "Unsubscribed",
     }
     assert sandbox.removals("nobody@example.com") is None
+
+
+# --- GET /contacts/v3: the contacts modified since a date, and the opt-ins they carry ------
+
+
+def _listed(client, **params):
+    r = client.get("/contacts/v3", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_contacts_list_pages_in_contact_order_with_a_marker(dotdigital):
+    sandbox, client = dotdigital
+    emails = [f"l{n}@example.com" for n in range(5)]
+    _import(client, [_contact(e) for e in emails])
+    seen, params, pages = [], {"limit": "2"}, 0
+    while True:
+        body = _listed(client, **params)
+        pages += 1
+        seen += [c["identifiers"]["email"] for c in body["_items"]]
+        assert set(body["_items"][0]) == {"contactId", "status", "created", "updated", "identifiers"}
+        nxt = body["_links"].get("next")
+        if nxt is None:
+            break
+        params = {"limit": "2", "marker": nxt["marker"]}
+    assert (seen, pages) == (emails, 3)
+
+
+def test_contacts_list_filters_by_modified_and_includes_what_is_asked(dotdigital):
+    sandbox, client = dotdigital
+    _import(client, [_contact("old@example.com"), _contact("new@example.com")])
+    sandbox.act_as_person("new@example.com", "subscribe", at=T0)
+    cut = sandbox.contact("new@example.com")["updated"]
+    since = datetime.fromisoformat(cut).astimezone(UTC)
+    stamp = since.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since.microsecond // 1000:03d}Z"
+    body = _listed(
+        client, **{"~modified": f"gte::{stamp}", "include": "channelProperties|consentRecords"}
+    )
+    [item] = body["_items"]
+    assert item["identifiers"]["email"] == "new@example.com"
+    assert item["channelProperties"]["email"]["status"] == "subscribed"
+    # the signup form kept a consent record dated when the person subscribed
+    [record] = item["consentRecords"]
+    assert record["dateTimeConsented"] == "2024-05-01T12:00:00.123Z"
+    assert "dataFields" not in item
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"~modified": "gte::2024-05-01", "limit": "10"},  # not the spec's date-time pattern
+        {"limit": "5001"},
+        {"~modified": "gte::2024-05-01T00:00:00Z", "~created": "gte::2024-05-01T00:00:00Z"},
+    ],
+)
+def test_contacts_list_refuses_what_the_spec_or_the_docs_refuse(dotdigital, params):
+    _, client = dotdigital
+    assert client.get("/contacts/v3", params=params).status_code == 400

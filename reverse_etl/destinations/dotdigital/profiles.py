@@ -17,7 +17,7 @@ rows count as sent and failed).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -95,6 +95,8 @@ class DotdigitalProfiles(DotdigitalBase):
         self.unsubscribed_list: str | None = opts.get("unsubscribed_list")
         self.unknown_consent: str = opts.get("unknown_consent", "opt_in_unknown")
         self.resubscribe: str = opts.get("resubscribe", "no_challenge")
+        self._memory: ConsentMemory | None = None  # set by read_back: opt-ins are read lazily
+        self._opt_ins_read = False
         self.email_column = next(c for c, t in sync.fields().items() if t.field == "email")
         self.evidence: ConsentEvidence | None = (
             sync.consent.email.evidence if sync.consent.email else None
@@ -481,6 +483,17 @@ class DotdigitalProfiles(DotdigitalBase):
 
     def read_back(self, memory: ConsentMemory) -> None:
         readback.read_back(self.client, memory)
+        self._memory, self._opt_ins_read = memory, False
+
+    def consent_standing(self, channel: str, persons: Sequence[str]) -> pa.Table | None:
+        """Email opt-ins dated by a consent record (``readback.read_opt_ins``), read once a
+        run and only by a run that has an unsubscribe to weigh; SMS ones are not known."""
+        if channel != "email" or self._memory is None:
+            return None
+        if not self._opt_ins_read:
+            readback.read_opt_ins(self.client, self._memory)
+            self._opt_ins_read = True
+        return self._memory.opt_ins(channel, persons)
 
     def before_import(self, table: pa.Table) -> None:
         """Create missing data fields with the type their values have; refuse a type clash."""

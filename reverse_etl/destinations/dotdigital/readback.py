@@ -1,6 +1,6 @@
-"""Read back who opted out inside Dotdigital, incrementally.
+"""Read back who opted out inside Dotdigital, and who opted in, incrementally.
 
-Dotdigital lists the contacts removed from mailing since a date, with when and why:
+Opt-outs: Dotdigital lists the contacts removed from mailing since a date, with when and why:
 ``GET /v2/contacts/unsubscribed-since/{date}`` and ``GET /v2/contacts/suppressed-since/{date}``
 answer ``ApiContactSuppression`` rows (``suppressedContact``, ``dateRemoved``, ``reason``; the
 v2 swagger), at most 1,000 a call paged with ``select``/``skip`` ("You may only select a
@@ -8,12 +8,20 @@ maximum of 1000 results in a single request",
 https://developer.dotdigital.com/reference/getunsubscribedcontacts). Both are read, each with
 its own cursor (the newest ``dateRemoved`` seen), because the docs do not say whether plain
 unsubscribes are among the suppressions; a person listed by both is kept once (the newest
-wins). A run when nothing happened in Dotdigital costs two calls.
+wins). A run when nothing happened in Dotdigital costs two calls. The BigCommerce integration
+reads unsubscribes back the same way (``../shared/seeds/001_596cbdf24110c389.txt``).
 
-Subscribes made inside Dotdigital have no such list (v3 offers ``~modified`` only, without a
-status time), so they are not read back; only opt-outs, which is what "never re-subscribe"
-needs. The BigCommerce integration reads unsubscribes back the same way
-(``../shared/seeds/001_596cbdf24110c389.txt``).
+Opt-ins (:func:`read_opt_ins`): Dotdigital has no list of subscribes, and a contact's email
+status carries no time. What dates an opt-in is its consent record: a signup form keeps one
+(ConsentInsight: text, ``dateTimeConsented``, URL, IP address, browser; "Record consent for
+your contacts", https://support.dotdigital.com/en/articles/8199471), and so does an import
+that sends ``consentRecords``. So the contacts modified since the last read
+(``GET /contacts/v3?~modified=gte::T&include=channelProperties|consentRecords``, up to 5,000 a
+page, v3 spec) that are ``subscribed`` are remembered as opted in at their newest
+``dateTimeConsented``; a subscribed contact without a record has no date and is not (an
+unsubscribe is then sent: honouring a "no" is never the harm). The list holds every contact a
+sync wrote too, so it costs a call per 5,000 contacts modified since the last read; it is read
+only by runs that have an unsubscribe with a consent time to weigh.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ STREAMS = {
     "email.suppressed": "/v2/contacts/suppressed-since/{date}",
 }
 PAGE = 1000
+OPT_INS = "email.opted_in"  # the opt-in stream's cursor: the newest ``updated`` read
+OPTED_IN_BY = "ConsentRecord"  # the read-back reason of an opt-in (v2 spells its reasons so)
+CONTACTS_PAGE = 5000  # GET /contacts/v3's ``limit`` maximum (v3 spec)
 _EPOCH = "1970-01-01T00:00:00Z"
 
 
@@ -58,6 +69,57 @@ def read_back(client: DotdigitalClient, memory: ConsentMemory) -> int:
     return changed
 
 
+def read_opt_ins(client: DotdigitalClient, memory: ConsentMemory) -> int:
+    """Read the email opt-ins of contacts modified since the last read into ``memory``;
+    return how many people's standing changed."""
+    since = memory.cursor(OPT_INS) or _EPOCH
+    newest = _when(since)
+    seen: list[Seen] = []
+    for contact in _modified_since(client, since):
+        stamp = contact.get("updated")
+        if isinstance(stamp, str):
+            newest = max(newest, _when(stamp))
+        opted_in = _opted_in(contact)
+        if opted_in is not None:
+            seen.append(opted_in)
+    # ``gte``: the newest contact is read again next time, rather than one in its second missed
+    cursor = _iso(newest.isoformat(), millis=True)
+    return memory.remember(OPT_INS, seen, cursor)
+
+
+def _opted_in(contact: dict[str, Any]) -> Seen | None:
+    """The contact's email opt-in and its newest consent time, if it is subscribed and has one."""
+    email = (contact.get("identifiers") or {}).get("email")
+    channel = (contact.get("channelProperties") or {}).get("email") or {}
+    if not isinstance(email, str) or channel.get("status") != "subscribed":
+        return None
+    times = [
+        _when(r["dateTimeConsented"])
+        for r in contact.get("consentRecords") or ()
+        if isinstance(r, dict) and isinstance(r.get("dateTimeConsented"), str)
+    ]
+    if not times:
+        return None
+    return Seen(email.strip().lower(), "email", "subscribed", max(times), OPTED_IN_BY)
+
+
+def _modified_since(client: DotdigitalClient, since: str) -> Iterator[dict[str, Any]]:
+    params = {
+        "~modified": f"gte::{since}",
+        "include": "channelProperties|consentRecords",
+        "limit": str(CONTACTS_PAGE),
+    }
+    while True:
+        body = client.json("GET", "/contacts/v3", params=params)
+        if not isinstance(body, dict):
+            return
+        yield from (c for c in body.get("_items") or () if isinstance(c, dict))
+        marker = ((body.get("_links") or {}).get("next") or {}).get("marker")
+        if not isinstance(marker, str) or not marker:
+            return
+        params = {**params, "marker": marker}
+
+
 def _since(client: DotdigitalClient, path: str) -> Iterator[dict[str, Any]]:
     skip = 0
     while True:
@@ -75,6 +137,10 @@ def _when(stamp: str) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)  # Dotdigital's times are UTC
 
 
-def _iso(stamp: str, back: timedelta = timedelta(0)) -> str:
-    """The cursor as the path takes it: ISO 8601 in UTC, to the second or finer."""
-    return (_when(stamp) - back).astimezone(UTC).isoformat().replace("+00:00", "Z")
+def _iso(stamp: str, back: timedelta = timedelta(0), *, millis: bool = False) -> str:
+    """The cursor as the path takes it: ISO 8601 in UTC, to the second or finer
+    (``millis``: to the millisecond, as v3's ``~modified`` pattern requires)."""
+    at = (_when(stamp) - back).astimezone(UTC)
+    if millis:
+        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    return at.isoformat().replace("+00:00", "Z")
