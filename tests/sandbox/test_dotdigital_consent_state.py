@@ -387,7 +387,13 @@ def test_contacts_list_pages_in_contact_order_with_a_marker(dotdigital):
         body = _listed(client, **params)
         pages += 1
         seen += [c["identifiers"]["email"] for c in body["_items"]]
-        assert set(body["_items"][0]) == {"contactId", "status", "created", "updated", "identifiers"}
+        assert set(body["_items"][0]) == {
+            "contactId",
+            "status",
+            "created",
+            "updated",
+            "identifiers",
+        }
         nxt = body["_links"].get("next")
         if nxt is None:
             break
