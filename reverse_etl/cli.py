@@ -429,7 +429,7 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
             warehouse = project.connections[s.source.connection]
             with open_source(warehouse, project, writable=True) as source:  # type: ignore[arg-type]
                 rows = export.as_table(memory.statements(), s.destination.connection)
-                export.write(warehouse, source, s.optouts_table, rows)  # type: ignore[arg-type]
+                export.write(source, s.optouts_table, rows)
         after = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
         found = memory.statements(after)
     except ReverseEtlError as exc:

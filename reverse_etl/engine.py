@@ -379,9 +379,8 @@ def _run(
         try:
             newest = _newest_wins(store, sync, destination, conn.type, options)
             if newest is not None and sync.optouts_table and not options.dry_run:
-                warehouse = project.connections[sync.source.connection]
                 rows = export.as_table(newest.memory.statements(), sync.destination.connection)
-                export.write(warehouse, source, sync.optouts_table, rows)  # type: ignore[arg-type]
+                export.write(source, sync.optouts_table, rows)
         except BaseException:
             destination.close()
             snapshot.close()

@@ -440,39 +440,44 @@ def test_each_run_writes_the_opt_outs_read_back_to_the_warehouse_table(rig: Rig)
     assert reason  # the vendor's word: UNSUBSCRIBE, Unsubscribed
 
 
-def test_an_opt_outs_table_in_a_warehouse_it_cannot_be_written_to_is_refused(
-    tmp_path: Any,
-) -> None:
+def test_an_opt_outs_table_is_named_as_the_warehouse_names_tables(tmp_path: Any) -> None:
+    """Every warehouse type takes the table (``Source.replace_table``, tested per warehouse
+    in test_sources); BigQuery needs its dataset named."""
     from reverse_etl.config import load_project
     from reverse_etl.errors import ConfigError
     from tests.helpers import write_project
 
-    write_project(
-        tmp_path,
-        {
-            "connections": {
-                "wh": {
-                    "type": "snowflake",
-                    "account": "a",
-                    "user": "u",
-                    "password": "p",
-                    "database": "d",
-                    "schema": "s",
-                },
-                "kl": {"type": "klaviyo", "api_key": "k"},
+    def project(warehouse: dict[str, Any], table: str) -> None:
+        write_project(
+            tmp_path,
+            {
+                "connections": {"wh": warehouse, "kl": {"type": "klaviyo", "api_key": "k"}},
+                "syncs": [
+                    {
+                        "name": "p",
+                        "source": {"connection": "wh", "table": "t"},
+                        "object": "profiles",
+                        "identifier": "email",
+                        "destination": {"connection": "kl"},
+                        "mapping": {"email": "email"},
+                        "optouts_table": table,
+                    }
+                ],
             },
-            "syncs": [
-                {
-                    "name": "p",
-                    "source": {"connection": "wh", "table": "t"},
-                    "object": "profiles",
-                    "identifier": "email",
-                    "destination": {"connection": "kl"},
-                    "mapping": {"email": "email"},
-                    "optouts_table": "analytics.optouts",
-                }
-            ],
-        },
-    )
-    with pytest.raises(ConfigError, match="optouts_table.*written to postgres or duckdb only"):
+        )
         load_project(None, tmp_path, env={})
+
+    snowflake = {
+        "type": "snowflake",
+        "account": "a",
+        "user": "u",
+        "password": "p",
+        "database": "d",
+        "schema": "s",
+    }
+    project(snowflake, "optouts")
+    project(snowflake, "analytics.optouts")
+    bigquery = {"type": "bigquery", "project": "p"}
+    project(bigquery, "analytics.optouts")
+    with pytest.raises(ConfigError, match="optouts_table.*dataset.table"):
+        project(bigquery, "optouts")

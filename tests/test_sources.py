@@ -105,6 +105,7 @@ class Warehouse:
     table: str  # the loaded table, as the view's SQL names it
     secret: str | None = None  # a password that must never appear in an error
     real_batches: bool = True  # False: the driver sends one batch (fakesnow)
+    writable: Callable[[], Source] | None = None  # when ``open`` gives a read-only source
 
     def view(self, where: str = "") -> str:
         # the `%` checks that pyformat statements keep the user's literal percent signs
@@ -136,7 +137,12 @@ def _duckdb(tmp_path_factory: pytest.TempPathFactory) -> Warehouse:
     with duckdb.connect(str(path)) as con:
         con.register("rows_in", table)
         con.execute("CREATE TABLE customers AS SELECT * FROM rows_in")
-    return Warehouse("duckdb", lambda: DuckDBSource(path), "customers")
+    return Warehouse(
+        "duckdb",
+        lambda: DuckDBSource(path),
+        "customers",
+        writable=lambda: DuckDBSource(path, read_only=False),
+    )
 
 
 def _postgres(dsn: str) -> Warehouse:
@@ -471,6 +477,40 @@ def test_empty_result_and_abandoned_stream(warehouse: Warehouse, source: Source)
 
 
 # --------------------------------------------------------------------------- per warehouse
+
+
+def test_replace_table_holds_exactly_the_rows_given_each_time(warehouse: Warehouse):
+    """The opt-outs table: created with its schema, then replaced whole by each write, with
+    strings (quotes, accents, NULL) and UTC times intact, readable back through the view SQL."""
+    at = dt.datetime(2025, 6, 1, 12, 30, 15, 123456, tzinfo=dt.UTC)
+    first = pa.table(
+        {
+            "person": ["a@example.com", "b@example.com"],
+            "at": pa.array([at, at + dt.timedelta(days=1)], pa.timestamp("us", "UTC")),
+            "reason": ['it\'s "spam"', None],
+        }
+    )
+    second = pa.table(
+        {
+            "person": ["c@exämple.com"],
+            "at": pa.array([at], pa.timestamp("us", "UTC")),
+            "reason": ["Unsubscribed"],
+        }
+    )
+    name = ["retl_written", "optouts"]
+    upper = warehouse.name == "snowflake"  # stored as unquoted names are: upper-case
+    for rows in (first, second):
+        with (warehouse.writable or warehouse.open)() as src:
+            src.replace_table(name, rows)
+        with warehouse.open() as src:
+            table = ".".join(src.dialect.quote(p.upper() if upper else p) for p in name)
+            got = _rows(list(src.stream(f"SELECT * FROM {table}", {}, 100)))
+        assert sorted(got, key=lambda r: r["person"]) == rows.to_pylist()
+
+
+def test_replace_table_refuses_what_it_cannot_write(warehouse: Warehouse, source: Source):
+    with pytest.raises(SourceError, match="(type int64|opened for writing)"):
+        source.replace_table(["retl_written", "numbers"], pa.table({"n": [1]}))
 
 
 def test_postgres_streams_without_buffering_the_result(postgres_dsn: str):

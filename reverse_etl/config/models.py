@@ -287,7 +287,7 @@ class Sync(Strict):
     # when the view returns no rows) stops before removing anything
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.2
     # where each run writes the consent read back from the destination (schema.table in the
-    # sync's own warehouse, PostgreSQL or DuckDB), for analysts to join in their views
+    # sync's own warehouse; dataset.table in BigQuery), for analysts to join in their views
     optouts_table: (
         Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")] | None
     ) = None
@@ -413,13 +413,12 @@ class Project(Strict):
             if (
                 sync.optouts_table
                 and conn is not None
-                and conn.type not in SNAPSHOT_WAREHOUSE_TYPES
+                and conn.type == "bigquery"
+                and "." not in sync.optouts_table
             ):
                 raise _at(
                     f"syncs[{i}].optouts_table",
-                    f"the sync reads a {conn.type} warehouse: the opt-outs table is written to "
-                    f"{' or '.join(SNAPSHOT_WAREHOUSE_TYPES)} only; export them with "
-                    "`reverse-etl optouts SYNC --csv FILE` instead",
+                    "a BigQuery table is named with its dataset: dataset.table",
                 )
         if self.snapshot.connection is not None:
             _check_snapshot_connection(self, self.snapshot.connection)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,13 @@ class Source(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def replace_table(self, name: Sequence[str], rows: pa.Table) -> None:
+        """Make the table ``name`` (``[schema, table]`` or ``[table]``, plain identifiers)
+        hold exactly ``rows``, created with its schema when missing, replaced in one step:
+        the small tables the tool keeps in the warehouse for analysts (the opt-outs read
+        back). ``rows``' columns are strings and UTC timestamps."""
+        raise SourceError(f"{self.dialect.name} warehouses cannot be written to")
+
     def __enter__(self) -> Source:
         return self
 
@@ -137,6 +144,15 @@ class Source(ABC):
 
 
 _PYFORMAT_TOKEN = re.compile(r"%\((?P<name>[^()]*)\)s|%%|%")
+
+
+def column_kind(type_: pa.DataType) -> str:
+    """A written table's column kind (``Source.replace_table`` takes strings and UTC times)."""
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return "string"
+    if pa.types.is_timestamp(type_) and type_.tz is not None:
+        return "timestamp"
+    raise SourceError(f"cannot write a column of type {type_} to a warehouse table")
 
 
 def probe_sql(sql: str) -> str:

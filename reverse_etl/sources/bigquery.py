@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-from collections.abc import Iterator, Mapping
+import io
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pyarrow as pa
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import GoogleAPIError
@@ -29,10 +31,19 @@ from google.auth.exceptions import GoogleAuthError
 from google.cloud import bigquery
 from google.cloud.bigquery import _pandas_helpers
 
-from reverse_etl.sources.base import Dialect, Source, SourceError, probe_sql, rebatch, utc_schema
+from reverse_etl.sources.base import (
+    Dialect,
+    Source,
+    SourceError,
+    column_kind,
+    probe_sql,
+    rebatch,
+    utc_schema,
+)
 
 DIALECT = Dialect(name="bigquery", param_style="at", string_type="STRING")
 
+_BQ_TYPES = {"string": "STRING", "timestamp": "TIMESTAMP"}
 _ERRORS = (GoogleAPIError, GoogleAuthError, concurrent.futures.TimeoutError)
 
 
@@ -103,6 +114,34 @@ class BigQuerySource(Source):
             except _ERRORS as exc:
                 raise self._error(exc) from None
             yield batch
+
+    def replace_table(self, name: Sequence[str], rows: pa.Table) -> None:
+        """One load job of newline-delimited JSON with ``WRITE_TRUNCATE``: BigQuery swaps the
+        table's contents whole when the job succeeds (the dataset is created if missing).
+        ``name`` must be ``[dataset, table]``."""
+        if len(name) != 2:
+            raise SourceError(f"{self._where}: name the table as dataset.table, not {name[0]!r}")
+        dataset, table = name
+        schema = [bigquery.SchemaField(f.name, _BQ_TYPES[column_kind(f.type)]) for f in rows.schema]
+        lines = b"".join(
+            orjson.dumps(dict(zip(rows.column_names, r, strict=True))) + b"\n"
+            for r in zip(*(c.to_pylist() for c in rows.columns), strict=True)
+        )
+        config = bigquery.LoadJobConfig(
+            schema=schema,
+            source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+        )
+        try:
+            self._client.create_dataset(dataset, exists_ok=True)
+            ref = f"{self._client.project}.{dataset}.{table}"
+            job = self._client.load_table_from_file(io.BytesIO(lines), ref, job_config=config)
+            job.result()
+        except _ERRORS as exc:
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            raise SourceError(
+                f"{self._where} cannot write the table {dataset}.{table}: {message}"
+            ) from None
 
     def close(self) -> None:
         self._client.close()

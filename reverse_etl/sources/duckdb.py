@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import duckdb
 import pyarrow as pa
 
 from reverse_etl.sources.base import Dialect, Source, SourceError, probe_sql, rebatch
+from reverse_etl.util.scratch import registered
 
 DIALECT = Dialect(name="duckdb", param_style="dollar")
 
@@ -79,6 +80,21 @@ class DuckDBSource(Source):
         cur = self._con.cursor()
         cur.execute("SET TimeZone = 'UTC'")
         return cur
+
+    def replace_table(self, name: Sequence[str], rows: pa.Table) -> None:
+        if self.read_only:
+            raise SourceError("writing a table needs the DuckDB warehouse opened for writing")
+        qualified = ".".join(DIALECT.quote(p) for p in name)
+        cur = self.cursor()
+        try:
+            with registered(cur, "retl_rows", rows):
+                if len(name) == 2:
+                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {DIALECT.quote(name[0])}")
+                cur.execute(f"CREATE OR REPLACE TABLE {qualified} AS SELECT * FROM retl_rows")
+        except duckdb.Error as exc:
+            raise SourceError(f"DuckDB cannot write the table {qualified}: {exc}") from None
+        finally:
+            cur.close()
 
     def close(self) -> None:
         self._con.close()

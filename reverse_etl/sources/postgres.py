@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import adbc_driver_manager
@@ -34,6 +34,7 @@ from reverse_etl.sources.base import (
     Dialect,
     Source,
     SourceError,
+    column_kind,
     probe_sql,
     rebatch,
     render_pyformat,
@@ -81,6 +82,7 @@ class PostgresSource(Source):
             info.get("host") or "localhost", info.get("port") or 5432, info.get("dbname") or "?"
         )
         self._batch_size_hint_bytes = batch_size_hint_bytes
+        self._dsn = dsn
         try:
             self._con = adbc_pg.connect(dsn, autocommit=True)
         except adbc_driver_manager.Error as exc:
@@ -143,6 +145,31 @@ class PostgresSource(Source):
             except (adbc_driver_manager.Error, pa.ArrowException, OSError) as exc:
                 raise self._error(exc) from None
             yield _plain_batch(batch, target)
+
+    def replace_table(self, name: Sequence[str], rows: pa.Table) -> None:
+        """Through psycopg (``COPY``) in one transaction: the table is emptied and filled, so a
+        reader sees the old rows or the new ones."""
+        qualified = ".".join(DIALECT.quote(p) for p in name)
+        columns = ", ".join(
+            f"{DIALECT.quote(f.name)} {_PG_TYPES[column_kind(f.type)]}" for f in rows.schema
+        )
+        names = ", ".join(DIALECT.quote(n) for n in rows.column_names)
+        try:
+            with (
+                psycopg.connect(self._dsn, application_name="reverse-etl") as con,
+                con.transaction(),
+            ):
+                if len(name) == 2:
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {DIALECT.quote(name[0])}")
+                con.execute(f"CREATE TABLE IF NOT EXISTS {qualified} ({columns})")
+                con.execute(f"DELETE FROM {qualified}")
+                with con.cursor().copy(f"COPY {qualified} ({names}) FROM STDIN") as copy:
+                    for row in zip(*(c.to_pylist() for c in rows.columns), strict=True):
+                        copy.write_row(row)
+        except psycopg.Error as exc:
+            raise SourceError(
+                f"{self._where} cannot write the table {qualified}: {self._scrub(exc)}"
+            ) from None
 
     def close(self) -> None:
         self._con.close()
@@ -227,3 +254,6 @@ def _plain_batch(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
                 ) from None
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+_PG_TYPES = {"string": "text", "timestamp": "timestamptz"}

@@ -19,7 +19,7 @@ as reported (``DIALECT.resolve_column`` maps a configured ``email`` to ``EMAIL``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +31,7 @@ from reverse_etl.sources.base import (
     Dialect,
     Source,
     SourceError,
+    column_kind,
     conform,
     probe_sql,
     rebatch,
@@ -42,6 +43,8 @@ DIALECT = Dialect(
 )
 
 _SECRET_WORDS = ("password", "passcode", "token", "secret", "pwd")
+_SF_TYPES = {"string": "VARCHAR", "timestamp": "TIMESTAMP_TZ"}
+_INSERT_ROWS = 5000
 
 
 class SnowflakeSource(Source):
@@ -103,6 +106,41 @@ class SnowflakeSource(Source):
                 raise self._error(exc) from None
             for batch in table.to_batches():
                 yield conform(batch, target)
+
+    def replace_table(self, name: Sequence[str], rows: pa.Table) -> None:
+        """Created if missing (DDL commits on its own in Snowflake), then emptied and filled in
+        one transaction. Names are upper-cased, as Snowflake stores unquoted ones, so a view
+        can name them unquoted (``at`` is reserved: quote it, ``"AT"``). Rows go in
+        multi-row ``INSERT``s of 5,000 (the connector turns a pyformat ``executemany`` into
+        one statement): the opt-outs are small; a stage and ``COPY`` would pay off beyond."""
+        quoted = [DIALECT.quote(p.upper()) for p in name]
+        qualified = ".".join(quoted)
+        columns = ", ".join(
+            f"{DIALECT.quote(f.name.upper())} {_SF_TYPES[column_kind(f.type)]}" for f in rows.schema
+        )
+        names = ", ".join(DIALECT.quote(n.upper()) for n in rows.column_names)
+        insert = (
+            f"INSERT INTO {qualified} ({names}) VALUES ({', '.join(['%s'] * rows.num_columns)})"
+        )
+        values = list(zip(*(c.to_pylist() for c in rows.columns), strict=True))
+        try:
+            with self._con.cursor() as cur:
+                if len(name) == 2:
+                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted[0]}")
+                cur.execute(f"CREATE TABLE IF NOT EXISTS {qualified} ({columns})")
+                cur.execute("BEGIN")
+                try:
+                    cur.execute(f"DELETE FROM {qualified}")
+                    for start in range(0, len(values), _INSERT_ROWS):
+                        cur.executemany(insert, values[start : start + _INSERT_ROWS])
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+        except SnowflakeError as exc:
+            raise SourceError(
+                f"{self._where} cannot write the table {qualified}: {self._scrub(exc)}"
+            ) from None
 
     def close(self) -> None:
         self._con.close()
