@@ -23,7 +23,7 @@ from reverse_etl.config import Project, Sync
 from reverse_etl.consent import export
 from reverse_etl.consent.memory import ConsentMemory
 from reverse_etl.consent.newest import NewestWins
-from reverse_etl.destinations import registry
+from reverse_etl.destinations import budget, registry
 from reverse_etl.destinations.base import Destination, LoadBatch, LoadResult
 from reverse_etl.destinations.registry import destination_for
 from reverse_etl.errors import (
@@ -184,7 +184,8 @@ def run_sync(
         full_refresh=options.full_refresh,
     )
     result = RunResult(record)
-    with store.lock(sync.name, run_id) as lock:
+    # clients built in the run share each account's rate budget through the store (budget.py)
+    with store.lock(sync.name, run_id) as lock, budget.shared_through(store):
         store.start_run(record)
         error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
         if not storage.is_s3(error_target):

@@ -129,6 +129,18 @@ consent_cursors = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# rate-limit buckets shared by the syncs calling one destination account, across processes and
+# hosts (reverse_etl/destinations/budget.py): one row per account, operation and bucket
+rate_budget = sa.Table(
+    "retl_rate_budget",
+    metadata,
+    sa.Column("account", sa.String(200), primary_key=True),  # consent.memory.account_key form
+    sa.Column("operation", sa.String(100), primary_key=True),
+    sa.Column("bucket", sa.String(20), primary_key=True),  # burst | steady
+    sa.Column("tokens", sa.Double, nullable=False),
+    sa.Column("stamp", sa.Double, nullable=False),  # epoch seconds on the database's clock
+)
+
 locks = sa.Table(
     "retl_locks",
     metadata,
@@ -625,6 +637,21 @@ def _v3_consent_read_back(con: sa.Connection) -> None:
     con.execute(sa.text("ALTER TABLE retl_runs ADD COLUMN consent_held BIGINT NOT NULL DEFAULT 0"))
 
 
+def _v4_rate_budget(con: sa.Connection) -> None:
+    """Rate-limit buckets shared by the syncs calling one destination account."""
+    v4 = sa.MetaData()
+    sa.Table(
+        "retl_rate_budget",
+        v4,
+        sa.Column("account", sa.String(200), primary_key=True),
+        sa.Column("operation", sa.String(100), primary_key=True),
+        sa.Column("bucket", sa.String(20), primary_key=True),
+        sa.Column("tokens", sa.Double, nullable=False),
+        sa.Column("stamp", sa.Double, nullable=False),
+    )
+    v4.create_all(con)
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
@@ -633,6 +660,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "consent read back from destinations; runs count consent held back",
         _v3_consent_read_back,
+    ),
+    Migration(
+        4, "rate-limit budgets shared by the syncs of one destination account", _v4_rate_budget
     ),
 )
 

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import orjson
 
+from reverse_etl.consent.memory import account_key
+from reverse_etl.destinations import budget
 from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
-from reverse_etl.destinations.ratelimit import RateLimiter
 
 JSONAPI = "application/vnd.api+json"
 
@@ -71,8 +72,13 @@ class KlaviyoClient:
             retry=retry,
             name="Klaviyo",
         )
+        # Klaviyo counts per API key and operation, so the buckets belong to the account and
+        # are shared with every other client of it: in this process, and through the state
+        # store when a run has put one in force (destinations/budget.py)
+        account = account_key("klaviyo", conn.base_url, conn.api_key.get_secret_value())
         self.limiters = {
-            op: RateLimiter(b * PACE, s * PACE, speedup=speedup) for op, (b, s) in LIMITS.items()
+            op: budget.limiter(account, op, b * PACE, s * PACE, speedup=speedup)
+            for op, (b, s) in LIMITS.items()
         }
 
     def call(
