@@ -1,6 +1,7 @@
 """Klaviyo orders end to end: the real engine, client and orders destination against the
-Klaviyo sandbox over loopback. Orders become "Placed Order" events (and "Ordered Product" per
-line when asked), identified by the order id so a re-sent order is one event.
+Klaviyo sandbox over loopback. Orders become "Placed Order" events, a cancelled one a
+"Cancelled Order" (and "Ordered Product" per line when asked), identified by the order id so a
+re-sent order is one event (tests/test_klaviyo_order_metrics.py: every status metric).
 What every destination object must do (incremental runs, dry run, resume, faults,
 size limits, config checks) is in tests/contract/; here is what is particular to
 Klaviyo orders."""
@@ -79,6 +80,12 @@ def placed(rig: Rig) -> list[dict[str, Any]]:
     return [e for e in rig.sandbox.events() if e["metric"] == "Placed Order"]
 
 
+def order_ids(rig: Rig) -> list[str]:
+    """The orders that landed: a Placed Order, or a Cancelled Order (o0, o5, ...)."""
+    metrics = ("Placed Order", "Cancelled Order")
+    return sorted(e["unique_id"] for e in rig.sandbox.events() if e["metric"] in metrics)
+
+
 def test_orders_land_as_placed_order_events(klaviyo):
     rig = klaviyo()
     orders_table(rig, 6)
@@ -88,7 +95,15 @@ def test_orders_land_as_placed_order_events(klaviyo):
 
     assert_counts(result, EXIT_OK, read=6, sent=6, created=6, failed=0)
     events = {e["unique_id"]: e for e in placed(rig)}
-    assert set(events) == {f"o{n}" for n in range(6)}
+    assert set(events) == {"o1", "o2", "o3", "o4"}  # o0 and o5 are cancelled
+    cancelled = {e["unique_id"]: e for e in rig.sandbox.events() if e["metric"] != "Placed Order"}
+    assert {(k, e["metric"]) for k, e in cancelled.items()} == {
+        ("o0", "Cancelled Order"),
+        ("o5", "Cancelled Order"),
+    }
+    assert (
+        cancelled["o5"]["value"] == 30.5 and cancelled["o5"]["properties"]["Status"] == "Cancelled"
+    )
     o2 = events["o2"]
     assert o2["email"] == "buyer2@example.com"
     assert o2["value"] == 30.5 and o2["value_currency"] == "USD"
@@ -97,13 +112,13 @@ def test_orders_land_as_placed_order_events(klaviyo):
     assert o2["properties"]["Channel"] == "web"
     assert o2["properties"]["ItemNames"] == ["Product 0", "Product 1", "Product 2"]
     assert o2["properties"]["Items"][1] == {
-        "sku": "SKU-1",
-        "product_id": "p1",
-        "name": "Product 1",
-        "quantity": 2,
-        "unit_price": 5.25,
+        "SKU": "SKU-1",
+        "ProductID": "p1",
+        "ProductName": "Product 1",
+        "Quantity": 2,
+        "ItemPrice": 5.25,
+        "RowTotal": 10.5,
     }
-    assert events["o0"]["properties"]["Status"] == "Cancelled"
     assert not any(e["backfill"] for e in events.values())
     # the profile is found by the mapped identifiers: the guest order by its email alone
     profiles = {p["email"]: p for p in rig.sandbox.profiles()}
@@ -122,34 +137,40 @@ def test_ordered_product_events_one_per_line_and_backfill(klaviyo):
     assert result.record.counts.created == 4  # rows, not events
     products = [e for e in rig.sandbox.events() if e["metric"] == "Ordered Product"]
     assert sorted(e["unique_id"] for e in products) == [
-        "o0:1", "o1:1", "o1:2", "o2:1", "o2:2", "o2:3", "o3:1",
-    ]  # fmt: skip
+        "o1:1",
+        "o1:2",
+        "o2:1",
+        "o2:2",
+        "o2:3",
+        "o3:1",
+    ]  # fmt: skip: o0 is cancelled, so none of its lines was ordered
     line = next(e for e in products if e["unique_id"] == "o2:3")
     assert line["value"] == 15.75  # quantity 3 x 5.25
     assert line["time"] == "2025-03-01T10:02:00Z"
     assert line["properties"] == {
-        "sku": "SKU-2",
-        "product_id": "p2",
-        "name": "Product 2",
-        "quantity": 3,
-        "unit_price": 5.25,
         "OrderId": "o2",
+        "SKU": "SKU-2",
+        "ProductID": "p2",
         "ProductName": "Product 2",
+        "Quantity": 3,
+        "ItemPrice": 5.25,
+        "RowTotal": 15.75,
     }
     assert all(e["backfill"] for e in rig.sandbox.events())
 
     orders_table(rig, 4, shift=1000)
     rig.run("orders")
-    assert len(rig.sandbox.events()) == 4 + 7  # nothing counted twice
+    assert len(rig.sandbox.events()) == 4 + 6  # nothing counted twice
 
 
 def test_events_are_packed_1000_to_a_call(klaviyo):
     rig = klaviyo()
-    orders_table(rig, 900)  # 900 orders + 1,800 lines = 2,700 events
+    # 900 orders + 1,800 lines, less the 360 lines of the 180 cancelled orders: 2,340 events
+    orders_table(rig, 900)
     rig.configure([orders_sync(destination={"ordered_product_events": True})])
     assert rig.run("orders").exit_code == EXIT_OK
     assert len(rig.requests("POST", EVENTS)) == 3
-    assert len(rig.sandbox.events()) == 2700
+    assert len(rig.sandbox.events()) == 2340
 
 
 def test_order_without_a_profile_or_with_an_overlong_value_is_a_row_error(klaviyo):
@@ -173,7 +194,7 @@ def test_order_without_a_profile_or_with_an_overlong_value_is_a_row_error(klaviy
         "o3": "value_too_large",
     }
     assert errors["o3"]["column"] == "channel" and errors["o3"]["value"] == "x" * 100
-    assert sorted(e["unique_id"] for e in placed(rig)) == ["o0", "o2", "o4", "o5"]
+    assert order_ids(rig) == ["o0", "o2", "o4", "o5"]
 
 
 def test_event_klaviyo_refuses_is_a_row_error_and_the_call_is_resent(tmp_path, monkeypatch):
@@ -197,7 +218,7 @@ def test_event_klaviyo_refuses_is_a_row_error_and_the_call_is_resent(tmp_path, m
         assert (error["identifier"], error["reason"]) == ("o2", "destination_rejected")
         assert error["column"].endswith("/attributes/time")
         assert "a year ahead" in error["message"]
-        assert sorted(e["unique_id"] for e in placed(rig)) == ["o0", "o1", "o3", "o4"]
+        assert order_ids(rig) == ["o0", "o1", "o3", "o4"]
         assert len(rig.requests("POST", EVENTS)) == 2  # refused, resent
         # the one refusal Klaviyo answered, and nothing else off-spec
         assert [(v.status, v.pointer) for v in sandbox.violations] == [
@@ -252,5 +273,5 @@ def test_dry_run_writes_the_event_calls_and_sends_nothing(klaviyo):
     [line] = [orjson.loads(x) for x in Path(result.dry_run_file).read_bytes().splitlines()]
     assert (line["method"], line["path"], line["rows"]) == ("POST", EVENTS, 3)
     entries = line["body"]["data"]["attributes"]["events-bulk-create"]["data"]
-    assert len(entries) == 3 + 6  # 3 orders, 1 + 2 + 3 lines
+    assert len(entries) == 3 + 5  # 3 orders, 2 + 3 lines (o0 is cancelled: no lines)
     assert rig.sandbox.request_log == [] and rig.watermark("orders") is None

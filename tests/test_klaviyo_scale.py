@@ -55,7 +55,7 @@ def test_50000_profiles_through_faults_none_lost(klaviyo, seed):
         SELECT
             'customer' || lpad(CAST(n AS VARCHAR), 5, '0') || '@example.com' AS email,
             'First' || n AS first_name,
-            '+1415' || lpad(CAST(n AS VARCHAR), 7, '0') AS phone,
+            '+1415' || CAST(2000000 + n AS VARCHAR) AS phone,  -- exchanges 200+: valid numbers
             n * 10 AS points,
             ['yes', 'no', NULL][n % 3 + 1] AS email_consent,
             TIMESTAMPTZ '2024-05-01 10:00:00+00' + to_seconds(n) AS consent_at,

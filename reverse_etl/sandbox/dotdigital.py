@@ -20,6 +20,28 @@ Limits: at most 25 contact imports and 5 insight imports in progress (429
 hour per API user, reported in ``X-RateLimit-Limit/Remaining/Reset`` (Reset in epoch seconds) on
 every answer. None of these numbers is in the specs (see the package README).
 
+Rate schemes (``dotdigital_rate_scheme``, https://developer.dotdigital.com/docs/call-rate-limits):
+``hourly``, the deprecated flat scheme above, or ``tiered``: each call is in a tier with its own
+per-minute limit (``dotdigital_tier_limits``), and the answer's ``X-RateLimit-Limit/Remaining/
+Reset`` speak of the call's tier, named in ``X-RateLimit-Scope``. Which tier a call is in is in
+``TIERS``: imports and calls returning many records low ("Calls that import or return a lot of
+data will usually be in the low call rate tier", same page); single-record writes medium;
+single-record reads, import and job status, account info high. The per-call assignment is
+UNCONFIRMED (Dotdigital names each call's tier on its reference page, not in the specs).
+
+Regions (``dotdigital_region``): an account belongs to one region, r1, r2 or r3, and "you
+cannot use an API endpoint belonging to a different region, and instead will receive a 403 -
+Forbidden: Access is denied error" (https://developer.dotdigital.com/docs/api-end-points). The
+region a request addresses is read from its Host (``r2-api.dotdigital.com``; any other host
+is r1, the default endpoint). ``GET /v2/account-info`` answers on r1 whatever the account's
+region ("Call Get Account Information using r1-api.dotdigital.com as the regional endpoint
+(regardless of what region you're in), and this returns your account's correct endpoint",
+https://developer-loyalty.dotdigital.com/docs/api-endpoints) with the ``ApiEndpoint`` property
+(the name Dotdigital's Magento connector reads). The 403's body is the IIS text the docs quote
+(UNCONFIRMED: its exact bytes).
+
+Import slots of other integrations: ``hold_import_slots(n, vendor_seconds)``.
+
 Import status follows each spec's enum: contacts ``NotFinished`` -> ``Finished`` (or ``Failed``),
 insight ``NotStarted`` -> ``Processing`` -> ``Complete`` (or ``Failed``); a removal from an
 address book is a job too (``GET /v2/contacts/deletion/{id}``: ``Started`` -> ``Completed``, or
@@ -30,7 +52,9 @@ address book is a job too (``GET /v2/contacts/deletion/{id}``: ``Started`` -> ``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -51,6 +75,28 @@ from reverse_etl.sandbox.spec import Violation
 
 #: the sandbox's own endpoint where a test or the demo acts as the person (``act_as_person``)
 PERSON_PATH = "/_sandbox/person"
+ACCOUNT_INFO = "/v2/account-info"
+#: the tier of each call in the tiered scheme (module doc; UNCONFIRMED per call); others: high
+TIERS: dict[tuple[str, str], str] = {
+    ("PUT", "/contacts/v3/import"): "low",
+    ("PUT", "/insightData/v3/import"): "low",
+    ("GET", "/contacts/v3"): "low",
+    ("GET", "/insightData/v3/account/{collectionName}"): "low",
+    ("GET", "/insightData/v3/contacts/{identifier}/{value}/{collectionName}"): "low",
+    ("GET", "/v2/address-books"): "low",
+    ("GET", "/v2/address-books/{addressBookId}/contacts"): "low",
+    ("POST", "/v2/address-books/{addressBookId}/contacts/delete"): "low",
+    ("GET", "/v2/data-fields"): "low",
+    ("GET", "/v2/contacts/unsubscribed-since/{date}"): "low",
+    ("GET", "/v2/contacts/suppressed-since/{date}"): "low",
+    ("PATCH", "/contacts/v3/{identifier}/{value}"): "medium",
+    ("POST", "/v2/address-books"): "medium",
+    ("POST", "/v2/data-fields"): "medium",
+    ("DELETE", "/v2/address-books/{addressBookId}/contacts/{contactId}"): "medium",
+}
+_REGION_HOST = re.compile(r"^(r\d+)-api\.")
+#: the tier window the current request was counted in (throttle -> decorate, one request task)
+_CALL_WINDOW: ContextVar[tuple[str, object] | None] = ContextVar("_CALL_WINDOW", default=None)
 
 
 class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
@@ -108,6 +154,7 @@ class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
                 self.remove_contact,
                 req,
             ),
+            Endpoint("GET", ACCOUNT_INFO, v2, self.get_account_info),
             Endpoint("GET", "/v2/data-fields", v2, self.get_data_fields),
             Endpoint("POST", "/v2/data-fields", v2, self.create_data_field, req),
             Endpoint(
@@ -124,20 +171,75 @@ class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
             return self.settings.username
         return None
 
+    @staticmethod
+    def addressed_region(request: Request) -> str:
+        """The region whose endpoint the request was sent to (its Host); r1 for any other."""
+        found = _REGION_HOST.match(request.headers.get("host", ""))
+        return found.group(1) if found else "r1"
+
+    def precheck(self, request: Request, endpoint: Endpoint) -> Violation | None:
+        """The account's region only (module doc): another region's endpoint is 403, except
+        account info on r1, which tells every account its endpoint."""
+        region = self.settings.dotdigital_region
+        if not region or endpoint.spec is None:
+            return None
+        addressed = self.addressed_region(request)
+        if addressed == region or (endpoint.template == ACCOUNT_INFO and addressed == "r1"):
+            return None
+        return Violation(
+            403,
+            "region",
+            f"Forbidden: Access is denied (the account is in {region}, the request went to "
+            f"{addressed})",
+        )
+
     def throttle(self, principal: str, endpoint: Endpoint, request: Request) -> Response | None:
         if endpoint.spec is None:  # the sandbox's own endpoint spends none of the API budget
             return None
-        state = self.window.hit(principal)
-        if state.allowed:
-            return None
+        if self.settings.dotdigital_rate_scheme == "tiered":
+            tier = TIERS.get((endpoint.method, endpoint.template), "high")
+            _CALL_WINDOW.set((tier, principal))
+            tiered = self.tiers.hit(principal, tier)
+            if tiered is None or tiered.allowed:
+                return None
+            state, what = tiered, f"its {tier} tier per-minute call limit"
+        else:
+            state, what = self.window.hit(principal), "its hourly call limit"
+            if state.allowed:
+                return None
         family = api_family(request.url.path)
         code = "ERROR_RATE_LIMIT_EXCEEDED" if family == "v2" else f"{family}:rateLimitExceeded"
-        body = self._error_body(family, code, "Your API user has exceeded its hourly call limit.")
+        body = self._error_body(family, code, f"Your API user has exceeded {what}.")
         return JSONResponse(body, 429, headers=retry_after_headers(state.wait))
 
     def decorate(self, response: Response, principal: str | None) -> None:
+        if self.settings.dotdigital_rate_scheme == "tiered":
+            counted = _CALL_WINDOW.get()
+            if counted is None:  # refused before it was counted (auth, route, region)
+                return
+            tier, key = counted
+            state = self.tiers.peek(key, tier)
+            if state is not None:
+                for name, value in state.headers().items():
+                    response.headers[name] = value
+                response.headers["X-RateLimit-Scope"] = tier
+            return
         for name, value in self.window.peek(principal).headers().items():
             response.headers[name] = value
+
+    async def get_account_info(self, call: Call) -> Response:
+        """``GET /v2/account-info`` (``ApiAccount``): the account's id and properties, its
+        ``ApiEndpoint`` among them (module doc)."""
+        region = self.settings.dotdigital_region or self.addressed_region(call.request)
+        properties = [
+            {"name": "Name", "type": "String", "value": "Sandbox account"},
+            {
+                "name": "ApiEndpoint",
+                "type": "String",
+                "value": f"https://{region}-api.dotdigital.com",
+            },
+        ]
+        return JSONResponse({"id": 1, "properties": properties})
 
     def throttled_response(self, wait: float) -> Response:
         body = {"errorCode": "tooManyRequests", "description": "Too many requests; retry later."}
@@ -148,6 +250,8 @@ class DotdigitalSandbox(ContactsAPI, InsightAPI, AddressBooksAPI):
         return JSONResponse({"errorCode": "serverError", "description": text}, status)
 
     def error_response(self, violation: Violation) -> Response:
+        if violation.kind == "region":  # answered before the API: the server's own page
+            return Response("403 - Forbidden: Access is denied.", 403, media_type="text/html")
         family = api_family(violation.path)
         if family == "v2":
             code = violation.code or V2_CODES.get(violation.kind, "ERROR_PARAMETER_INVALID")

@@ -4,6 +4,7 @@ and the base class holding the account state, jobs and common lookups."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Mapping, Sized
 from typing import Any
 
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from reverse_etl.sandbox.base import BaseSandbox, JSONResponse
 from reverse_etl.sandbox.dotdigital_state import DotdigitalState
 from reverse_etl.sandbox.jobs import DONE, FAILED, PROCESSING, QUEUED, Job
-from reverse_etl.sandbox.limits import FixedWindow, retry_after_headers
+from reverse_etl.sandbox.limits import FixedWindow, TieredWindows, retry_after_headers
 from reverse_etl.sandbox.settings import SandboxSettings
 from reverse_etl.sandbox.spec import SpecViolation, Violation
 
@@ -96,6 +97,14 @@ class DotdigitalBase(BaseSandbox):
             speedup=self.settings.speedup,
             enforce=self.settings.enforce_limits,
         )
+        self.tiers = TieredWindows(
+            dict(self.settings.dotdigital_tier_limits),
+            speedup=self.settings.speedup,
+            enforce=self.settings.enforce_limits,
+        )
+        # import slots "another integration" of the account holds: (job kind, count, until,
+        # on the monotonic clock)
+        self._holds: list[tuple[str, int, float]] = []
         token = f"{self.settings.username}:{self.settings.password}".encode()
         self._basic = "Basic " + base64.b64encode(token).decode()
 
@@ -122,6 +131,33 @@ class DotdigitalBase(BaseSandbox):
                 pointer,
             )
 
+    def hold_import_slots(
+        self, count: int, vendor_seconds: float, *, kind: str = "contacts"
+    ) -> None:
+        """Have another integration of the account hold ``count`` import slots (``kind``:
+        contacts or insight) for ``vendor_seconds``: the active-import limit is the account's,
+        shared by every API user and integration (a sync meets 429 ``tooManyActiveImports``
+        while others' imports run)."""
+        until = time.monotonic() + self.settings.real_seconds(vendor_seconds)
+        job_kind = "contacts-import" if kind == "contacts" else "insight-import"
+        with self.lock:
+            self._holds.append((job_kind, count, until))
+
+    def active_imports(self, kind: str) -> int:
+        """Unfinished imports of ``kind`` (``contacts-import``, ``insight-import``): this
+        account's jobs plus the slots others hold (``hold_import_slots``)."""
+        now = time.monotonic()
+        with self.lock:
+            held = sum(n for k, n, until in self._holds if k == kind and until > now)
+        return self.jobs.active(kind) + held
+
+    def _hold_left(self) -> float:
+        """Real seconds until the first held slot is given back (0: none held)."""
+        now = time.monotonic()
+        with self.lock:
+            left = [until - now for _, _, until in self._holds if until > now]
+        return min(left, default=0.0)
+
     def _too_many(self, family: str, what: str) -> Response:
         body = {
             "errorCode": f"{family}:tooManyActiveImports",
@@ -130,7 +166,8 @@ class DotdigitalBase(BaseSandbox):
         }
         with self.lock:
             self.counters["too_many_active_imports"] += 1
-        return JSONResponse(body, 429, headers=retry_after_headers(self.jobs.duration))
+        wait = min(filter(None, (self.jobs.duration, self._hold_left())), default=1.0)
+        return JSONResponse(body, 429, headers=retry_after_headers(wait))
 
     def _job_of(self, kind: str, job_id: str) -> Job:
         with self.lock:

@@ -86,7 +86,7 @@ class ContactsAPI(DotdigitalBase):
                         f"List {list_id} does not exist.",
                         f"/contacts/{n}/lists",
                     )
-        if self.jobs.active("contacts-import") >= MAX_ACTIVE_CONTACT_IMPORTS:
+        if self.active_imports("contacts-import") >= MAX_ACTIVE_CONTACT_IMPORTS:
             return self._too_many("contacts", "imports are")
         job = Job("contacts-import", len(rows), fail=call.fault == "failed_job")
         self.jobs.submit(job, self._contact_work(job, rows, merge))
@@ -103,9 +103,17 @@ class ContactsAPI(DotdigitalBase):
         for start in range(0, len(rows), CHUNK):
             stamp = now()
             for row in rows[start : start + CHUNK]:
-                res = self.state.import_contact(row, merge, seen, stamp)
+                res = self.state.import_contact(
+                    row,
+                    merge,
+                    seen,
+                    stamp,
+                    skip_suppressed=self.settings.dotdigital_report_suppressed,
+                )
                 ref = {"contactId": res.contact_id, "identifiers": res.identifiers}
-                if res.outcome in ("created", "updated"):
+                if res.outcome == "suppressed":
+                    counts["globallySuppressed"] += 1
+                elif res.outcome in ("created", "updated"):
                     counts["newContacts" if res.outcome == "created" else "updatedContacts"] += 1
                     report[res.outcome].append(ref)
                 else:

@@ -43,7 +43,7 @@ class InsightAPI(DotdigitalBase):
                 f"Collection {name!r} is {existing['collectionScope']}-scoped, not {scope}.",
                 "/collectionScope",
             )
-        if self.jobs.active("insight-import") >= MAX_ACTIVE_INSIGHT_IMPORTS:
+        if self.active_imports("insight-import") >= MAX_ACTIVE_INSIGHT_IMPORTS:
             return self._too_many("insightData", "insight imports are")
         job = Job("insight-import", len(records), fail=call.fault == "failed_job")
         job.data.update(collection=name, imported=0, failures=[])

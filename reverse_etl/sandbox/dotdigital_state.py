@@ -39,7 +39,11 @@ No HTTP here; ``dotdigital.py`` turns requests into these calls. The rules:
   suppressed contact will succeed and the contacts channel statuses will remain unchanged";
   help centre: an import of suppressed contacts "will not be successful"). Whether Dotdigital
   also reports such a row (``globallySuppressed`` or a failure) is UNCONFIRMED; the sandbox
-  counts it as updated.
+  counts it as updated, or, with ``dotdigital_report_suppressed``, leaves the contact as it is
+  and counts it only in the report's ``summary.globallySuppressed`` ("Number of contacts that
+  are suppressed at the account level, so can't be updated", contacts spec), listing it
+  nowhere else (not in ``created``, ``updated`` or ``failures``: UNCONFIRMED which list, if
+  any, names it; a client finds it as the row no list names).
 * The person inside Dotdigital (``act_as_person``): ``unsubscribe`` (status ``unsubscribed``,
   reason ``Unsubscribed``), ``subscribe`` (``subscribed``, removal cleared, and a consent record
   dated then, as a signup form with consent text keeps one), ``complain`` (``ispComplained``,
@@ -168,7 +172,7 @@ class Removal:
 class ImportRow:
     """The outcome of one contact of an import."""
 
-    outcome: str  # created | updated | invalid | duplicate
+    outcome: str  # created | updated | invalid | duplicate | suppressed
     contact_id: int | None = None
     identifiers: dict[str, Any] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
@@ -260,7 +264,13 @@ class DotdigitalState:
         return None
 
     def import_contact(
-        self, row: Mapping[str, Any], merge: str, seen: set[tuple[str, str]], stamp: str
+        self,
+        row: Mapping[str, Any],
+        merge: str,
+        seen: set[tuple[str, str]],
+        stamp: str,
+        *,
+        skip_suppressed: bool = False,
     ) -> ImportRow:
         ids = dict(row["identifiers"])
         match = row["matchIdentifier"]
@@ -298,6 +308,9 @@ class DotdigitalState:
                     f"The {name} '{ids[name]}' belongs to another contact",
                 )
         created = cid is None
+        if skip_suppressed and cid is not None and self.suppressed(cid):
+            result.outcome, result.contact_id = "suppressed", cid
+            return result
         if cid is None:
             cid = next(self._contact_ids)
             contact: dict[str, Any] = {
@@ -440,6 +453,13 @@ class DotdigitalState:
                 return "subscribed"
             return "pendingOptIn"  # a resubscription email is sent; confirmed by the person
         return wanted
+
+    def suppressed(self, cid: int) -> bool:
+        """Whether the contact is suppressed at the account level: its email status is a
+        suppression (bounced, complained, suppressed ...), not an unsubscribe, which an import
+        may lift."""
+        status = self.contacts[cid]["channelProperties"]["email"]["status"]
+        return status in REMOVAL_REASONS and status != "unsubscribed"
 
     def set_email_status(
         self, contact: dict[str, Any], status: str, at: datetime, *, renew: bool = False

@@ -20,6 +20,7 @@ from reverse_etl.sandbox.klaviyo_state import (
     ProfileError,
     check_email,
     check_phone,
+    check_phone_plan,
 )
 from reverse_etl.sandbox.limits import TokenBuckets
 from reverse_etl.sandbox.settings import SandboxSettings
@@ -257,10 +258,22 @@ class KlaviyoBase(BaseSandbox):
     def _check_identity(
         self, index: int, attrs: Mapping[str, Any], profile_id: str | None, where: str
     ) -> None:
+        """An email and phone number Klaviyo takes; with ``klaviyo_strict_phone_numbers`` the
+        number must also be valid in its numbering plan, else the call is refused (400).
+
+        Klaviyo refuses such a call when the number is the profile's only identifier, and
+        since 2025 ignores the number when another identifier is given ("Ignore the invalid
+        phone number (instead of returning a 400)", answering ``X-Klaviyo-Partial-Failure:
+        phone_number``:
+        https://community.klaviyo.com/developer-group-64/api-validation-improvements-for-phone-number-handling-18034).
+        The sandbox refuses both, the stricter (and earlier) behaviour: a client that passes
+        it sends no invalid number, so an SMS consent is never silently lost."""
         ptr = f"{where}/{index}"
         try:
             check_email(attrs.get("email"), f"{ptr}/attributes/email")
             check_phone(attrs.get("phone_number"), f"{ptr}/attributes/phone_number")
+            if self.settings.klaviyo_strict_phone_numbers:
+                check_phone_plan(attrs.get("phone_number"), f"{ptr}/attributes/phone_number")
         except ProfileError as e:
             raise bad(e.detail, e.pointer) from e
         if profile_id is not None:

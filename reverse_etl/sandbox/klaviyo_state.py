@@ -12,7 +12,8 @@ No HTTP here; ``klaviyo.py`` turns requests into these calls. The rules follow K
   ``append`` and ``unappend``). ``location`` and ``properties`` are merged key by key;
   ``properties: null`` leaves all custom properties as they are.
 * Emails must look like ``local@domain.tld`` and phone numbers be E.164 (``+`` and 7-15
-  digits); the sandbox does not check numbering plans.
+  digits); numbering plans are checked only with ``klaviyo_strict_phone_numbers``
+  (``check_phone_plan``, called by the endpoints).
 * Consent: one record per (profile, channel, consent type), the latest given or revoked
   (``subscriptions``). Email marketing also has global *suppressions*, at most one per reason
   (``SUPPRESSION_REASONS``, the spec's ``EmailMarketingSuppression.reason`` enum), each with
@@ -28,6 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -103,6 +105,25 @@ def check_phone(value: Any, pointer: str) -> None:
         raise ProfileError(
             "invalid", f"Invalid phone number: {value!r}; use E.164 (e.g. +15005550006).", pointer
         )
+
+
+@lru_cache(maxsize=1 << 16)
+def _in_plan(value: str) -> bool:
+    import phonenumbers
+
+    try:
+        return bool(phonenumbers.is_valid_number(phonenumbers.parse(value)))
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def check_phone_plan(value: Any, pointer: str) -> None:
+    """A number valid in its country's numbering plan (libphonenumber's ``is_valid_number``),
+    not only E.164 in shape. Klaviyo's wording for one that is not: "+2345678900 is not a
+    valid phone number."
+    (https://community.klaviyo.com/marketing-30/getting-invalid-phone-number-for-update-list-api-4682)."""
+    if isinstance(value, str) and not _in_plan(value):
+        raise ProfileError("invalid", f"{value} is not a valid phone number.", pointer)
 
 
 @dataclass

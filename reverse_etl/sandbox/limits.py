@@ -182,3 +182,39 @@ class FixedWindow:
             used += 1
             self._windows[key] = (start, used)
         return self._state(start, used, now)
+
+
+class TieredWindows:
+    """Dotdigital's tiered scheme: each call is in a tier (low, medium, high, unlimited) and
+    each tier has its own per-minute limit per API user, tracked independently
+    (https://developer.dotdigital.com/docs/call-rate-limits; the support article
+    https://support.dotdigital.com/en/articles/8592585-api-rate-limits: "API call rates are
+    measured over one minute with various tiers"). A tier without a limit is unlimited.
+
+    The answer's headers name the tier's window: ``X-RateLimit-Limit/Remaining/Reset`` as in
+    the hourly scheme plus ``X-RateLimit-Scope`` (the tier). The scope header is UNCONFIRMED
+    (from a summary of the call-rate-limits page; the page itself was not readable past its
+    table): a client that reads it knows which budget an answer speaks of."""
+
+    def __init__(
+        self,
+        limits: Mapping[str, int],
+        *,
+        speedup: float = 1.0,
+        enforce: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.windows = {
+            tier: FixedWindow(limit, 60.0, speedup=speedup, enforce=enforce, clock=clock, wall=wall)
+            for tier, limit in limits.items()
+        }
+
+    def hit(self, key: object, tier: str) -> WindowState | None:
+        """Count one call of ``tier``; None for an unlimited tier."""
+        window = self.windows.get(tier)
+        return None if window is None else window.hit(key)
+
+    def peek(self, key: object, tier: str) -> WindowState | None:
+        window = self.windows.get(tier)
+        return None if window is None else window.peek(key)

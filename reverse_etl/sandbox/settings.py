@@ -44,6 +44,30 @@ class SandboxSettings:
     fault_retry_after: int = 1
     dotdigital_calls_per_hour: int = 2000
     dotdigital_import_limit: int = 5000
+    # Dotdigital call rate scheme of the API user: "hourly" (the deprecated flat scheme, one
+    # budget an hour) or "tiered" (per-minute limits per call tier, limits.TieredWindows)
+    dotdigital_rate_scheme: str = "hourly"
+    # per-minute call limits of the tiered scheme: (tier, calls a minute); a tier not listed
+    # is unlimited. Low is the documented Basic figure; medium and high are UNCONFIRMED
+    dotdigital_tier_limits: tuple[tuple[str, int], ...] = (
+        ("low", 35),
+        ("medium", 180),
+        ("high", 450),
+    )
+    # the Dotdigital account's region (r1, r2, r3): a request addressed to another region's
+    # host answers 403 as Dotdigital does; "" accepts every host (today's behaviour)
+    dotdigital_region: str = ""
+    # a contact in a suppression status in an import is not updated but counted in the
+    # report's summary.globallySuppressed (False: counted as updated, today's behaviour)
+    dotdigital_report_suppressed: bool = False
+    # Klaviyo bulk events whose unique_id repeats for a profile and metric: "drop" (a repeat
+    # inside one entry is 400, a resent one is dropped silently; today's behaviour) or
+    # "refuse_call" (any repeat in the call, or of an event seen before, refuses the call)
+    klaviyo_duplicate_events: str = "drop"
+    # Klaviyo checks phone numbers against numbering plans (phonenumbers' is_valid_number), not
+    # only the E.164 shape: an invalid one refuses a subscribe/unsubscribe call (400) and fails
+    # its profile in a bulk import (an import error); False: E.164 shape only (today's behaviour)
+    klaviyo_strict_phone_numbers: bool = False
 
     def __post_init__(self) -> None:
         if self.speedup <= 0:

@@ -1,10 +1,17 @@
 """Dotdigital's API: HTTP Basic with an API user, a region host, JSON bodies.
 
-Dotdigital publishes no per-endpoint burst limits; it counts an API user's calls per hour and
-reports the budget on every answer (``X-RateLimit-*``), which the client paces itself on
-(``pacing.CallBudget``). A 429 (budget spent by someone else, or the active-import limit: 25
-contact imports, 5 insight imports) carries ``Retry-After``, and the shared client waits and
-retries.
+Dotdigital reports the API user's call budget on every answer (``X-RateLimit-*``): per hour in
+the deprecated flat scheme, per minute and call tier in the tiered one; the client paces
+itself on whichever the answers describe (``pacing.Budgets``), so a 429 is the exception. A
+429 (budget spent by someone else) carries ``Retry-After``, and the shared client waits and
+retries. Import submits go through ``submit_once`` instead: their 429 may mean the account's
+import slots are taken, which ``imports.ImportQueue`` waits out in minutes, not seconds.
+
+Regions: an account answers only on its region's endpoint; elsewhere Dotdigital answers 403
+"Forbidden: Access is denied" (https://developer.dotdigital.com/docs/api-end-points). A 403
+is therefore checked against ``GET /v2/account-info`` on r1, which "returns your account's
+correct endpoint" whatever the region (``ApiEndpoint``), and the error names it;
+``region: auto`` looks it up once before the first call (``resolve_endpoint``).
 """
 
 from __future__ import annotations
@@ -14,25 +21,124 @@ from typing import Any
 import httpx
 import orjson
 
-from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
-from reverse_etl.destinations.dotdigital.pacing import CallBudget
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
+from reverse_etl.destinations.dotdigital.configuration import R1, DotdigitalConnection
+from reverse_etl.destinations.dotdigital.pacing import Budgets
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded, error_detail
+from reverse_etl.errors import DestinationError
+from reverse_etl.secrets import scrub
 
 JSON = "application/json"
 # v2 error codes of a create that met an existing object of the same name
 DUPLICATE_CODES = ("ERROR_NON_UNIQUE_DATAFIELD", "ERROR_ADDRESSBOOK_DUPLICATE")
 
 
+ACCOUNT_INFO = "/v2/account-info"
+
+
 class DotdigitalClient:
-    def __init__(self, conn: DotdigitalConnection, *, retry: RetryPolicy | None = None):
-        self.api = ApiClient(
-            conn.url(),
+    """``transport``: an httpx transport for every connection the client opens (tests route
+    the regions' hosts to a sandbox with it)."""
+
+    def __init__(
+        self,
+        conn: DotdigitalConnection,
+        *,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.conn = conn
+        self._transport = transport
+        self._retry = retry
+        self.budgets = Budgets()
+        self.base_url = conn.url()
+        self.api = self._api(self.base_url)
+        self._raw = self._http(self.base_url, conn.call_timeout_seconds)
+        if conn.region == "auto" and not conn.base_url:
+            self.resolve_endpoint()
+
+    @property
+    def budget(self) -> Any:
+        """The hourly budget (the flat scheme's, and every call's until a tier is named)."""
+        return self.budgets.hourly
+
+    def _auth(self) -> tuple[str, str]:
+        return (self.conn.username, self.conn.password.get_secret_value())
+
+    def _api(self, base_url: str) -> ApiClient:
+        api = ApiClient(
+            base_url,
             headers={"Accept": JSON},
-            auth=(conn.username, conn.password.get_secret_value()),
-            retry=retry,
+            auth=self._auth(),
+            retry=self._retry,
             name="Dotdigital",
         )
-        self.budget = CallBudget()
+        if self._transport is not None:  # tests only: the same client, another transport
+            api._http.close()
+            api._http = self._http(base_url, api.timeout)
+        return api
+
+    def _http(self, base_url: str, timeout: float) -> httpx.Client:
+        return httpx.Client(
+            base_url=base_url,
+            headers={"Accept": JSON},
+            auth=self._auth(),
+            timeout=timeout,
+            transport=self._transport,
+        )
+
+    # ------------------------------------------------------------------ regions
+
+    def account_endpoint(self) -> str | None:
+        """The account's ``ApiEndpoint``, asked on r1 (or the configured ``base_url``) as
+        Dotdigital advises; None when the answer has none."""
+        with self._http(self.conn.base_url or R1, self.api.timeout) as http:
+            response = http.get(ACCOUNT_INFO)
+        if response.status_code >= 400:
+            raise DestinationError(
+                f"Dotdigital GET {ACCOUNT_INFO} (to find the account's region): "
+                f"{error_detail(response)}"
+            )
+        for prop in orjson.loads(response.content).get("properties") or ():
+            if prop.get("name") == "ApiEndpoint" and prop.get("value"):
+                return str(prop["value"]).rstrip("/")
+        return None
+
+    def resolve_endpoint(self) -> str:
+        """``region: auto``: use the account's own endpoint from now on."""
+        endpoint = self.account_endpoint()
+        if endpoint is None:
+            raise DestinationError(
+                f"Dotdigital GET {ACCOUNT_INFO} named no ApiEndpoint; set region: r1, r2 or r3 "
+                "in the connection"
+            )
+        if endpoint != self.base_url:
+            self.api.close()
+            self._raw.close()
+            self.base_url = endpoint
+            self.api = self._api(endpoint)
+            self._raw = self._http(endpoint, self.conn.call_timeout_seconds)
+        return endpoint
+
+    def check_region(self, response: httpx.Response) -> None:
+        """A 403 that is the wrong region's refusal raises, naming the right endpoint."""
+        if response.status_code != 403:
+            return
+        try:
+            endpoint = self.account_endpoint()
+        except (DestinationError, httpx.HTTPError):
+            return
+        if endpoint is None or endpoint == self.base_url:
+            return
+        region = endpoint.split("//")[-1].split("-api.")[0]
+        raise DestinationError(
+            scrub(
+                f"Dotdigital answered 403 Forbidden at {self.base_url}: the account's API "
+                f"endpoint is {endpoint} (GET {ACCOUNT_INFO}), another region's. Set "
+                f"region: {region} (or region: auto) in the connection"
+            )
+        )
+
+    # ------------------------------------------------------------------ calls
 
     def call(
         self,
@@ -53,9 +159,20 @@ class DotdigitalClient:
             params=params,
             content_type=JSON,
             idempotent=idempotent,
-            limiter=self.budget,
+            limiter=self.budgets.limiter(method, path),
         )
-        self.budget.observe(response.headers)
+        self.budgets.observe(method, path, response.headers)
+        self.check_region(response)
+        return response
+
+    def submit_once(self, method: str, path: str, body: bytes) -> httpx.Response:
+        """One attempt, paced, with the long timeout (``call_timeout_seconds``): an import's
+        submit, whose 429s and lost answers ``imports.ImportQueue`` handles itself. Raises
+        httpx's errors for a connection lost or timed out."""
+        self.budgets.limiter(method, path).acquire()
+        response = self._raw.request(method, path, content=body, headers={"Content-Type": JSON})
+        self.budgets.observe(method, path, response.headers)
+        self.check_region(response)
         return response
 
     def json(
@@ -128,3 +245,4 @@ class DotdigitalClient:
 
     def close(self) -> None:
         self.api.close()
+        self._raw.close()

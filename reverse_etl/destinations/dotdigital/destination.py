@@ -22,7 +22,7 @@ from reverse_etl.config import Sync
 from reverse_etl.destinations.base import Destination, Tally
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
 from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
-from reverse_etl.destinations.dotdigital.imports import Import, ImportApi, ImportQueue
+from reverse_etl.destinations.dotdigital.imports import Import, ImportApi, ImportQueue, Waits
 from reverse_etl.transform.rowerrors import RowError
 
 # Records an import takes. Not published in the specs; 5,000 is the v3 services' own bulk
@@ -52,6 +52,12 @@ class DotdigitalBase(Destination):
             self.import_api,
             poll_interval=self.poll_interval,
             attempts=self.job_attempts,
+            waits=Waits(
+                poll_first=self.poll_interval,
+                poll_max=conn.poll_max_seconds,
+                import_timeout=conn.import_timeout_minutes * 60,
+                slot_wait=conn.import_slot_wait_minutes * 60,
+            ),
         )
 
     @classmethod

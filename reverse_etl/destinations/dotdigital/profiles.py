@@ -552,7 +552,15 @@ class DotdigitalProfiles(DotdigitalBase):
         failed = len(
             {f.get("identifiers", {}).get("email") for f in failures if not f.get("contactId")}
         )
-        tally.landed(len(imp), created=int(summary.get("newContacts", 0)), failed=failed)
+        # contacts suppressed at the account level "can't be updated" (the report's
+        # summary.globallySuppressed): failed, each with a row error naming why
+        suppressed = _suppressed(table, imp, report) if summary.get("globallySuppressed") else []
+        tally.landed(
+            len(imp),
+            created=int(summary.get("newContacts", 0)),
+            failed=failed + len(suppressed),
+        )
+        tally.reported(suppressed)
         if not failures:
             return
         by_email = dict(zip(table["email"].to_pylist(), table["__row"].to_pylist(), strict=True))
@@ -596,6 +604,36 @@ class DotdigitalProfiles(DotdigitalBase):
         super().close()
         for builder in self._json.values():
             builder.close()
+
+
+def _suppressed(table: pa.Table, imp: Import, report: dict[str, Any]) -> list[RowError]:
+    """Rows of ``imp`` the report counts in ``summary.globallySuppressed``: those no list of
+    the report names (not created, updated or failed; which list, if any, Dotdigital names
+    them in is UNCONFIRMED, so a row named anywhere is left to that list)."""
+    named = {
+        str(ref.get("identifiers", {}).get("email", "")).lower()
+        for key in ("created", "updated", "failures")
+        for ref in report.get(key) or ()
+    }
+    rows = table.filter(pc.is_in(table["__row"], value_set=imp.rows))
+    return [
+        RowError(
+            row,
+            ident,
+            "(contact)",
+            email,
+            "globally_suppressed",
+            "Dotdigital: the contact is suppressed at the account level (bounced, complained "
+            "or suppressed), so the import could not update it",
+        )
+        for row, ident, email in zip(
+            rows["__row"].to_pylist(),
+            rows["__id"].to_pylist(),
+            rows["email"].to_pylist(),
+            strict=True,
+        )
+        if str(email).lower() not in named
+    ]
 
 
 def _field_type(dtype: pa.DataType) -> str:

@@ -6,10 +6,19 @@ with a JSON pointer naming the record (``/data/attributes/.../data/{i}/...``). T
 becomes a row error and the call is sent again without it, so one bad row never holds back
 the others. A refusal that names no record (a parameter, the envelope, authentication) is not
 a row's fault: it ends the run and the rows stay behind the watermark.
+
+Events only (``Endpoint.repeats_held``): Klaviyo keeps one event per profile, metric and
+``unique_id``, and its bulk spec says a repeated unique_id makes "the request ... fail and no
+events will be processed". A refusal naming an event's ``unique_id`` as repeated (its pointer
+ends in ``/unique_id`` and its message says repeated/duplicate/already) means Klaviyo holds
+that event already: the event, not its row, is left out and the call sent again, and the row
+counts as landed. The wording of Klaviyo's answer is UNCONFIRMED; any other refusal of a
+unique_id stays a row error.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +41,18 @@ class Endpoint:
     max_records: int
     max_bytes: int
     what: str  # "subscribe", for messages
+    # a refusal of a record's repeated unique_id means the API holds it already (events)
+    repeats_held: bool = False
+
+
+_REPEATED = re.compile(r"repeat|duplicate|already", re.IGNORECASE)
+
+
+def held_already(endpoint: Endpoint, pointer: str, message: str) -> bool:
+    """The refusal names a record the API holds already (an event resent)."""
+    return (
+        endpoint.repeats_held and pointer.endswith("/unique_id") and bool(_REPEATED.search(message))
+    )
 
 
 @dataclass
@@ -70,6 +91,7 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
     other records (an order's other events) are dropped from the calls after it too."""
     errors: list[RowError] = []
     refused: set[int] = set()
+    held: set[int] = set()  # records the API holds already (events resent)
     rows = records.rows.to_pylist()
     ids = records.ids.to_pylist()
     for start, end, body in calls(endpoint, records):
@@ -88,13 +110,15 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
                 )
             for index, pointer, _code, message in named:
                 i = chunk[int(index or 0)]  # named: every index is set
-                if rows[i] not in refused:
+                if held_already(endpoint, pointer, message):
+                    held.add(i)
+                elif rows[i] not in refused:
                     refused.add(rows[i])
                     value = records.docs[i].as_py()
                     errors.append(
                         RowError(rows[i], ids[i], pointer, value, "destination_rejected", message)
                     )
-            chunk = [i for i in chunk if rows[i] not in refused]
+            chunk = [i for i in chunk if rows[i] not in refused and i not in held]
             body = _body(endpoint, [records.docs[i].as_py() for i in chunk])
     return errors
 

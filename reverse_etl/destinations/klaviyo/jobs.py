@@ -8,10 +8,20 @@ retried as any call. A job that creates (catalog items) carries ``landed_check``
 of its records: its submission goes through ``ApiClient.create_once``, so a submission whose
 answer was lost is not repeated while its records may still appear; if they all do, the job
 is done without an id to poll (``Job.landed``).
+
+Klaviyo runs an account's imports one after another, so a job can wait behind others for
+hours. Polls back off from the destination's ``poll_interval`` to ``POLL_CEILING`` (never more
+than a tenth of the time waited so far, so a quick job is seen quickly), and the wait ends at
+``timeout`` (``job_timeout_minutes``, default ``JOB_TIMEOUT_MINUTES``) with an error that
+leaves the job's rows unacknowledged: the watermark stays before them and the next run sends
+them again (an import is an upsert). The state-store lock heartbeats from its own thread
+(``state.StateStore.lock``), so a run waiting this long keeps its lock. Subscribe and
+unsubscribe jobs have no status endpoint (202, no id): there is nothing to poll.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +34,9 @@ from reverse_etl.destinations.klaviyo.client import KlaviyoClient
 from reverse_etl.errors import DestinationError
 
 CANCELLED = "cancelled"
+JOB_TIMEOUT_MINUTES = 120.0  # how long a run waits for one job (job_timeout_minutes)
+POLL_CEILING = 120.0  # seconds between polls at most
+POLL_SHARE = 0.1  # ... and at most this share of the time waited so far
 LANDED = ""  # what create_once gives back when a lost submission's records all showed up
 
 
@@ -78,11 +91,50 @@ def _post(client: KlaviyoClient, job: Job, *, idempotent: bool) -> str:
     return str(orjson.loads(response.content)["data"]["id"])
 
 
-def wait(client: KlaviyoClient, job: Job, *, attempts: int, poll_interval: float) -> dict[str, Any]:
+def patience(
+    poll_interval: float,
+    timeout_minutes: float | None = JOB_TIMEOUT_MINUTES,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> jobs.Patience:
+    """How a Klaviyo job is waited for (see the module docstring); tests inject the clock."""
+    return jobs.Patience(
+        first=poll_interval,
+        ceiling=max(POLL_CEILING, poll_interval),
+        share=POLL_SHARE,
+        timeout=None if timeout_minutes is None else timeout_minutes * 60,
+        clock=clock,
+        sleep=sleep,
+    )
+
+
+def wait(
+    client: KlaviyoClient,
+    job: Job,
+    *,
+    attempts: int,
+    poll_interval: float,
+    timeout_minutes: float | None = JOB_TIMEOUT_MINUTES,
+    waiting: jobs.Patience | None = None,
+) -> dict[str, Any]:
     """Poll ``job`` to its end (``destinations.jobs.wait``, resubmitting it while Klaviyo
     cancels it) and return its final document. A job whose records landed through a lost
-    submission has nothing to poll: it is complete, every record done."""
-    return jobs.wait(_Running(client, job), attempts=attempts, poll_interval=poll_interval)
+    submission has nothing to poll: it is complete, every record done. A job still running
+    after ``timeout_minutes`` (or ``waiting``'s timeout) raises ``DestinationError``."""
+    waiting = waiting or patience(poll_interval, timeout_minutes)
+    try:
+        return jobs.wait(
+            _Running(client, job), attempts=attempts, poll_interval=poll_interval, patience=waiting
+        )
+    except jobs.JobTimeout as late:
+        limit = "none" if waiting.timeout is None else f"{waiting.timeout / 60:g} minutes"
+        raise jobs.JobTimeout(
+            f"{late}. The limit (destination.job_timeout_minutes) is {limit}: raise it to "
+            "wait longer, or look at the job in Klaviyo",
+            late.waited,
+            late.doc,
+        ) from None
 
 
 @dataclass

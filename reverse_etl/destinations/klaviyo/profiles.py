@@ -11,16 +11,22 @@ exist, and only for the profiles that landed. A row whose consent Klaviyo refuse
 ``updated`` to ``failed``: it is counted once, with its error.
 
 ``screen`` finds what Klaviyo would refuse before anything is sent: a profile over 100 KB
-(the row is left out: ``value_too_large``) and consent without the address it needs (the
-profile is sent, that consent is not: ``missing_consent_address``). ``load`` and ``requests``
+(the row is left out: ``value_too_large``), a phone number outside its country's numbering
+plan (``phones.py``: ``invalid_phone``; the profile goes without it and without its SMS
+consent, or is left out when the number is its only identifier) and consent without the
+address it needs (the profile is sent, that consent is not: ``missing_consent_address``). ``load`` and ``requests``
 take screened batches; the same checks run there on the JSON they build anyway, so a batch
 that was not screened is still refused row by row (sent and failed), and a screened one finds
 nothing to report twice.
+
+A job's import errors are tied to rows by ``import_errors.py``; consent is never sent for a
+row whose profile failed, nor for any row of a job with an error tied to no row (which of
+its profiles failed is unknown; those rows get an error and their consent goes on their
+next change). Jobs are waited for up to ``job_timeout_minutes`` (``jobs.py``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +37,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reverse_etl.config import Sync
+from reverse_etl.consent import cleared
 from reverse_etl.consent.memory import ConsentMemory, account_key
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
-from reverse_etl.destinations.klaviyo import jobs, readback, sizes
+from reverse_etl.destinations.klaviyo import jobs, phones, readback, sizes
 from reverse_etl.destinations.klaviyo.client import (
     MAX_JOB_BYTES,
     MAX_PROFILE_BYTES,
@@ -42,7 +49,13 @@ from reverse_etl.destinations.klaviyo.client import (
 )
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.consent import Consent
-from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, column_or_null
+from reverse_etl.destinations.klaviyo.destination import (
+    KlaviyoBase,
+    any_true,
+    column_or_null,
+    row_errors,
+)
+from reverse_etl.destinations.klaviyo.import_errors import JobProfiles
 from reverse_etl.destinations.klaviyo.membership import Membership
 from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
 from reverse_etl.transform.consent import SUBSCRIBED
@@ -53,7 +66,7 @@ IMPORT = jobs.JobKind(
     IMPORT_PATH, "bulk_import_profiles", "get_bulk_import_profiles_job", "profile import job"
 )
 _ENVELOPE = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
-_POINTER_INDEX = re.compile(r"/(\d+)(?:/|$)")
+ERRORS_PAGE = 100  # import errors a page, the most the endpoint gives
 
 STANDARD_FIELDS = {
     "email": "email",
@@ -82,7 +95,7 @@ IDENTIFIER_FIELDS = ("email", "phone_number", "external_id")
 @dataclass
 class _Job:
     job: jobs.Job
-    rows: pa.Array  # __row of its profiles, in body order
+    start: int  # its profiles are the _InFlight table's rows start .. start + count
 
 
 @dataclass
@@ -157,7 +170,8 @@ class KlaviyoProfiles(KlaviyoBase):
         identifier_fields=IDENTIFIER_FIELDS,
         # list_members: all (every profile joins destination.list) or consented (only those
         # whose email consent is sent as subscribed)
-        options=("list_members", "sms_without_consent_time"),
+        # job_timeout_minutes: how long a run waits for one import job (jobs.py)
+        options=("list_members", "sms_without_consent_time", "job_timeout_minutes"),
         bool_options=("sms_without_consent_time",),
         takes_list=True,
         takes_consent=True,
@@ -174,6 +188,9 @@ class KlaviyoProfiles(KlaviyoBase):
         self.list_id: str | None = None
         self.list_members: str = sync.destination.options().get("list_members", "all")
         fields = {t.field: t.field for t in sync.fields().values()}
+        self.columns = {t.field: column for column, t in sync.fields().items()}  # field -> column
+        self.phone_is_identity = self.columns.get("phone_number") == sync.identifier
+        self.job_timeout: float = self.option("job_timeout_minutes", jobs.JOB_TIMEOUT_MINUTES)
         self._template = _template(fields, sync.null_values == "clear")
         self._json = RowJson(self._template, drop_nulls=True)
         self._screen_json: RowJson | None = None  # screen's own: it runs on another thread
@@ -190,6 +207,13 @@ class KlaviyoProfiles(KlaviyoBase):
             )
         elif members == "consented" and not sync.consent.email:
             problems.append("destination.list_members: consented needs consent.email")
+        timeout = sync.destination.options().get("job_timeout_minutes", jobs.JOB_TIMEOUT_MINUTES)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            problems.append(
+                f"destination.job_timeout_minutes: a number of minutes above 0 (got {timeout!r}); "
+                "how long a run waits for one Klaviyo import job before it stops with those "
+                f"rows not done (default {jobs.JOB_TIMEOUT_MINUTES:g})"
+            )
         mapped = {t.field for t in sync.fields().values()}
         if sync.consent.email and "email" not in mapped:
             problems.append(
@@ -236,9 +260,57 @@ class KlaviyoProfiles(KlaviyoBase):
             if too_big:
                 gone = pa.array([e.row_number for e in too_big], pa.int64())
                 kept = table.filter(pc.invert(pc.is_in(table["__row"], value_set=gone)))
+        kept, phone_errors = self._screen_phones(kept)
         kept, consent_errors = self.consent.screen(kept)
-        errors = sorted(too_big + consent_errors, key=lambda e: e.row_number)
+        errors = sorted(too_big + phone_errors + consent_errors, key=lambda e: e.row_number)
         return Screened(kept, errors, rejected=table.num_rows - kept.num_rows)
+
+    def _screen_phones(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
+        """Numbers outside their country's numbering plan (``phones.py``), which Klaviyo
+        refuses: the profile goes without the number and without its SMS consent (an email
+        never fails for a phone), or is left out when the number is its only identifier (the
+        sync's identifier, or no email or external_id beside it)."""
+        if "phone_number" not in table.column_names or table.num_rows == 0:
+            return table, []
+        bad = phones.invalid(table["phone_number"])
+        if not any_true(bad):
+            return table, []
+        column = self.columns.get("phone_number", "phone_number")
+        if self.phone_is_identity:
+            alone = bad
+        else:
+            others = pa.array([False] * table.num_rows)
+            for name in ("email", "external_id"):
+                if name in table.column_names:
+                    others = pc.or_(others, pc.is_valid(table[name]))
+            alone = pc.and_(bad, pc.invert(others))
+        plan = "is not a valid number in its country's numbering plan, which Klaviyo refuses"
+        errors = row_errors(
+            table,
+            alone,
+            column,
+            "invalid_phone",
+            f"phone_number {plan}; it is the profile's only identifier, so the row was not sent",
+            value="phone_number",
+        )
+        dropped = pc.and_(bad, pc.invert(alone))
+        if any_true(dropped):
+            sms = "consent.sms" in table.column_names
+            errors += row_errors(
+                table,
+                dropped,
+                column,
+                "phone_not_sent",
+                f"phone_number {plan}; the profile was sent without it"
+                + (" and its SMS consent was not sent" if sms else ""),
+                value="phone_number",
+            )
+            table = cleared(table, "phone_number", dropped)
+            if sms:
+                table = cleared(table, "consent.sms", dropped)
+        if errors and any_true(alone):
+            table = table.filter(pc.invert(alone))
+        return table, errors
 
     def _docs(self, table: pa.Table) -> tuple[pa.Table, pa.Array, list[RowError]]:
         """Profiles as JSON, minus any over Klaviyo's per-profile size (row errors; none in a
@@ -312,60 +384,53 @@ class KlaviyoProfiles(KlaviyoBase):
     def submit(self, table: pa.Table) -> _InFlight:
         table, docs, errors, joining = self._members_first(table)
         item = _InFlight(table, errors=errors)
-        rows = table["__row"].combine_chunks() if table.num_rows else pa.array([], pa.int64())
         for start, end, body in self._bodies(docs, joining):
             job = jobs.submit(self.client, jobs.Job(IMPORT, body, end - start))
-            item.jobs.append(_Job(job, rows.slice(start, end - start)))
+            item.jobs.append(_Job(job, start))
         return item
 
     def complete(self, item: _InFlight, tally: Tally) -> None:
         # profiles refused here: too large, only in a batch that was not screened
         tally.refused(item.errors)
-        ids = dict(
-            zip(item.table["__row"].to_pylist(), item.table["__id"].to_pylist(), strict=True)
-        )
-        refused: list[RowError] = []
+        refused: list[RowError] = []  # tied to their rows
+        untied: list[RowError] = []  # shown against their job's first row
+        unsure: list[pa.Table] = []  # rows of jobs with an error tied to no row
         for job in item.jobs:
             body = jobs.wait(
-                self.client, job.job, attempts=self.job_attempts, poll_interval=self.poll_interval
+                self.client,
+                job.job,
+                attempts=self.job_attempts,
+                poll_interval=self.poll_interval,
+                timeout_minutes=self.job_timeout,
             )
             failed = body["data"]["attributes"].get("failed_count") or 0
-            tally.landed(len(job.rows), failed=failed)  # an import upserts: all are updated
+            tally.landed(job.job.count, failed=failed)  # an import upserts: all are updated
             if failed:
-                refused.extend(self._import_errors(job.job.id, job.rows, ids))
-        tally.reported(refused)
+                rows = JobProfiles(item.table.slice(job.start, job.job.count), self.columns)
+                found = rows.attribute(self._import_errors(job.job.id))
+                refused.extend(found.errors)
+                if found.unknown:
+                    unsure.append(rows.table)
+                    untied.extend(_unattributed(job.job.id, rows.table, found.unknown))
+        tally.reported(refused + untied)
         if self.consent:
-            landed = item.table
-            if refused:
-                gone = pa.array({e.row_number for e in refused}, pa.int64())
-                landed = landed.filter(pc.invert(pc.is_in(landed["__row"], value_set=gone)))
-            tally.later_refused(self.consent.send(self.client, landed))
+            failed_rows = pa.array({e.row_number for e in refused}, pa.int64())
+            for rows in unsure:  # which of these failed is unknown: none gets consent
+                # shown, not counted: the job's failed_count already counts the failed ones
+                tally.reported(_consent_withheld(_without(rows, failed_rows)))
+            gone = pa.concat_arrays([failed_rows, *(t["__row"].combine_chunks() for t in unsure)])
+            tally.later_refused(self.consent.send(self.client, _without(item.table, gone)))
 
-    def _import_errors(self, job_id: str, rows: pa.Array, ids: dict[int, Any]) -> list[RowError]:
-        out: list[RowError] = []
+    def _import_errors(self, job_id: str) -> list[dict[str, Any]]:
+        """The ``attributes`` of every import error of a job, all pages."""
+        out: list[dict[str, Any]] = []
         path = f"{IMPORT_PATH}/{job_id}/import-errors"
-        params: dict[str, str] | None = None
-        row_list = rows.to_pylist()
+        params: dict[str, str] | None = {"page[size]": str(ERRORS_PAGE)}
         while True:
             body = self.client.json(
                 "get_errors_for_bulk_import_profiles_job", "GET", path, params=params
             )
-            for err in body.get("data", []):
-                a = err.get("attributes", {})
-                pointer = (a.get("source") or {}).get("pointer") or ""
-                m = _POINTER_INDEX.search(pointer)
-                idx = int(m.group(1)) if m else None
-                row = row_list[idx] if idx is not None and idx < len(row_list) else 0
-                out.append(
-                    RowError(
-                        row,
-                        ids.get(row),
-                        pointer or "(profile)",
-                        orjson.dumps(a.get("original_payload")).decode(),
-                        "destination_rejected",
-                        f"Klaviyo: {a.get('title', '')}: {a.get('detail', '')}",
-                    )
-                )
+            out.extend(err.get("attributes") or {} for err in body.get("data") or [])
             nxt = (body.get("links") or {}).get("next")
             if not nxt:
                 return out
@@ -395,6 +460,53 @@ class KlaviyoProfiles(KlaviyoBase):
         if self._screen_json is not None:
             self._screen_json.close()
         self.consent.close()
+
+
+def _without(table: pa.Table, rows: pa.Array) -> pa.Table:
+    """``table`` without the rows numbered ``rows``."""
+    if len(rows) == 0:
+        return table
+    return table.filter(pc.invert(pc.is_in(table["__row"], value_set=rows)))
+
+
+def _unattributed(job_id: str, table: pa.Table, errors: list[dict[str, Any]]) -> list[RowError]:
+    """Import errors tied to no row: shown against the job's first row, as what they are."""
+    first = table["__row"][0].as_py() if table.num_rows else 0
+    ident = table["__id"][0].as_py() if table.num_rows else None
+    return [
+        RowError(
+            first,
+            ident,
+            "(import job)",
+            orjson.dumps(e.get("original_payload")).decode(),
+            "destination_rejected",
+            f"Klaviyo import job {job_id} refused a profile without saying which: "
+            f"{e.get('title', '')} {e.get('detail', '')} (pointer "
+            f"{(e.get('source') or {}).get('pointer')!r}); the consent of the job's "
+            f"{table.num_rows} rows was not sent",
+        )
+        for e in errors
+    ]
+
+
+def _consent_withheld(table: pa.Table) -> list[RowError]:
+    """Rows whose consent is not sent because their job had an error tied to no row: one error
+    each for those with consent to send (it goes on the row's next change)."""
+    consents = [c for c in table.column_names if c.startswith("consent.") and c.count(".") == 1]
+    if not consents or table.num_rows == 0:
+        return []
+    has = pc.is_valid(table[consents[0]])
+    for name in consents[1:]:
+        has = pc.or_(has, pc.is_valid(table[name]))
+    return row_errors(
+        table,
+        has,
+        "(consent)",
+        "destination_rejected",
+        "consent not sent: Klaviyo refused a profile of this row's import job without saying "
+        "which, and consent is never sent for a profile that may not exist; it is sent on the "
+        "row's next change",
+    )
 
 
 __all__ = ["IDENTIFIER_FIELDS", "STANDARD_FIELDS", "KlaviyoProfiles"]
