@@ -57,6 +57,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python tests/bench/dotdigital_sandbox.py
 	PYTHONPATH=. $(BIN)/python tests/bench/consent_readback.py
 	PYTHONPATH=. $(BIN)/python tests/bench/snapshot_diff.py
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/shared_budget.py
 
 ## make constraints: re-pin constraints.txt to what .venv holds now (after changing a
 ## dependency in pyproject.toml and seeing `make test` pass). Tools installed by hand are left out.

@@ -18,13 +18,14 @@ import httpx
 import orjson
 import pytest
 
-from reverse_etl.destinations import http
+from reverse_etl.destinations import http, ratelimit
 from reverse_etl.destinations.dotdigital.pacing import CallBudget
 from reverse_etl.destinations.klaviyo.client import LIMITS, PACE
 from reverse_etl.destinations.ratelimit import Bucket, RateLimiter, Unlimited
 from reverse_etl.sandbox import KlaviyoSandbox, SandboxServer
 from reverse_etl.sandbox.limits import (
     FixedWindow,
+    KlaviyoWindows,
     TokenBuckets,
     Window,
     klaviyo_windows,
@@ -38,6 +39,17 @@ EPOCH = 1_750_000_000.0  # a whole second, so X-RateLimit-Reset rounding is easy
 
 def limiter(t: FakeTime, burst: float, steady: float, speedup: float = 1.0) -> RateLimiter:
     return RateLimiter(burst, steady, speedup=speedup, clock=t.clock, sleep=t.sleep)
+
+
+def full_buckets(t: FakeTime, burst: float, steady: float, speedup: float = 1.0) -> RateLimiter:
+    """A limiter whose buckets hold a window's whole limit (the shape ``ratelimit.shape``
+    replaced): after an idle spell it lets twice the limit into one window."""
+    lim = limiter(t, burst, steady, speedup)
+    lim._buckets = [
+        Bucket(burst, burst * speedup, stamp=t.now),
+        Bucket(steady, steady / 60.0 * speedup, stamp=t.now),
+    ]
+    return lim
 
 
 def klaviyo_spec_limits() -> dict[str, dict[str, str]]:
@@ -56,38 +68,47 @@ def klaviyo_spec_limits() -> dict[str, dict[str, str]]:
 # --------------------------------------------------------------------------- RateLimiter
 
 
-def test_a_full_burst_goes_through_without_waiting():
+def most_in_any_span(stamps: list[float], span: float) -> int:
+    """The most calls that fall in one half-open span of ``span`` seconds."""
+    most, first = 0, 0
+    for last, stamp in enumerate(stamps):
+        while stamps[first] <= stamp - span:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def test_no_second_or_minute_ever_holds_more_than_its_limit_even_after_idling():
+    # Klaviyo counts fixed windows: a bucket that let its whole limit through after an idle
+    # spell would put twice the limit in one clock-minute. Idle spells between bursts of work.
     t = FakeTime(100.0)
     lim = limiter(t, 10, 150)
-    assert [lim.acquire() for _ in range(10)] == [0.0] * 10
-    assert t.slept == [] and t.now == 100.0 and lim.waits == 0
-
-
-def test_the_call_after_the_burst_waits_one_refill_interval():
-    t = FakeTime()
-    lim = limiter(t, 10, 150)
-    for _ in range(10):
-        lim.acquire()
-    assert lim.acquire() == pytest.approx(0.1)  # 10 a second: one token every 0.1 s
-    assert t.slept == [pytest.approx(0.1)]
-    assert lim.waited == pytest.approx(0.1) and lim.waits == 1
-
-
-def test_n_calls_take_exactly_what_burst_and_steady_allow():
-    # From full buckets, 10/s + 150/min allows min(10 + 10 t, 150 + 2.5 t) calls by time t:
-    # the burst rate binds until the steady bucket runs dry (call 196), then 2.5 calls a second.
-    t = FakeTime()
-    lim = limiter(t, 10, 150)
     stamps = []
-    for _ in range(300):
+    for burst in range(6):
+        for _ in range(200):
+            lim.acquire()
+            stamps.append(t.now)
+        t.now += 3600.0 if burst % 2 else 45.0
+    assert most_in_any_span(stamps, 1.0) <= 10
+    assert most_in_any_span(stamps, 60.0) <= 150
+
+
+def test_a_long_run_gets_the_steady_rate_less_the_bucket():
+    # 10/s and 150/m: a 3-call bucket refilled at 147 a minute (``ratelimit.shape``)
+    t = FakeTime()
+    lim = limiter(t, 10, 150)
+    for _ in range(3 + 1470):
         lim.acquire()
-        stamps.append(t.now)
-    assert stamps[149] == pytest.approx(14.0)  # call 150: (150 - 10) / 10
-    assert stamps[195] == pytest.approx(18.6)  # call 196: the last at the burst rate
-    assert stamps[196] == pytest.approx(18.8)  # call 197: (197 - 150) / 2.5, steady-bound
-    assert stamps[299] == pytest.approx(60.0)  # 150 at once, then 150 refilled in a minute
-    assert sum(t.slept) == pytest.approx(60.0)
-    assert all(b >= a for a, b in zip(stamps, stamps[1:], strict=False))
+    assert t.now == pytest.approx(600.0)  # 1,470 refilled calls at 2.45 a second
+    assert lim.waits >= 1470 - 1
+
+
+def test_the_second_call_waits_for_the_burst_refill():
+    t = FakeTime()
+    lim = limiter(t, 10, 150)
+    assert lim.acquire() == 0.0
+    assert lim.acquire() == pytest.approx(1 / 9)  # burst: 1 token, refilled at 9 a second
+    assert lim.waited == pytest.approx(1 / 9) and lim.waits == 1
 
 
 def test_speedup_compresses_the_same_schedule():
@@ -96,7 +117,8 @@ def test_speedup_compresses_the_same_schedule():
     for _ in range(300):
         a.acquire()
         b.acquire()
-    assert fast.now == pytest.approx(slow.now / 60.0) and fast.now == pytest.approx(1.0)
+    # 297 refilled calls at 147 a minute: 121.2 s, a 60th of it at 60 times the speed
+    assert fast.now == pytest.approx(slow.now / 60.0) and slow.now == pytest.approx(297 / 2.45)
 
 
 def test_idle_time_refills_up_to_the_bucket_size_only():
@@ -104,17 +126,17 @@ def test_idle_time_refills_up_to_the_bucket_size_only():
     lim = limiter(t, 10, 150)
     for _ in range(10):
         lim.acquire()
-    t.now += 3600.0  # an hour idle refills 10 burst tokens, not 36,000
-    assert [lim.acquire() for _ in range(10)] == [0.0] * 10
-    assert lim.acquire() == pytest.approx(0.1)
+    t.now += 3600.0  # an hour idle refills one burst token, not 36,000
+    assert lim.acquire() == 0.0
+    assert lim.acquire() == pytest.approx(1 / 9)
 
 
 def test_sleeping_the_computed_wait_is_enough_for_one_call():
     # Floats: refilling 1/3 s at 3 tokens a second does not always sum back to exactly 1.0.
     # One sleep must do, or every paced call would pay for a second, tiny sleep.
     t = FakeTime(1234.5)
-    lim = limiter(t, 3, 100_000)
-    for _ in range(3 + 300):
+    lim = limiter(t, 4, 100_000)  # burst: one token, refilled at 3 a second
+    for _ in range(1 + 300):
         lim.acquire()
     assert len(t.slept) == 300
     assert t.now - 1234.5 == pytest.approx(100.0)
@@ -140,7 +162,7 @@ def test_unlimited_never_waits():
 
 def test_default_clock_is_real_time_and_a_fresh_limiter_does_not_wait():
     lim = RateLimiter(10, 150, speedup=2.0)  # the signature other code calls
-    assert [lim.acquire() for _ in range(10)] == [0.0] * 10
+    assert lim.acquire() == 0.0  # its bucket's one call
 
 
 # ------------------------------------------------ the Klaviyo client against the sandbox
@@ -157,16 +179,18 @@ def test_client_limits_are_the_specs_published_limits():
 @pytest.mark.parametrize("speedup", [1.0, 50.0])
 def test_client_pacing_meets_no_refusal_even_with_arrival_jitter(speedup):
     # Requests reach the server late by a varying amount, which bunches them; the client paces
-    # at PACE of the published rates so that the bunching never empties the server's bucket.
-    # At 100 % the same schedule is refused: the margin is what the test checks.
+    # at PACE of the published rates so that the bunching never fills a window the server
+    # counts (Klaviyo's fixed windows). A bucket of the whole limit (the shape before
+    # ``ratelimit.shape``) is refused on the same schedule: what the test checks is the shape.
     published = klaviyo_spec_limits()
-    for pace, refusals_expected in ((PACE, False), (1.0, True)):
+    for make, refusals_expected in ((limiter, False), (full_buckets, True)):
+        pace = PACE
         t = FakeTime()
-        server = TokenBuckets(speedup=speedup, clock=t.clock)
+        server = KlaviyoWindows(speedup=speedup, clock=t.clock)
         rng = random.Random(7)
         refused = 0
         for op, (burst, steady) in LIMITS.items():
-            lim = limiter(t, burst * pace, steady * pace, speedup)
+            lim = make(t, burst * pace, steady * pace, speedup)
             windows = tuple(w for w in klaviyo_windows(published[op]) if w.name != "daily")
             arrived = t.now
             for _ in range(int(steady * 2)):
@@ -176,7 +200,7 @@ def test_client_pacing_meets_no_refusal_even_with_arrival_jitter(speedup):
                 saved, t.now = t.now, arrived
                 refused += server.acquire(("key", op), windows) > 0
                 t.now = saved
-        assert (refused > 0) is refusals_expected, (pace, refused)
+        assert (refused > 0) is refusals_expected, (make.__name__, refused)
 
 
 # --------------------------------------------------------------------------- CallBudget
@@ -360,7 +384,7 @@ def test_sandbox_server_and_paced_client_share_a_fake_clock():
     # 30 calls: none refused, and the fake time is exactly what the client's buckets imply.
     t = FakeTime()
     sandbox = KlaviyoSandbox()
-    sandbox.buckets = TokenBuckets(clock=t.clock)
+    sandbox.buckets = KlaviyoWindows(clock=t.clock)
     burst, steady = LIMITS["create_list"]
     lim = limiter(t, burst * PACE, steady * PACE)
     body = orjson.dumps({"data": {"type": "list", "attributes": {"name": "Paced"}}})
@@ -382,6 +406,7 @@ def test_sandbox_server_and_paced_client_share_a_fake_clock():
             api.close()
     assert statuses == [201] * 30
     assert sandbox.counters["throttled"] == 0 and api.throttled == 0
-    rate = burst * PACE  # 9.7 tokens, 9.7 a second: call n >= 10 at (n - 9.7) / 9.7
-    assert t.now == pytest.approx((30 - rate) / rate)
+    # the steady window's small bucket (``ratelimit.shape``), then its refill, sets the pace
+    capacity, rate = ratelimit.shape(steady * PACE, 60.0)
+    assert t.now == pytest.approx((30 - capacity) / rate)
     assert len(sandbox.lists()) == 30

@@ -68,9 +68,9 @@ def test_two_limiters_of_one_account_share_the_minute() -> None:
         if t.now > 1060.0:
             break
         granted += 1
-    # the account's steady bucket over the minute: 150 at once + 150 refilled (each sync
-    # alone would have been granted as much again)
-    assert 299 <= granted <= 150 + 150 / 60 * 60
+    # the account's steady window over the minute: at most its 150, shared (each sync alone
+    # would have been granted as much again); the small bucket costs 2 % (``ratelimit.shape``)
+    assert 145 <= granted <= 150
     before = t.now
     other.acquire()  # another account's bucket is untouched: no wait
     assert t.now == before
@@ -153,9 +153,9 @@ def test_a_failing_store_paces_the_process_alone_for_a_while(
     boom = sa.exc.OperationalError("SELECT", {}, Exception("refused: hunter2-secret"))
     store = StubStore([boom, (1, 0.0)])
     lim = shared(t, store, burst=10, steady=150)
-    for _ in range(10):  # the local burst bucket: ten at once
+    for _ in range(10):  # the local limiter paces: no second ask of the store
         lim.acquire()
-    assert t.now == 0.0 and len(store.asked) == 1
+    assert t.now > 0.0 and len(store.asked) == 1
     assert "pacing klaviyo op in this process alone for 60s" in caplog.text
     assert "hunter2-secret" not in caplog.text and "refused: ***" in caplog.text
     t.now = budget.FALLBACK_SECONDS + 1  # later: the store is asked again

@@ -53,7 +53,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from reverse_etl.destinations.ratelimit import Clock, RateLimiter, Sleep
+from reverse_etl.destinations.ratelimit import Clock, RateLimiter, Sleep, shape
 from reverse_etl.secrets import scrub
 from reverse_etl.state import StateStore, rate_budget
 
@@ -75,11 +75,16 @@ class Window:
 
 def windows(burst_per_second: float, steady_per_minute: float, speedup: float) -> list[Window]:
     """Klaviyo's two buckets (``x-klaviyo-ratelimit`` burst and steady), as ``RateLimiter``
-    builds them: ``speedup`` scales the refill rates, not the capacities."""
-    return [
-        Window("burst", burst_per_second, burst_per_second * speedup),
-        Window("steady", steady_per_minute, steady_per_minute / 60.0 * speedup),
-    ]
+    builds them (``ratelimit.shape``): ``speedup`` scales the refill rates, not the
+    capacities."""
+    out = []
+    for name, limit, period in (
+        ("burst", burst_per_second, 1.0),
+        ("steady", steady_per_minute, 60.0),
+    ):
+        capacity, rate = shape(limit, period)
+        out.append(Window(name, capacity, rate * speedup))
+    return out
 
 
 class BudgetStore:

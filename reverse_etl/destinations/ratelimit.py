@@ -57,8 +57,30 @@ class Bucket:
         self.tokens -= 1
 
 
+# share of a window's limit a bucket may let through at once (at least one call): the rest is
+# spread over the window, so no span of the window's length ever holds more than its limit
+WINDOW_BURST = 0.02
+
+
+def shape(limit: float, period: float) -> tuple[float, float]:
+    """(capacity, tokens per vendor second) of a bucket that lets at most ``limit`` calls
+    through in any span of ``period`` vendor seconds.
+
+    Klaviyo counts calls in fixed windows ("a fixed-window rate limiting algorithm with two
+    distinct windows: burst (1-second window) and steady (1-minute window)",
+    https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling). A bucket of
+    ``limit`` tokens refilled at ``limit / period`` lets ``capacity + rate × period`` = twice
+    the limit through in a span of ``period`` after an idle spell, so a clock-minute can see
+    twice the steady limit and 429s. A small bucket (``WINDOW_BURST`` of the limit) refilled
+    at ``(limit - capacity) / period`` never passes ``limit`` in any span, so in no window the
+    vendor counts, wherever its edges lie; it costs 2 % of the throughput."""
+    capacity = max(1.0, limit * WINDOW_BURST)
+    return capacity, max(limit - capacity, min(limit, 1.0)) / period
+
+
 class RateLimiter:
-    """Burst per second and steady per minute, as in ``x-klaviyo-ratelimit``.
+    """Burst per second and steady per minute, as in ``x-klaviyo-ratelimit``, each a bucket
+    that never lets more than its limit through in any second or minute (``shape``).
 
     ``speedup`` scales the refill rates (a sandbox whose minute lasts a second needs a client
     that refills 60 times as fast); ``clock`` and ``sleep`` are injectable for tests.
@@ -76,10 +98,10 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         now = clock()
-        self._buckets = [
-            Bucket(burst_per_second, burst_per_second * speedup, stamp=now),
-            Bucket(steady_per_minute, steady_per_minute / 60.0 * speedup, stamp=now),
-        ]
+        self._buckets = []
+        for limit, period in ((burst_per_second, 1.0), (steady_per_minute, 60.0)):
+            capacity, rate = shape(limit, period)
+            self._buckets.append(Bucket(capacity, rate * speedup, stamp=now))
         self._lock = threading.Lock()
         self.waited = 0.0  # total seconds callers of acquire() spent asleep
         self.waits = 0  # how many of those sleeps there were

@@ -22,7 +22,7 @@ from reverse_etl.sandbox.klaviyo_state import (
     check_phone,
     check_phone_plan,
 )
-from reverse_etl.sandbox.limits import TokenBuckets
+from reverse_etl.sandbox.limits import KlaviyoWindows, TokenBuckets
 from reverse_etl.sandbox.settings import SandboxSettings
 from reverse_etl.sandbox.spec import SpecViolation, Violation
 
@@ -194,7 +194,7 @@ class KlaviyoBase(BaseSandbox):
         #: Records dropped by jobs that have no status endpoint (events, consent), with why.
         self.async_errors: list[dict[str, Any]] = []
         super().__init__(settings)
-        self.buckets = TokenBuckets(
+        self.buckets: KlaviyoWindows | TokenBuckets = KlaviyoWindows(
             speedup=self.settings.speedup, enforce=self.settings.enforce_limits
         )
 

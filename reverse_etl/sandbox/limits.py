@@ -113,6 +113,52 @@ class TokenBuckets:
             return 0.0
 
 
+class KlaviyoWindows:
+    """Klaviyo's limits as it documents them: "a fixed-window rate limiting algorithm with two
+    distinct windows: burst (1-second window) and steady (1-minute window)", per account
+    (https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling). Each window counts
+    the calls of one key and operation from its start, a multiple of its length on the
+    sandbox's clock; a call over either window's limit is refused until that window ends
+    (refused calls are not counted: UNCONFIRMED). A client whose buckets let a window's limit
+    through at once after an idle spell sends up to twice it in one clock-minute and meets
+    429s here, as it would at Klaviyo (``TokenBuckets`` would have let it pass)."""
+
+    def __init__(
+        self,
+        *,
+        speedup: float = 1.0,
+        enforce: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.speedup = speedup
+        self.enforce = enforce
+        self._clock = clock
+        self._counts: dict[tuple[object, ...], tuple[int, int]] = {}  # -> (window no., calls)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: tuple[object, ...], windows: Sequence[Window]) -> float:
+        """Count one call; return 0.0 if allowed, else the real seconds until it would be."""
+        if not self.enforce or not windows:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            current = []
+            wait = 0.0
+            for w in windows:
+                length = w.period / self.speedup
+                number = math.floor(now / length)
+                seen, used = self._counts.get((*key, w.name, w.period), (number, 0))
+                used = used if seen == number else 0
+                current.append(((*key, w.name, w.period), number, used))
+                if used >= w.limit:
+                    wait = max(wait, (number + 1) * length - now)
+            if wait > 0:
+                return wait
+            for name, number, used in current:
+                self._counts[name] = (number, used + 1)
+            return 0.0
+
+
 @dataclass(frozen=True)
 class WindowState:
     """What the ``X-RateLimit-*`` headers say after one call."""

@@ -9,7 +9,7 @@ bottleneck, not the work) as fast as their limiter allows, for ``seconds``, agai
 * ``alone``: each process paces itself at 97 % of the limit, as before the shared budget.
 
 Printed per mode: calls the sandbox accepted, the account's limit over the run (its steady
-bucket: capacity + rate × elapsed, in vendor calls), the achieved share, the 429s, and the
+limit a minute × the run's vendor minutes), the achieved share, the 429s, and the
 database round trips per call; then one process sharing through the store alone (what the
 store costs a single sync). Done for the issue means ``shared`` reaches >= 90 % with no 429 loop.
 
@@ -37,7 +37,7 @@ class Outcome:
     processes: int
     seconds: float  # real seconds from the start signal to the last process's end
     accepted: int  # imports the sandbox accepted (202)
-    allowed: float  # the account's steady bucket over the run, in calls
+    allowed: float  # the account's steady limit over the run (a minute's limit a minute)
     throttled: int  # 429s the sandbox answered
     round_trips: int  # budget-store transactions, all processes
     calls: int  # calls the processes made (including retried ones once)
@@ -139,7 +139,8 @@ def run(
         throttled = sum(1 for r in log if r[1] == PATH and r[2] == 429)
         accepted = sum(1 for r in log if r[1] == PATH and r[2] == 202)
     _, steady = LIMITS[OPERATION]
-    allowed = steady + steady / 60.0 * speedup * elapsed
+    # Klaviyo's steady limit over the run (fixed one-minute windows: the limit a minute)
+    allowed = steady / 60.0 * speedup * elapsed
     return Outcome(
         mode="shared" if url else "alone",
         processes=processes,
