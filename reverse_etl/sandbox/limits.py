@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -75,8 +76,8 @@ class _Bucket:
         return 0.0 if self.tokens >= 1.0 - _EPSILON else (1.0 - self.tokens) / self.rate
 
 
-class TokenBuckets:
-    """Klaviyo-style limits: one bucket per (key, window); a call needs a token from each."""
+class _PerKey:
+    """Limits counted per key (API key and operation) and window, on an injectable clock."""
 
     def __init__(
         self,
@@ -88,8 +89,16 @@ class TokenBuckets:
         self.speedup = speedup
         self.enforce = enforce
         self._clock = clock
-        self._buckets: dict[tuple[object, ...], _Bucket] = {}
         self._lock = threading.Lock()
+
+
+class TokenBuckets(_PerKey):
+    """Token buckets: one per (key, window); a call needs a token from each. (Klaviyo counts
+    fixed windows, ``KlaviyoWindows``; kept for tests of bucket-shaped limits.)"""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._buckets: dict[tuple[object, ...], _Bucket] = {}
 
     def acquire(self, key: tuple[object, ...], windows: Sequence[Window]) -> float:
         """Take one call; return 0.0 if allowed, else the real seconds until it would be."""
@@ -113,7 +122,7 @@ class TokenBuckets:
             return 0.0
 
 
-class KlaviyoWindows:
+class KlaviyoWindows(_PerKey):
     """Klaviyo's limits as it documents them: "a fixed-window rate limiting algorithm with two
     distinct windows: burst (1-second window) and steady (1-minute window)", per account
     (https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling). Each window counts
@@ -123,18 +132,9 @@ class KlaviyoWindows:
     through at once after an idle spell sends up to twice it in one clock-minute and meets
     429s here, as it would at Klaviyo (``TokenBuckets`` would have let it pass)."""
 
-    def __init__(
-        self,
-        *,
-        speedup: float = 1.0,
-        enforce: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.speedup = speedup
-        self.enforce = enforce
-        self._clock = clock
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
         self._counts: dict[tuple[object, ...], tuple[int, int]] = {}  # -> (window no., calls)
-        self._lock = threading.Lock()
 
     def acquire(self, key: tuple[object, ...], windows: Sequence[Window]) -> float:
         """Count one call; return 0.0 if allowed, else the real seconds until it would be."""

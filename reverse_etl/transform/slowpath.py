@@ -7,7 +7,9 @@ addresses, national phone formats) are rescued and normalised here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
+from typing import Any
 
 import phonenumbers
 import pyarrow as pa
@@ -39,15 +41,11 @@ def check_phone(value: str, region: str | None) -> tuple[str | None, str | None]
 _DIALABLE = ("fixed_line", "mobile", "voip")  # what a customer profile holds
 
 
-@cache
-def possible_lengths() -> dict[str, list[int]]:
-    """Calling code → possible total digit counts (code + national number) of dialable
-    numbers, from phonenumbers' metadata; the vectorised E.164 rule refuses other lengths.
-    Lengths of the number types a profile can hold (fixed line, mobile, VoIP, ...) are used,
-    not the region's general ones, which also admit short codes such as '12345'."""
-    out: dict[str, list[int]] = {}
+def number_types(kinds: tuple[str, ...]) -> Iterator[tuple[int, Any, Any]]:
+    """(calling code, region metadata, number description) for each of ``kinds`` (fixed_line,
+    mobile, ...) that a region of each calling code has a pattern for, from phonenumbers'
+    metadata (non-geographic codes, region "001", included)."""
     for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items():
-        lengths: set[int] = set()
         for region in regions:
             meta = (
                 phonenumbers.PhoneMetadata.metadata_for_nongeo_region(code)
@@ -56,16 +54,29 @@ def possible_lengths() -> dict[str, list[int]]:
             )
             if meta is None:
                 continue
-            for desc in _DIALABLE:
-                number_desc = getattr(meta, desc, None)
-                if number_desc is not None and number_desc.national_number_pattern:
-                    possible = number_desc.possible_length
-                    if not possible and meta.general_desc is not None:
-                        possible = meta.general_desc.possible_length
-                    lengths.update(possible or ())
-        if lengths:
-            out[str(code)] = sorted(len(str(code)) + n for n in lengths if n > 0)
-    return out
+            for kind in kinds:
+                desc = getattr(meta, kind, None)
+                if desc is not None and desc.national_number_pattern:
+                    yield code, meta, desc
+
+
+@cache
+def possible_lengths() -> dict[str, list[int]]:
+    """Calling code → possible total digit counts (code + national number) of dialable
+    numbers, from phonenumbers' metadata; the vectorised E.164 rule refuses other lengths.
+    Lengths of the number types a profile can hold (fixed line, mobile, VoIP, ...) are used,
+    not the region's general ones, which also admit short codes such as '12345'."""
+    lengths: dict[int, set[int]] = {}
+    for code, meta, desc in number_types(_DIALABLE):
+        possible = desc.possible_length
+        if not possible and meta.general_desc is not None:
+            possible = meta.general_desc.possible_length
+        lengths.setdefault(code, set()).update(possible or ())
+    return {
+        str(code): sorted(len(str(code)) + n for n in found if n > 0)
+        for code, found in lengths.items()
+        if found
+    }
 
 
 @cache

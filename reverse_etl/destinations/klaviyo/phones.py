@@ -27,6 +27,8 @@ import phonenumbers
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reverse_etl.transform.slowpath import number_types
+
 # the number types is_valid_number accepts (any but UNKNOWN), by their metadata names
 _TYPES = (
     "fixed_line",
@@ -56,22 +58,12 @@ def _plans() -> dict[str, str]:
     """Calling code -> an anchored expression a number with that code matches when one of the
     code's regions has a number type it fits (a number it matches is valid; one it misses is
     decided by ``valid``)."""
-    out: dict[str, str] = {}
-    for code, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items():
-        patterns: list[str] = []
-        for region in regions:
-            meta = (
-                phonenumbers.PhoneMetadata.metadata_for_nongeo_region(code)
-                if region == "001"
-                else phonenumbers.PhoneMetadata.metadata_for_region(region)
-            )
-            for kind in _TYPES:
-                desc = getattr(meta, kind, None) if meta is not None else None
-                if desc is not None and desc.national_number_pattern:
-                    patterns.append(desc.national_number_pattern)
-        if patterns:
-            out[str(code)] = rf"^\+{code}(?:{'|'.join(sorted(set(patterns)))})$"
-    return out
+    patterns: dict[int, set[str]] = {}
+    for code, _, desc in number_types(_TYPES):
+        patterns.setdefault(code, set()).add(desc.national_number_pattern)
+    return {
+        str(code): rf"^\+{code}(?:{'|'.join(sorted(found))})$" for code, found in patterns.items()
+    }
 
 
 def _fit_plans(numbers: pa.Array) -> pa.Array:
