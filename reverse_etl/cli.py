@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reverse_etl.config import Project, load_project
+from reverse_etl.config import Project, load_project, require_env
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.plan import Plan
@@ -35,9 +34,16 @@ class Ctx:
 
     @property
     def project(self) -> Project:
+        """The project, loaded without requiring destination secrets: the commands that call
+        an API ask for them with ``need_secrets`` before they start."""
         if self._project is None:
-            self._project = load_project(self.config, self.project_dir)
+            self._project = load_project(self.config, self.project_dir, defer_secrets=True)
         return self._project
+
+    def need_secrets(self, syncs: list[str]) -> None:
+        """Stop, naming each variable, if the destinations of ``syncs`` lack a secret."""
+        project = self.project
+        require_env(project, [project.sync(name).destination.connection for name in syncs])
 
     def store(self) -> StateStore:
         url = os.environ.get("REVERSE_ETL_STATE_URL") or self.project.state.url
@@ -85,15 +91,29 @@ class _Group(click.Group):
     envvar="REVERSE_ETL_PROJECT_DIR",
     help="Root for relative paths (default: current directory).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log HTTP retries and timings.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Also log each HTTP request: method, path, status, time."
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="REVERSE_ETL_LOG_FORMAT",
+    show_default=True,
+    help="Logs on stderr as text, or as JSON lines for a log shipper (no live display).",
+)
 @click.version_option(package_name="reverse-etl")
 @click.pass_context
-def main(ctx: click.Context, config: str | None, project_dir: str | None, verbose: bool) -> None:
+def main(
+    ctx: click.Context, config: str | None, project_dir: str | None, verbose: bool, log_format: str
+) -> None:
     """Sync warehouse views into Klaviyo and Dotdigital."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from reverse_etl import logs, progress
+
+    fmt: logs.LogFormat = "json" if log_format == "json" else "text"
+    logs.setup(fmt, verbose=verbose)
+    # a live display on a terminal; one log line per batch and phase change anywhere else
+    progress.install(progress.choose(sys.stderr, log_format=fmt))
     tune_memory()
     ctx.obj = Ctx(config, project_dir)
 
@@ -106,18 +126,21 @@ def main(ctx: click.Context, config: str | None, project_dir: str | None, verbos
 def check(obj: Ctx, offline: bool) -> None:
     """Validate the project file, then each sync's view against its mapping (schema only)."""
     from reverse_etl.engine import consent_warnings, view_problems
+    from reverse_etl.inspect import missing_env_warnings, sql_file_problems
     from reverse_etl.sources import open_source
 
     try:
         project = obj.project
     except ReverseEtlError as exc:
         _fail(str(exc))
-    problems: list[str] = []
-    warnings: list[str] = []
+    unreadable = sql_file_problems(project)
+    problems: list[str] = [f"{name}: {p}" for name, p in unreadable.items()]
+    warnings: list[str] = missing_env_warnings(project)
     if not offline:
         by_source: dict[str, list[Any]] = {}
         for s in project.syncs:
-            by_source.setdefault(s.source.connection, []).append(s)
+            if s.name not in unreadable:  # already a problem: no view to probe
+                by_source.setdefault(s.source.connection, []).append(s)
         for connection, syncs in by_source.items():
             try:
                 with open_source(project.connections[connection], project) as source:  # type: ignore[arg-type]
@@ -181,6 +204,8 @@ def run(
         )
         for name in names:
             project.sync(name)
+        if not dry_run:
+            obj.need_secrets(names)
     except ReverseEtlError as exc:
         _fail(str(exc))
     if not names:
@@ -302,7 +327,9 @@ def print_runs(records: list[RunRecord]) -> None:
     table = Table(
         title="runs",
         caption="read = sent + unchanged + rejected; consent held: subscribes not sent, as the "
-        "person opted out at the destination since (kept_unsubscribed in the error file)",
+        "person opted out at the destination since (kept_unsubscribed in the error file); "
+        "known/new: problems an earlier run already reported / reported first by this run "
+        "(first_seen_run in the error file; fail_on decides the exit code)",
     )
     for col in (
         "sync",
@@ -315,6 +342,8 @@ def print_runs(records: list[RunRecord]) -> None:
         "created",
         "updated",
         "failed",
+        "known",
+        "new",
         "removed",
         "consent held",
         "seconds",
@@ -337,6 +366,8 @@ def print_runs(records: list[RunRecord]) -> None:
                     c.created,
                     c.updated,
                     c.failed,
+                    c.known_problems,
+                    c.new_problems,
                     c.removed,
                     c.consent_held,
                 )
@@ -358,6 +389,7 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
 
     try:
         project = obj.project
+        obj.need_secrets([s.name for s in project.syncs if s.enabled])
         store = obj.store()
     except ReverseEtlError as exc:
         _fail(str(exc))
@@ -413,6 +445,7 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
     try:
         project = obj.project
         s = project.sync(sync)
+        obj.need_secrets([s.name])
         destination = make_destination(project, s)
         try:
             account = destination.consent_account()
@@ -460,17 +493,32 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
 @main.command()
 @click.argument("sync", required=False)
 @click.option("--limit", default=5, show_default=True, help="Runs per sync.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable keys).")
 @click.pass_obj
-def status(obj: Ctx, sync: str | None, limit: int) -> None:
-    """Show each sync's last runs and watermark."""
+def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
+    """Show each sync's last runs (and why a run failed), watermark and lock."""
+    from reverse_etl import inspect
+
     try:
         project = obj.project
         store = obj.store()
         names = [project.sync(sync).name] if sync else [s.name for s in project.syncs]
     except ReverseEtlError as exc:
         _fail(str(exc))
+    if as_json:
+        _echo_json({"syncs": inspect.status_dicts(project, store, names, limit)})
+        return
     records = [r for name in names for r in store.last_runs(name, limit)]
     print_runs(records)
+    for r in records:  # why: the table has no room for it
+        if r.message and r.status in inspect.UNHAPPY:
+            err_console.print(
+                f"{r.sync} {r.run_id} {r.status}: {escape(r.message)}", soft_wrap=True
+            )
+    for name in names:
+        held = store.lock_info(name)
+        if held is not None:
+            console.print(f"{name}: locked by {inspect.holder_text(held)}")
     for name in names:
         mark = store.watermark(name)
         sched = project.sync(name).schedule
@@ -482,15 +530,137 @@ def status(obj: Ctx, sync: str | None, limit: int) -> None:
 
 @main.command()
 @click.argument("sync")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Release it even though its holder still heartbeats (only if you know it is gone).",
+)
 @click.pass_obj
-def unlock(obj: Ctx, sync: str) -> None:
-    """Release a sync's lock left behind by a process that died."""
+def unlock(obj: Ctx, sync: str, force: bool) -> None:
+    """Release a sync's lock left behind by a process that died (its heartbeat went stale);
+    a lock whose holder still heartbeats is refused, saying who holds it."""
+    from reverse_etl import inspect
+
     try:
         name = obj.project.sync(sync).name
-        released = obj.store().unlock(name)
+        said = inspect.unlock(obj.store(), name, force=force)
     except ReverseEtlError as exc:
         _fail(str(exc))
-    console.print(f"{name}: {'lock released' if released else 'was not locked'}")
+    console.print(said)
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--limit", default=20, show_default=True, help="Most recent runs shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable keys).")
+@click.pass_obj
+def runs(obj: Ctx, sync: str, limit: int, as_json: bool) -> None:
+    """SYNC's run history, newest first: counts, duration, message and error file."""
+    from reverse_etl import inspect
+
+    try:
+        name = obj.project.sync(sync).name
+        records = obj.store().last_runs(name, max(limit, 1))
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    if as_json:
+        _echo_json({"sync": name, "runs": [inspect.run_dict(r) for r in records]})
+        return
+    table = Table(title=f"{name}: last {len(records)} runs")
+    for col in ("run", "started (UTC)", "status"):
+        table.add_column(col, no_wrap=True)
+    for col in ("seconds", "read", "sent", "unchanged", "rejected", "failed", "removed"):
+        table.add_column(col, justify="right")
+    for r in records:
+        c, secs = r.counts, inspect.duration(r)
+        table.add_row(
+            r.run_id,
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+            r.status,
+            "" if secs is None else f"{secs:.1f}",
+            *(str(v) for v in (c.read, c.sent, c.unchanged, c.rejected, c.failed, c.removed)),
+        )
+    console.print(table)
+    for r in records:  # below the table: a message is too long for a cell
+        if r.message:
+            console.print(f"{r.run_id} {r.status}: {escape(r.message)}", soft_wrap=True)
+        if r.error_file:
+            console.print(f"{r.run_id} error file: {escape(r.error_file)}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable keys).")
+@click.pass_obj
+def errors(obj: Ctx, run_id: str, as_json: bool) -> None:
+    """A run's error file counted by reason, with how to fix each, and where the file is."""
+    from reverse_etl import inspect
+
+    try:
+        obj.project  # noqa: B018 - the store's URL is in the project file
+        summary = inspect.summarize_errors(obj.store(), run_id)
+    except (ReverseEtlError, OSError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _echo_json(summary.as_dict())
+        return
+    run = summary.run
+    console.print(
+        f"{run.sync} {run.run_id}: {run.status}"
+        + (f" — {escape(run.message)}" if run.message else "")
+    )
+    if not summary.error_file:
+        console.print("no error file (the run stopped before it could write one)")
+        return
+    table = Table(title=f"{summary.problems} problems by reason")
+    table.add_column("reason")
+    table.add_column("problems", justify="right")
+    table.add_column("how to fix")
+    for reason, count, fix in summary.by_reason:
+        table.add_row(escape(reason), str(count), escape(fix))
+    console.print(table)
+    console.print(f"error file: {summary.error_file}")
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (stable keys).")
+@click.pass_obj
+def list_syncs(obj: Ctx, as_json: bool) -> None:
+    """The project's syncs: object, source, destination, schedule, enabled."""
+    from reverse_etl import inspect
+
+    try:
+        found = inspect.sync_dicts(obj.project)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    if as_json:
+        _echo_json({"syncs": found})
+        return
+    table = Table(title=f"{len(found)} syncs")
+    for col in ("sync", "object", "mode", "source", "destination", "schedule", "enabled"):
+        table.add_column(col)
+    for s in found:
+        src, dst = s["source"], s["destination"]
+        table.add_row(
+            escape(s["name"]),
+            s["object"],
+            s["mode"],
+            escape(f"{src['connection']}: {src['sql'] or src['table']}"),
+            escape(
+                f"{dst['connection']} ({dst['type']})"
+                + (f", list {dst['list']}" if dst["list"] else "")
+            ),
+            escape(s["schedule"] or "-"),
+            "yes" if s["enabled"] else "no",
+        )
+    console.print(table)
+
+
+def _echo_json(data: object) -> None:
+    """JSON on stdout, nothing else: for scripts (json.loads reads it)."""
+    import orjson
+
+    click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
 
 
 @main.command()
@@ -569,6 +739,36 @@ def demo(obj: Ctx, profiles: int, keep_running: bool, api_specs: str | None) -> 
         )
     except ReverseEtlError as exc:
         _fail(str(exc))
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.pass_obj
+def debug(obj: Ctx, as_json: bool) -> None:
+    """Connect to every connection and report each check, pass or fail, with its fix: the
+    warehouse, each sync's SQL and key columns, the destinations' credentials, region, scopes."""
+    import orjson
+
+    from reverse_etl.debug import run_checks
+
+    try:
+        results = run_checks(obj.project)
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    code = EXIT_ROW_ERRORS if any(not r.ok for r in results) else EXIT_OK
+    if as_json:
+        click.echo(orjson.dumps([r.as_dict() for r in results], option=orjson.OPT_INDENT_2))
+        sys.exit(code)
+    table = Table(title=f"reverse-etl debug: {obj.project.file}")
+    for col in ("connection / sync", "check", "", "detail", "fix"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        mark = "[green]OK[/green]" if r.ok else "[red]FAIL[/red]"
+        table.add_row(escape(r.target), escape(r.name), mark, escape(r.detail), escape(r.fix))
+    console.print(table)
+    failed = sum(1 for r in results if not r.ok)
+    console.print(f"{len(results)} checks, {failed} failed" if failed else "all checks passed")
     sys.exit(code)
 
 

@@ -40,6 +40,8 @@ from reverse_etl.extract import ReadPlan, later, plan_read
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.pipeline import Earned, preflight, transformed_batches
 from reverse_etl.plan import Plan
+from reverse_etl.problems import ProblemTracker, Verdict, judge, thresholds_for
+from reverse_etl.progress import Progress, RunProgress, current_run, tracking
 from reverse_etl.secrets import scrub
 from reverse_etl.snapshot import (
     Snapshot,
@@ -74,11 +76,18 @@ class RunResult:
     by_reason: Counter[str] = field(default_factory=Counter)
     dry_run_file: str | None = None
     plan: Plan | None = None  # a dry run's adds, updates, removals and samples
+    verdict: Verdict | None = None  # a finished run's problems against its fail_on
+    signal_exit: int | None = None  # 130 or 143: the signal that stopped the run
 
     @property
     def exit_code(self) -> int:
-        if self.record.status in {"failed", "interrupted"}:
+        """The run's exit code (the table is in ``reverse_etl/problems.py``)."""
+        if self.record.status == "interrupted":
+            return self.signal_exit or EXIT_FAILED
+        if self.record.status == "failed":
             return EXIT_FAILED
+        if self.verdict is not None:
+            return EXIT_ROW_ERRORS if self.verdict.crossed else EXIT_OK
         # every rejected row has its reason: rows set aside by a note alone are no error
         problems = any(reason not in NOTES for reason in self.by_reason)
         if self.record.counts.failed or problems:
@@ -172,7 +181,9 @@ def run_sync(
     *,
     destination_factory: DestinationFactory = make_destination,
     source_factory: Callable[[Project, Sync], Source] | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
+    """``progress``: where the run reports rows and phases (default: ``progress.default()``)."""
     options = options or RunOptions()
     sync = project.sync(sync_name)
     run_id = store.new_run_id()
@@ -184,8 +195,14 @@ def run_sync(
         full_refresh=options.full_refresh,
     )
     result = RunResult(record)
+    # problems an earlier run reported are known, the rest new (a dry run keeps nothing)
+    problems = ProblemTracker(store, sync.name, run_id, record=not options.dry_run)
     # clients built in the run share each account's rate budget through the store (budget.py)
-    with store.lock(sync.name, run_id) as lock, budget.shared_through(store):
+    with (
+        tracking(record, progress),
+        store.lock(sync.name, run_id) as lock,
+        budget.shared_through(store),
+    ):
         store.start_run(record)
         error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
         if not storage.is_s3(error_target):
@@ -193,7 +210,9 @@ def run_sync(
         try:
             with (
                 storage.open_text_for_write(error_target) as fh,
-                ErrorFileWriter(fh, sync.name, run_id, registry.reasons()) as errors,
+                ErrorFileWriter(
+                    fh, sync.name, run_id, registry.reasons(), problems.first_seen
+                ) as errors,
             ):
                 try:
                     _run(
@@ -208,6 +227,8 @@ def run_sync(
                         destination_factory,
                         source_factory,
                     )
+                    if not _stopping(options, lock):  # it read everything: forget the fixed
+                        problems.settle()
                 finally:
                     result.by_reason = errors.by_reason
             record.error_file = error_target
@@ -231,6 +252,7 @@ def run_sync(
             record.ended_at = now()
             if record.status == "running":
                 record.status = _final_status(record, options, result)
+            _judge(project, sync, record, options, result, problems)
             if result.plan is not None:
                 c, plan = record.counts, result.plan
                 plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
@@ -330,6 +352,34 @@ def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> 
     return "partial" if c.failed or problems else "success"
 
 
+def _judge(
+    project: Project,
+    sync: Sync,
+    record: RunRecord,
+    options: RunOptions,
+    result: RunResult,
+    problems: ProblemTracker,
+) -> None:
+    """Count the run's known and new problems and, for a finished run, judge them against
+    the sync's fail_on (the exit code), saying so in the run's message."""
+    c = record.counts
+    c.known_problems, c.new_problems = problems.known, problems.new
+    if record.status == "interrupted" and options.interrupt is not None:
+        result.signal_exit = options.interrupt.exit_code
+    if record.status in {"failed", "interrupted"}:
+        return
+    rows = max(problems.rows, c.failed)  # a failed row always has its error: a safety net
+    result.verdict = judge(
+        thresholds_for(project, sync),
+        read=c.read,
+        rows=rows,
+        known=c.known_problems,
+        new=c.new_problems,
+    )
+    if result.verdict.summary:
+        record.message = "; ".join(m for m in (record.message, result.verdict.summary) if m)
+
+
 def _run(
     project: Project,
     sync: Sync,
@@ -388,6 +438,7 @@ def _run(
             raise
         key = match_field(sync, destination)
         pending: deque[LoadBatch] = deque()  # handed to the destination, not yet acknowledged
+        tracker = current_run()  # set by run_sync; captured here for the read-ahead thread
 
         def batches() -> Iterator[LoadBatch]:
             for loaded in transformed_batches(
@@ -408,8 +459,11 @@ def _run(
                 if not options.dry_run:  # a dry run acknowledges nothing: keep nothing
                     _reserve(snapshot, earned.prints, loaded.table, key)
                     pending.append(loaded)
+                if tracker is not None:
+                    tracker.read_batch()
                 yield loaded
 
+        _phase(tracker, "reading")
         stream = prefetch(batches())
         try:
             if options.dry_run:
@@ -420,7 +474,7 @@ def _run(
                 return
             destination.prepare()
             replace = options.full_refresh and stored is not None
-            for loaded in destination.load(stream):
+            for loaded in destination.load(_handed(stream, tracker)):
                 if not pending or loaded.token is not pending[0].token:
                     raise DestinationError(
                         f"the {conn.type} destination acknowledged a batch other than the oldest "
@@ -445,8 +499,11 @@ def _run(
                     key=key,
                     newest=newest,
                 )
+                if tracker is not None:
+                    tracker.acknowledged()
                 replace = False
             if mirror and snapshot.read_complete and not _stopping(options, lock):
+                _phase(tracker, "removing members who left the view")
                 _remove_departed(sync, store, lock, options, record, errors, destination, snapshot)
         except BaseException:
             stream.close()
@@ -456,6 +513,20 @@ def _run(
             stream.close()  # stop the read-ahead thread before its source closes
             destination.close()
             snapshot.close()
+
+
+def _phase(tracker: RunProgress | None, text: str) -> None:
+    if tracker is not None:
+        tracker.set_phase(text)
+
+
+def _handed(stream: Iterator[LoadBatch], tracker: RunProgress | None) -> Iterator[LoadBatch]:
+    """``stream`` as the destination takes it, in the run's thread: the phase says whether
+    batches are still being read or only those in flight are left."""
+    for batch in stream:
+        _phase(tracker, "sending")
+        yield batch
+    _phase(tracker, "read done; sending the last batches")
 
 
 def _newest_wins(

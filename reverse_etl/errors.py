@@ -1,15 +1,19 @@
 """Exceptions that end a run, and the exit codes the CLI maps them to.
 
 Exit codes are part of the public contract (schedulers and CI read them):
-0 every row landed; 1 the run finished but some rows were rejected or failed (see the error
-file); 2 the command line was wrong (click's usage errors); 3 the run could not run or could
-not finish (config, warehouse, lock, API gave up).
+0 every row landed, or the run finished within its ``fail_on`` thresholds (known problems
+are warnings); 1 the run finished but crossed a threshold (too large a share of the rows read
+rejected or failed, or a problem no earlier run reported; by default any rejected or failed
+row); 2 the command line was wrong (click's usage errors); 3 the run could not run or could
+not finish (config, warehouse, lock, API gave up); 130 and 143 stopped by SIGINT or SIGTERM
+after committing what was acknowledged (``interrupt.py``). The full table, and what known and
+new problems are, is in ``problems.py``.
 """
 
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_ROW_ERRORS = 1
+EXIT_ROW_ERRORS = 1  # a fail_on threshold crossed (problems.py)
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 

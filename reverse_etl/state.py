@@ -1,4 +1,5 @@
-"""The state store: watermarks, run history and per-sync locks, on SQLAlchemy.
+"""The state store: watermarks, run history, per-sync locks and open row problems, on
+SQLAlchemy.
 
 A SQLite file under the project by default; a PostgreSQL URL lets a team share one store.
 The lock is a row with a unique key, so it works the same on both without advisory-lock
@@ -51,7 +52,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -99,6 +100,8 @@ runs = sa.Table(
     sa.Column("unchanged", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("removed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("consent_held", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("known_problems", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("new_problems", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("error_file", sa.Text),
     sa.Column("message", sa.Text),
 )
@@ -139,6 +142,20 @@ rate_budget = sa.Table(
     sa.Column("bucket", sa.String(20), primary_key=True),  # burst | steady
     sa.Column("tokens", sa.Double, nullable=False),
     sa.Column("stamp", sa.Double, nullable=False),  # epoch seconds on the database's clock
+)
+
+# each sync's open row problems (reverse_etl/problems.py): those the latest complete run saw,
+# with the run that first reported each; a problem not seen again is dropped
+problems = sa.Table(
+    "retl_problems",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("problem", sa.String(64), primary_key=True),  # sha256 of row identity, reason, column
+    sa.Column("reason", sa.String(100), nullable=False),
+    sa.Column("column_name", sa.String(300), nullable=False),
+    sa.Column("first_seen_run", sa.String(64), nullable=False),
+    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_run", sa.String(64), nullable=False),
 )
 
 locks = sa.Table(
@@ -202,6 +219,8 @@ class RunCounts:
     unchanged: int = 0
     removed: int = 0
     consent_held: int = 0  # rows whose consent was not sent: the destination knows newer
+    known_problems: int = 0  # error-file problems an earlier run already reported
+    new_problems: int = 0  # error-file problems reported for the first time
 
     def add(self, other: RunCounts) -> None:
         for name in self.__dataclass_fields__:
@@ -262,6 +281,17 @@ def decode_value(text: str) -> Any:
     if kind == "decimal":
         return Decimal(value)
     return value
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """Who holds a sync's lock, as its row says (times in UTC): ``StateStore.lock_info``."""
+
+    sync: str
+    run_id: str
+    owner: str  # host:pid
+    acquired_at: datetime
+    heartbeat_at: datetime
 
 
 class LockHandle:
@@ -343,6 +373,71 @@ class StateStore:
         with self.engine.begin() as con:
             con.execute(sa.delete(watermarks).where(watermarks.c.sync == sync))
 
+    # ---------------------------------------------------------------- row problems
+
+    def see_problems(
+        self,
+        sync: str,
+        run_id: str,
+        found: Mapping[str, tuple[str, str]],
+        *,
+        record: bool = True,
+    ) -> dict[str, str]:
+        """The run that first reported each problem key of ``found`` (key -> (reason, column));
+        ``run_id`` for one never reported before. With ``record``, the keys are kept as seen by
+        ``run_id``: one transaction, one statement per chunk of keys (inserts executemany)."""
+        keys = list(found)
+        first: dict[str, str] = {}
+        with self.engine.begin() as con:
+            for start in range(0, len(keys), _PROBLEM_CHUNK):
+                chunk = keys[start : start + _PROBLEM_CHUNK]
+                where = sa.and_(problems.c.sync == sync, problems.c.problem.in_(chunk))
+                rows = con.execute(
+                    sa.select(problems.c.problem, problems.c.first_seen_run).where(where)
+                ).all()
+                first.update((r.problem, r.first_seen_run) for r in rows)
+                if record and rows:
+                    con.execute(sa.update(problems).where(where).values(last_seen_run=run_id))
+            fresh = [k for k in keys if k not in first]
+            if record and fresh:
+                at = now()
+                con.execute(
+                    sa.insert(problems),
+                    [
+                        {
+                            "sync": sync,
+                            "problem": k,
+                            "reason": found[k][0][:100],
+                            "column_name": found[k][1][:300],
+                            "first_seen_run": run_id,
+                            "first_seen_at": at,
+                            "last_seen_run": run_id,
+                        }
+                        for k in fresh
+                    ],
+                )
+        return {k: first.get(k, run_id) for k in keys}
+
+    def settle_problems(self, sync: str, run_id: str) -> int:
+        """Drop the sync's problems that run ``run_id`` (one that read everything) did not see
+        again; return how many."""
+        with self.engine.begin() as con:
+            return con.execute(
+                sa.delete(problems).where(
+                    problems.c.sync == sync, problems.c.last_seen_run != run_id
+                )
+            ).rowcount
+
+    def open_problems(self, sync: str) -> dict[str, int]:
+        """The sync's open problems by reason (what the latest complete run reported)."""
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(problems.c.reason, sa.func.count())
+                .where(problems.c.sync == sync)
+                .group_by(problems.c.reason)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
     # ---------------------------------------------------------------- locks
 
     @contextmanager
@@ -393,6 +488,16 @@ class StateStore:
             return self.release(sync, run_id)
         with self.engine.begin() as con:
             return bool(con.execute(sa.delete(locks).where(locks.c.sync == sync)).rowcount)
+
+    def lock_info(self, sync: str) -> LockInfo | None:
+        """Who holds the sync's lock, or None when it is free."""
+        with self.engine.connect() as con:
+            row = con.execute(sa.select(locks).where(locks.c.sync == sync)).first()
+        if row is None:
+            return None
+        return LockInfo(
+            row.sync, row.run_id, row.owner, _utc(row.acquired_at), _utc(row.heartbeat_at)
+        )
 
     def _beat(self, handle: LockHandle, stop: threading.Event) -> None:
         """The heartbeat thread: a failed beat is logged and retried next tick, never raised
@@ -536,6 +641,7 @@ def _held_error(sync: str, held: Any) -> LockHeldError:
     )
 
 
+_PROBLEM_CHUNK = 500  # problem keys per statement: well under any database's bound parameters
 _MIN_HEARTBEAT = timedelta(seconds=1)
 _MAX_HEARTBEAT = timedelta(seconds=60)
 _SCHEMA_ATTEMPTS = 6
@@ -652,6 +758,25 @@ def _v4_rate_budget(con: sa.Connection) -> None:
     v4.create_all(con)
 
 
+def _v5_problems(con: sa.Connection) -> None:
+    """Each sync's open row problems, to tell known ones from new; runs count both."""
+    v5 = sa.MetaData()
+    sa.Table(
+        "retl_problems",
+        v5,
+        sa.Column("sync", sa.String(200), primary_key=True),
+        sa.Column("problem", sa.String(64), primary_key=True),
+        sa.Column("reason", sa.String(100), nullable=False),
+        sa.Column("column_name", sa.String(300), nullable=False),
+        sa.Column("first_seen_run", sa.String(64), nullable=False),
+        sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_run", sa.String(64), nullable=False),
+    )
+    v5.create_all(con)
+    for column in ("known_problems", "new_problems"):
+        con.execute(sa.text(f"ALTER TABLE retl_runs ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
@@ -664,6 +789,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4, "rate-limit budgets shared by the syncs of one destination account", _v4_rate_budget
     ),
+    Migration(5, "open row problems per sync; runs count known and new problems", _v5_problems),
 )
 
 

@@ -4,15 +4,17 @@ no API key ever printed."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import update
 
 from reverse_etl import engine
 from reverse_etl.cli import main
-from reverse_etl.state import StateStore
+from reverse_etl.state import StateStore, locks, now
 from tests.helpers import (
     API_KEY_ENV,
     FakeDestination,
@@ -124,8 +126,9 @@ def test_check_probes_each_view_and_names_what_to_fix(tmp_path: Path) -> None:
     assert "sync 'text_cursor': cursor column 'first_name'" in err
     assert "CAST(first_name AS TIMESTAMP)" in err
     assert "people:" not in err  # the sync that fits is not reported
-    offline = cli(tmp_path, "check", "--offline")
-    assert offline.exit_code == 0 and "views not probed" in flat(offline.stdout)
+    offline = cli(tmp_path, "check", "--offline")  # the views are not probed, the files are
+    assert offline.exit_code == 3
+    assert "from_sql: source.sql:" in flat(offline.stderr) and "gone.sql" in offline.stderr
 
 
 def test_check_missing_file(tmp_path: Path) -> None:
@@ -139,9 +142,14 @@ def test_check_missing_env_var_names_it(tmp_path: Path) -> None:
     data["connections"]["klaviyo"]["api_key"] = "{{ env_var('RETL_CLI_UNSET_KEY') }}"
     people_db(tmp_path, [])
     write_project(tmp_path, data)
-    result = cli(tmp_path, "check")
+    result = cli(tmp_path, "check")  # checking needs no API key: a warning names it
+    assert result.exit_code == 0
+    assert "RETL_CLI_UNSET_KEY" in result.stderr and "warning" in result.stderr
+    result = cli(tmp_path, "run")  # a run calls the API: it stops before starting
     assert result.exit_code == 3
-    assert "RETL_CLI_UNSET_KEY" in result.stderr
+    assert "connections.klaviyo.api_key: environment variable 'RETL_CLI_UNSET_KEY'" in flat(
+        result.stderr
+    )
 
 
 def test_check_never_prints_the_api_key_on_a_mistyped_type(tmp_path: Path) -> None:
@@ -256,12 +264,15 @@ def test_run_when_locked_exits_3_and_unlock(tmp_path: Path, fake_destination: li
     make_project(tmp_path)
     store = StateStore("sqlite:///state/state.db", root=tmp_path)
     try:
-        store._acquire("people", "stuck-run")  # as a process that died would leave it
+        store._acquire("people", "stuck-run")
         result = cli(tmp_path, "run", "people")
         assert result.exit_code == 3
         assert "already running" in result.stderr
         assert "reverse-etl unlock people" in result.stderr
         assert fake_destination == []
+        assert cli(tmp_path, "unlock", "people").exit_code == 3  # its heartbeat is fresh
+        with store.engine.begin() as con:  # as a process that died hours ago would leave it
+            con.execute(update(locks).values(heartbeat_at=now() - timedelta(hours=3)))
         released = cli(tmp_path, "unlock", "people")
         assert released.exit_code == 0
         assert "people: lock released" in released.stdout

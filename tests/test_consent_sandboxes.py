@@ -267,7 +267,7 @@ def test_plan_shows_the_consent_a_run_would_write_and_hold_back(rig: Rig) -> Non
     args = ["--project-dir", str(rig.root), "plan", SYNC_NAME, "--json"]
     out = CliRunner().invoke(main, args, catch_exceptions=False)
     assert out.exit_code == 0, out.output
-    plan = orjson.loads(out.output)
+    plan = orjson.loads(out.stdout)
     assert plan["consent"] == {"email subscribe": 1, "email unsubscribe": 0, "held back": 1}
     assert plan["samples"]["consent_held_back"] == [email_of(0)]
     assert status(rig, email_of(0)) == "unsubscribed"  # a plan sends nothing

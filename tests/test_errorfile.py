@@ -51,6 +51,7 @@ def test_header_is_the_documented_columns() -> None:
             "reason",
             "message",
             "how_to_fix",
+            "first_seen_run",
         ]
     ]
     assert list(ERROR_FILE_COLUMNS) == parse(text)[0]
@@ -83,6 +84,7 @@ def test_one_row_per_problem_with_every_field() -> None:
         "reason": "invalid_phone",
         "message": "phone: not a valid phone number",
         "how_to_fix": FIXES["invalid_phone"],
+        "first_seen_run": "",  # no problem tracker (validate): left empty
     }
     assert records[1]["how_to_fix"] == FIXES["invalid_consent"]
     assert records[2]["identifier"] == "" and records[2]["value"] == ""

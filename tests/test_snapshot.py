@@ -375,7 +375,7 @@ def test_plan_command_prints_json(env) -> None:
         main, ["--project-dir", str(e.root), "plan", "people", "--json"], catch_exceptions=False
     )
     assert out.exit_code == 0, out.output
-    data = json.loads(out.output)
+    data = json.loads(out.stdout)
     assert (data["adds"], data["updates"], data["unchanged"]) == (0, 1, 0)
     assert data["samples"]["updates"][0]["fields"] == {"first_name": {"old": "Name1", "new": "Z"}}
 

@@ -304,6 +304,7 @@ def test_first_runs_started_at_once_all_create_the_store(target: Target) -> None
             "retl_consent_seen",
             "retl_consent_cursors",
             "retl_rate_budget",
+            "retl_problems",
         }
         store.close()
 

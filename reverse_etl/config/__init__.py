@@ -4,9 +4,12 @@
 Loading is strict: an unknown key, a missing env var, a sync naming a connection that does
 not exist, or a column mapped twice is an error whose message names the file, the key path,
 the bad value and what would be valid. Relative paths resolve against the project directory.
+A missing env var for a destination connection's key (an API key) can be deferred
+(``load_project(defer_secrets=True)``, as the command line loads): commands that never call the
+API work without it, and ``require_env`` names it before one that does.
 """
 
-from reverse_etl.config.loading import format_validation_error, load_project
+from reverse_etl.config.loading import format_validation_error, load_project, require_env
 from reverse_etl.config.models import (
     CONNECTION_MODELS,
     DEFAULT_CONFIG,
@@ -55,4 +58,5 @@ __all__ = [
     "WarehouseConnection",
     "format_validation_error",
     "load_project",
+    "require_env",
 ]

@@ -6,6 +6,7 @@ valid (with a did-you-mean). Secrets are registered for scrubbing as soon as the
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from reverse_etl.config.models import (
     CONNECTION_MODELS,
     DEFAULT_CONFIG,
+    DESTINATION_TYPES,
     ConsentColumn,
     ConsentSpec,
     FieldMapping,
@@ -34,8 +36,15 @@ def load_project(
     file: str | Path | None = None,
     root: str | Path | None = None,
     env: dict[str, str] | None = None,
+    *,
+    defer_secrets: bool = False,
 ) -> Project:
-    """Read, render and validate the project file; every failure is a ConfigError."""
+    """Read, render and validate the project file; every failure is a ConfigError.
+
+    ``defer_secrets``: an env var that a destination connection's key names but the
+    environment lacks is not an error yet: the key is left empty and the variable recorded
+    (``Project.missing_env``), so commands that never call the API (status, check, plan, ...)
+    work without the secret; ``require_env`` raises it for those that do."""
     root = Path(root) if root else Path.cwd()
     file = Path(file) if file else root / DEFAULT_CONFIG
     try:
@@ -51,26 +60,83 @@ def load_project(
         raise ConfigError(
             f"{file}: the top level must be a mapping with `connections:` and `syncs:`"
         )
+    missing: dict[str, list[tuple[str, str]]] = {}
     try:
+        if defer_secrets:
+            raw, missing = _defer_destination_env(raw, env)
         rendered = render_tree(raw, env)
     except KeyError as exc:
-        path, name = exc.args[0]
-        raise ConfigError(
-            f"{file}: {path}: environment variable {name!r} is not set; export it, or give a "
-            f"default: {{{{ env_var('{name}', 'value') }}}}"
-        ) from None
+        raise ConfigError(_missing_env_message(file, *exc.args[0])) from None
     except ValueError as exc:
         raise ConfigError(f"{file}: {exc}") from None
     try:
         project = Project.model_validate({**rendered, "root": root, "file": file})
     except ValidationError as exc:
+        for path, name in _deferred_in(exc, missing):  # an emptied key cannot be valid
+            raise ConfigError(_missing_env_message(file, path, name)) from None
         raise ConfigError(scrub(format_validation_error(file, exc, rendered))) from None
+    project._missing_env = missing
     for conn in project.connections.values():
         for value in conn.__dict__.values():
             if isinstance(value, SecretStr):
                 register_secret(value.get_secret_value())
     _check_destination_options(project)
     return project
+
+
+def require_env(project: Project, connections: Iterable[str]) -> None:
+    """Raise, naming each variable, if the connections' keys need env vars the environment
+    lacked when the project was loaded with ``defer_secrets``: before any API call."""
+    missing = [m for name in dict.fromkeys(connections) for m in project.missing_env(name)]
+    if missing:
+        raise ConfigError(
+            "\n".join(_missing_env_message(project.file, path, name) for path, name in missing)
+        )
+
+
+def _missing_env_message(file: Path, path: str, name: str) -> str:
+    return (
+        f"{file}: {path}: environment variable {name!r} is not set; export it, or give a "
+        f"default: {{{{ env_var('{name}', 'value') }}}}"
+    )
+
+
+def _defer_destination_env(
+    raw: dict[str, Any], env: dict[str, str] | None
+) -> tuple[dict[str, Any], dict[str, list[tuple[str, str]]]]:
+    """``raw`` with each destination connection key whose env var is unset emptied, and
+    connection name -> [(key path, variable)] of those keys. Destination keys only: a
+    warehouse, the state store or the error folder are needed by every command."""
+    connections = raw.get("connections")
+    if not isinstance(connections, dict):
+        return raw, {}
+    missing: dict[str, list[tuple[str, str]]] = {}
+    out: dict[str, Any] = {}
+    for name, conn in connections.items():
+        if not isinstance(conn, dict) or conn.get("type") not in DESTINATION_TYPES:
+            out[name] = conn
+            continue
+        kept = dict(conn)
+        for key, value in conn.items():
+            if not isinstance(value, str) or "{{" not in value:
+                continue
+            try:
+                render_tree(value, env, f"connections.{name}.{key}")
+            except KeyError as exc:
+                missing.setdefault(str(name), []).append(exc.args[0])
+                kept[key] = ""
+            except ValueError:
+                pass  # an unsupported template: the full render below says so
+        out[name] = kept
+    return {**raw, "connections": out}, missing
+
+
+def _deferred_in(
+    exc: ValidationError, missing: dict[str, list[tuple[str, str]]]
+) -> list[tuple[str, str]]:
+    """The deferred (key path, variable) pairs whose emptied key failed validation."""
+    failed = {_loc_path(err["loc"]) for err in exc.errors()}
+    return [m for found in missing.values() for m in found if m[0] in failed]
 
 
 def _check_destination_options(project: Project) -> None:

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -272,6 +275,58 @@ class DestinationSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _share(value: Any) -> Any:
+    """``rejected_share`` as written: a number from 0 to 1 (0.05) or a percentage ("5%")."""
+    how = 'a share from 0 to 1 (0.05) or a percentage ("5%")'
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"write {how}, not {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text.removesuffix("%").strip())
+        except ValueError:
+            raise ValueError(f"write {how}, not {value!r}") from None
+        if text.endswith("%"):
+            if not 0 <= number <= 100:
+                raise ValueError(f"{value!r}: a percentage runs from 0% to 100%")
+            return number / 100
+        value = number
+    if not 0 <= value <= 1:
+        hint = f'; did you mean "{value:g}%"?' if 1 < value <= 100 else ""
+        raise ValueError(f"{value!r} is not {how}{hint}")
+    return float(value)
+
+
+class FailOn(Strict):
+    """When a finished run exits 1 instead of 0 (dbt's warn/error style; exit codes in
+    ``reverse_etl/problems.py``). Set for the project, and per sync key by key: a key a sync
+    leaves out comes from the project's, then from the defaults (``rejected_share: 0``,
+    ``new_problems: true``: any rejected or failed row exits 1, as before ``fail_on``)."""
+
+    # exit 1 when more than this share of the rows read is rejected or failed
+    rejected_share: Annotated[float, BeforeValidator(_share)] | None = None
+    # exit 1 when a problem no earlier run of the sync reported appears (``new_reasons`` is
+    # accepted too, as issue 17 spelled it)
+    new_problems: bool | None = Field(
+        default=None, validation_alias=AliasChoices("new_problems", "new_reasons")
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, value: Any) -> Any:
+        if isinstance(value, dict) and {"new_problems", "new_reasons"} <= set(value):
+            raise ValueError("give new_problems once (new_reasons is another name for it)")
+        return value
+
+    def over(self, base: FailOn) -> FailOn:
+        """These thresholds, with the keys left out taken from ``base``."""
+        fields = type(self).model_fields
+        mine = {k: getattr(self, k) for k in fields}
+        return self.model_copy(
+            update={k: getattr(base, k) if v is None else v for k, v in mine.items()}
+        )
+
+
 class Sync(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")]
     source: SourceSpec
@@ -306,6 +361,8 @@ class Sync(Strict):
     phone_validation: Literal["fast", "strict"] = "fast"
     naive_timezone: str = "UTC"
     max_future_skew_minutes: Annotated[int, Field(ge=0)] = 10
+    # thresholds over the project's fail_on, key by key (see FailOn)
+    fail_on: FailOn = FailOn()
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -389,9 +446,17 @@ class Project(Strict):
     state: StateSpec = StateSpec()
     snapshot: SnapshotSpec = SnapshotSpec()
     error_dir: str = ".reverse_etl/errors"
+    # when a finished run exits 1: every sync's default (a sync's own fail_on overrides keys)
+    fail_on: FailOn = FailOn()
     # resolved at load time, not read from YAML
     root: Path = Field(default=Path("."), exclude=True)
     file: Path = Field(default=DEFAULT_CONFIG, exclude=True)
+    # connection -> [(key path, env var)] left unset (load_project's defer_secrets)
+    _missing_env: dict[str, list[tuple[str, str]]] = PrivateAttr(default_factory=dict)
+
+    def missing_env(self, connection: str) -> list[tuple[str, str]]:
+        """(key path, variable) of each env var ``connection`` needs but did not get."""
+        return list(self._missing_env.get(connection, []))
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Project:

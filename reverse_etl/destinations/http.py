@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
+from reverse_etl import progress
 from reverse_etl.destinations.ratelimit import RateLimiter, Unlimited
 from reverse_etl.errors import DestinationError
 from reverse_etl.secrets import scrub
@@ -38,6 +39,8 @@ NOT_SENT: tuple[type[Exception], ...] = (
     httpx.ConnectTimeout,
     httpx.PoolTimeout,
 )
+# A wait at least this long (seconds) is news: logged at INFO and shown as the run's phase.
+NOTABLE_WAIT = 3.0
 
 
 class Unsure(DestinationError):
@@ -117,17 +120,31 @@ class ApiClient:
         headers = {"Content-Type": content_type} if content_type and content is not None else None
         last = ""
         for attempt in range(1, self.retry.max_attempts + 1):
-            limiter.acquire()
+            paced = limiter.acquire()
+            if paced > 0 and paced >= NOTABLE_WAIT:
+                # the limiter has slept already: it cannot say so before (ratelimit.py)
+                log.info(
+                    "%s %s %s: rate limited (client-side pacing to the published limits), "
+                    "waited %.0f s",
+                    self.name,
+                    method,
+                    scrub(path),
+                    paced,
+                    extra={"wait_s": round(paced, 3)},
+                )
+            sent_at = self._clock()
             try:
                 response = self._http.request(
                     method, path, content=content, params=params, headers=headers
                 )
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}"
+                self._trace(method, path, last, sent_at)
                 if not idempotent and not isinstance(exc, NOT_SENT):
                     raise self._unsure(method, path, last, self.timeout) from None
                 self._backoff(attempt, None, last, method, path)
                 continue
+            self._trace(method, path, response.status_code, sent_at)
             if response.status_code not in RETRY_STATUS:
                 return response
             last = f"HTTP {response.status_code}"
@@ -148,6 +165,16 @@ class ApiClient:
                 "again next run"
             )
         )
+
+    def _trace(self, method: str, path: str, status: int | str, sent_at: float) -> None:
+        """With -v (DEBUG): one line per HTTP exchange, never its headers or body."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        ms = (self._clock() - sent_at) * 1000
+        path = scrub(path)
+        fields: dict[str, Any] = {"method": method, "path": path, "duration_ms": round(ms, 1)}
+        fields["status" if isinstance(status, int) else "error"] = status
+        log.debug("%s %s %s -> %s in %.0f ms", self.name, method, path, status, ms, extra=fields)
 
     def _unsure(self, method: str, path: str, what: str, running: float) -> Unsure:
         return Unsure(
@@ -222,8 +249,24 @@ class ApiClient:
         else:
             delay = min(self.retry.max_delay, self.retry.base_delay * 2 ** (attempt - 1))
             delay *= 0.5 + random.random() / 2
-        log.debug("%s %s %s: %s, retry %d in %.2fs", self.name, method, path, what, attempt, delay)
-        self._sleep(delay)
+        # logged as it happens, so a long retry loop is never silent
+        log.warning(
+            "%s %s %s: %s; retry %d of %d in %.1f s",
+            self.name,
+            method,
+            scrub(path),
+            what,
+            attempt,
+            self.retry.max_attempts - 1,
+            delay,
+            extra={"attempt": attempt, "wait_s": round(delay, 3)},
+        )
+        if delay < NOTABLE_WAIT:
+            self._sleep(delay)
+            return
+        limited = "rate limited" if retry_after is not None else f"{self.name} answered {what}"
+        with progress.phase(f"{limited}, resuming in {delay:.0f} s"):
+            self._sleep(delay)
 
     def close(self) -> None:
         self._http.close()

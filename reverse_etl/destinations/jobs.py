@@ -10,18 +10,25 @@ moves past batches whose every job finished.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
+from reverse_etl import progress
 from reverse_etl.errors import DestinationError
+
+log = logging.getLogger(__name__)
 
 B = TypeVar("B")
 F = TypeVar("F")
 R = TypeVar("R")
 State = Literal["running", "done", "failed"]
+# A job still running is logged (INFO) after this many seconds of waiting, then as often again,
+# so an import queued for an hour shows it is being waited for.
+STILL_RUNNING_EVERY = 60.0
 
 
 def in_order(
@@ -123,12 +130,25 @@ def wait(
     from ``poll_interval`` to 5 s, no deadline) bounds the whole wait, resubmissions included:
     a job still running at its ``timeout`` raises ``JobTimeout``, its rows not done."""
     p = patience or Patience(first=poll_interval)
+    with progress.phase(f"waiting for {job.what}"):
+        return _wait(job, attempts, p)
+
+
+def _wait(job: AsyncJob, attempts: int, p: Patience) -> dict[str, Any]:
     start = p.clock()
+    told = [start]  # when the wait was last logged
+
+    def status() -> tuple[State, dict[str, Any]]:
+        if p.clock() - told[0] >= STILL_RUNNING_EVERY:
+            told[0] = p.clock()
+            log.info("%s %s: still running after %s", job.what, job.id, _duration(told[0] - start))
+        return job.status()
+
     while True:
         left = None if p.timeout is None else max(p.timeout - (p.clock() - start), 0.0)
         try:
             state, doc = poll(
-                job.status,
+                status,
                 lambda answer: answer[0] != "running",
                 patience=dataclasses.replace(p, timeout=left),
             )
@@ -149,6 +169,15 @@ def wait(
                 f"({_describe(doc)}); nothing it carried is counted as done, so the next run "
                 "does it again"
             )
+        log.warning(
+            "%s %s failed as a whole (%s); submitting it again (submission %d of %d)",
+            job.what,
+            job.id,
+            _describe(doc),
+            job.attempts + 1,
+            attempts,
+            extra={"attempt": job.attempts + 1},
+        )
         job.start()
 
 

@@ -53,6 +53,7 @@ from reverse_etl.sandbox.klaviyo_common import (
 from reverse_etl.sandbox.klaviyo_consent import ConsentAPI
 from reverse_etl.sandbox.klaviyo_events import EventsAPI
 from reverse_etl.sandbox.klaviyo_lists import ListsAPI
+from reverse_etl.sandbox.klaviyo_probes import ProbeReadsAPI
 from reverse_etl.sandbox.klaviyo_profiles import ProfilesAPI
 from reverse_etl.sandbox.klaviyo_state import PERSON_ACTIONS, now_iso, utc_iso
 from reverse_etl.sandbox.limits import Window, klaviyo_windows, retry_after_headers
@@ -62,7 +63,7 @@ from reverse_etl.sandbox.spec import Violation, load_spec
 PERSON_PATH = "/_sandbox/person"
 
 
-class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
+class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI, ProbeReadsAPI):
     """Klaviyo's API on loopback. ``app`` is the Starlette app; the object is ASGI too."""
 
     vendor = "klaviyo"
@@ -141,6 +142,9 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
                 "GET", "/api/catalog-item-bulk-update-jobs/{job_id}", ca, self.get_item_job, req
             ),
             Endpoint("GET", "/api/catalog-items", ca, self.get_items),
+            # reads that ``reverse-etl debug`` probes a key's scopes with
+            Endpoint("GET", "/api/events", ev, self.get_events),
+            Endpoint("GET", "/api/profile-suppression-bulk-create-jobs", p, self.get_suppress_jobs),
             # sandbox-only (no spec): the person acting inside Klaviyo, for tests and the demo
             Endpoint("POST", PERSON_PATH, None, self.person_action),
         ]
@@ -154,6 +158,14 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
     def precheck(self, request: Request, endpoint: Endpoint) -> Violation | None:
         if endpoint.spec is None:  # sandbox-only: no revision to check
             return None
+        missing = self._missing_scopes(endpoint)
+        if missing:
+            return Violation(
+                403,
+                "scope",
+                "You do not have permission to perform this action.",
+                code="permission_denied",
+            )
         revision = request.headers.get("revision")
         if revision is None:
             return Violation(
@@ -167,6 +179,22 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
                 parameter="revision",
             )
         return None
+
+    def _missing_scopes(self, endpoint: Endpoint) -> list[str]:
+        """The operation's ``x-klaviyo-scopes`` the key lacks (``klaviyo_key_scopes``; empty:
+        a full-access key). Klaviyo grants each scope as Read or Full access, Full including
+        read (https://help.klaviyo.com/hc/en-us/articles/7423954176283-How-to-create-a-private-API-key),
+        and refuses a call needing a scope the key lacks with 403 ``permission_denied``, "You
+        do not have permission to perform this action." (https://community.klaviyo.com/
+        developer-group-64/api-patch-action-status-403-code-permission-denied-9225). Whether
+        the scope check comes before the revision and body checks is UNCONFIRMED; here it does.
+        """
+        held = set(self.settings.klaviyo_key_scopes)
+        if not held or endpoint.spec is None:
+            return []
+        op = load_spec(endpoint.spec).operation(endpoint.method, endpoint.template)
+        granted = held | {s.replace(":write", ":read") for s in held if s.endswith(":write")}
+        return [s for s in op.raw.get("x-klaviyo-scopes", ()) if s not in granted]
 
     @functools.cache  # noqa: B019 - one entry per endpoint and variant, for the sandbox's life
     def _windows(self, endpoint: Endpoint, variant: str) -> tuple[Window, ...]:
@@ -203,6 +231,7 @@ class KlaviyoSandbox(ProfilesAPI, ListsAPI, ConsentAPI, EventsAPI, CatalogAPI):
         doc = error_document(
             violation.status,
             violation.detail,
+            code=violation.code,
             pointer=violation.pointer,
             parameter=violation.parameter,
         )

@@ -68,6 +68,10 @@ class SandboxSettings:
     # only the E.164 shape: an invalid one refuses a subscribe/unsubscribe call (400) and fails
     # its profile in a bulk import (an import error); False: E.164 shape only (today's behaviour)
     klaviyo_strict_phone_numbers: bool = False
+    # the Klaviyo key's scopes, e.g. ("profiles:write", "lists:read"): an operation needing a
+    # scope of its x-klaviyo-scopes the key lacks is 403 permission_denied (X:write also grants
+    # X:read); () is a full-access key (today's behaviour)
+    klaviyo_key_scopes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.speedup <= 0:

@@ -2,7 +2,8 @@
 
 One CSV row per problem: which row, which identifier (and, to find rows without one, the
 row's email and cursor value), which column, the value as the warehouse sent it, a reason
-code, a message and how to fix it. Values are converted to text
+code, a message, how to fix it and the run that first reported the problem (empty for a
+note; see ``reverse_etl/problems.py``). Values are converted to text
 by ``cell_text`` (Decimals, timestamps, bytes, nested values), never by the csv module's
 repr, and every cell that a spreadsheet would run as a formula is neutralised.
 """
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -40,6 +41,7 @@ ERROR_FILE_COLUMNS = (
     "reason",
     "message",
     "how_to_fix",
+    "first_seen_run",  # the run that first reported this problem (this run's id: a new one)
 )
 
 # reason code -> how to fix it, for the codes every destination may report; a destination's
@@ -147,8 +149,18 @@ class ErrorFileWriter:
     are.
     """
 
-    def __init__(self, fh: IO[str], sync: str, run_id: str, fixes: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        fh: IO[str],
+        sync: str,
+        run_id: str,
+        fixes: Mapping[str, str] | None = None,
+        first_seen: Callable[[Sequence[RowError]], Sequence[str]] | None = None,
+    ):
         self._fh = fh
+        # per error of a write, the run that first reported it (ProblemTracker.first_seen);
+        # None (validate): the column stays empty
+        self._first_seen = first_seen
         self._fixes = {**FIXES, **(fixes or {})}  # the destination's own codes beside ours
         self.sync = sync
         self.run_id = run_id
@@ -173,7 +185,9 @@ class ErrorFileWriter:
     def _write(self, errors: Iterable[RowError]) -> None:
         rows: list[tuple[int, int, list[str]]] = []
         head = [_cell(self.sync), _cell(self.run_id)]
-        for e in errors:
+        errors = list(errors)
+        seen = self._first_seen(errors) if self._first_seen else [""] * len(errors)
+        for e, first in zip(errors, seen, strict=True):
             self.by_reason[e.reason] += 1
             cells = [
                 *head,
@@ -186,6 +200,7 @@ class ErrorFileWriter:
                 e.reason,
                 _cell(e.message),
                 self._fixes.get(e.reason, ""),
+                _cell(first),
             ]
             rows.append((e.row_number, self._seq, cells))
             self._seq += 1

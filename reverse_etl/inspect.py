@@ -1,0 +1,302 @@
+"""What the read-only commands show (status, runs, errors, ls, check) and how ``unlock`` decides,
+as plain data: the command line prints it as tables or as JSON with stable keys.
+
+Nothing here calls a destination's API, so none of it needs a destination's secret.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from reverse_etl import state
+from reverse_etl.config import Project
+from reverse_etl.errors import LockHeldError, ReverseEtlError
+from reverse_etl.state import LockInfo, RunRecord, StateStore
+from reverse_etl.util import storage
+
+# runs that ended without sending everything: their message says why
+UNHAPPY = ("failed", "partial", "interrupted", "abandoned")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def duration(record: RunRecord) -> float | None:
+    """Seconds the run took, or None while it is still running."""
+    if record.ended_at is None:
+        return None
+    return round((record.ended_at - record.started_at).total_seconds(), 3)
+
+
+def run_dict(record: RunRecord) -> dict[str, Any]:
+    """One run as JSON: the same keys for every run, times in ISO 8601 UTC."""
+    return {
+        "run_id": record.run_id,
+        "sync": record.sync,
+        "status": record.status,
+        "started_at": _iso(record.started_at),
+        "ended_at": _iso(record.ended_at),
+        "duration_seconds": duration(record),
+        "full_refresh": record.full_refresh,
+        "counts": {
+            name: getattr(record.counts, name) for name in record.counts.__dataclass_fields__
+        },
+        "message": record.message,
+        "error_file": record.error_file,
+    }
+
+
+def find_run(store: StateStore, run_id: str) -> RunRecord:
+    """The run with this id, or a ReverseEtlError saying where to find ids."""
+    with store.engine.connect() as con:
+        row = con.execute(sa.select(state.runs).where(state.runs.c.run_id == run_id)).first()
+    if row is None:
+        raise ReverseEtlError(
+            f"no run {run_id!r} in the state store ({store.url.split('://', 1)[0]}); "
+            "`reverse-etl runs SYNC` lists a sync's runs with their ids"
+        )
+    return state._run_record(row)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass
+class ErrorSummary:
+    """A run's error file counted by reason (most frequent first), with each reason's fix."""
+
+    run: RunRecord
+    error_file: str | None
+    problems: int = 0  # lines of the file: a row may have several
+    by_reason: list[tuple[str, int, str]] = field(default_factory=list)  # reason, count, fix
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.run_id,
+            "sync": self.run.sync,
+            "status": self.run.status,
+            "message": self.run.message,
+            "error_file": self.error_file,
+            "problems": self.problems,
+            "by_reason": [
+                {"reason": r, "count": n, "how_to_fix": fix} for r, n, fix in self.by_reason
+            ],
+        }
+
+
+def summarize_errors(store: StateStore, run_id: str) -> ErrorSummary:
+    """Count the run's error file by reason, streamed in Arrow batches (memory stays flat
+    however many rows failed); an s3:// file is downloaded to a temporary file first."""
+    run = find_run(store, run_id)
+    summary = ErrorSummary(run, run.error_file)
+    if not run.error_file:
+        return summary
+    try:
+        local = storage.local_copy_path(run.error_file)
+    except FileNotFoundError:
+        raise ReverseEtlError(
+            f"run {run_id}: its error file {run.error_file} is gone (moved or deleted)"
+        ) from None
+    try:
+        counts, fixes = _count_reasons(local)
+    finally:
+        if storage.is_s3(run.error_file):
+            os.unlink(local)
+    summary.problems = sum(counts.values())
+    summary.by_reason = [(r, n, fixes.get(r, "")) for r, n in counts.most_common()]
+    return summary
+
+
+def _count_reasons(path: str) -> tuple[Counter[str], dict[str, str]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    columns = ("reason", "how_to_fix")
+    counts: Counter[str] = Counter()
+    fixes: dict[str, str] = {}
+    try:
+        reader = pacsv.open_csv(
+            path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(columns),
+                column_types=dict.fromkeys(columns, pa.string()),
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, StopIteration) as exc:  # an empty file has no header either
+        if isinstance(exc, StopIteration) or "Empty CSV" in str(exc):
+            return counts, fixes
+        raise ReverseEtlError(f"{path}: not an error file of reverse-etl: {exc}") from None
+    for batch in reader:
+        grouped = pa.Table.from_batches([batch]).group_by("reason")
+        for row in grouped.aggregate([("reason", "count"), ("how_to_fix", "min")]).to_pylist():
+            counts[row["reason"]] += row["reason_count"]
+            fixes.setdefault(row["reason"], row["how_to_fix_min"])
+    return counts, fixes
+
+
+# --------------------------------------------------------------------------- syncs, status
+
+
+def sync_dicts(project: Project) -> list[dict[str, Any]]:
+    """Each sync of the project file (``reverse-etl ls``), in file order."""
+    out = []
+    for s in project.syncs:
+        conn = project.connections[s.destination.connection]
+        out.append(
+            {
+                "name": s.name,
+                "object": s.object,
+                "mode": s.mode,
+                "source": {
+                    "connection": s.source.connection,
+                    "sql": s.source.sql,
+                    "table": s.source.table,
+                },
+                "destination": {
+                    "connection": s.destination.connection,
+                    "type": conn.type,
+                    "list": s.destination.list,
+                },
+                "schedule": s.schedule.text if s.schedule else None,
+                "enabled": s.enabled,
+            }
+        )
+    return out
+
+
+def lock_dict(info: LockInfo | None, stale_after: timedelta) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "run_id": info.run_id,
+        "owner": info.owner,
+        "acquired_at": _iso(info.acquired_at),
+        "heartbeat_at": _iso(info.heartbeat_at),
+        "stale": is_stale(info, stale_after),
+    }
+
+
+def status_dicts(
+    project: Project, store: StateStore, names: list[str], limit: int
+) -> list[dict[str, Any]]:
+    """Per sync: watermark, schedule, who holds its lock, its last ``limit`` runs."""
+    out = []
+    for name in names:
+        mark = store.watermark(name)
+        sched = project.sync(name).schedule
+        out.append(
+            {
+                "sync": name,
+                "watermark": None
+                if mark is None
+                else {"cursor": _plain(mark.cursor), "id": _plain(mark.id)},
+                "schedule": sched.text if sched else None,
+                "lock": lock_dict(store.lock_info(name), store.stale_after),
+                "runs": [run_dict(r) for r in store.last_runs(name, limit)],
+            }
+        )
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A watermark value as JSON holds it: numbers and text as they are, times in ISO 8601,
+    others (decimals) as text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return value.isoformat() if isinstance(value, date) else str(value)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def sql_file_problems(project: Project) -> dict[str, str]:
+    """Sync name -> why its ``source.sql`` file cannot be read (missing, a folder, empty)."""
+    out: dict[str, str] = {}
+    for s in project.syncs:
+        if s.source.sql is None:
+            continue
+        path = project.path(s.source.sql)
+        if not path.exists():
+            out[s.name] = f"source.sql: {path} does not exist; create it or fix the path"
+        elif not path.is_file():
+            out[s.name] = f"source.sql: {path} is not a file"
+        elif not path.read_text(errors="replace").strip():
+            out[s.name] = f"source.sql: {path} is empty; write one SELECT"
+    return out
+
+
+def missing_env_warnings(project: Project) -> list[str]:
+    """The destination secrets the environment lacks: ``run`` would stop on them."""
+    return [
+        f"{path}: environment variable {name!r} is not set; `run` and `optouts` need it"
+        for conn in project.connections
+        for path, name in project.missing_env(conn)
+    ]
+
+
+# --------------------------------------------------------------------------- unlock
+
+
+def is_stale(info: LockInfo, stale_after: timedelta) -> bool:
+    """The holder stopped heartbeating for longer than the store's stale_after: it is gone
+    (a live run beats every few seconds to a minute, whatever it waits for)."""
+    return state.now() - info.heartbeat_at > stale_after
+
+
+def holder_text(info: LockInfo) -> str:
+    age = (state.now() - info.heartbeat_at).total_seconds()
+    return (
+        f"run {info.run_id} on {info.owner}, since {info.acquired_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"last heartbeat {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC ({age:.0f} s ago)"
+    )
+
+
+def unlock(store: StateStore, sync: str, *, force: bool = False) -> str:
+    """Release the sync's lock if its holder is gone (stale heartbeat), or whoever holds it
+    with ``force``; say what was done. A live holder is refused (LockHeldError): releasing
+    its lock would let a second run of the sync start beside it."""
+    info = store.lock_info(sync)
+    if info is None:
+        return f"{sync}: was not locked"
+    if force:
+        store.unlock(sync)
+        _abandon(store, info, "its lock was released by `reverse-etl unlock --force`")
+        return f"{sync}: lock released (forced; it was held by {holder_text(info)})"
+    if not is_stale(info, store.stale_after):
+        stale_at = info.heartbeat_at + store.stale_after
+        raise LockHeldError(
+            f"sync {sync!r} is held by a live run: {holder_text(info)}. Its heartbeat is recent, "
+            f"so it is taken to be running; the lock is released when it ends. If you know that "
+            f"process is gone, its lock goes stale at {stale_at:%Y-%m-%d %H:%M:%S} UTC (no "
+            f"heartbeat for {store.stale_after}), or run `reverse-etl unlock {sync} --force`"
+        )
+    if not store.release(sync, info.run_id):  # taken over or released meanwhile: look again
+        return unlock(store, sync, force=False)
+    _abandon(
+        store,
+        info,
+        f"the process stopped heartbeating at {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC "
+        "(killed or lost); `reverse-etl unlock` released its lock",
+    )
+    return f"{sync}: lock released (stale: held by {holder_text(info)})"
+
+
+def _abandon(store: StateStore, info: LockInfo, why: str) -> None:
+    """Mark the released lock's run ``abandoned`` if its record still says ``running``, as a
+    run taking over a stale lock does: the history must not show it running forever. A
+    holder that is alive after all records its own end over this when it stops."""
+    with store.engine.begin() as con:
+        con.execute(
+            sa.update(state.runs)
+            .where(state.runs.c.run_id == info.run_id, state.runs.c.status == "running")
+            .values(status="abandoned", ended_at=info.heartbeat_at, message=f"abandoned: {why}")
+        )
