@@ -410,3 +410,38 @@ def test_sandbox_server_and_paced_client_share_a_fake_clock():
     capacity, rate = ratelimit.shape(steady * PACE, 60.0)
     assert t.now == pytest.approx((30 - capacity) / rate)
     assert len(sandbox.lists()) == 30
+
+
+def test_a_long_pacing_wait_is_the_runs_phase_while_it_lasts(monkeypatch):
+    from contextlib import contextmanager
+
+    from reverse_etl import progress
+
+    seen: list[tuple[str, object]] = []
+
+    @contextmanager
+    def phase(text: str) -> Iterator[None]:
+        seen.append(("phase", text))
+        yield
+        seen.append(("back", text))
+
+    monkeypatch.setattr(progress, "phase", phase)
+    t = FakeTime()
+
+    def sleep(seconds: float) -> None:
+        seen.append(("sleep", round(seconds, 3)))
+        t.sleep(seconds)
+
+    lim = RateLimiter(10, 2, clock=t.clock, sleep=sleep)  # steady: 1 now, then 1 a minute
+    lim.acquire()
+    lim.acquire()
+    assert seen == [
+        ("phase", "rate limited, resuming in 60 s"),
+        ("sleep", 60.0),
+        ("back", "rate limited, resuming in 60 s"),
+    ]
+    seen.clear()
+    short = RateLimiter(10, 600, clock=t.clock, sleep=sleep)
+    short.acquire()
+    short.acquire()  # a tenth of a second: no phase
+    assert [kind for kind, _ in seen] == ["sleep"]

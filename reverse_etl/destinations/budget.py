@@ -53,7 +53,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from reverse_etl.destinations.ratelimit import Clock, RateLimiter, Sleep, shape
+from reverse_etl.destinations.ratelimit import Clock, RateLimiter, Sleep, paced_sleep, shape
 from reverse_etl.secrets import scrub
 from reverse_etl.state import StateStore, rate_budget
 
@@ -241,7 +241,7 @@ class SharedLimiter(RateLimiter):
                     return 0.0
         if due is None:  # the store failed: pace this process alone for a while
             return self._alone.acquire()
-        self._sleep(due)  # a reserved token: ours once due, no second round trip
+        paced_sleep(self._sleep, due)  # a reserved token: ours once due, no second round trip
         return due
 
     def _lease(self, now: float) -> float | None:

@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from reverse_etl import progress
-from reverse_etl.destinations.ratelimit import RateLimiter, Unlimited
+from reverse_etl.destinations.ratelimit import NOTABLE_WAIT, RateLimiter, Unlimited
 from reverse_etl.errors import DestinationError
 from reverse_etl.secrets import scrub
 
@@ -39,8 +39,6 @@ NOT_SENT: tuple[type[Exception], ...] = (
     httpx.ConnectTimeout,
     httpx.PoolTimeout,
 )
-# A wait at least this long (seconds) is news: logged at INFO and shown as the run's phase.
-NOTABLE_WAIT = 3.0
 
 
 class Unsure(DestinationError):
@@ -122,7 +120,7 @@ class ApiClient:
         for attempt in range(1, self.retry.max_attempts + 1):
             paced = limiter.acquire()
             if paced > 0 and paced >= NOTABLE_WAIT:
-                # the limiter has slept already: it cannot say so before (ratelimit.py)
+                # the limiter showed it as the run's phase while it slept (ratelimit.paced_sleep)
                 log.info(
                     "%s %s %s: rate limited (client-side pacing to the published limits), "
                     "waited %.0f s",

@@ -78,6 +78,21 @@ def shape(limit: float, period: float) -> tuple[float, float]:
     return capacity, max(limit - capacity, min(limit, 1.0)) / period
 
 
+NOTABLE_WAIT = 3.0  # seconds: a pacing wait this long is shown as the run's phase while it lasts
+
+
+def paced_sleep(sleep: Sleep, seconds: float) -> None:
+    """Sleep a pacing wait; one of ``NOTABLE_WAIT`` or more is the run's phase ("rate limited,
+    resuming in 12 s") while it lasts, so an unattended run says why it is quiet."""
+    if seconds < NOTABLE_WAIT:
+        sleep(seconds)
+        return
+    from reverse_etl.progress import phase  # the engine's, imported late: no import cycle
+
+    with phase(f"rate limited, resuming in {seconds:.0f} s"):
+        sleep(seconds)
+
+
 class RateLimiter:
     """Burst per second and steady per minute, as in ``x-klaviyo-ratelimit``, each a bucket
     that never lets more than its limit through in any second or minute (``shape``).
@@ -123,7 +138,7 @@ class RateLimiter:
                     return waited
                 self.waited += delay
                 self.waits += 1
-            self._sleep(delay)
+            paced_sleep(self._sleep, delay)
             waited += delay
 
 
