@@ -181,6 +181,20 @@ def check(obj: Ctx, offline: bool) -> None:
     "--dry-run", is_flag=True, help="Do everything but the API calls; write the payloads to a file."
 )
 @click.option("--due", is_flag=True, help="Run only syncs whose schedule says they are due.")
+@click.option(
+    "--accept-changes",
+    is_flag=True,
+    help="Run the named syncs although their definition (SQL, mapping, destination, ...) changed "
+    "since their last accepted run, and accept it for later runs.",
+)
+@click.option(
+    "--even-if-disabled",
+    is_flag=True,
+    help="Run the named syncs although they are disabled (reverse-etl disable, enabled: false).",
+)
+@click.option(
+    "--no-deps", is_flag=True, help="Run the named syncs only, not the syncs they depend_on first."
+)
 @click.pass_obj
 def run(
     obj: Ctx,
@@ -190,20 +204,45 @@ def run(
     allow_mass_removal: bool,
     dry_run: bool,
     due: bool,
+    no_deps: bool,
+    accept_changes: bool,
+    even_if_disabled: bool,
 ) -> None:
-    """Run syncs (all enabled ones when none is named)."""
+    """Run syncs (all enabled ones when none is named), each after the syncs it depends_on."""
+    from reverse_etl import controls
     from reverse_etl.engine import RunOptions, due_syncs, in_run_order, run_sync
+    from reverse_etl.schedule import blocked_by, in_dependency_order
 
+    if accept_changes and not syncs:  # a flag in a cron line would defeat the lock
+        _fail("--accept-changes needs the syncs named: reverse-etl run SYNC --accept-changes", 2)
     try:
         project = obj.project
         store = obj.store()
         names = list(syncs) or (
             due_syncs(project, store)
             if due
-            else in_run_order(project, [s.name for s in project.syncs if s.enabled])
+            else in_run_order(project, controls.enabled_names(project, store))
         )
         for name in names:
             project.sync(name)
+        if not no_deps:  # named syncs bring their dependencies; due ones are only ordered
+            names = in_dependency_order(project, names, add_dependencies=bool(syncs))
+        # a disabled sync is skipped even when named: Airflow and cron lines name syncs too;
+        # --even-if-disabled is the "Sync Now" of a run by hand (controls.py)
+        enabled = controls.enabled_states(project, store)
+        for name in [n for n in names if not enabled[n].enabled]:
+            if even_if_disabled and name in syncs:
+                said = "running it anyway (--even-if-disabled)"
+            else:
+                said = (
+                    "skipped; `reverse-etl enable NAME`, or add --even-if-disabled to run it once"
+                )
+                names.remove(name)
+            err_console.print(
+                f"[yellow]{name}: {escape(enabled[name].describe())}; "
+                f"{said.replace('NAME', name)}[/yellow]",
+                soft_wrap=True,
+            )
         if not dry_run:
             obj.need_secrets(names)
     except ReverseEtlError as exc:
@@ -218,12 +257,19 @@ def run(
         for name in names:
             if interrupt.requested:
                 break
+            blocked = None if no_deps else blocked_by(project, store, name)
+            if blocked:
+                err_console.print(f"[yellow]{name}: {escape(blocked)}[/yellow]", soft_wrap=True)
+                worst = max(worst, EXIT_FAILED)
+                continue
             options = RunOptions(
                 full_refresh=full_refresh,
                 resend=resend,
                 allow_mass_removal=allow_mass_removal,
                 dry_run=dry_run,
                 interrupt=interrupt,
+                # a changed definition is refused unless accepted by hand (controls.py)
+                guard_definition=not (full_refresh or (accept_changes and name in syncs)),
             )
             try:
                 result = run_sync(project, name, store, options)
@@ -240,6 +286,12 @@ def run(
         rec = r.record
         if rec.message:
             err_console.print(f"[red]{rec.sync}: {rec.message}[/red]")
+        if r.accepted_changes:
+            err_console.print(
+                f"[yellow]{rec.sync}: definition changes accepted: "
+                f"{escape('; '.join(r.accepted_changes))}[/yellow]",
+                soft_wrap=True,
+            )
         if r.by_reason:
             reasons = ", ".join(f"{k}={v}" for k, v in r.by_reason.most_common())
             console.print(f"{rec.sync}: rejected/failed rows by reason: {reasons}")
@@ -385,23 +437,31 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
     """Run each sync when its schedule says it is due, until stopped (Ctrl-C)."""
     import time
 
+    from reverse_etl import controls
     from reverse_etl.engine import RunOptions, due_syncs, run_sync
+    from reverse_etl.schedule import blocked_by, in_dependency_order
 
     try:
         project = obj.project
-        obj.need_secrets([s.name for s in project.syncs if s.enabled])
         store = obj.store()
+        obj.need_secrets(controls.enabled_names(project, store))
     except ReverseEtlError as exc:
         _fail(str(exc))
     done = 0
     interrupt = Interrupt(grace=_stop_grace())
     with interrupt.installed():
         while not interrupt.requested:
-            for name in due_syncs(project, store):
+            # a due sync whose dependency is due too runs after it
+            for name in in_dependency_order(project, due_syncs(project, store)):
                 if interrupt.requested:
                     break
+                blocked = blocked_by(project, store, name)
+                if blocked:
+                    err_console.print(f"{name}: {blocked}", soft_wrap=True)
+                    continue
                 try:
-                    result = run_sync(project, name, store, RunOptions(interrupt=interrupt))
+                    options = RunOptions(interrupt=interrupt, guard_definition=True)
+                    result = run_sync(project, name, store, options)
                 except ReverseEtlError as exc:  # e.g. still running from the last check
                     err_console.print(f"{name}: {scrub(str(exc))}")
                     continue
@@ -505,8 +565,14 @@ def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
         names = [project.sync(sync).name] if sync else [s.name for s in project.syncs]
     except ReverseEtlError as exc:
         _fail(str(exc))
+    from reverse_etl import retry_queue
+
+    queued = retry_queue.counts(store, names)  # rows waiting for their parent, per sync
     if as_json:
-        _echo_json({"syncs": inspect.status_dicts(project, store, names, limit)})
+        found = inspect.status_dicts(project, store, names, limit)
+        for entry in found:
+            entry["retry_queue"] = queued.get(entry["sync"], 0)
+        _echo_json({"syncs": found})
         return
     records = [r for name in names for r in store.last_runs(name, limit)]
     print_runs(records)
@@ -519,13 +585,26 @@ def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
         held = store.lock_info(name)
         if held is not None:
             console.print(f"{name}: locked by {inspect.holder_text(held)}")
+    from reverse_etl import controls
+
+    enabled = controls.enabled_states(project, store)
+    changed = controls.pending_changes(project, store, names)
     for name in names:
         mark = store.watermark(name)
         sched = project.sync(name).schedule
         console.print(
             f"{name}: watermark {mark.cursor if mark else '(none: next run reads everything)'}"
             + (f", schedule {sched.text}" if sched else "")
+            + (f", {queued[name]} rows in the retry queue" if queued.get(name) else "")
+            + f", {escape(enabled[name].describe())}",
+            soft_wrap=True,
         )
+        if name in changed:
+            err_console.print(
+                f"{name}: definition changed since its last accepted run ({escape(changed[name])});"
+                f" runs refuse it until `reverse-etl run {name} --accept-changes`",
+                soft_wrap=True,
+            )
 
 
 @main.command()
@@ -547,6 +626,40 @@ def unlock(obj: Ctx, sync: str, force: bool) -> None:
     except ReverseEtlError as exc:
         _fail(str(exc))
     console.print(said)
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--reset", is_flag=True, help="Forget the setting: the project file decides again.")
+@click.pass_obj
+def enable(obj: Ctx, sync: str, reset: bool) -> None:
+    """Let runs (run --due, scheduler, run with or without names) take SYNC again; kept in
+    the state store, over the project file's `enabled:`."""
+    _set_enabled(obj, sync, None if reset else True)
+
+
+@main.command()
+@click.argument("sync")
+@click.option("--reset", is_flag=True, help="Forget the setting: the project file decides again.")
+@click.pass_obj
+def disable(obj: Ctx, sync: str, reset: bool) -> None:
+    """Pause SYNC: every run skips it until `reverse-etl enable SYNC` (`run SYNC
+    --even-if-disabled` runs it once); kept in the state store, over the file's `enabled:`."""
+    _set_enabled(obj, sync, None if reset else False)
+
+
+def _set_enabled(obj: Ctx, sync: str, enabled: bool | None) -> None:
+    from reverse_etl import controls
+
+    try:
+        project = obj.project
+        name = project.sync(sync).name
+        store = obj.store()
+        controls.set_enabled(store, name, enabled)
+        said = controls.enabled_states(project, store)[name]
+    except ReverseEtlError as exc:
+        _fail(str(exc))
+    console.print(f"{name}: {escape(said.describe())}")
 
 
 @main.command()
@@ -627,10 +740,11 @@ def errors(obj: Ctx, run_id: str, as_json: bool) -> None:
 @click.pass_obj
 def list_syncs(obj: Ctx, as_json: bool) -> None:
     """The project's syncs: object, source, destination, schedule, enabled."""
-    from reverse_etl import inspect
+    from reverse_etl import controls, inspect
 
     try:
-        found = inspect.sync_dicts(obj.project)
+        project = obj.project
+        found = inspect.sync_dicts(project, controls.enabled_states(project, obj.store()))
     except ReverseEtlError as exc:
         _fail(str(exc))
     if as_json:
@@ -651,7 +765,8 @@ def list_syncs(obj: Ctx, as_json: bool) -> None:
                 + (f", list {dst['list']}" if dst["list"] else "")
             ),
             escape(s["schedule"] or "-"),
-            "yes" if s["enabled"] else "no",
+            ("yes" if s["enabled"] else "no")
+            + (" (state store)" if s["enabled_from"] == "state" else ""),
         )
     console.print(table)
 

@@ -8,7 +8,7 @@ rejected or failed row goes to the run's error file with its reason.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reverse_etl import controls
 from reverse_etl.columns import resolve_sync_columns
 from reverse_etl.config import Project, Sync
 from reverse_etl.consent import export
@@ -42,6 +43,7 @@ from reverse_etl.pipeline import Earned, preflight, transformed_batches
 from reverse_etl.plan import Plan
 from reverse_etl.problems import ProblemTracker, Verdict, judge, thresholds_for
 from reverse_etl.progress import Progress, RunProgress, current_run, tracking
+from reverse_etl.retry_queue import RetryQueue
 from reverse_etl.secrets import scrub
 from reverse_etl.snapshot import (
     Snapshot,
@@ -68,6 +70,9 @@ class RunOptions:
     dry_run: bool = False
     dry_run_file: str | None = None
     interrupt: Interrupt | None = None  # set by a signal: stop reading, commit what is in flight
+    # refuse (exit 3) when the sync's definition changed since its last accepted run; off, a
+    # run accepts the change and stores the new fingerprint (controls.py)
+    guard_definition: bool = False
 
 
 @dataclass
@@ -78,6 +83,7 @@ class RunResult:
     plan: Plan | None = None  # a dry run's adds, updates, removals and samples
     verdict: Verdict | None = None  # a finished run's problems against its fail_on
     signal_exit: int | None = None  # 130 or 143: the signal that stopped the run
+    accepted_changes: list[str] = field(default_factory=list)  # definition changes it took
 
     @property
     def exit_code(self) -> int:
@@ -281,9 +287,11 @@ def read_plan(
     *,
     watermark: Watermark | None = None,
     annotate: Callable[[str], str] | None = None,
+    retry: Sequence[str] = (),
 ) -> ReadPlan:
     """The one read of ``sync``'s view (``extract.plan_read``) from the sync's own columns,
-    past ``watermark`` (and its lookback window); the whole view without one."""
+    past ``watermark`` (and its lookback window), plus the ``retry`` identifiers; the whole
+    view without one."""
     return plan_read(
         source,
         view_sql,
@@ -293,6 +301,7 @@ def read_plan(
         watermark=watermark,
         lookback=timedelta(minutes=sync.lookback_minutes),
         annotate=annotate,
+        retry=retry,
     )
 
 
@@ -409,11 +418,22 @@ def _run(
                 f"sync {sync.name!r}: the view no longer fits the mapping, nothing was sent:\n  - "
                 + "\n  - ".join(problems)
             )
+        if not options.dry_run:  # a changed definition: refused, or accepted (controls.py)
+            result.accepted_changes = controls.guard_definition(
+                project,
+                project.sync(sync.name),
+                store,
+                record.run_id,
+                refuse=options.guard_definition,
+            )
         snapshot = open_snapshot(project, sync, spec, conn.type, source, schema)
         try:
             if mirror:
                 snapshot.begin_mirror()
             snapshot.keep_old = options.dry_run and options.plan_samples > 0
+            # rows refused for a missing parent are read again, behind the watermark
+            queue = RetryQueue(store, sync.name, record.run_id)
+            retry = queue.load()  # a read without a watermark takes them anyway
             # a warehouse snapshot is joined by the read itself: the diff runs where the data is
             plan = read_plan(
                 source,
@@ -422,6 +442,7 @@ def _run(
                 spec,
                 watermark=watermark,
                 annotate=snapshot.in_read(resend=options.resend),
+                retry=retry,
             )
             destination = destination_factory(project, sync)
         except BaseException:
@@ -498,10 +519,13 @@ def _run(
                     sent=sent.table,
                     key=key,
                     newest=newest,
+                    queue=queue,
                 )
                 if tracker is not None:
                     tracker.acknowledged()
                 replace = False
+            if not _stopping(options, lock):  # queued rows not met left the view
+                queue.finish()
             if mirror and snapshot.read_complete and not _stopping(options, lock):
                 _phase(tracker, "removing members who left the view")
                 _remove_departed(sync, store, lock, options, record, errors, destination, snapshot)
@@ -558,6 +582,7 @@ def _commit(
     sent: pa.Table | None = None,
     key: str = "",
     newest: NewestWins | None = None,
+    queue: RetryQueue | None = None,
 ) -> None:
     """Count the batch, remember what it sent in the snapshot, then move the watermark past
     it (in that order: see ``snapshot/local.py``). ``replace``: the first acknowledged batch
@@ -568,7 +593,8 @@ def _commit(
     c.created += loaded.created
     c.updated += loaded.updated
     c.failed += loaded.failed
-    errors.write(loaded.errors)
+    # rows refused for a missing parent are queued for the next runs (retry_queue.py)
+    errors.write(loaded.errors if queue is None else queue.settle(sent, loaded.errors))
     token: _Token = loaded.token
     if snapshot is not None and token.prints is not None and sent is not None and sent.num_rows:
         keys = _sent_keys(sent, key)
@@ -755,14 +781,15 @@ def in_run_order(project: Project, names: list[str]) -> list[str]:
 
 
 def due_syncs(project: Project, store: StateStore, moment: datetime | None = None) -> list[str]:
-    """Enabled syncs whose schedule says they should run now, contacts before orders."""
-    return in_run_order(
-        project,
-        [
-            s.name
-            for s in project.syncs
-            if s.enabled
-            and s.schedule is not None
-            and s.schedule.is_due(store.last_started(s.name), moment)
-        ],
-    )
+    """Enabled syncs (the state store's enable/disable over the file's) whose schedule says
+    they should run now, contacts before orders; a failed run is due again after a backoff."""
+    enabled = controls.enabled_states(project, store)
+
+    def due(s: Sync) -> bool:
+        if not enabled[s.name].enabled or s.schedule is None:
+            return False
+        failures, failed_at = controls.failure_streak(store, s.name)
+        last = store.last_started(s.name)
+        return s.schedule.is_due(last, moment, failures=failures, failed_at=failed_at)
+
+    return in_run_order(project, [s.name for s in project.syncs if due(s)])

@@ -13,7 +13,7 @@ one run never sends two versions of a record and the view is executed once per r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -44,6 +44,7 @@ def build_query(
     watermark: Watermark | None,
     lookback: timedelta,
     annotate: Callable[[str], str] | None = None,
+    retry: Sequence[str] = (),
 ) -> IncrementalQuery:
     """The run's one read of the view: its rows past the watermark (plus rows without a
     cursor or identifier), sorted by (cursor, identifier), each with ``DUP_RANK``: its rank
@@ -53,7 +54,10 @@ def build_query(
 
     ``annotate`` (a warehouse snapshot's join): given the ranked SELECT, unordered, a SELECT
     over it that keeps its cursor and identifier columns and adds its own; the read is that,
-    in the same order."""
+    in the same order.
+
+    ``retry``: identifiers (as the read's duplicate key spells them) read whatever their
+    cursor: rows of the retry queue (``retry_queue.py``), behind the watermark."""
     c, i = dialect.quote(cursor), dialect.quote(identifier)
     params: dict[str, Any] = {}
     if watermark is None:
@@ -75,6 +79,10 @@ def build_query(
         key = f"LOWER({key})"
     view = dialect.embed_sql(view_sql)
     read = f"WHERE {where} OR v.{c} IS NULL OR v.{i} IS NULL"
+    if retry and watermark is not None:  # without one the whole view is read anyway
+        names = [f"rq_{n}" for n in range(len(retry))]
+        params.update(zip(names, retry, strict=True))
+        read += f" OR {key} IN ({', '.join(dialect.param(n) for n in names)})"
     order = f"ORDER BY v.{c} ASC NULLS FIRST, v.{i} ASC NULLS FIRST"
     if dialect.name == "duckdb":
         ranked = _duckdb_ranked_read(view, read, c, i, key)
@@ -123,6 +131,7 @@ def plan_read(
     watermark: Watermark | None,
     lookback: timedelta,
     annotate: Callable[[str], str] | None = None,
+    retry: Sequence[str] = (),
 ) -> ReadPlan:
     """The run's single query over the view (duplicates are ranked inside it; a warehouse
     snapshot is joined inside it: ``annotate``)."""
@@ -135,6 +144,7 @@ def plan_read(
         watermark=watermark,
         lookback=lookback,
         annotate=annotate,
+        retry=retry,
     )
     return ReadPlan(query)
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from reverse_etl import state
+from reverse_etl import controls, state
 from reverse_etl.config import Project
+from reverse_etl.controls import EnabledState
 from reverse_etl.errors import LockHeldError, ReverseEtlError
 from reverse_etl.state import LockInfo, RunRecord, StateStore
 from reverse_etl.util import storage
@@ -146,10 +148,15 @@ def _count_reasons(path: str) -> tuple[Counter[str], dict[str, str]]:
 # --------------------------------------------------------------------------- syncs, status
 
 
-def sync_dicts(project: Project) -> list[dict[str, Any]]:
-    """Each sync of the project file (``reverse-etl ls``), in file order."""
+def sync_dicts(
+    project: Project, enabled: Mapping[str, EnabledState] | None = None
+) -> list[dict[str, Any]]:
+    """Each sync of the project file (``reverse-etl ls``), in file order. ``enabled``: the
+    effective enabled states (``controls.enabled_states``); without it, the file's."""
+    enabled = enabled or {}
     out = []
     for s in project.syncs:
+        said = enabled.get(s.name, EnabledState(s.enabled, "file"))
         conn = project.connections[s.destination.connection]
         out.append(
             {
@@ -167,7 +174,8 @@ def sync_dicts(project: Project) -> list[dict[str, Any]]:
                     "list": s.destination.list,
                 },
                 "schedule": s.schedule.text if s.schedule else None,
-                "enabled": s.enabled,
+                "enabled": said.enabled,
+                "enabled_from": said.source,  # file | state (reverse-etl enable/disable)
             }
         )
     return out
@@ -188,7 +196,10 @@ def lock_dict(info: LockInfo | None, stale_after: timedelta) -> dict[str, Any] |
 def status_dicts(
     project: Project, store: StateStore, names: list[str], limit: int
 ) -> list[dict[str, Any]]:
-    """Per sync: watermark, schedule, who holds its lock, its last ``limit`` runs."""
+    """Per sync: watermark, schedule, enabled (and from where), unaccepted definition changes,
+    who holds its lock, its last ``limit`` runs."""
+    enabled = controls.enabled_states(project, store)
+    changed = controls.pending_changes(project, store, names)
     out = []
     for name in names:
         mark = store.watermark(name)
@@ -200,6 +211,9 @@ def status_dicts(
                 if mark is None
                 else {"cursor": _plain(mark.cursor), "id": _plain(mark.id)},
                 "schedule": sched.text if sched else None,
+                "enabled": enabled[name].enabled,
+                "enabled_from": enabled[name].source,
+                "definition_changed": changed.get(name),  # None: as last accepted
                 "lock": lock_dict(store.lock_info(name), store.stale_after),
                 "runs": [run_dict(r) for r in store.last_runs(name, limit)],
             }

@@ -158,6 +158,34 @@ problems = sa.Table(
     sa.Column("last_seen_run", sa.String(64), nullable=False),
 )
 
+# rows a destination refused because their parent (a Dotdigital order's contact) did not exist
+# yet: re-read by identifier and sent again by later runs, up to a bound (retry_queue.py)
+retry_queue = sa.Table(
+    "retl_retry_queue",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("identifier", sa.String(500), primary_key=True),  # the row's identifier, as text
+    sa.Column("reason", sa.String(100), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),  # sends refused so far
+    sa.Column("first_queued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_run", sa.String(64), nullable=False),
+)
+
+# (migration 7) each sync's controls for unattended runs (reverse_etl/controls.py): an
+# enable/disable set by `reverse-etl enable|disable` that overrides the project file's
+# `enabled:`, and the fingerprint of the definition its last accepted run sent with
+sync_controls = sa.Table(
+    "retl_sync_controls",
+    metadata,
+    sa.Column("sync", sa.String(200), primary_key=True),
+    sa.Column("enabled", sa.Boolean),  # None: the project file decides
+    sa.Column("enabled_at", sa.DateTime(timezone=True)),
+    sa.Column("enabled_by", sa.String(200)),  # user@host
+    sa.Column("fingerprint", sa.Text),  # JSON: {part: digest}
+    sa.Column("fingerprint_at", sa.DateTime(timezone=True)),
+    sa.Column("fingerprint_run", sa.String(64)),
+)
+
 locks = sa.Table(
     "retl_locks",
     metadata,
@@ -777,6 +805,40 @@ def _v5_problems(con: sa.Connection) -> None:
         con.execute(sa.text(f"ALTER TABLE retl_runs ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
 
 
+def _v6_retry_queue(con: sa.Connection) -> None:
+    """Rows refused for a missing parent, retried by later runs (retry_queue.py)."""
+    v6 = sa.MetaData()
+    sa.Table(
+        "retl_retry_queue",
+        v6,
+        sa.Column("sync", sa.String(200), primary_key=True),
+        sa.Column("identifier", sa.String(500), primary_key=True),
+        sa.Column("reason", sa.String(100), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("first_queued_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_run", sa.String(64), nullable=False),
+    )
+    v6.create_all(con)
+
+
+# ---- migration 7 (controls helper, issue 17): keep to this block; migration 6 is above it
+def _v7_sync_controls(con: sa.Connection) -> None:
+    """Per-sync enable/disable overrides and definition fingerprints (controls.py)."""
+    v7 = sa.MetaData()
+    sa.Table(
+        "retl_sync_controls",
+        v7,
+        sa.Column("sync", sa.String(200), primary_key=True),
+        sa.Column("enabled", sa.Boolean),
+        sa.Column("enabled_at", sa.DateTime(timezone=True)),
+        sa.Column("enabled_by", sa.String(200)),
+        sa.Column("fingerprint", sa.Text),
+        sa.Column("fingerprint_at", sa.DateTime(timezone=True)),
+        sa.Column("fingerprint_run", sa.String(64)),
+    )
+    v7.create_all(con)
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
@@ -790,6 +852,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         4, "rate-limit budgets shared by the syncs of one destination account", _v4_rate_budget
     ),
     Migration(5, "open row problems per sync; runs count known and new problems", _v5_problems),
+    Migration(6, "rows refused for a missing parent, retried by later runs", _v6_retry_queue),
+    Migration(
+        7, "per-sync enable/disable overrides and definition fingerprints", _v7_sync_controls
+    ),
 )
 
 

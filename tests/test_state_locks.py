@@ -305,6 +305,8 @@ def test_first_runs_started_at_once_all_create_the_store(target: Target) -> None
             "retl_consent_cursors",
             "retl_rate_budget",
             "retl_problems",
+            "retl_retry_queue",
+            "retl_sync_controls",
         }
         store.close()
 

@@ -350,6 +350,9 @@ class Sync(Strict):
     mapping: dict[str, str | FieldMapping]
     consent: ConsentSpec = ConsentSpec()
     schedule: Schedule | None = None
+    # syncs that run before this one (an orders sync after its contacts sync, whose orders
+    # the destination refuses until the contact exists): run SYNC, run, run --due, scheduler
+    depends_on: list[str] = []
     enabled: bool = True
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     lookback_minutes: Annotated[int, Field(ge=0, le=60 * 24 * 31)] = 0
@@ -485,6 +488,7 @@ class Project(Strict):
                     f"syncs[{i}].optouts_table",
                     "a BigQuery table is named with its dataset: dataset.table",
                 )
+        _check_dependencies(self.syncs)
         if self.snapshot.connection is not None:
             _check_snapshot_connection(self, self.snapshot.connection)
         return self
@@ -540,6 +544,35 @@ class _RefError(ValueError):
 
 def _at(loc: str, message: str) -> _RefError:
     return _RefError(loc, message)
+
+
+def _check_dependencies(syncs: list[Sync]) -> None:
+    """Every ``depends_on`` names another sync of the project, and they form no cycle."""
+    import graphlib
+
+    known = [s.name for s in syncs]
+    for i, sync in enumerate(syncs):
+        for j, name in enumerate(sync.depends_on):
+            if name == sync.name:
+                raise _at(f"syncs[{i}].depends_on[{j}]", f"sync {name!r} cannot depend on itself")
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise _at(
+                    f"syncs[{i}].depends_on[{j}]",
+                    f"no sync named {name!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" Known syncs: {', '.join(known)}",
+                )
+    try:
+        graphlib.TopologicalSorter({s.name: s.depends_on for s in syncs}).prepare()
+    except graphlib.CycleError as exc:
+        cycle = list(reversed(exc.args[1]))  # graphlib lists each node before its dependent
+        where = known.index(cycle[0])
+        raise _at(
+            f"syncs[{where}].depends_on",
+            f"depends_on forms a cycle: {' -> '.join(cycle)} (each depends on the next); "
+            "remove one of these dependencies",
+        ) from None
 
 
 def _check_snapshot_connection(project: Project, name: str) -> None:

@@ -64,6 +64,7 @@ FIXES: dict[str, str] = {
     "invalid_boolean": "Use true/false, yes/no or 1/0.",
     "value_too_large": "Shorten the value or stop mapping the column; the destination refuses records this large.",
     "missing_required_field": "Give every row a value in the fields the message names, or filter such rows out of the view; the destination cannot take the record without them.",
+    "parent_missing_gave_up": "The record's parent (an order's contact) never reached the destination after several runs: sync the parent (check it is in its sync's view and was not rejected there), then change the row so it is read again.",
     "destination_rejected": "Read the message: the destination refused this record. Fix the data and it is sent again on its next change.",
     "not_sent": "The destination did not acknowledge this record before the run stopped; the next run sends it again.",
     "kept_unsubscribed": "Nothing to fix: the person opted out at the destination after the consent in the warehouse, so the subscribe was not sent (newest wins). A newer consent (its consented_at after the opt-out) is sent.",

@@ -277,14 +277,10 @@ class InsightDestination(DotdigitalBase):
         about_contact = reason.startswith("Contact") or reason == "InvalidContactIdentifier"
         column = self.column_of.get("email", "(record)") if about_contact else "(record)"
         value = owner.get("value") if about_contact else key
-        return RowError(
-            row,
-            ident,
-            column,
-            value,
-            "destination_rejected",
-            f"Dotdigital: {reason}" + (f": {details}" if details else ""),
-        )
+        message = f"Dotdigital: {reason}" + (f": {details}" if details else "")
+        if reason in CONTACT_MISSING:  # the contact may come with a later run: it is queued
+            return RowError(row, ident, column, value, "contact_missing", message)
+        return RowError(row, ident, column, value, "destination_rejected", message)
 
     def close(self) -> None:
         super().close()
@@ -292,6 +288,11 @@ class InsightDestination(DotdigitalBase):
             self._json.close()
         if self._rules is not None:
             self._rules.close()
+
+
+# failureReason values of an insight import for a record whose contact does not exist (the
+# insight data service's getImportStatus schema, shared/api-specs/dotdigital)
+CONTACT_MISSING = frozenset({"ContactEmailDoesNotExist", "ContactIdDoesNotExist"})
 
 
 class _Rules:

@@ -2,6 +2,7 @@
 ``how_to_fix``). Codes every destination shares are in ``transform/rowerrors.py``."""
 
 REASONS: dict[str, str] = {
+    "contact_missing": "Nothing to fix yet: the order's contact is not in Dotdigital (yet). The row is queued and sent again by the next runs (give the orders sync depends_on: [its contacts sync] so the contact goes first); if the contact never arrives it is given up (parent_missing_gave_up).",
     "missing_email": "Give the row an email address; Dotdigital matches contacts, and the owners of orders, by email.",
     "unknown_order_status": "Add the status to destination.order_status_map with the Dotdigital status it stands for (Pending, Paid, Completed, Cancelled ...).",
     "insight_nested_array": "Insight data refuses an array directly inside an array: flatten the column in the view, or wrap each inner array in a record ({'values': [...]}).",
