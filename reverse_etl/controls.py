@@ -160,16 +160,7 @@ def fingerprint(project: Project, sync: Sync) -> dict[str, str]:
         source: Any = {"sql": " ".join(project.source_sql(sync).split())}
     else:
         source = {"table": sync.source.table}
-    parts: dict[str, Any] = {
-        "source": source,
-        "source.connection": sync.source.connection,
-        "identifier": sync.identifier,
-        "cursor": sync.cursor,
-        "mode": sync.mode,
-        "destination.connection": sync.destination.connection,
-        "destination.object": sync.object,
-        "destination.list": sync.destination.list,
-    }
+    parts: dict[str, Any] = {"source": source, **_plain_parts(sync)}
     for column, target in sync.mapping.items():
         name, kind = _field(target)
         parts[f"mapping:{name}"] = {"column": column, "type": kind}
@@ -233,7 +224,8 @@ def describe_changes(sync: Sync, old: dict[str, str], new: dict[str, str]) -> li
     return out
 
 
-def _current(sync: Sync, key: str) -> Any:
+def _plain_parts(sync: Sync) -> dict[str, Any]:
+    """The definition's parts that are one setting each (named with their value on change)."""
     return {
         "source.connection": sync.source.connection,
         "identifier": sync.identifier,
@@ -242,7 +234,11 @@ def _current(sync: Sync, key: str) -> Any:
         "destination.connection": sync.destination.connection,
         "destination.object": sync.object,
         "destination.list": sync.destination.list,
-    }.get(key)
+    }
+
+
+def _current(sync: Sync, key: str) -> Any:
+    return _plain_parts(sync).get(key)
 
 
 def guard_definition(
