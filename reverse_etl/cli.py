@@ -346,10 +346,21 @@ def plan(obj: Ctx, sync: str, full_refresh: bool, samples: int, as_json: bool) -
     if result.record.status == "failed" or result.plan is None:
         _fail(f"{sync}: {result.record.message or 'the plan could not be made'}")
     found = result.plan
+    from reverse_etl.controls import pending_changes
+
+    # a definition change the plan shows the effect of, but that a real run would refuse
+    changed = pending_changes(project, obj.store(), [sync]).get(sync)
     if as_json:
-        click.echo(orjson.dumps(found.as_dict(), default=str, option=orjson.OPT_INDENT_2))
+        doc = {**found.as_dict(), "definition_changed": changed}
+        click.echo(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2))
         sys.exit(EXIT_OK)
     console.print(f"{sync}: {plan_line(found)}")
+    if changed:
+        console.print(
+            f"{sync}: the definition changed ({escape(changed)}); a run refuses it until "
+            f"`reverse-etl run {sync} --accept-changes` (or --full-refresh)",
+            soft_wrap=True,
+        )
     for title, changes in (
         ("adds", found.added),
         ("updates", found.updated),

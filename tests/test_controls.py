@@ -182,6 +182,11 @@ def test_accept_changes_by_hand_clears_the_lock(tmp_path: Path, fake_destination
     assert "destination.list changed (now 'VIP')" in " ".join(refused.stderr.split())
     status = json.loads(cli(tmp_path, "status", "--json").output)["syncs"][0]
     assert status["definition_changed"] == "destination.list changed (now 'VIP')"
+    # plan shows what the change would do, and says a run would refuse it
+    planned = cli(tmp_path, "plan", "people", "--json")
+    assert planned.exit_code == EXIT_OK
+    assert json.loads(planned.stdout)["definition_changed"] == status["definition_changed"]
+    assert "--accept-changes" in " ".join(cli(tmp_path, "plan", "people").stdout.split())
     # the flag belongs to a run by hand, with the syncs named (not a cron line)
     assert cli(tmp_path, "run", "--due", "--accept-changes").exit_code == 2
     accepted = cli(tmp_path, "run", "people", "--accept-changes")
