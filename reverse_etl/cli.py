@@ -459,6 +459,7 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
     except ReverseEtlError as exc:
         _fail(str(exc))
     done = 0
+    told: dict[str, str] = {}  # sync -> the block last printed: said once, not every check
     interrupt = Interrupt(grace=_stop_grace())
     with interrupt.installed():
         while not interrupt.requested:
@@ -468,8 +469,11 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
                     break
                 blocked = blocked_by(project, store, name)
                 if blocked:
-                    err_console.print(f"{name}: {blocked}", soft_wrap=True)
+                    if told.get(name) != blocked:
+                        err_console.print(f"{name}: {blocked}", soft_wrap=True)
+                        told[name] = blocked
                     continue
+                told.pop(name, None)
                 try:
                     options = RunOptions(interrupt=interrupt, guard_definition=True)
                     result = run_sync(project, name, store, options)
