@@ -58,6 +58,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python tests/bench/consent_readback.py
 	PYTHONPATH=. $(BIN)/python tests/bench/snapshot_diff.py
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/shared_budget.py
+	PYTHONPATH=. $(BIN)/python tests/bench/cli_end_to_end.py --sizes 100000,1000000
 
 ## make constraints: re-pin constraints.txt to what .venv holds now (after changing a
 ## dependency in pyproject.toml and seeing `make test` pass). Tools installed by hand are left out.
