@@ -132,13 +132,14 @@ class Run:
     status: str
 
 
-def project(work: Path, db: Path, url: str) -> Path:
+def project(work: Path, db: Path, url: str, *, consent: bool = True) -> Path:
+    """``consent=False``: the mapping without its ``consent:`` block, to tell the engine's
+    cost from the consent calls' (read-back lookups, subscription jobs)."""
     (work / "sql").mkdir(parents=True, exist_ok=True)
     (work / "profiles").mkdir(exist_ok=True)
     (work / "sql" / "view.sql").write_text(VIEW)
-    (work / "profiles" / "profiles.yml").write_text(
-        PROJECT.format(db=db, url=url, mapping=PROFILE_MAPPING)
-    )
+    mapping = PROFILE_MAPPING if consent else PROFILE_MAPPING.split("    consent:")[0]
+    (work / "profiles" / "profiles.yml").write_text(PROJECT.format(db=db, url=url, mapping=mapping))
     return work
 
 
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", type=int, metavar="SIZE", help="profile a first run")
     parser.add_argument("--explain", type=int, metavar="SIZE", help="EXPLAIN ANALYZE the read")
     parser.add_argument("--no-incremental", action="store_true")
+    parser.add_argument(
+        "--no-consent", action="store_true", help="the mapping without consent: the engine alone"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
         "--real-vendor-time",
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             print(head)
             for size in sizes:
                 db = warehouse(size)
-                work = project(tmp / f"r{size}", db, url)
+                work = project(tmp / f"r{size}", db, url, consent=not args.no_consent)
                 first = cli_run(work, real_vendor_time=args.real_vendor_time)
                 _row(f"{size:,} first run", first, None)
                 if not args.no_incremental:
