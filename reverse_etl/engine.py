@@ -94,11 +94,15 @@ class RunResult:
             return EXIT_FAILED
         if self.verdict is not None:
             return EXIT_ROW_ERRORS if self.verdict.crossed else EXIT_OK
-        # every rejected row has its reason: rows set aside by a note alone are no error
-        problems = any(reason not in NOTES for reason in self.by_reason)
-        if self.record.counts.failed or problems:
+        if self.record.counts.failed or has_problems(self.by_reason):
             return EXIT_ROW_ERRORS
         return EXIT_OK
+
+
+def has_problems(by_reason: Counter[str]) -> bool:
+    """Whether a run's error file holds an error: every rejected row has its reason, and rows
+    set aside by a note alone (``NOTES``: kept consent, ...) are no error."""
+    return any(reason not in NOTES for reason in by_reason)
 
 
 DestinationFactory = Callable[[Project, Sync], Destination]
@@ -357,8 +361,7 @@ def _final_status(record: RunRecord, options: RunOptions, result: RunResult) -> 
     if options.dry_run:
         return "dry_run"
     c = record.counts
-    problems = any(reason not in NOTES for reason in result.by_reason)
-    return "partial" if c.failed or problems else "success"
+    return "partial" if c.failed or has_problems(result.by_reason) else "success"
 
 
 def _judge(
@@ -421,7 +424,7 @@ def _run(
         if not options.dry_run:  # a changed definition: refused, or accepted (controls.py)
             result.accepted_changes = controls.guard_definition(
                 project,
-                project.sync(sync.name),
+                sync,
                 store,
                 record.run_id,
                 refuse=options.guard_definition,
@@ -596,16 +599,17 @@ def _commit(
     # rows refused for a missing parent are queued for the next runs (retry_queue.py)
     errors.write(loaded.errors if queue is None else queue.settle(sent, loaded.errors))
     token: _Token = loaded.token
-    if snapshot is not None and token.prints is not None and sent is not None and sent.num_rows:
-        keys = _sent_keys(sent, key)
-        # rows the destination refused are not held; a row sent without the part the screen
-        # took off (consent without an address) is held as it is: its error was reported, and
-        # sending it again cannot fix it until it changes
+    if sent is not None and sent.num_rows:
+        # the rows the destination took (it refused those with an error)
         refused = pa.array(sorted({e.row_number for e in loaded.errors}), pa.int64())
-        snapshot.record(token.prints, keys.filter(pc.invert(pc.is_in(keys["__row"], refused))))
-    if newest is not None and sent is not None and sent.num_rows:
-        refused = pa.array(sorted({e.row_number for e in loaded.errors}), pa.int64())
-        newest.acknowledged(sent.filter(pc.invert(pc.is_in(sent["__row"], refused))))
+        landed = pc.invert(pc.is_in(sent["__row"], refused))
+        if snapshot is not None and token.prints is not None:
+            # a row sent without the part the screen took off (consent without an address) is
+            # held as it is: its error was reported, and sending it again cannot fix it until
+            # it changes
+            snapshot.record(token.prints, _sent_keys(sent, key).filter(landed))
+        if newest is not None:
+            newest.acknowledged(sent.filter(landed))
     mark: Watermark | None = token.mark
     if replace:
         if mark is None:
