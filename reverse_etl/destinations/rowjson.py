@@ -9,7 +9,6 @@ column holds them (the transform has refused NaN and Infinity, which JSON cannot
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,22 +56,9 @@ def null_names(columns: dict[str, str]) -> str:
     return f"list_filter([{items}], lambda x: x IS NOT NULL)"
 
 
-# ``json_strip_nulls`` re-reads the document and turns a number a double cannot hold into a
-# rounded double. Wide decimals therefore travel through it as strings marked with a random
-# nonce (drawn per compiled query, so no user text can forge it) and are unquoted afterwards.
-def _unmark(nonce: str) -> str:
-    return f'"{nonce}(-?[0-9]+([.][0-9]+)?)"'
-
-
-def _wide_decimal(dtype: pa.DataType) -> bool:
-    return pt.is_decimal(dtype) and dtype.precision > 15
-
-
-def _leaf(col: Col, schema: pa.Schema, *, mark_wide: str = "") -> str:
+def _leaf(col: Col, schema: pa.Schema) -> str:
     ref = f"t.{ident(col.name)}"
     dtype = schema.field(col.name).type
-    if mark_wide and _wide_decimal(dtype):
-        return f"({literal(mark_wide)} || CAST({ref} AS VARCHAR))"
     if pt.is_timestamp(dtype):
         if dtype.tz is None:
             return f"strftime({ref}, '%Y-%m-%dT%H:%M:%S')"
@@ -80,17 +66,46 @@ def _leaf(col: Col, schema: pa.Schema, *, mark_wide: str = "") -> str:
     return ref  # DECIMAL, HUGEINT and UBIGINT: to_json writes every digit, never a rounded double
 
 
-def _render(node: Any, schema: pa.Schema, *, mark_wide: str = "") -> str:
+def _render(node: Any, schema: pa.Schema) -> str:
+    """SQL for ``node`` as a DuckDB value (a struct for a dict), for ``to_json``."""
     if isinstance(node, Col):
-        return _leaf(node, schema, mark_wide=mark_wide)
+        return _leaf(node, schema)
     if isinstance(node, Expr):
         return node.sql
     if isinstance(node, dict):
-        inner = ", ".join(
-            f"{literal(k)}: {_render(v, schema, mark_wide=mark_wide)}" for k, v in node.items()
-        )
+        inner = ", ".join(f"{literal(k)}: {_render(v, schema)}" for k, v in node.items())
         return "{" + inner + "}"
     return f"json({literal(orjson.dumps(node).decode())})"
+
+
+def _nested(dtype: pa.DataType) -> bool:
+    return pt.is_nested(dtype) or pt.is_dictionary(dtype)
+
+
+def _text(node: Any, schema: pa.Schema) -> str:
+    """SQL for ``node`` as JSON text with its null properties left out, NULL when ``node``
+    is null (so its key is left out too). The text is put together from each value's own
+    ``to_json`` with ``concat_ws``, which skips NULLs: a scalar is rendered once and never
+    parsed again (``json_strip_nulls`` over a whole document re-read it, about half the
+    cost, and turned a number a double cannot hold into a rounded double). A nested value
+    or a derived ``Expr`` still goes through ``json_strip_nulls``, which also reaches into
+    it; a dict whose values are all null is ``{}``, as the strip left it."""
+    if isinstance(node, Col):
+        leaf = _leaf(node, schema)
+        if _nested(schema.field(node.name).type):
+            return f"CAST(json_strip_nulls(to_json({leaf})) AS VARCHAR)"
+        return f"CAST(to_json({leaf}) AS VARCHAR)"
+    if isinstance(node, Expr):
+        return f"CAST(json_strip_nulls(to_json({node.sql})) AS VARCHAR)"
+    if isinstance(node, dict):
+        if not node:
+            return "'{}'"
+        pairs = ", ".join(
+            f"{literal(orjson.dumps(k).decode() + ':')} || {_text(v, schema)}"
+            for k, v in node.items()
+        )
+        return f"('{{' || concat_ws(',', {pairs}) || '}}')"
+    return literal(orjson.dumps(node).decode())
 
 
 class RowJson:
@@ -107,14 +122,10 @@ class RowJson:
         if table.num_rows == 0:
             return pa.array([], pa.string())
         if self._schema is None or not table.schema.equals(self._schema):
-            wide = self.drop_nulls and any(_wide_decimal(f.type) for f in table.schema)
-            mark = f"retl-{secrets.token_hex(12)}:" if wide else ""
-            expr = f"to_json({_render(self.template, table.schema, mark_wide=mark)})"
             if self.drop_nulls:
-                expr = f"json_strip_nulls({expr})"
-            expr = f"CAST({expr} AS VARCHAR)"
-            if mark:
-                expr = f"regexp_replace({expr}, {literal(_unmark(mark))}, '\\1', 'g')"
+                expr = _text(self.template, table.schema)
+            else:
+                expr = f"CAST(to_json({_render(self.template, table.schema)}) AS VARCHAR)"
             self._sql = f"SELECT {expr} AS doc FROM tbl AS t"
             self._schema = table.schema
         parts = [self._build(part) for part in _slices(table, CHUNK_BYTES)]
@@ -160,19 +171,37 @@ def pack(
     docs: list[bytes] | pa.Array, max_items: int, max_bytes: int, overhead: int
 ) -> list[tuple[int, int]]:
     """Split docs into [start, end) runs of at most ``max_items`` and ``max_bytes`` (counting
-    ``overhead`` bytes of envelope and one comma a doc)."""
-    sizes = (
-        [len(d) for d in docs]
-        if isinstance(docs, list)
-        else pa.compute.binary_length(docs).to_pylist()
-    )
+    ``overhead`` bytes of envelope and one comma a doc); a doc larger than that goes alone.
+    One search per run over the cumulative sizes, not a Python step per doc."""
+    if isinstance(docs, list):
+        sizes = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    elif len(docs) == 0:
+        return []
+    else:
+        sizes = pc.binary_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(sizes + 1)  # bytes of docs [0, i] with their commas
     runs: list[tuple[int, int]] = []
-    start, total = 0, overhead
-    for i, size in enumerate(sizes):
-        if i > start and (i - start >= max_items or total + size + 1 > max_bytes):
-            runs.append((start, i))
-            start, total = i, overhead
-        total += size + 1
-    if start < len(sizes):
-        runs.append((start, len(sizes)))
+    start, n = 0, len(sizes)
+    while start < n:
+        before = int(ends[start - 1]) if start else 0
+        fits = int(np.searchsorted(ends, before + max_bytes - overhead, side="right"))
+        stop = max(start + 1, min(fits, start + max_items, n))
+        runs.append((start, stop))
+        start = stop
     return runs
+
+
+def joined(docs: pa.Array, start: int, stop: int) -> bytes:
+    """``docs[start:stop]`` joined by commas, as UTF-8: Arrow's join over a zero-copy list
+    view of the slice, so a 10,000-doc body never becomes 10,000 Python strings."""
+    part = docs.slice(start, stop - start)
+    if len(part) == 0:
+        return b""
+    if isinstance(part, pa.ChunkedArray):
+        part = part.combine_chunks()
+    if part.type != pa.string():
+        part = part.cast(pa.string())
+    one = pa.ListArray.from_arrays(pa.array([0, len(part)], pa.int32()), part)
+    whole = pc.binary_join(one, ",")
+    offsets = np.frombuffer(whole.buffers()[1], dtype=np.int32, count=2, offset=whole.offset * 4)
+    return whole.buffers()[2].to_pybytes()[int(offsets[0]) : int(offsets[1])]

@@ -37,7 +37,7 @@ from reverse_etl.destinations.dotdigital.destination import (
     DotdigitalBase,
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
-from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
+from reverse_etl.destinations.rowjson import Col, Expr, RowJson, joined, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
@@ -213,13 +213,7 @@ class InsightDestination(DotdigitalBase):
         docs = self._builder(table.schema).build(table)
         overhead = len(self._head) + len(self._tail)
         for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, overhead):
-            yield (
-                start,
-                end,
-                self._head
-                + ",".join(docs.slice(start, end - start).to_pylist()).encode()
-                + self._tail,
-            )
+            yield start, end, self._head + joined(docs, start, end) + self._tail
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         table, _ = self._with_owner(table)

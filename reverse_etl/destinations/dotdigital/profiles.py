@@ -39,7 +39,7 @@ from reverse_etl.destinations.dotdigital.destination import (
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
 from reverse_etl.destinations.dotdigital.membership import Membership
-from reverse_etl.destinations.rowjson import Col, Expr, RowJson, pack
+from reverse_etl.destinations.rowjson import Col, Expr, RowJson, joined, pack
 from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident, literal
 from reverse_etl.transform.consent import SUBSCRIBED
@@ -454,11 +454,7 @@ class DotdigitalProfiles(DotdigitalBase):
         docs = self._docs(table)
         head, tail = b'{"mergeOption":"overwrite","contacts":[', b"]}"
         for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, len(head) + len(tail)):
-            yield (
-                start,
-                end,
-                head + ",".join(docs.slice(start, end - start).to_pylist()).encode() + tail,
-            )
+            yield start, end, head + joined(docs, start, end) + tail
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         table, _ = self._without_email(table)

@@ -40,7 +40,7 @@ from reverse_etl.destinations.klaviyo.client import (
 )
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, row_errors
-from reverse_etl.destinations.rowjson import Expr, RowJson, nest, pack
+from reverse_etl.destinations.rowjson import Expr, RowJson, joined, nest, pack
 from reverse_etl.transform.rowerrors import RowError
 
 STANDARD_FIELDS = {
@@ -210,7 +210,7 @@ class KlaviyoCatalog(KlaviyoBase):
         externals = subset["external_id"].to_pylist()
         out = []
         for start, end in pack(docs, MAX_CATALOG_ITEMS, MAX_BODY_BYTES, len(head) + len(_TAIL)):
-            body = head + ",".join(docs.slice(start, end - start).to_pylist()).encode() + _TAIL
+            body = head + joined(docs, start, end) + _TAIL
             job = jobs.Job(kind, body, end - start)
             if kind is CREATE:
                 job.landed_check = self._all_exist(externals[start:end])

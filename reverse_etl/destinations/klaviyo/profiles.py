@@ -57,7 +57,7 @@ from reverse_etl.destinations.klaviyo.destination import (
 )
 from reverse_etl.destinations.klaviyo.import_errors import JobProfiles
 from reverse_etl.destinations.klaviyo.membership import Membership
-from reverse_etl.destinations.rowjson import Expr, RowJson, nest, null_names, pack
+from reverse_etl.destinations.rowjson import Expr, RowJson, joined, nest, null_names, pack
 from reverse_etl.transform.consent import SUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError
 
@@ -353,8 +353,7 @@ class KlaviyoProfiles(KlaviyoBase):
             part = docs.slice(lo, hi - lo)
             overhead = len(_ENVELOPE) + len(end)
             for start, stop in pack(part, self.profiles_per_job, MAX_JOB_BYTES, overhead):
-                chunk = part.slice(start, stop - start).to_pylist()
-                yield lo + start, lo + stop, _ENVELOPE + ",".join(chunk).encode() + end
+                yield lo + start, lo + stop, _ENVELOPE + joined(part, start, stop) + end
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         """Import jobs, then the consent calls (a dry run cannot know which profiles Klaviyo
