@@ -902,5 +902,11 @@ def debug(obj: Ctx, as_json: bool) -> None:
     sys.exit(code)
 
 
+# `reverse-etl ui` lives in its own package (reverse_etl/ui/); its web libraries load only when
+# it runs
+from reverse_etl.ui.command import ui as _ui  # noqa: E402
+
+main.add_command(_ui)
+
 if __name__ == "__main__":
     main()

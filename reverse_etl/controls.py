@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from reverse_etl.config import Project
 from reverse_etl.config.models import FieldMapping, Sync
 from reverse_etl.errors import ReverseEtlError
-from reverse_etl.state import StateStore, _utc, now, sync_controls
+from reverse_etl.state import RunRecord, StateStore, _utc, now, sync_controls
 
 
 class DefinitionChangedError(ReverseEtlError):
@@ -289,11 +289,17 @@ def pending_changes(project: Project, store: StateStore, names: Iterable[str]) -
 def failure_streak(store: StateStore, sync: str) -> tuple[int, datetime | None]:
     """Failed or abandoned runs in a row up to the sync's latest (dry runs aside), and when the
     latest of them ended (``schedule.Schedule.is_due`` retries after a backoff from then)."""
+    return streak_of(store.last_runs(sync, limit=_STREAK_LOOKBACK))
+
+
+def streak_of(records: Iterable[RunRecord]) -> tuple[int, datetime | None]:
+    """``failure_streak`` over runs already read, newest first (the run page reads them for
+    every sync at once)."""
     from reverse_etl.schedule import RETRY_STATUSES
 
     streak = 0
     ended: datetime | None = None
-    for record in store.last_runs(sync, limit=_STREAK_LOOKBACK):
+    for record in records:
         if record.status == "dry_run":
             continue
         if record.status not in RETRY_STATUSES:

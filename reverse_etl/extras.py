@@ -23,6 +23,7 @@ EXTRA_MODULES: dict[str, frozenset[str]] = {
     "sandbox": frozenset(
         {"starlette", "uvicorn", "openapi_core", "jsonschema_rs", "jsonschema", "werkzeug"}
     ),
+    "ui": frozenset({"jinja2", "markupsafe", "starlette", "uvicorn"}),
 }
 
 
