@@ -45,11 +45,14 @@ format: $(STAMP)
 	$(BIN)/ruff format reverse_etl tests
 	$(BIN)/ruff check --fix reverse_etl tests
 
-## make bench: engine throughput and peak memory at 100k and 1M rows, then each destination
+## make bench: what a user gets from `reverse-etl run` (default settings, its own process) at
+## 100k, 1M and 10M rows (10M generated once, cached under .reverse_etl/bench/) with the
+## share of time per stage at 1M; engine throughput and peak memory at 100k and 1M rows, then each destination
 ## against its sandbox, unlimited and under the published limits, then the wall-clock figures
 ## `make test` no longer asserts: sandbox start, body validation, demo generation, pacing in
 ## real time, PostgreSQL first batch and cancel (figures go in the notes; nothing is asserted).
 bench: $(STAMP)
+	PYTHONPATH=. $(BIN)/python tests/bench/cli_end_to_end.py --sizes 100000,1000000,10000000 --py-spy 1000000 --no-consent
 	$(BIN)/python tests/bench/run.py
 	PYTHONPATH=. $(BIN)/python tests/bench/sandbox_speed.py
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/bench/source_speed.py

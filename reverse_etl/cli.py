@@ -19,7 +19,7 @@ from reverse_etl.interrupt import Interrupt
 from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
 from reverse_etl.state import RunRecord, StateStore
-from reverse_etl.util import storage
+from reverse_etl.util import memory, storage
 from reverse_etl.util.runtime import tune_memory
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -38,6 +38,7 @@ class Ctx:
         an API ask for them with ``need_secrets`` before they start."""
         if self._project is None:
             self._project = load_project(self.config, self.project_dir, defer_secrets=True)
+            memory.configure(self._project.memory_limit)
         return self._project
 
     def need_secrets(self, syncs: list[str]) -> None:

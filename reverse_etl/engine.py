@@ -57,7 +57,7 @@ from reverse_etl.sources import Source, open_source
 from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
 from reverse_etl.transform.rowerrors import NOTES, ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import FieldSpec, TransformSpec
-from reverse_etl.util import storage
+from reverse_etl.util import memory, storage
 from reverse_etl.util.prefetch import prefetch
 
 
@@ -196,6 +196,7 @@ def run_sync(
     """``progress``: where the run reports rows and phases (default: ``progress.default()``)."""
     options = options or RunOptions()
     sync = project.sync(sync_name)
+    memory.configure(project.memory_limit)  # the process's budget, shared out (util/memory.py)
     run_id = store.new_run_id()
     record = RunRecord(
         run_id=run_id,
@@ -488,7 +489,8 @@ def _run(
                 yield loaded
 
         _phase(tracker, "reading")
-        stream = prefetch(batches())
+        # the read-ahead holds at most its share of the budget in batches (at least one)
+        stream = prefetch(batches(), max_bytes=memory.current().read_ahead, size=_held_bytes)
         try:
             if options.dry_run:
                 result.plan = Plan(sync.name, samples=options.plan_samples)
@@ -527,6 +529,8 @@ def _run(
                 if tracker is not None:
                     tracker.acknowledged()
                 replace = False
+                del sent, loaded  # the batch's memory goes back before the next is taken
+                memory.release()
             if not _stopping(options, lock):  # queued rows not met left the view
                 queue.finish()
             if mirror and snapshot.read_complete and not _stopping(options, lock):
@@ -540,6 +544,12 @@ def _run(
             stream.close()  # stop the read-ahead thread before its source closes
             destination.close()
             snapshot.close()
+
+
+def _held_bytes(batch: LoadBatch) -> int:
+    """What a batch read ahead holds: its rows and, with a snapshot, their fingerprints."""
+    prints = batch.token.prints
+    return int(batch.table.nbytes) + (int(prints.nbytes) if prints is not None else 0)
 
 
 def _phase(tracker: RunProgress | None, text: str) -> None:

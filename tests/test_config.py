@@ -77,7 +77,10 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     message = load_error(tmp_path, data)
     assert "sync: unknown key 'sync'" in message
     assert "did you mean 'syncs'?" in message
-    assert "Valid keys: connections, error_dir, fail_on, snapshot, state, syncs" in message
+    assert (
+        "Valid keys: connections, error_dir, fail_on, memory_limit, snapshot, state, syncs"
+        in message
+    )
 
 
 def test_unknown_key_in_a_connection(tmp_path: Path) -> None:

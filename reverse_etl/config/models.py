@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -51,11 +52,21 @@ FIELD_TYPES = (
 # --------------------------------------------------------------------------- connections
 
 
+def _size(value: str) -> str:
+    """A memory size as DuckDB and ``util/memory.py`` read it (400MB, 1GB, 512MiB)."""
+    from reverse_etl.util.memory import parse_size
+
+    parse_size(value)  # raises ValueError naming the accepted spellings
+    return value
+
+
 class DuckDBConnection(Strict):
     type: Literal["duckdb"]
     path: str
-    memory_limit: str = "256MB"  # large sorts spill to disk beyond it: memory stays flat
-    threads: Annotated[int, Field(ge=1, le=64)] = 2
+    # unset: the warehouse's share of the process's budget (util/memory.py); its sorts spill
+    # to disk past it, so memory stays flat as the view grows
+    memory_limit: Annotated[str, AfterValidator(_size)] | None = None
+    threads: Annotated[int, Field(ge=1, le=64)] | None = None  # unset: from the budget
 
 
 class PostgresConnection(Strict):
@@ -449,6 +460,9 @@ class Project(Strict):
     state: StateSpec = StateSpec()
     snapshot: SnapshotSpec = SnapshotSpec()
     error_dir: str = ".reverse_etl/errors"
+    # the whole process's memory budget, shared out by util/memory.py (REVERSE_ETL_MEMORY_LIMIT
+    # overrides it); unset: util.memory.DEFAULT
+    memory_limit: Annotated[str, AfterValidator(_size)] | None = None
     # when a finished run exits 1: every sync's default (a sync's own fail_on overrides keys)
     fail_on: FailOn = FailOn()
     # resolved at load time, not read from YAML

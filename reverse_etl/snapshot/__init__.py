@@ -9,12 +9,11 @@ schema: reverse_etl}``), joined by the read, for views of tens of millions of me
 """
 
 from reverse_etl.snapshot.fingerprint import Fingerprint, definition
-from reverse_etl.snapshot.local import MEMORY_LIMIT, Snapshot, snapshot_path
+from reverse_etl.snapshot.local import Snapshot, snapshot_path
 from reverse_etl.snapshot.store import Diff, SnapshotStore
 from reverse_etl.snapshot.warehouse import WarehouseSnapshot
 
 __all__ = [
-    "MEMORY_LIMIT",
     "Diff",
     "Fingerprint",
     "Snapshot",

@@ -60,34 +60,20 @@ class Annotation:
     # where the row is unchanged but for the identifier and cursor)
     carry: tuple[str, ...] | None = None
 
-    def sql(self, ranked: str, *, resend: bool, keep_old: bool) -> str:
+    def sql(self, ranked: str, *, resend: bool, keep_old: bool, hashed: bool = False) -> str:
         """``ranked`` (a SELECT of the view's columns and ``DUP_RANK``) joined with the
         snapshot: the view's columns, ``DUP_RANK`` and ``EXTRA``. ``resend``: no row is
         unchanged (fingerprints are still taken). ``keep_old``: each changed row also carries
-        the snapshot's doc of it (``plan``)."""
-        fp, spec, pg = self.fingerprint, self.spec, self.postgres
+        the snapshot's doc of it (``plan``). ``hashed``: ``ranked`` is ``hashed_sql``'s
+        output, fingerprinted already (the local snapshot takes them in its scratch
+        database, where a batch of long values has room for their JSON)."""
+        pg = self.postgres
         q = ident
-        doc = fp.pg_doc if pg else fp.doc
-        digest = fp.pg_hash if pg else fp.hash
         text = "text" if pg else "VARCHAR"
-        cursor = f"r.{q(spec.cursor)}"
-        future = self._future(cursor)
-        first = f"{cursor} IS NOT NULL AND NOT ({future})"
-        if self.has_rank:
-            first = f"COALESCE(r.{q(DUP_RANK)}, 1) = 1 AND {first}"
-        prints = (
-            f"SELECT r.*, CAST(r.{q(spec.identifier)} AS {text}) AS {q(SID)}, "
-            f"{doc(fp.payload, 'r')} AS {q(_PDOC)}, "
-            f"{doc(fp.consent, 'r', fp.present)} AS {q(_CDOC)}, "
-            f"{first} AS {q(_FIRST)} FROM ({_RANKED}) AS r"
-        )
         # PostgreSQL would inline each level's expressions into the next, computing a row's
         # JSON and MD5 once per use: OFFSET 0 keeps the level whole, each computed once
         fence = " OFFSET 0" if pg else ""
-        hashed = (
-            f"SELECT h.*, {digest(f'h.{q(_PDOC)}')} AS {q(PAYLOAD)}, "
-            f"{digest(f'h.{q(_CDOC)}')} AS {q(CONSENT)} FROM ({prints}{fence}) AS h{fence}"
-        )
+        with_prints = f"({_RANKED})" if hashed else f"({self.hashed_sql(_RANKED)}{fence})"
         same = (
             "FALSE"
             if resend
@@ -101,7 +87,7 @@ class Annotation:
             f"m.id IS NOT NULL AS {q(KNOWN)}, "
             f"COALESCE(m.consent = d.{q(CONSENT)}, FALSE) AS {q(CONSENT_SAME)}, "
             f"{'m.doc' if keep_old else 'NULL'} AS {q(_MOLD)} "
-            f"FROM ({hashed}) AS d LEFT JOIN {self.table} AS m ON m.id = d.{q(SID)}"
+            f"FROM {with_prints} AS d LEFT JOIN {self.table} AS m ON m.id = d.{q(SID)}"
             f"{fence}"
         )
         changed = f"NOT j.{q(UNCHANGED)}"
@@ -120,6 +106,31 @@ class Annotation:
         if pg:  # every % of a pyformat statement is significant; the ranked read's are doubled
             sql = sql.replace("%", "%%")
         return sql.replace(_RANKED, ranked)
+
+    def hashed_sql(self, ranked: str) -> str:
+        """``ranked`` with each row's fingerprints: its identifier as text, the JSON of its
+        payload and consent, their salted hashes, and whether it is the row the read sends
+        for its identifier with a cursor that is there and not in the future."""
+        fp, spec, pg = self.fingerprint, self.spec, self.postgres
+        q = ident
+        doc = fp.pg_doc if pg else fp.doc
+        digest = fp.pg_hash if pg else fp.hash
+        text = "text" if pg else "VARCHAR"
+        cursor = f"r.{q(spec.cursor)}"
+        first = f"{cursor} IS NOT NULL AND NOT ({self._future(cursor)})"
+        if self.has_rank:
+            first = f"COALESCE(r.{q(DUP_RANK)}, 1) = 1 AND {first}"
+        prints = (
+            f"SELECT r.*, CAST(r.{q(spec.identifier)} AS {text}) AS {q(SID)}, "
+            f"{doc(fp.payload, 'r')} AS {q(_PDOC)}, "
+            f"{doc(fp.consent, 'r', fp.present)} AS {q(_CDOC)}, "
+            f"{first} AS {q(_FIRST)} FROM ({ranked}) AS r"
+        )
+        fence = " OFFSET 0" if pg else ""
+        return (
+            f"SELECT h.*, {digest(f'h.{q(_PDOC)}')} AS {q(PAYLOAD)}, "
+            f"{digest(f'h.{q(_CDOC)}')} AS {q(CONSENT)} FROM ({prints}{fence}) AS h"
+        )
 
     def _returned(self, resend: bool) -> tuple[list[str], list[str]]:
         """The read's columns the annotated read returns, and those of them it blanks."""

@@ -42,6 +42,7 @@ any point leaves a member either counted among the list's members or sent again,
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -57,11 +58,9 @@ from reverse_etl.snapshot.annotate import EXTRA, Annotation, take_annotations
 from reverse_etl.snapshot.fingerprint import Fingerprint
 from reverse_etl.snapshot.store import UNSETTLED, Diff
 from reverse_etl.transform.transformer import TransformSpec
+from reverse_etl.util import memory, scratch
 from reverse_etl.util.prefetch import close
 from reverse_etl.util.scratch import registered
-
-MEMORY_LIMIT = "256MB"  # the diff's join spills beyond it (at 128 MB, 1M members and a
-# batch's record at once ran out): memory stays flat as the snapshot grows
 
 
 class Snapshot:
@@ -79,7 +78,13 @@ class Snapshot:
         self._db = duckdb.connect(
             str(path),
             # two threads: the diff's JSON and MD5 of every row read (1M rows: 3.2 s -> 1.1 s)
-            config={"threads": 2, "memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "1GB"},
+            # its share of the process's budget (util/memory.py): the diff's join and the
+            # records not yet checkpointed spill past it, so memory stays flat as it grows
+            config={
+                "threads": 2,
+                "memory_limit": memory.duckdb_size(memory.current().snapshot),
+                "checkpoint_threshold": "1GB",
+            },
         )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS members (id VARCHAR NOT NULL, payload UBIGINT NOT NULL, "
@@ -140,24 +145,28 @@ class Snapshot:
                     has_rank=DUP_RANK in schema.names,
                     carry=("__row",),
                 )
-            sql = self._annotation.sql(
-                "SELECT * FROM retl_read", resend=resend, keep_old=self.keep_old
+            annotation = self._annotation
+            sql = annotation.sql(
+                "SELECT * FROM retl_read", resend=resend, keep_old=self.keep_old, hashed=True
             )
             read = _conformed(itertools.chain([first], batches), schema)
-            if whole:
-                yield from self._streamed(read, schema, first.num_rows, sql, resend)
-            else:
-                yield from self._batch_by_batch(read, sql, resend)
+            with contextlib.closing(scratch.cursor()) as work:
+                hashes = annotation.hashed_sql("SELECT * FROM retl_batch")
+                hashed = _Hashed(lambda b: _fingerprinted(work, hashes, b))
+                if whole:
+                    yield from self._streamed(read, hashed, first.num_rows, sql, resend)
+                else:
+                    yield from self._batch_by_batch(read, hashed, sql, resend)
         finally:
             close(batches)
 
     def _batch_by_batch(
-        self, read: Iterator[pa.RecordBatch], sql: str, resend: bool
+        self, read: Iterator[pa.RecordBatch], hashed: _Hashed, sql: str, resend: bool
     ) -> Generator[tuple[pa.RecordBatch, Diff], None, None]:
         cur = self._cursor()
         cur.execute("SET disabled_optimizers = ''")  # the batch, the smaller side, is built
         for batch in read:
-            with registered(cur, "retl_read", pa.Table.from_batches([batch])):
+            with registered(cur, "retl_read", pa.Table.from_batches([hashed(batch)])):
                 notes = cur.sql(sql).to_arrow_table()
             mine, _ = _rows_of(batch, notes)
             yield self._verdict(batch, mine, resend)
@@ -174,7 +183,7 @@ class Snapshot:
     def _streamed(
         self,
         read: Iterator[pa.RecordBatch],
-        schema: pa.Schema,
+        hashed: _Hashed,
         rows: int,
         sql: str,
         resend: bool,
@@ -186,10 +195,14 @@ class Snapshot:
             try:
                 for batch in read:
                     fed.append(batch)
-                    yield batch
+                    yield hashed(batch)
             except BaseException as exc:  # the read's own error, raised as it was below
                 failed.append(exc)
                 raise
+
+        stream = feed()
+        first = next(stream)  # the fingerprinted batches' schema, for the reader
+        schema = first.schema
 
         # a cursor of its own: a streaming result holds its connection until it is drained
         with self._lock:
@@ -198,7 +211,8 @@ class Snapshot:
             cur.execute("SET TimeZone = 'UTC'")
             # the read is the probe side, streamed in its order; members the build side
             cur.execute("SET disabled_optimizers = 'build_side_probe_side,join_order'")
-            with registered(cur, "retl_read", pa.RecordBatchReader.from_batches(schema, feed())):
+            stream_in = itertools.chain([first], stream)
+            with registered(cur, "retl_read", pa.RecordBatchReader.from_batches(schema, stream_in)):
                 result = cur.sql(sql).to_arrow_reader(max(rows, 1))
                 try:  # the result is closed before the read it streams is unregistered
                     notes = result.schema.empty_table()
@@ -339,6 +353,37 @@ class Snapshot:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Hashed:
+    """Fingerprints a batch of the read (``Annotation.hashed_sql``) in the scratch database:
+    the JSON of a batch of long values needs room that the snapshot's share of the memory
+    budget does not have, and the scratch database holds one batch's work at a time. Each
+    batch comes back with the first one's types."""
+
+    def __init__(self, compute: Callable[[pa.RecordBatch], pa.RecordBatch]):
+        self._compute = compute
+        self._schema: pa.Schema | None = None
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        out = self._compute(batch)
+        if self._schema is None:
+            self._schema = out.schema
+        elif not out.schema.equals(self._schema):
+            out = out.cast(self._schema)
+        return out
+
+
+def _fingerprinted(
+    cur: duckdb.DuckDBPyConnection, sql: str, batch: pa.RecordBatch
+) -> pa.RecordBatch:
+    with registered(cur, "retl_batch", batch):
+        table: pa.Table = cur.execute(sql).to_arrow_table()
+    if table.num_rows == 0:  # an empty batch (a source may send one)
+        return pa.RecordBatch.from_arrays(
+            [pa.array([], f.type) for f in table.schema], schema=table.schema
+        )
+    return table.combine_chunks().to_batches()[0]
 
 
 def _conformed(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import duckdb
 import pyarrow as pa
 
 from reverse_etl.sources.base import Dialect, Source, SourceError, probe_sql, rebatch
+from reverse_etl.util import memory
 from reverse_etl.util.scratch import registered
 
 DIALECT = Dialect(name="duckdb", param_style="dollar")
@@ -23,9 +23,9 @@ class DuckDBSource(Source):
         self,
         path: str | Path,
         *,
-        memory_limit: str = "512MB",
+        memory_limit: str | None = None,
         read_only: bool = True,
-        threads: int = 1,
+        threads: int | None = None,
     ):
         path = str(path)
         if path != ":memory:" and not Path(path).exists():
@@ -35,21 +35,18 @@ class DuckDBSource(Source):
             )
         self.path = path
         self.read_only = read_only and path != ":memory:"
+        budget = memory.current()  # the warehouse's share of the process's budget by default
+        memory_limit = memory_limit or memory.duckdb_size(budget.source)
         try:
             self._con = duckdb.connect(
                 path,
                 read_only=self.read_only,
-                config={"memory_limit": memory_limit, "temp_directory": self._spill_dir()},
+                config={"memory_limit": memory_limit, "temp_directory": memory.spill_dir()},
             )
             self._con.execute("SET TimeZone = 'UTC'")
-            self._con.execute(f"SET threads = {threads}")
+            self._con.execute(f"SET threads = {threads or budget.source_threads}")
         except duckdb.Error as exc:
             raise SourceError(f"cannot open DuckDB file {path!r}: {exc}") from exc
-
-    @staticmethod
-    def _spill_dir() -> str:
-        """Sorting a large incremental read spills here instead of growing past the limit."""
-        return str(Path(tempfile.gettempdir()) / "reverse_etl_duckdb_spill")
 
     def schema(self, sql: str) -> pa.Schema:
         try:

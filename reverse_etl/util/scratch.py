@@ -19,9 +19,6 @@ import duckdb
 # thread-safe next to the read-ahead thread).
 warnings.filterwarnings("ignore", message="Arrow output on a DB-API result", category=UserWarning)
 
-# a cap, not a reservation: JSON over long values needs about 12 times their size at once
-# (rowjson builds a batch in slices of about 1 MB), so one value of up to ~15 MB fits
-MEMORY_LIMIT = "256MB"
 _lock = threading.Lock()
 _db: duckdb.DuckDBPyConnection | None = None
 
@@ -29,12 +26,27 @@ _db: duckdb.DuckDBPyConnection | None = None
 def cursor() -> duckdb.DuckDBPyConnection:
     """A new connection to the shared scratch database (UTC session, one thread)."""
     global _db
+    from reverse_etl.util import memory
+
+    limit = memory.duckdb_size(memory.current().scratch)  # before the lock: it may set it
     with _lock:
         if _db is None:
-            _db = duckdb.connect(config={"threads": 1, "memory_limit": MEMORY_LIMIT})
+            _db = duckdb.connect(
+                config={"threads": 1, "memory_limit": limit, "temp_directory": memory.spill_dir()}
+            )
         con = _db.cursor()
     con.execute("SET TimeZone = 'UTC'")
     return con
+
+
+def set_memory_limit(size: int) -> None:
+    """The scratch database's share of the process's budget (``util/memory.py``); a cap, not
+    a reservation, past which its joins spill."""
+    from reverse_etl.util import memory
+
+    with _lock:
+        if _db is not None:
+            _db.execute(f"SET memory_limit = '{memory.duckdb_size(size)}'")
 
 
 @contextlib.contextmanager

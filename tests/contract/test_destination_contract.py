@@ -254,12 +254,12 @@ def test_a_run_through_injected_faults_lands_everything_once(case, fault_seed, s
 def roomy_scratch() -> Any:
     """The engine's scratch DuckDB with room for batches of long values, for the tests of
     splitting and refusing by size (see test_a_batch_of_long_values_fits_the_scratch_memory)."""
+    from reverse_etl.util import memory
+
     scratch = rowjson.scratch
-    con = scratch.cursor()
-    con.execute("SET memory_limit = '1GB'")
+    scratch.set_memory_limit(1 << 30)
     yield
-    con.execute(f"SET memory_limit = '{scratch.MEMORY_LIMIT}'")
-    con.close()
+    scratch.set_memory_limit(memory.current().scratch)
 
 
 def test_a_record_over_the_record_limit_is_a_row_error_and_the_rest_land(case, start):
