@@ -34,7 +34,9 @@ def _default_budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         ("1.5GiB", 3 * 512 * MIB),
         ("512 mib", 512 * MIB),
         ("2GB", 2_000_000_000),
-        ("1048576", MIB),
+        ("2G", 2_000_000_000),
+        ("512M", 512_000_000),
+        ("33554432", 32 * MIB),
     ],
 )
 def test_sizes_are_read_as_duckdb_spells_them(text: str, size: int) -> None:
@@ -43,8 +45,22 @@ def test_sizes_are_read_as_duckdb_spells_them(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["lots", "400 megabytes", "-1GB", "", "1.2.3MB"])
 def test_a_size_that_is_not_one_says_how_to_write_it(text: str) -> None:
-    with pytest.raises(ValueError, match="400MB, 1GB or 512MiB"):
+    with pytest.raises(ValueError, match="400MB, 1GB, 512MiB or 25%"):
         memory.parse_size(text)
+
+
+def test_a_share_of_the_machine_and_a_size_too_small_for_duckdb() -> None:
+    assert memory.parse_size("50%") == memory.parse_size("100%") // 2
+    with pytest.raises(ValueError, match="too small"):
+        memory.parse_size("100B")
+
+
+def test_a_bad_size_in_the_environment_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(memory.ENV, "plenty")
+    with pytest.raises(ConfigError, match=memory.ENV):
+        memory.configure(None)
 
 
 def test_the_shares_fit_in_the_budget_and_grow_with_it() -> None:

@@ -95,8 +95,8 @@ def _text(node: Any, schema: pa.Schema) -> str:
         if _nested(schema.field(node.name).type):
             return f"CAST(json_strip_nulls(to_json({leaf})) AS VARCHAR)"
         return f"CAST(to_json({leaf}) AS VARCHAR)"
-    if isinstance(node, Expr):
-        return f"CAST(json_strip_nulls(to_json({node.sql})) AS VARCHAR)"
+    if isinstance(node, Expr):  # JSON null (a NULL struct) leaves its key out, as before
+        return f"NULLIF(CAST(json_strip_nulls(to_json({node.sql})) AS VARCHAR), 'null')"
     if isinstance(node, dict):
         if not node:
             return "'{}'"
@@ -105,7 +105,12 @@ def _text(node: Any, schema: pa.Schema) -> str:
             for k, v in node.items()
         )
         return f"('{{' || concat_ws(',', {pairs}) || '}}')"
-    return literal(orjson.dumps(node).decode())
+    if node is None:
+        return "NULL"
+    if isinstance(node, str | bool | int):
+        return literal(orjson.dumps(node).decode())
+    # a float or a nested literal: as DuckDB's JSON writes it, with its nulls stripped
+    return f"CAST(json_strip_nulls(json({literal(orjson.dumps(node).decode())})) AS VARCHAR)"
 
 
 class RowJson:
@@ -128,7 +133,7 @@ class RowJson:
                 expr = f"CAST(to_json({_render(self.template, table.schema)}) AS VARCHAR)"
             self._sql = f"SELECT {expr} AS doc FROM tbl AS t"
             self._schema = table.schema
-        parts = [self._build(part) for part in _slices(table, CHUNK_BYTES)]
+        parts = [self._build(part) for part in scratch.row_slices(table)]
         return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
 
     def _build(self, table: pa.Table) -> pa.Array:
@@ -138,33 +143,6 @@ class RowJson:
 
     def close(self) -> None:
         self._con.close()
-
-
-# Bytes of values one JSON query takes: DuckDB's JSON functions hold several copies of a
-# vector's values in 16 MB arenas, so 2 MB of long strings in one query outgrew the scratch
-# database's 64 MB (an OutOfMemoryException); a batch of long values goes in slices instead.
-CHUNK_BYTES = 4_000_000
-
-
-def _slices(table: pa.Table, limit: int) -> list[pa.Table]:
-    """``table`` in consecutive row slices of about ``limit`` bytes of values each (a row
-    larger than that alone); one slice when it is small, the common case."""
-    if table.nbytes <= limit:
-        return [table]
-    sizes = np.zeros(table.num_rows, dtype=np.int64)
-    for column in table.columns:
-        if (
-            pt.is_string(column.type)
-            or pt.is_large_string(column.type)
-            or pt.is_binary(column.type)
-        ):
-            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-        else:  # fixed width or nested: its share of the column's bytes
-            sizes += max(column.nbytes // table.num_rows, 8)
-    ends = np.cumsum(sizes)
-    cuts = np.unique(np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), side="right"))
-    bounds = [0, *(int(c) for c in cuts if 0 < c < table.num_rows), table.num_rows]
-    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def pack(
@@ -178,6 +156,7 @@ def pack(
     elif len(docs) == 0:
         return []
     else:
+        _no_nulls(docs)
         sizes = pc.binary_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
     ends = np.cumsum(sizes + 1)  # bytes of docs [0, i] with their commas
     runs: list[tuple[int, int]] = []
@@ -197,6 +176,7 @@ def joined(docs: pa.Array, start: int, stop: int) -> bytes:
     part = docs.slice(start, stop - start)
     if len(part) == 0:
         return b""
+    _no_nulls(part)
     if isinstance(part, pa.ChunkedArray):
         part = part.combine_chunks()
     if part.type != pa.string():
@@ -205,3 +185,9 @@ def joined(docs: pa.Array, start: int, stop: int) -> bytes:
     whole = pc.binary_join(one, ",")
     offsets = np.frombuffer(whole.buffers()[1], dtype=np.int32, count=2, offset=whole.offset * 4)
     return whole.buffers()[2].to_pybytes()[int(offsets[0]) : int(offsets[1])]
+
+
+def _no_nulls(docs: pa.Array | pa.ChunkedArray) -> None:
+    """A body must never lose a record silently: a null doc is a bug upstream."""
+    if docs.null_count:
+        raise ValueError(f"{docs.null_count} of {len(docs)} documents are null")

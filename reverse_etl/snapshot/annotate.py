@@ -127,8 +127,13 @@ class Annotation:
             f"{first} AS {q(_FIRST)} FROM ({ranked}) AS r"
         )
         fence = " OFFSET 0" if pg else ""
+        # with ``carry`` only those of the read's columns go on (the local snapshot's): its
+        # fingerprinting then returns narrow rows, not a second copy of every value
+        kept = "h.*"
+        if self.carry is not None:
+            kept = ", ".join(f"h.{q(c)}" for c in (*self.carry, SID, _PDOC, _CDOC, _FIRST))
         return (
-            f"SELECT h.*, {digest(f'h.{q(_PDOC)}')} AS {q(PAYLOAD)}, "
+            f"SELECT {kept}, {digest(f'h.{q(_PDOC)}')} AS {q(PAYLOAD)}, "
             f"{digest(f'h.{q(_CDOC)}')} AS {q(CONSENT)} FROM ({prints}{fence}) AS h"
         )
 

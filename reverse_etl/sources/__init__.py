@@ -22,13 +22,12 @@ def open_source(conn: WarehouseConnection, project: Project, *, writable: bool =
     a DuckDB file is opened for writing too (it holds the sync's snapshot), not read-only."""
     if isinstance(conn, DuckDBConnection):
         from reverse_etl.sources.duckdb import DuckDBSource
-        from reverse_etl.util import memory
 
-        budget = memory.current()  # the warehouse's share unless its profile sets its own
+        # the warehouse's share of the budget unless its profile sets its own
         return DuckDBSource(
             project.path(conn.path),
-            memory_limit=conn.memory_limit or memory.duckdb_size(budget.source),
-            threads=conn.threads or budget.source_threads,
+            memory_limit=conn.memory_limit,
+            threads=conn.threads,
             read_only=not writable,
         )
     if isinstance(conn, PostgresConnection):

@@ -35,16 +35,19 @@ class DuckDBSource(Source):
             )
         self.path = path
         self.read_only = read_only and path != ":memory:"
-        budget = memory.current()  # the warehouse's share of the process's budget by default
-        memory_limit = memory_limit or memory.duckdb_size(budget.source)
+        # the warehouse's share of the process's budget, unless the profile sets a limit
+        limit = memory.parse_size(memory_limit) if memory_limit else memory.current().source
         try:
             self._con = duckdb.connect(
                 path,
                 read_only=self.read_only,
-                config={"memory_limit": memory_limit, "temp_directory": memory.spill_dir()},
+                config={
+                    "memory_limit": memory.duckdb_size(limit),
+                    "temp_directory": memory.spill_dir(),
+                },
             )
             self._con.execute("SET TimeZone = 'UTC'")
-            self._con.execute(f"SET threads = {threads or budget.source_threads}")
+            self._con.execute(f"SET threads = {threads or memory.threads_for(limit)}")
         except duckdb.Error as exc:
             raise SourceError(f"cannot open DuckDB file {path!r}: {exc}") from exc
 

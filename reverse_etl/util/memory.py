@@ -28,6 +28,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from reverse_etl.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV = "REVERSE_ETL_MEMORY_LIMIT"
@@ -42,7 +44,7 @@ BASELINE = 160 * MIB
 _SHARES = {"source": 0.5, "snapshot": 0.3, "read_ahead": 0.2}
 _FLOORS = {"source": 160 * MIB, "snapshot": 64 * MIB, "read_ahead": 24 * MIB}
 # The scratch database holds nothing between batches: what it takes is one batch's transform
-# or JSON at a time (about 12 times a batch's long values at once, see rowjson.CHUNK_BYTES), a
+# or JSON at a time (about 12 times a batch's long values at once, see scratch.CHUNK_BYTES), a
 # cap that does not grow with the view, so it is not a share: a batch of 90 KB values needs
 # more than a share of a small budget would give, and a normal batch uses a few MB of it.
 SCRATCH = 256 * MIB
@@ -51,19 +53,36 @@ SCRATCH = 256 * MIB
 TWO_THREADS_FROM = 256 * MIB
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_UNITS |= {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}  # DuckDB's short forms
 _UNITS |= {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+SMALLEST = 16 * MIB  # below this DuckDB cannot run a query at all
 
 
 def parse_size(text: str) -> int:
-    """``'400MB'``, ``'1.5GiB'``, ``'512 MiB'`` or a byte count, as bytes (DuckDB's spelling:
-    MB is 1000², MiB 1024²)."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    """``'400MB'``, ``'2G'``, ``'1.5GiB'``, ``'512 MiB'``, ``'25%'`` (of the machine's memory)
+    or a byte count, as bytes (DuckDB's spellings: MB and M are 1000², MiB 1024²); at least
+    ``SMALLEST``."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z%]*)\s*", str(text))
     unit = match.group(2).upper() if match else ""
-    if not match or unit not in _UNITS:
+    if not match or (unit not in _UNITS and unit != "%"):
         raise ValueError(
-            f"memory_limit {text!r} is not a size: write it as e.g. 400MB, 1GB or 512MiB"
+            f"memory_limit {text!r} is not a size: write it as e.g. 400MB, 1GB, 512MiB or 25%"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    number = float(match.group(1))
+    size = int(number / 100 * _physical()) if unit == "%" else int(number * _UNITS[unit])
+    if size < SMALLEST:
+        raise ValueError(
+            f"memory_limit {text!r} is too small: DuckDB needs at least {SMALLEST // MIB}MiB"
+        )
+    return size
+
+
+def _physical() -> int:
+    """The machine's memory, for a limit given as a share of it."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: a share of 4 GiB
+        return 4 << 30
 
 
 def duckdb_size(size: int) -> str:
@@ -88,7 +107,7 @@ class Budget:
 
     @property
     def source_threads(self) -> int:
-        return 2 if self.source >= TWO_THREADS_FROM and (os.cpu_count() or 1) > 1 else 1
+        return threads_for(self.source)
 
     @property
     def snapshot(self) -> int:
@@ -112,6 +131,11 @@ class Budget:
         return BASELINE + max(int(f / _SHARES[p]) for p, f in _FLOORS.items())
 
 
+def threads_for(limit: int) -> int:
+    """Threads for a DuckDB read of ``limit`` bytes: two sort faster but need more memory."""
+    return 2 if limit >= TWO_THREADS_FROM and (os.cpu_count() or 1) > 1 else 1
+
+
 _lock = threading.Lock()
 _budget: Budget | None = None
 
@@ -120,20 +144,26 @@ def configure(limit: str | None) -> Budget:
     """Set the process's budget from the project file's ``memory_limit`` (the environment's
     ``REVERSE_ETL_MEMORY_LIMIT`` wins, so one run can be given more without editing it)."""
     global _budget
-    text = os.environ.get(ENV) or limit or DEFAULT
-    budget = Budget(parse_size(text))
-    with _lock:
-        changed = _budget != budget
-        _budget = budget
-    if changed:
-        if budget.total < budget.floor:
-            log.warning(
-                "memory_limit %s is below what the engine's queries need (%d MiB): its parts "
-                "use their minimums, so the process may take more",
-                text,
-                budget.floor // MIB,
-            )
+    from_env = os.environ.get(ENV)
+    text = from_env or limit or DEFAULT
+    try:
+        budget = Budget(parse_size(text))
+    except ValueError as exc:
+        if not from_env:
+            raise  # the project file's value was checked when it loaded
+        raise ConfigError(f"{ENV}: {exc}") from None
+    with _lock:  # set and applied together: two threads configuring cannot cross
+        if _budget == budget:
+            return budget
         _apply(budget)
+        _budget = budget
+    if budget.total < budget.floor:
+        log.warning(
+            "memory_limit %s is below what the engine's queries need (%d MiB): its parts "
+            "use their minimums, so the process may take more",
+            text,
+            budget.floor // MIB,
+        )
     return budget
 
 
@@ -153,10 +183,9 @@ def _apply(budget: Budget) -> None:
 
 
 def spill_dir() -> str:
-    """Where DuckDB's queries spill past their share: one folder in the system's temp dir."""
-    path = Path(tempfile.gettempdir()) / "reverse_etl_duckdb_spill"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    """Where DuckDB's queries spill past their share: one folder in the system's temp dir
+    (DuckDB makes it when it first spills)."""
+    return str(Path(tempfile.gettempdir()) / "reverse_etl_duckdb_spill")
 
 
 _libc: ctypes.CDLL | None = None

@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.types as pt
 
 # execute() is the faster path for the engine's per-batch queries; DuckDB's note that its Arrow
 # output makes an extra copy is known and accepted (filtered once here: catch_warnings is not
@@ -28,13 +32,17 @@ def cursor() -> duckdb.DuckDBPyConnection:
     global _db
     from reverse_etl.util import memory
 
-    limit = memory.duckdb_size(memory.current().scratch)  # before the lock: it may set it
+    budget = memory.current()  # never under our lock: configure() takes its own, then ours
     with _lock:
+        opened = _db is None
         if _db is None:
+            limit = memory.duckdb_size(budget.scratch)
             _db = duckdb.connect(
                 config={"threads": 1, "memory_limit": limit, "temp_directory": memory.spill_dir()}
             )
         con = _db.cursor()
+    if opened and memory.current() != budget:  # the budget changed while it opened
+        set_memory_limit(memory.current().scratch)
     con.execute("SET TimeZone = 'UTC'")
     return con
 
@@ -58,3 +66,30 @@ def registered(cur: duckdb.DuckDBPyConnection, name: str, data: Any) -> Iterator
         yield
     finally:
         cur.unregister(name)
+
+
+# Bytes of values one JSON query takes: DuckDB's JSON functions hold several copies of a
+# vector's values in 16 MB arenas, so 2 MB of long strings in one query outgrew the scratch
+# database's 64 MB (an OutOfMemoryException); a batch of long values goes in slices instead.
+CHUNK_BYTES = 4_000_000
+
+
+def row_slices(table: pa.Table, limit: int = CHUNK_BYTES) -> list[pa.Table]:
+    """``table`` in consecutive row slices of about ``limit`` bytes of values each (a row
+    larger than that alone); one slice when it is small, the common case."""
+    if table.nbytes <= limit:
+        return [table]
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        if (
+            pt.is_string(column.type)
+            or pt.is_large_string(column.type)
+            or pt.is_binary(column.type)
+        ):
+            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+        else:  # fixed width or nested: its share of the column's bytes
+            sizes += max(column.nbytes // table.num_rows, 8)
+    ends = np.cumsum(sizes)
+    cuts = np.unique(np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), side="right"))
+    bounds = [0, *(int(c) for c in cuts if 0 < c < table.num_rows), table.num_rows]
+    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
