@@ -432,13 +432,25 @@ def _numbered_batches(sizes: list[int], start: int = 1) -> list[pa.RecordBatch]:
     return out
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["streamed", "batch-by-batch"])
+@pytest.mark.parametrize(
+    ("whole", "group_bytes"),
+    [(True, None), (False, None), (False, 1)],
+    ids=["streamed", "grouped", "batch-by-batch"],
+)
 def test_the_diff_hands_each_batch_on_as_it_came_with_its_verdict(
-    tmp_path: Path, whole: bool
+    tmp_path: Path, whole: bool, group_bytes: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One query over the read's stream (a whole read) or one per batch (an incremental
-    read), yet each batch goes on whole, in order, with the types it was read with; a row
-    recorded as sent is unchanged on the next read."""
+    """One query over the read's stream (a whole read) or one per group of batches (an
+    incremental read: all four in one group, or each its own with a 1-byte group), yet each
+    batch goes on whole, in order, with the types it was read with; a row recorded as sent is
+    unchanged on the next read."""
+    if group_bytes is not None:
+        from reverse_etl.snapshot import local
+        from reverse_etl.util import memory
+
+        tiny = memory.Budget(memory.current().total)
+        monkeypatch.setattr(type(tiny), "read_ahead", property(lambda self: group_bytes))
+        monkeypatch.setattr(local.memory, "current", lambda: tiny)
     snap = _snapshot(tmp_path)
     try:
         read = _numbered_batches([3000, 1, 0, 2500])

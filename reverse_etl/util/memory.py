@@ -1,19 +1,24 @@
-"""One memory budget for the whole process, split between the parts that hold data.
+"""One memory budget for what a run holds as the view grows, split between its holders.
 
 A run holds data that grows with the view in three places: the DuckDB warehouse's read (its
 sort spills to disk past its limit), the snapshot's DuckDB file (the diff's join and the
-records written but not yet checkpointed) and the batches read ahead of the sender. The scratch
-DuckDB that builds transforms and request bodies holds one batch's work at a time (``SCRATCH``). Each DuckDB instance keeps its buffers up to its own ``memory_limit``, so three
-instances with a generous limit each (256 MB, as before) added up to about a gigabyte of
-resident memory whatever the view's size. Here one figure, ``memory_limit`` in the project
-file or ``REVERSE_ETL_MEMORY_LIMIT`` (default ``DEFAULT``), is the whole process's budget:
-what the interpreter and its libraries take (``BASELINE``, measured) is set aside, and the rest
-is shared out. Past their share, DuckDB's sorts, joins and aggregates spill to disk
-(``spill_dir``), so memory stays flat as the view grows; the read-ahead waits instead.
+records written but not yet checkpointed) and the batches read ahead of the sender. Each
+DuckDB instance keeps its buffers up to its own ``memory_limit``, so three instances with a
+generous limit each (256 MB, as before) added up to about a gigabyte of resident memory
+whatever the view's size. Here one figure, ``memory_limit`` in the project file or
+``REVERSE_ETL_MEMORY_LIMIT`` (default ``DEFAULT``), is the budget: what the interpreter and
+its libraries take (``BASELINE``, measured) is set aside, and the rest is shared out. Past
+their share, DuckDB's sorts, joins and aggregates spill to disk (``spill_dir``); the
+read-ahead waits instead.
+
+It is not a hard cap on the process: the scratch DuckDB that builds transforms and request
+bodies holds one batch's work at a time (``SCRATCH``, transient), and the batches in flight at
+the destination (each with its request bodies) come on top, about 300 MB with batches of
+20,000 rows (README, "Memory", has the measured figures).
 
 Each share has a floor below which DuckDB cannot run the engine's queries at all (the read's
-duplicate ranking and sort of 10M rows failed at 96 MB: its merge pins a block per sorted run): a budget too small for the
-floors is raised to them, and the log says so once.
+duplicate ranking and sort of 10M rows failed at 96 MB: its merge pins a block per sorted
+run): a budget too small for the floors is raised to them, and the log says so once.
 """
 
 from __future__ import annotations
