@@ -323,8 +323,8 @@ class Snapshot:
         self.read_complete = False
 
     def departed_count(self) -> int:
-        row = self._cursor().execute(self._DEPARTED.format(what="count(*)")).fetchone()
-        return int(row[0]) if row else 0
+        rows = self._cursor().execute(self._DEPARTED.format(what="count(*)")).fetchall()
+        return int(rows[0][0])
 
     def departed(self, limit: int) -> pa.Table:
         """Up to ``limit`` members the snapshot holds that this run's read did not return:
@@ -356,8 +356,8 @@ class Snapshot:
             cur.execute("DELETE FROM pending WHERE id IN (SELECT id FROM gone)")
 
     def count(self) -> int:
-        row = self._cursor().execute(f"SELECT count(*) FROM {self._MEMBERS}").fetchone()
-        return int(row[0]) if row else 0
+        rows = self._cursor().execute(f"SELECT count(*) FROM {self._MEMBERS}").fetchall()
+        return int(rows[0][0])  # fetchall: a result left open blocks the cursor's next query
 
     def close(self) -> None:
         with self._lock:
