@@ -665,7 +665,7 @@ class CommitGroup:
 
     @classmethod
     def for_snapshot(cls, snapshot: SnapshotStore | None) -> CommitGroup:
-        if isinstance(snapshot, Snapshot) and snapshot.count() >= cls.GROUP_FROM:
+        if isinstance(snapshot, Snapshot) and snapshot.held() >= cls.GROUP_FROM:
             return cls(rows=cls.GROUP_ROWS)
         return cls()
 

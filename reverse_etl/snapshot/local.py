@@ -355,6 +355,12 @@ class Snapshot:
             cur.execute("DELETE FROM members WHERE id IN (SELECT id FROM gone)")
             cur.execute("DELETE FROM pending WHERE id IN (SELECT id FROM gone)")
 
+    def held(self) -> int:
+        """How many members the snapshot holds: a count DuckDB keeps, no scan (``count``
+        also finds the identifiers pending, an anti-join over every member)."""
+        rows = self._cursor().execute("SELECT count(*) FROM members").fetchall()
+        return int(rows[0][0])
+
     def count(self) -> int:
         rows = self._cursor().execute(f"SELECT count(*) FROM {self._MEMBERS}").fetchall()
         return int(rows[0][0])  # fetchall: a result left open blocks the cursor's next query
