@@ -608,7 +608,7 @@ def _commit(
     key: str = "",
     newest: NewestWins | None = None,
     queue: RetryQueue | None = None,
-    group: CommitGroup | None = None,
+    group: CommitGroup,
 ) -> None:
     """Count the batch, remember what it sent in the snapshot, then move the watermark past
     it (in that order: see ``snapshot/local.py``). ``replace``: the first acknowledged batch
@@ -635,7 +635,6 @@ def _commit(
             prints, acked = token.prints, _sent_keys(sent, key).filter(landed)
         if newest is not None:
             newest.acknowledged(sent.filter(landed))
-    group = group if group is not None else CommitGroup()
     group.add(prints, acked, token.mark, replace=replace)
     if group.full():
         group.flush(store, sync.name, snapshot)

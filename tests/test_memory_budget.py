@@ -112,7 +112,7 @@ def test_the_warehouse_and_the_scratch_database_take_their_shares(tmp_path) -> N
         assert _mib(_setting(source._con, "memory_limit")) == pytest.approx(
             budget.source / MIB, rel=0.01
         )
-        assert int(_setting(source._con, "threads")) == budget.source_threads
+        assert int(_setting(source._con, "threads")) == memory.threads_for(budget.source)
     # a profile's own memory_limit still wins
     with DuckDBSource(db, memory_limit="300MB", threads=1) as source:
         assert _mib(_setting(source._con, "memory_limit")) == pytest.approx(286, rel=0.01)

@@ -78,8 +78,8 @@ class Snapshot:
         self._db = duckdb.connect(
             str(path),
             # two threads for the join with members (the JSON and MD5 of every row read are
-            # taken in the scratch database, ``_Hashed``); its share of the process's budget (util/memory.py): the diff's join and the
-            # records not yet checkpointed spill past it, so memory stays flat as it grows
+            # taken in the scratch database, ``_Hashed``); its share of the process's budget
+            # (util/memory.py): the join and the records not yet checkpointed spill past it
             config={
                 "threads": 2,
                 "memory_limit": memory.duckdb_size(memory.current().snapshot),
@@ -393,9 +393,7 @@ class _Hashed:
         out = self._compute(batch)
         if self._schema is None:
             self._schema = out.schema
-        elif not out.schema.equals(self._schema):
-            out = out.cast(self._schema)
-        return out
+        return _like(out, self._schema)
 
 
 def _fingerprinted(
@@ -418,7 +416,11 @@ def _fingerprinted(
 def _conformed(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     """The read's batches, each with the first one's schema (a source's batches share one)."""
     for batch in batches:
-        yield batch if batch.schema.equals(schema) else batch.cast(schema)
+        yield _like(batch, schema)
+
+
+def _like(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    return batch if batch.schema.equals(schema) else batch.cast(schema)
 
 
 def _ids(ids: Sequence[Any]) -> pa.Table:

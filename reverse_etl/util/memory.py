@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import re
@@ -111,10 +112,6 @@ class Budget:
         return self._share("source")
 
     @property
-    def source_threads(self) -> int:
-        return threads_for(self.source)
-
-    @property
     def snapshot(self) -> int:
         """The snapshot file's ``memory_limit`` (the diff's join, the records written)."""
         return self._share("snapshot")
@@ -193,8 +190,15 @@ def spill_dir() -> str:
     return str(Path(tempfile.gettempdir()) / "reverse_etl_duckdb_spill")
 
 
-_libc: ctypes.CDLL | None = None
-_libc_checked = False
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, if it has glibc's ``malloc_trim``."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
 
 
 def release() -> None:
@@ -202,14 +206,6 @@ def release() -> None:
     per-thread arenas for reuse, and with DuckDB's and Arrow's threads allocating and freeing
     batch-sized buffers the process's RSS grew by hundreds of MB it no longer used; called
     once per acknowledged batch (a few milliseconds). No-op where ``malloc_trim`` is absent."""
-    global _libc, _libc_checked
-    if not _libc_checked:
-        _libc_checked = True
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _libc = lib if lib is not None and hasattr(lib, "malloc_trim") else None
-        except OSError:
-            _libc = None
-    if _libc is not None:
-        _libc.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
