@@ -118,6 +118,7 @@ def summarize_errors(store: StateStore, run_id: str) -> ErrorSummary:
 
 def _count_reasons(path: str) -> tuple[Counter[str], dict[str, str]]:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     columns = ("reason", "how_to_fix")
@@ -129,19 +130,27 @@ def _count_reasons(path: str) -> tuple[Counter[str], dict[str, str]]:
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
                 include_columns=list(columns),
+                # an error file written before how_to_fix existed, or trimmed by hand, still
+                # counts by reason; a file without a reason column is refused below
+                include_missing_columns=True,
                 column_types=dict.fromkeys(columns, pa.string()),
                 strings_can_be_null=False,
             ),
         )
-    except (pa.ArrowInvalid, StopIteration) as exc:  # an empty file has no header either
-        if isinstance(exc, StopIteration) or "Empty CSV" in str(exc):
+        for batch in reader:
+            if batch.num_rows and batch.column("reason").null_count == batch.num_rows:
+                raise ReverseEtlError(f"{path}: not an error file of reverse-etl: no reason column")
+            batch = batch.set_column(1, "how_to_fix", pc.fill_null(batch.column(1), ""))
+            grouped = pa.Table.from_batches([batch]).group_by("reason")
+            for row in grouped.aggregate([("reason", "count"), ("how_to_fix", "min")]).to_pylist():
+                counts[row["reason"]] += row["reason_count"]
+                fixes.setdefault(row["reason"], row["how_to_fix_min"])
+    except StopIteration:  # an empty file has no header either
+        return counts, fixes
+    except pa.ArrowException as exc:
+        if "Empty CSV" in str(exc):
             return counts, fixes
         raise ReverseEtlError(f"{path}: not an error file of reverse-etl: {exc}") from None
-    for batch in reader:
-        grouped = pa.Table.from_batches([batch]).group_by("reason")
-        for row in grouped.aggregate([("reason", "count"), ("how_to_fix", "min")]).to_pylist():
-            counts[row["reason"]] += row["reason_count"]
-            fixes.setdefault(row["reason"], row["how_to_fix_min"])
     return counts, fixes
 
 

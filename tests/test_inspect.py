@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from reverse_etl import engine
+from reverse_etl import engine, inspect
 from reverse_etl.cli import main
 from reverse_etl.config import load_project, require_env
-from reverse_etl.errors import ConfigError
+from reverse_etl.errors import ConfigError, ReverseEtlError
 from tests.helpers import (
     API_KEY_ENV,
     people_db,
@@ -246,3 +246,37 @@ def test_errors_reads_an_s3_error_file(
     assert (
         f"error file: s3://{BUCKET}/errors/people/" in cli(tmp_path, "errors", run["run_id"]).stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("row,reason\n1,bad\n2,bad\n3,worse\n", {"bad": 2, "worse": 1}),  # no how_to_fix column
+        ("row,reason,how_to_fix\n1,bad,mend it\n", {"bad": 1}),
+        ("", {}),
+    ],
+)
+def test_error_files_count_by_reason_without_how_to_fix(
+    tmp_path: Path, text: str, expected: dict[str, int]
+) -> None:
+    path = tmp_path / "errors.csv"
+    path.write_text(text)
+    counts, fixes = inspect._count_reasons(str(path))
+    assert dict(counts) == expected
+    assert set(fixes) == set(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("row,column\n1,email\n", "no reason column"),
+        ('row,reason,how_to_fix\n1,"never closed\n', "not an error file"),
+    ],
+)
+def test_a_file_that_is_not_an_error_file_is_refused_clearly(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "errors.csv"
+    path.write_text(text)
+    with pytest.raises(ReverseEtlError, match=says):
+        inspect._count_reasons(str(path))
