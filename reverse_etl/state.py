@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -120,6 +121,7 @@ consent_seen = sa.Table(
     sa.Column("read_at", sa.DateTime(timezone=True), nullable=False),
     # when we last sent this person an opt-out there: an opt-out read back soon after is ours
     sa.Column("ours_at", sa.DateTime(timezone=True)),
+    sqlite_with_rowid=False,
 )
 
 # how far each read-back stream of a destination account has read (its own cursor)
@@ -156,6 +158,7 @@ problems = sa.Table(
     sa.Column("first_seen_run", sa.String(64), nullable=False),
     sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_seen_run", sa.String(64), nullable=False),
+    sqlite_with_rowid=False,  # migration 8: clustered by its key (see _v8_sqlite_without_rowid)
 )
 
 # rows a destination refused because their parent (a Dotdigital order's contact) did not exist
@@ -169,6 +172,7 @@ retry_queue = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),  # sends refused so far
     sa.Column("first_queued_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_run", sa.String(64), nullable=False),
+    sqlite_with_rowid=False,
 )
 
 # (migration 7) each sync's controls for unattended runs (reverse_etl/controls.py): an
@@ -839,6 +843,35 @@ def _v7_sync_controls(con: sa.Connection) -> None:
     v7.create_all(con)
 
 
+# ---- migration 8 (issue 18)
+WITHOUT_ROWID = ("retl_problems", "retl_consent_seen", "retl_retry_queue")
+
+
+def _v8_sqlite_without_rowid(con: sa.Connection) -> None:
+    """On SQLite, the tables keyed by long text that grow with a view (problems, consent read
+    back, the retry queue) are rebuilt WITHOUT ROWID, clustered by their primary key. A rowid
+    table keeps a second B-tree for a text key, so every lookup, update and delete by key
+    walks two; settling 131,000 of 172,000 problems after a 10M-row run took 0.87 s and
+    marking 41,000 seen 0.46 s, against 0.13 s and 0.09 s clustered
+    (https://www.sqlite.org/withoutrowid.html: for "non-integer or composite PRIMARY KEYs",
+    about half the space and twice the speed). Other databases: nothing to do."""
+    if con.dialect.name != "sqlite":
+        return
+    for table in WITHOUT_ROWID:
+        ddl = con.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).scalar()
+        if ddl is None or re.search(r"WITHOUT\s+ROWID\s*$", ddl, re.IGNORECASE):
+            continue  # dropped by hand (created again on open), or already clustered
+        new = f"{table}_v8"
+        con.exec_driver_sql(
+            re.sub(rf'^CREATE TABLE\s+"?{table}"?', f"CREATE TABLE {new}", ddl) + " WITHOUT ROWID"
+        )
+        con.exec_driver_sql(f"INSERT INTO {new} SELECT * FROM {table}")
+        con.exec_driver_sql(f"DROP TABLE {table}")
+        con.exec_driver_sql(f"ALTER TABLE {new} RENAME TO {table}")
+
+
 # The schema's history, oldest first. Append only: see "How to add a migration" above.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "watermarks, run history and locks (the tables before versioning)", _v1_tables),
@@ -855,6 +888,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "rows refused for a missing parent, retried by later runs", _v6_retry_queue),
     Migration(
         7, "per-sync enable/disable overrides and definition fingerprints", _v7_sync_controls
+    ),
+    Migration(
+        8,
+        "SQLite: problems, consent read back and the retry queue clustered by their keys",
+        _v8_sqlite_without_rowid,
     ),
 )
 

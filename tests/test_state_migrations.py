@@ -472,3 +472,48 @@ def test_threads_opening_one_store_at_once_apply_each_migration_once(
     assert outcomes == [NEXT] * RACERS, outcomes
     assert calls == [1]
     assert versions(backend) == list(range(1, NEXT + 1))
+
+
+def test_sqlite_keyed_tables_are_clustered_with_their_rows_kept(tmp_path: Path) -> None:
+    """Migration 8 rebuilds problems, consent read back and the retry queue WITHOUT ROWID on
+    SQLite (one B-tree per table instead of two); a store at version 7 keeps its rows, and a
+    fresh store gets the same tables."""
+    old = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    assert migrate(old, RELEASED[:7]) == 7
+    with old.begin() as con:
+        con.exec_driver_sql(
+            "INSERT INTO retl_problems VALUES ('s', 'k1', 'invalid_email', 'email', 'r1', "
+            "'2025-03-01 10:00:00', 'r1')"
+        )
+        con.exec_driver_sql(
+            "INSERT INTO retl_retry_queue VALUES ('s', 'o-1', 'missing_parent', 2, "
+            "'2025-03-01 10:00:00', 'r1')"
+        )
+    assert migrate(old) == latest_schema_version()
+
+    def clustered(engine: sa.Engine) -> dict[str, bool]:
+        with engine.connect() as con:
+            rows = con.exec_driver_sql(
+                "SELECT name, sql FROM sqlite_master WHERE name IN "
+                "('retl_problems', 'retl_consent_seen', 'retl_retry_queue', 'retl_runs')"
+            ).all()
+        return {name: sql.rstrip().upper().endswith("WITHOUT ROWID") for name, sql in rows}
+
+    want = {
+        "retl_problems": True,
+        "retl_consent_seen": True,
+        "retl_retry_queue": True,
+        "retl_runs": False,
+    }
+    assert clustered(old) == want
+    store = StateStore(f"sqlite:///{tmp_path / 'old.db'}")
+    assert store.see_problems("s", "r2", {"k1": ("invalid_email", "email")}) == {"k1": "r1"}
+    with store.engine.connect() as con:
+        assert con.exec_driver_sql("SELECT identifier, attempts FROM retl_retry_queue").all() == [
+            ("o-1", 2)
+        ]
+    store.close()
+    old.dispose()
+    fresh = StateStore(f"sqlite:///{tmp_path / 'fresh.db'}")
+    assert clustered(fresh.engine) == want
+    fresh.close()
