@@ -15,6 +15,9 @@ duration (the run record's), rows/s on each, and the child's peak RSS (``os.wait
 the rows changed (``snapshot_diff.change_sql``: a value and ``modified_at`` moved past the
 watermark), as a share of the first run's time.
 
+Last, Klaviyo's ceiling per bulk endpoint at its published steady rate (``api_ceilings``):
+a real run goes no faster than that, so the engine's rows/s is judged against it.
+
 ``--py-spy SIZE`` records one first run of that size under ``py-spy record -f raw --threads
 --subprocesses`` and prints, per thread (main, read-ahead), the share of its samples per stage
 (read, snapshot diff, transform, request bodies, HTTP, state store, other; a sample goes to the
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(head)
             if other:
                 print(f"other calls answered empty by the sink: {dict(other)}")
+        print(api_ceilings())
         if args.explain:
             explain(warehouse(args.explain))
     finally:
@@ -384,6 +388,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def api_ceilings() -> str:
+    """What Klaviyo's published rate limits let any client send, from the client's own table
+    (``LIMITS``, ``PACE``, the per-call maxima): the figure the engine's rows/s must stay
+    above for the API, not the engine, to set a real run's pace."""
+    from reverse_etl.destinations.klaviyo import client as k
+
+    per_call = {
+        "bulk_import_profiles": k.MAX_PROFILES_PER_JOB,
+        "bulk_subscribe_profiles": k.MAX_SUBSCRIBE,
+        "bulk_unsubscribe_profiles": k.MAX_UNSUBSCRIBE,
+        "bulk_create_events": k.MAX_EVENTS,
+    }
+    lines = ["Klaviyo's ceilings at its published steady rates (x PACE), rows/s:"]
+    for op, rows in per_call.items():
+        calls_per_minute = k.LIMITS[op][1] * k.PACE
+        lines.append(f"  {op:<28} {calls_per_minute * rows / 60:>10,.0f}")
+    return "\n".join(lines)
 
 
 def _row(label: str, r: Run, first: Run | None) -> None:
