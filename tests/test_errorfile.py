@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from reverse_etl.errors import ReverseEtlError
 from reverse_etl.secrets import register_secret
 from reverse_etl.transform.rowerrors import (
+    CELL_LIMIT,
     ERROR_FILE_COLUMNS,
     FIXES,
     ErrorFileWriter,
@@ -228,3 +232,49 @@ def test_where_to_find_the_row_is_in_the_file() -> None:
     header, row = parse(text)
     record = dict(zip(header, row, strict=True))
     assert (record["email"], record["cursor"]) == ("a@x.com", "2025-03-01T10:00:00+00:00")
+
+
+def test_a_value_longer_than_a_spreadsheet_cell_is_cut_and_every_error_kept() -> None:
+    """A 140,000-digit phone and a 200 KB event body an API refused: past csv's field limit
+    (131,072) the merge on close once failed and the run lost its whole error file."""
+    huge = "9" * 140_000
+    event = '{"data": "' + "x" * 200_000 + '"}'
+    errors = [
+        RowError(1, "a@example.com", "phone", "+1", "invalid_phone", "too short"),
+        RowError(2, "b@example.com", "phone", huge, "invalid_phone", "not a number"),
+        RowError(3, "c@example.com", "(event)", event, "destination_rejected", "too large"),
+    ]
+    fh = io.StringIO(newline="")
+    with ErrorFileWriter(fh, "people", "run-1") as writer:
+        writer.write(errors[2:])  # out of row order: merged from two spools on close
+        writer.write(errors[:2])
+    rows = parse(fh.getvalue().removeprefix("\ufeff"))[1:]
+    assert [r[2] for r in rows] == ["1", "2", "3"]
+    for row, original in zip(rows[1:], (huge, event), strict=True):
+        value = row[7]
+        assert len(value) == CELL_LIMIT
+        assert value.startswith(original[:1000])
+        assert value.endswith(f"[{len(original):,} characters; cut to fit a spreadsheet cell]")
+    assert rows[0][7] == "'+1"  # short values as they were (formula-safe)
+
+
+def test_an_error_file_that_cannot_be_written_keeps_the_errors_on_disk() -> None:
+    """A full disk while the file is merged: the run is told where the errors are kept (the
+    watermark may already be past their rows), and the spool is not deleted."""
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.tell() > 200:
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+
+    writer = ErrorFileWriter(Full(newline=""), "people", "run-1")
+    writer.write(
+        [RowError(n, f"p{n}@example.com", "email", "x", "invalid_email", "bad") for n in range(50)]
+    )
+    with pytest.raises(ReverseEtlError, match="No space left on device") as exc:
+        writer.close()
+    kept = Path(str(exc.value).rsplit(" in ", 1)[1])
+    spooled = "".join(p.read_text() for p in sorted(kept.glob("*.csv")))
+    assert all(f"p{n}@example.com" in spooled for n in range(50))
+    shutil.rmtree(kept)

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import orjson
 
+from reverse_etl.errors import ReverseEtlError
 from reverse_etl.secrets import scrub
 
 ERROR_FILE_COLUMNS = (
@@ -128,9 +129,24 @@ def cell_text(value: Any) -> str:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+# Excel's most characters in one cell. A longer value (a 140,000-digit phone, a 200 KB event an
+# API refused) is cut to fit, saying how long it was: past Python csv's field limit (131,072) the
+# file could not even be merged back when the writer closed, and the run lost every error.
+CELL_LIMIT = 32_767
+
+
 def _cell(value: Any) -> str:
-    """One cell as the file holds it: text, scrubbed of secrets, safe for spreadsheets."""
-    return spreadsheet_safe(scrub(cell_text(value)))
+    """One cell as the file holds it: text, scrubbed of secrets, safe for spreadsheets, and no
+    longer than a spreadsheet cell."""
+    return capped(spreadsheet_safe(scrub(cell_text(value))))
+
+
+def capped(text: str) -> str:
+    """``text`` cut to ``CELL_LIMIT`` characters, ending with how long it was."""
+    if len(text) <= CELL_LIMIT:
+        return text
+    note = f"… [{len(text):,} characters; cut to fit a spreadsheet cell]"
+    return text[: CELL_LIMIT - len(note)] + note
 
 
 def spreadsheet_safe(text: str) -> str:
@@ -237,8 +253,14 @@ class ErrorFileWriter:
                         else runs[0]  # every write came in row order: nothing to merge
                     )
                     writer.writerows(r[2:] for r in merged)
-            finally:
-                shutil.rmtree(self._dir, ignore_errors=True)
+            except (OSError, csv.Error, ValueError) as exc:
+                # the watermark may already be past these rows: the spooled errors stay on
+                # disk for the user instead of going with the temporary folder
+                raise ReverseEtlError(
+                    f"the error file could not be written ({type(exc).__name__}: {exc}); "
+                    f"this run's row errors are kept, sorted in runs, in {self._dir}"
+                ) from exc
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> ErrorFileWriter:
         return self
