@@ -132,3 +132,32 @@ def test_a_dry_run_body_is_valid_json_whatever_the_numbers(klaviyo, tmp_path: Pa
     for line in dry_bodies(rig, "hostile", tmp_path).splitlines():
         request = orjson.loads(line)  # strict: NaN or Infinity would raise here
         assert request["rows"] >= 1
+
+
+def test_infinite_timestamps_are_row_errors_and_the_rest_lands(klaviyo) -> None:
+    """DuckDB's ``infinity`` (and years past 9999) have no Python value: reporting such a row
+    once raised OverflowError and stopped every run. As a cursor, a mapped timestamp or a
+    consent date it is a row error naming the value, and the other rows land."""
+    rig = klaviyo()
+    ok = at(0).isoformat()
+    execute(
+        rig.db,
+        "DROP TABLE IF EXISTS odd_times",
+        "CREATE TABLE odd_times (email VARCHAR, joined TIMESTAMPTZ, email_consent VARCHAR, "
+        "consent_at TIMESTAMPTZ, modified_at TIMESTAMPTZ)",
+        f"INSERT INTO odd_times VALUES ('{email_of(0)}', TIMESTAMPTZ '2020-01-02 03:04:05+00', 'yes', '{ok}', '{ok}'),"
+        f" ('{email_of(1)}', TIMESTAMPTZ '2020-01-02 03:04:05+00', 'yes', '{ok}', 'infinity'),"
+        f" ('{email_of(2)}', 'infinity', 'yes', '{ok}', '{at(2).isoformat()}'),"
+        f" ('{email_of(3)}', TIMESTAMPTZ '2020-01-02 03:04:05+00', 'yes', 'infinity', '{at(3).isoformat()}'),"
+        f" ('{email_of(4)}', TIMESTAMPTZ '2020-01-02 03:04:05+00', 'yes', '{ok}', '{at(4).isoformat()}')",
+    )
+    consent = {"email": {"column": "email_consent", "consented_at": "consent_at"}}
+    mapping = {"email": "email", "joined": "properties.Joined"}
+    rig.configure([sync_entry("odd", "klaviyo", mapping, table="odd_times", consent=consent)])
+    result = rig.run("odd")
+    errors = {(e["identifier"], e["column"]): e for e in error_rows(result)}
+    assert {k[0] for k in errors} == {email_of(1), email_of(2), email_of(3)}
+    assert all(e["value"] == "infinity" for e in errors.values()), errors
+    assert rig.sandbox.profile_by_email(email_of(0)) is not None
+    assert rig.sandbox.profile_by_email(email_of(4)) is not None
+    assert rig.sandbox.violations == []

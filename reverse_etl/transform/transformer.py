@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -357,18 +358,18 @@ class Transformer:
         codes = {c: bad[c].to_pylist() for c, _ in self._errs}
         row_codes = {c: bad[c].to_pylist() for c in self.row_err_cols}
         for n, (rown, pos) in enumerate(zip(rows, positions, strict=True)):
-            ident = raw_ids[pos].as_py()
+            ident = _py(raw_ids, pos)
             # what else finds the row in the warehouse, above all when its identifier is empty
             where = {
-                "cursor": (cursor_text or cursor)[pos].as_py(),
-                "email": email[pos].as_py() if email is not None else None,
+                "cursor": _py(cursor_text or cursor, pos),
+                "email": _py(email, pos) if email is not None else None,
             }
             id_failed = False
             for ecol, column in self._errs:
                 code = codes[ecol][n]
                 if not code:
                     continue
-                value = batch.column(column)[pos].as_py()
+                value = _py(batch.column(column), pos)
                 msg = details.get((rown, column)) or MESSAGES.get(code, code)
                 errors.append(
                     RowError(rown, ident, column, value, code, f"{column}: {msg}", **where)
@@ -380,7 +381,7 @@ class Transformer:
                     continue
                 on_cursor = ecol == "__e_cursor"
                 column = self.spec.cursor if on_cursor else self.spec.identifier
-                value = where["cursor"] if on_cursor else raw_ids[pos].as_py()
+                value = where["cursor"] if on_cursor else _py(raw_ids, pos)
                 errors.append(
                     RowError(
                         rown, ident, column, value, code, f"{column}: {MESSAGES[code]}", **where
@@ -390,6 +391,20 @@ class Transformer:
 
     def close(self) -> None:
         self.con.close()
+
+
+def _py(column: pa.Array | pa.ChunkedArray, pos: int) -> Any:
+    """A bad row's value as Python, for its error line. DuckDB's ``infinity`` timestamps and
+    dates (the int64/int32 extremes in Arrow) and years past 9999 have no Python value:
+    ``as_py`` raised OverflowError and the run stopped on the row it was reporting."""
+    scalar = column[pos]
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        raw = scalar.cast(pa.int64()).as_py()
+        if abs(raw) in (2**63 - 1, 2**31 - 1):
+            return "infinity" if raw > 0 else "-infinity"
+        return f"{raw} ({scalar.type}, beyond the years 1 to 9999)"
 
 
 class StreamTransformer:
