@@ -326,6 +326,8 @@ def test_emails_are_trimmed_and_lower_cased() -> None:
         ("a@@b.com", "@"),
         ("ann@example..com", "two periods"),
         ("ann smith@example.com", ""),
+        # well-formed but too long (the fast path's pattern has no lengths)
+        ("b" + "x" * 300 + "@example.com", "too long"),
     ],
 )
 def test_malformed_emails_are_rejected_with_a_message(value: str, fragment: str) -> None:
