@@ -391,3 +391,26 @@ def test_an_unexpected_error_exits_3_not_1(tmp_path: Path, monkeypatch: pytest.M
     result = cli(tmp_path, "run")
     assert result.exit_code == 3
     assert "internal error: RuntimeError: boom with ***" in flat(result.stderr)
+
+
+def test_columns_duckdb_takes_for_one_name_are_refused_before_anything_is_read(
+    tmp_path: Path,
+) -> None:
+    """``'yes' AS Consent, 'no' AS consent``: DuckDB renames the second ``consent_1`` in the
+    read's subquery, so a mapping of ``consent`` once read ``Consent`` and subscribed a row
+    whose configured column said no. ``check`` and ``run`` refuse the view and say why."""
+    make_project(
+        tmp_path,
+        syncs=[sync_entry("clash", source={"connection": "warehouse", "sql": "sql/clash.sql"})],
+    )
+    (tmp_path / "sql").mkdir(exist_ok=True)
+    (tmp_path / "sql" / "clash.sql").write_text(
+        "SELECT *, 'yes' AS Consent, 'no' AS consent FROM people -- who said yes?\n"
+    )
+    for command in ("check", "run"):
+        result = cli(tmp_path, command)
+        assert result.exit_code == 3, result.output
+        err = flat(result.stderr)
+        assert "columns DuckDB takes for one name: 'Consent' and 'consent'" in err
+        assert "give each column its own name with AS" in err
+        assert "Traceback" not in result.output + result.stderr

@@ -52,10 +52,27 @@ class DuckDBSource(Source):
             raise SourceError(f"cannot open DuckDB file {path!r}: {exc}") from exc
 
     def schema(self, sql: str) -> pa.Schema:
+        """The view's columns as the read sees them. Refused: columns whose names differ only
+        in case, or repeat. DuckDB takes them for one name and, in the subquery every read
+        wraps the SQL in, renames all but the first (``consent`` -> ``consent_1``), so a
+        mapping of ``consent`` read ``Consent``: consent the user never gave."""
         try:
-            return self._con.sql(probe_sql(sql) + " LIMIT 0").to_arrow_table().schema
+            schema = self._con.sql(probe_sql(sql) + " LIMIT 0").to_arrow_table().schema
+            names = self._con.sql(sql).columns  # a query (the probe ran): bound, not run
         except duckdb.Error as exc:
             raise SourceError(f"DuckDB could not run the sync's SQL: {exc}") from exc
+        seen: dict[str, list[str]] = {}
+        for name in names:
+            seen.setdefault(name.casefold(), []).append(name)
+        clashes = [group for group in seen.values() if len(group) > 1]
+        if clashes:
+            listed = "; ".join(" and ".join(repr(n) for n in group) for group in clashes)
+            raise SourceError(
+                f"the sync's SQL returns columns DuckDB takes for one name: {listed} (DuckDB "
+                "names are not case-sensitive, and it would rename all but the first, so a "
+                "mapping could read the wrong one); give each column its own name with AS"
+            )
+        return schema
 
     def stream(
         self, sql: str, params: Mapping[str, Any], batch_size: int
