@@ -197,6 +197,34 @@ def test_order_without_a_profile_or_with_an_overlong_value_is_a_row_error(klaviy
     assert order_ids(rig) == ["o0", "o2", "o4", "o5"]
 
 
+def test_an_overlong_string_inside_an_order_line_is_a_row_error_before_sending(klaviyo):
+    """Klaviyo refuses a whole event call for one string over 100 KB anywhere in an event:
+    an item's name too, not only a top-level value. Once, the call was refused three times
+    before the order became a row error carrying the whole 200 KB event as its value."""
+    rig = klaviyo()
+    orders_table(rig, 4)
+    execute(
+        rig.db,
+        "UPDATE orders SET items = list_transform(items, lambda it: {'sku': it.sku, "
+        "'product_id': it.product_id, 'name': repeat('n', 100001), 'quantity': it.quantity, "
+        "'unit_price': it.unit_price}) WHERE order_id = 'o2'",
+    )
+    rig.configure([orders_sync()])
+
+    result = rig.run("orders")
+
+    assert_counts(result, EXIT_ROW_ERRORS, read=4, rejected=1, sent=3, failed=0)
+    [error] = error_rows(result)
+    assert (error["identifier"], error["column"], error["reason"]) == (
+        "o2",
+        "items",
+        "value_too_large",
+    )
+    assert error["value"] == "100001"
+    assert "o2" not in order_ids(rig)
+    assert not [r for r in rig.requests("POST", EVENTS) if r.status >= 400]
+
+
 def test_event_klaviyo_refuses_is_a_row_error_and_the_call_is_resent(tmp_path, monkeypatch):
     fast_clients(monkeypatch)
     klaviyo_speed(monkeypatch)

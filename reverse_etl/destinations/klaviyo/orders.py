@@ -393,6 +393,24 @@ class KlaviyoOrders(KlaviyoBase):
         for column, target in self.sync.fields().items():
             values = table[target.field]
             if not (pt.is_string(values.type) or pt.is_large_string(values.type)):
+                nested = _longest_nested_string(values.combine_chunks())
+                if nested is not None and any_true(pc.greater(nested, MAX_STRING_BYTES)):
+                    long = pc.greater(nested, MAX_STRING_BYTES)
+                    bad = table.filter(long)
+                    message = (
+                        f"holds a string longer than the {MAX_STRING_BYTES} bytes Klaviyo takes "
+                        "in one string (the value shown is its length in bytes)"
+                    )
+                    errors += [
+                        RowError(row, ident, column, size, "value_too_large", message)
+                        for row, ident, size in zip(
+                            bad["__row"].to_pylist(),
+                            bad["__id"].to_pylist(),
+                            nested.filter(long).to_pylist(),
+                            strict=True,
+                        )
+                    ]
+                    table = table.filter(pc.invert(long))
                 continue
             long = pc.fill_null(pc.greater(pc.binary_length(values), MAX_STRING_BYTES), False)
             if any_true(long):
@@ -669,3 +687,33 @@ def _last_of_each(events: pa.Table) -> pa.Table:
     at = events.append_column("i", pa.array(np.arange(events.num_rows, dtype=np.int64)))
     last = at.group_by("key").aggregate([("i", "max")])["i_max"]
     return events.filter(pc.is_in(at["i"], value_set=last))
+
+
+def _longest_nested_string(values: pa.Array) -> pa.Array | None:
+    """Per row, the byte length of the longest string anywhere inside a list or struct value
+    (an order's items: a line's name), 0 where there is none; None for a type holding no
+    strings. Klaviyo refuses a whole call for one string over 100 KB inside an event's
+    properties as much as at its top (https://developers.klaviyo.com/en/reference/
+    bulk_create_events: "A single string cannot exceed 100KB")."""
+    rows = len(values)
+    if pt.is_string(values.type) or pt.is_large_string(values.type):
+        return pc.fill_null(pc.binary_length(values), 0).cast(pa.int64())
+    if pt.is_struct(values.type):
+        # flatten, not field(): it applies the array's offset and the struct's nulls
+        found = [_longest_nested_string(child) for child in values.flatten()]
+        longest = [f for f in found if f is not None]
+        if not longest:
+            return None
+        out = longest[0]
+        for more in longest[1:]:
+            out = pc.max_element_wise(out, more)
+        return out
+    if pt.is_list(values.type) or pt.is_large_list(values.type):
+        inner = _longest_nested_string(pc.list_flatten(values))
+        if inner is None:
+            return None
+        parents = pc.list_parent_indices(values)
+        per_row = np.zeros(rows, dtype=np.int64)
+        np.maximum.at(per_row, parents.to_numpy(), inner.to_numpy(zero_copy_only=False))
+        return pa.array(per_row)
+    return None
