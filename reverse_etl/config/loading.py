@@ -20,12 +20,14 @@ from reverse_etl.config.models import (
     ConsentColumn,
     ConsentSpec,
     FieldMapping,
+    NotUtf8Error,
     Project,
     SnapshotSpec,
     SourceSpec,
     StateSpec,
     Sync,
     _RefError,
+    read_text_file,
 )
 from reverse_etl.destinations.registry import UnsupportedObject, destination_for
 from reverse_etl.errors import ConfigError
@@ -48,12 +50,18 @@ def load_project(
     root = Path(root) if root else Path.cwd()
     file = Path(file) if file else root / DEFAULT_CONFIG
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = load_yaml(read_text_file(file))
     except FileNotFoundError:
         raise ConfigError(
             f"{file}: file not found; pass --config or create profiles/profiles.yml "
             "(see README.md, 'Configuration')"
         ) from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+    except NotUtf8Error as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -82,6 +90,59 @@ def load_project(
                 register_secret(value.get_secret_value())
     _check_destination_options(project)
     return project
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # a `<<: *base` key
+_VALUE_TAG = "tag:yaml.org,2002:value"  # a `=` key, read as the string "="
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping: PyYAML alone keeps the last one, silently."""
+
+
+class _ProjectLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Called on every mapping before its keys are read, and on each mapping merged into
+        # another (``<<: *base``) before the merge changes it: so each is checked as written.
+        # A key a merge brings in may be given again (that is what a merge is for).
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._check_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _check_duplicates(self, node: yaml.MappingNode) -> None:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue  # a mapping or list as a key: the constructor refuses it
+            # as the constructor reads it: "a", 'a' and a are one key, as are 1 and 0x1
+            key = key_node.value if key_node.tag == _VALUE_TAG else self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key not in lines:
+                lines[key] = line
+                continue
+            where = (
+                f"both on line {line}" if lines[key] == line else f"lines {lines[key]} and {line}"
+            )
+            raise DuplicateKeyError(
+                f"line {line}: key {key!r} appears twice in one mapping ({where}); YAML would "
+                "silently keep only the last one: remove one of them"
+            )
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, but a key given twice in one mapping is a ``DuplicateKeyError``."""
+    loader = _ProjectLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def require_env(project: Project, connections: Iterable[str]) -> None:

@@ -6,14 +6,17 @@ through the registry; the union pydantic discriminates on ``type`` is built from
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import functools
 import ipaddress
 import operator
 import re
+import zoneinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import phonenumbers
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -47,6 +50,36 @@ FIELD_TYPES = (
     "phone",
     "json",
 )
+
+
+# --------------------------------------------------------------------------- files
+
+
+class NotUtf8Error(ValueError):
+    """A file the project reads is not UTF-8 text; the message says where and what to do."""
+
+
+def read_text_file(path: Path) -> str:
+    """``path``'s text as ``Path.read_text`` reads it on a UTF-8 system (newlines as ``\\n``),
+    whatever the machine's locale; a NotUtf8Error, saying where, for any other encoding."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotUtf8Error(_not_utf8(data, exc)) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        where = f"it is UTF-16 (byte 0 is 0x{data[0]:02x}, a UTF-16 byte order mark)"
+    else:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = (
+            f"byte {exc.start} (line {line}) is 0x{data[exc.start]:02x}, which UTF-8 does not "
+            "allow there (is the file Latin-1 or Windows-1252?)"
+        )
+    return f"not UTF-8 text: {where}; save it as UTF-8 (your editor's encoding setting)"
 
 
 # --------------------------------------------------------------------------- connections
@@ -338,6 +371,52 @@ class FailOn(Strict):
         )
 
 
+def _timezone(value: str) -> str:
+    """``naive_timezone``: an IANA time zone name, one zoneinfo knows. DuckDB reads it
+    (``timezone(zone, ts)``) whatever its case, so utc and europe/london still work."""
+    if value.casefold() in _time_zones():
+        return value
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    else:
+        if value not in _NOT_ZONES:
+            return value
+    hint = difflib.get_close_matches(value, list(_time_zones().values()), n=1)
+    raise ValueError(
+        f"{value!r} is not an IANA time zone; write one such as Europe/London, "
+        "America/New_York or UTC" + (f"; did you mean {hint[0]!r}?" if hint else "")
+    )
+
+
+# files of the system's time zone database that are not zones (and DuckDB refuses)
+_NOT_ZONES = ("localtime", "posixrules")
+
+
+@functools.cache
+def _time_zones() -> dict[str, str]:
+    """Case-folded name -> IANA name, for each time zone zoneinfo knows."""
+    zones = zoneinfo.available_timezones()
+    return {zone.casefold(): zone for zone in zones if zone not in _NOT_ZONES}
+
+
+def _phone_region(value: str) -> str:
+    """``default_phone_region``: a region phonenumbers has metadata for, in any case (the
+    transform upper-cases it)."""
+    if value.upper() in phonenumbers.SUPPORTED_REGIONS:
+        return value
+    hint = _REGION_ALIASES.get(value.strip().upper())
+    raise ValueError(
+        f"{value!r} is not a region phonenumbers knows; write a two-letter ISO 3166 country "
+        "code such as GB or US" + (f"; did you mean {hint!r}?" if hint else "")
+    )
+
+
+# names often written for a region that are not its ISO code
+_REGION_ALIASES = {"UK": "GB", "USA": "US", "GBR": "GB"}
+
+
 class Sync(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")]
     source: SourceSpec
@@ -368,12 +447,14 @@ class Sync(Strict):
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     lookback_minutes: Annotated[int, Field(ge=0, le=60 * 24 * 31)] = 0
     null_values: Literal["skip", "clear"] = "skip"
-    default_phone_region: str | None = None  # ISO country for national numbers, e.g. US
+    # ISO country for national numbers, e.g. US: one phonenumbers knows
+    default_phone_region: Annotated[str, AfterValidator(_phone_region)] | None = None
     phone_region_column: str | None = None  # or a column with each row's ISO country
     # fast: E.164 shape and a possible length for the country, vectorised; strict: every
     # number through phonenumbers' full validation (tens of microseconds a number)
     phone_validation: Literal["fast", "strict"] = "fast"
-    naive_timezone: str = "UTC"
+    # the IANA time zone of timestamps without one (e.g. Europe/London)
+    naive_timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
     max_future_skew_minutes: Annotated[int, Field(ge=0)] = 10
     # thresholds over the project's fail_on, key by key (see FailOn)
     fail_on: FailOn = FailOn()
@@ -535,10 +616,14 @@ class Project(Strict):
             return self._with_cursor(sync, f"SELECT * FROM {sync.source.table}")
         path = self.path(sync.source.sql or "")
         try:
-            sql = path.read_text()
+            sql = read_text_file(path)
         except OSError as exc:
             raise ConfigError(
                 f"{self.file}: sync {sync.name!r} source.sql: cannot read {path}: {exc.strerror}"
+            ) from None
+        except NotUtf8Error as exc:
+            raise ConfigError(
+                f"{self.file}: sync {sync.name!r} source.sql: {path}: {exc}"
             ) from None
         sql = re.sub(r";\s*$", "", sql.strip())
         if not sql:

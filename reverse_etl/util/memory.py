@@ -67,7 +67,7 @@ SMALLEST = 16 * MIB  # below this DuckDB cannot run a query at all
 def parse_size(text: str) -> int:
     """``'400MB'``, ``'2G'``, ``'1.5GiB'``, ``'512 MiB'``, ``'25%'`` (of the machine's memory)
     or a byte count, as bytes (DuckDB's spellings: MB and M are 1000², MiB 1024²); at least
-    ``SMALLEST``."""
+    ``SMALLEST``. A percentage is above 0% and at most 100%."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z%]*)\s*", str(text))
     unit = match.group(2).upper() if match else ""
     if not match or (unit not in _UNITS and unit != "%"):
@@ -75,6 +75,11 @@ def parse_size(text: str) -> int:
             f"memory_limit {text!r} is not a size: write it as e.g. 400MB, 1GB, 512MiB or 25%"
         )
     number = float(match.group(1))
+    if unit == "%" and not 0 < number <= 100:
+        raise ValueError(
+            f"memory_limit {text!r} is not a share of the machine's memory: a percentage runs "
+            "from above 0% to 100%; write e.g. 25%, or a size such as 1GB"
+        )
     size = int(number / 100 * _physical()) if unit == "%" else int(number * _UNITS[unit])
     if size < SMALLEST:
         raise ValueError(
