@@ -2,6 +2,9 @@
 
 Secrets live in the environment, never in files; every resolved secret is registered so that
 log lines, error files and exception texts can be scrubbed of it before they leave the process.
+A destination's credentials are also checked as they are resolved: one that HTTP cannot carry
+(a trailing newline, a control character) is refused there, naming the connection and the
+environment variable, never the value (``check_credential``).
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 _ENV_VAR = re.compile(
     r"""\{\{\s*env_var\(\s*(['"])(?P<name>[^'"]+)\1\s*(?:,\s*(['"])(?P<default>.*?)\3\s*)?\)\s*\}\}"""
@@ -51,9 +55,15 @@ def render(value: str, env: Mapping[str, str] | None = None) -> str:
 
 
 def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "") -> Any:
-    """Render templates in every string of a loaded YAML tree. Errors carry the key path."""
+    """Render templates in every string of a loaded YAML tree. Errors carry the key path.
+    The credentials of each ``connections`` entry declared with ``credential_fields`` are
+    checked once rendered: one HTTP cannot carry raises ValueError (``_check_connection``)."""
     if isinstance(node, dict):
-        return {k: render_tree(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        out = {k: render_tree(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if path == "connections":
+            for name, conn in node.items():
+                _check_connection(str(name), conn, out[name], env)
+        return out
     if isinstance(node, list):
         return [render_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str) and "{{" in node:
@@ -126,3 +136,103 @@ def scrub_log_records() -> None:
 def _scrub_arg(value: Any) -> Any:
     text = str(value)
     return value if scrub(text) == text else scrub(text)
+
+
+# --------------------------------------------------------------------------- credentials
+
+#: How a credential is sent. ``token``: verbatim in a header (an API key), so printable ASCII
+#: without whitespace. ``text``: encoded first (Basic auth's user name and password), so only
+#: whitespace at either end and control characters are refused; spaces inside and non-ASCII
+#: letters can belong to a password.
+CredentialKind = Literal["token", "text"]
+
+_credentials: dict[str, dict[str, CredentialKind]] = {}  # connection type -> key -> kind
+_CHAR_NAMES = {
+    "\n": "a newline",
+    "\r": "a carriage return",
+    "\t": "a tab",
+    " ": "a space",
+    "\x00": "a NUL character",
+    "\ufeff": "a byte order mark (U+FEFF)",
+}
+
+
+def credential_fields(connection_type: str, **fields: CredentialKind) -> dict[str, CredentialKind]:
+    """Declare the credential keys of a ``type: connection_type`` connection, so that
+    ``render_tree`` checks them as it resolves them (``check_credential``)."""
+    _credentials[connection_type] = dict(fields)
+    return _credentials[connection_type]
+
+
+def check_credential(value: str, kind: CredentialKind) -> str | None:
+    """What is wrong with a credential, as "ends with a newline; remove it", or None.
+
+    Refused rather than stripped. Stripping would silently send a credential other than the
+    one configured: whitespace may belong to a password, and whatever else reads the same
+    variable (another tool, a colleague's shell) keeps failing without anyone learning why.
+    A control character inside cannot be stripped at all. Refused, the mistake is named at
+    once, before any request, instead of surfacing as minutes of retries ("LocalProtocolError")
+    or a 401 the user cannot explain. The answer names the offending character, never any
+    character of the credential itself."""
+    if not value:
+        return None
+    for end, char in (("ends", value[-1]), ("starts", value[0])):
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+            return f"{end} with {_char_name(char)}; remove it"
+    for char in value:
+        if unicodedata.category(char) == "Cc" or (kind == "token" and char.isspace()):
+            return f"contains {_char_name(char)}; remove it"
+    if kind == "token" and not value.isascii():
+        return (
+            "contains a character that is not ASCII, which a key never has (a pasted quote, "
+            "dash or invisible character?); copy it again from the vendor's settings"
+        )
+    return None
+
+
+def refuse_bad_credentials(model: Any, fields: Mapping[str, CredentialKind]) -> None:
+    """Raise ValueError naming the first of ``model``'s credential ``fields`` that
+    ``check_credential`` refuses (without its value): the check of a connection built in code;
+    a loaded one was already checked, with the variable named, by ``render_tree``."""
+    for key, kind in fields.items():
+        value: Any = getattr(model, key, None)
+        if hasattr(value, "get_secret_value"):  # a SecretStr
+            value = value.get_secret_value()
+        problem = check_credential(value, kind) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(f"{key} {problem}")
+
+
+def _check_connection(name: str, raw: Any, rendered: Any, env: Mapping[str, str] | None) -> None:
+    """Raise ValueError if a credential of connection ``name`` cannot be sent: the message
+    names the connection, the key and where the value came from, never the value."""
+    if not isinstance(raw, dict) or not isinstance(rendered, dict):
+        return
+    fields = _credentials.get(str(raw.get("type")), {})
+    for key, kind in fields.items():
+        value = rendered.get(key)
+        problem = check_credential(value, kind) if isinstance(value, str) else None
+        if problem:
+            origin = _origin(raw.get(key), os.environ if env is None else env)
+            raise ValueError(f"connection {name}: {key} ({origin}) {problem}")
+
+
+def _origin(template: Any, env: Mapping[str, str]) -> str:
+    """Where a rendered value came from: its env vars, a template default, or the file."""
+    names = [m.group("name") for m in _ENV_VAR.finditer(str(template))]
+    if not names:
+        return "as written in the project file"
+    unset = [n for n in names if n not in env]
+    if unset:
+        return f"from the default given in env_var('{unset[0]}', ...)"
+    names = list(dict.fromkeys(names))
+    return f"from env var{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+def _char_name(char: str) -> str:
+    if char in _CHAR_NAMES:
+        return _CHAR_NAMES[char]
+    kind = "whitespace" if char.isspace() else "an invisible character"
+    if unicodedata.category(char) == "Cc":
+        kind = "a control character"
+    return f"{kind} (U+{ord(char):04X})"

@@ -4,6 +4,9 @@ errors without secrets.
 Retried: 429 (after ``Retry-After``), 5xx, timeouts and dropped connections, with
 exponential backoff and jitter, up to ``max_attempts``; then a DestinationError says what
 failed. Other 4xx answers are the caller's to read (a refused record is data, not an outage).
+Never retried: a request the HTTP library refuses to build (``NOT_BUILT``: a header value
+HTTP cannot carry, a URL without http(s)); it fails the same way every time, so it raises at
+once, saying it is not a network error.
 
 Creates (a list, a data field, an address book, a catalog item job) are not idempotent: sent
 twice, they make two objects or meet a "duplicate" refusal. ``ApiClient.create_once`` is the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -39,6 +43,14 @@ NOT_SENT: tuple[type[Exception], ...] = (
     httpx.ConnectTimeout,
     httpx.PoolTimeout,
 )
+# The request was never built: httpx/h11 refused it (an illegal header value, such as an API
+# key ending in a newline; a URL whose scheme is not http or https). A local error, not a
+# network fault: sending it again fails identically, so it is raised at once, never retried.
+# These are TransportErrors to httpx, hence caught before them.
+NOT_BUILT: tuple[type[Exception], ...] = (httpx.LocalProtocolError, httpx.UnsupportedProtocol)
+# what h11 refuses in a header value: NUL, CR, LF, other whitespace but space and tab, and
+# space or tab at either end
+_ILLEGAL_HEADER_VALUE = re.compile(rb"[\x00\n\r\x0b\x0c]|\A[ \t]|[ \t]\Z")
 
 
 class Unsure(DestinationError):
@@ -91,13 +103,21 @@ class ApiClient:
         self._sleep = sleep or time.sleep
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            auth=auth,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
-        )
+        try:
+            self._http = httpx.Client(
+                base_url=base_url.rstrip("/"),
+                headers=headers,
+                auth=auth,
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+            )
+        except UnicodeEncodeError:  # its text quotes the header's value: never shown
+            bad = ", ".join(k for k, v in headers.items() if not v.isascii()) or "a header"
+            raise DestinationError(
+                f"{name}: the value of {bad} holds a character that is not ASCII, which an "
+                "HTTP header cannot carry; check the connection's credentials and settings "
+                "(not a network error)"
+            ) from None
         self.retries = 0
         self.throttled = 0
 
@@ -135,6 +155,9 @@ class ApiClient:
                 response = self._http.request(
                     method, path, content=content, params=params, headers=headers
                 )
+            except NOT_BUILT as exc:
+                self._trace(method, path, type(exc).__name__, sent_at)
+                raise self._not_built(method, path, exc, headers) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}"
                 self._trace(method, path, last, sent_at)
@@ -173,6 +196,31 @@ class ApiClient:
         fields: dict[str, Any] = {"method": method, "path": path, "duration_ms": round(ms, 1)}
         fields["status" if isinstance(status, int) else "error"] = status
         log.debug("%s %s %s -> %s in %.0f ms", self.name, method, path, status, ms, extra=fields)
+
+    def _not_built(
+        self, method: str, path: str, exc: Exception, headers: dict[str, str] | None
+    ) -> DestinationError:
+        """The error for a request the HTTP library would not build (``NOT_BUILT``). It names
+        the operation and the offending header, never the exception's text or a header's
+        value: h11 quotes the refused value, and the Authorization header holds the key."""
+        kind = type(exc).__name__
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            why = "its URL does not start with http:// or https://; check the base_url"
+        else:
+            sent = list(self._http.headers.raw)
+            sent += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+            bad = [k.decode() for k, v in sent if _ILLEGAL_HEADER_VALUE.search(v)]
+            where = f"the value of header {', '.join(bad)}" if bad else "a header value"
+            why = (
+                f"{where} holds a character HTTP does not allow (a newline or other control "
+                "character, or whitespace at either end); check the connection's credentials"
+            )
+        return DestinationError(
+            scrub(
+                f"{self.name} {method} {path}: the HTTP client refused to build the request "
+                f"({kind}): {why}. Not a network error, so not retried"
+            )
+        )
 
     def _unsure(self, method: str, path: str, what: str, running: float) -> Unsure:
         return Unsure(

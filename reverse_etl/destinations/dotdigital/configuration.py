@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from reverse_etl.destinations.configuration import DestinationConnection
+from reverse_etl.secrets import credential_fields, refuse_bad_credentials
 
 #: the default regional endpoint; account info answers there for every account
 R1 = "https://r1-api.dotdigital.com"
+# Basic auth encodes both before sending, so a space inside a password is allowed; whitespace
+# at either end or a control character is refused as they are resolved (see secrets.py)
+CREDENTIALS = credential_fields("dotdigital", username="text", password="text")
 
 
 class DotdigitalConnection(DestinationConnection):
@@ -24,6 +28,9 @@ class DotdigitalConnection(DestinationConnection):
     client permits 121 seconds call duration before considering the call timed out",
     https://developer-loyalty.dotdigital.com/docs/api-endpoints)."""
 
+    # a validation error built in code must not quote the credentials as its input
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     type: Literal["dotdigital"]
     username: str
     password: SecretStr
@@ -33,6 +40,11 @@ class DotdigitalConnection(DestinationConnection):
     import_timeout_minutes: float = Field(360.0, gt=0)
     poll_max_seconds: float = Field(60.0, gt=0)
     call_timeout_seconds: float = Field(150.0, ge=1)
+
+    @model_validator(mode="after")
+    def _credentials_can_be_sent(self) -> Self:
+        refuse_bad_credentials(self, CREDENTIALS)
+        return self
 
     def url(self) -> str:
         if self.base_url:
