@@ -7,6 +7,7 @@ Nothing here calls a destination's API, so none of it needs a destination's secr
 from __future__ import annotations
 
 import os
+import socket
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -294,23 +295,63 @@ def unlock(store: StateStore, sync: str, *, force: bool = False) -> str:
         store.unlock(sync)
         _abandon(store, info, "its lock was released by `reverse-etl unlock --force`")
         return f"{sync}: lock released (forced; it was held by {holder_text(info)})"
+    quiet = state.now() - info.heartbeat_at
+    if not is_stale(info, store.stale_after) and exited(info) and quiet > 2 * store.heartbeat_every:
+        return _release_gone(
+            store,
+            sync,
+            info,
+            f"its process ({info.owner}) is no longer running on this host and missed its "
+            f"heartbeats since {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC (killed); "
+            "`reverse-etl unlock` released its lock",
+        )
     if not is_stale(info, store.stale_after):
         stale_at = info.heartbeat_at + store.stale_after
+        if exited(info):  # killed a moment ago: its last beat is still recent
+            wait = info.heartbeat_at + 2 * store.heartbeat_every
+            raise LockHeldError(
+                f"sync {sync!r} is held by {holder_text(info)}, a process no longer running on "
+                f"this host; its heartbeat is too recent to be sure it is the same process: run "
+                f"`reverse-etl unlock {sync}` again after {wait:%Y-%m-%d %H:%M:%S} UTC, or "
+                f"`reverse-etl unlock {sync} --force`"
+            )
         raise LockHeldError(
             f"sync {sync!r} is held by a live run: {holder_text(info)}. Its heartbeat is recent, "
             f"so it is taken to be running; the lock is released when it ends. If you know that "
             f"process is gone, its lock goes stale at {stale_at:%Y-%m-%d %H:%M:%S} UTC (no "
             f"heartbeat for {store.stale_after}), or run `reverse-etl unlock {sync} --force`"
         )
-    if not store.release(sync, info.run_id):  # taken over or released meanwhile: look again
-        return unlock(store, sync, force=False)
-    _abandon(
+    return _release_gone(
         store,
+        sync,
         info,
         f"the process stopped heartbeating at {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC "
         "(killed or lost); `reverse-etl unlock` released its lock",
     )
+
+
+def _release_gone(store: StateStore, sync: str, info: LockInfo, why: str) -> str:
+    if not store.release(sync, info.run_id):  # taken over or released meanwhile: look again
+        return unlock(store, sync, force=False)
+    _abandon(store, info, why)
     return f"{sync}: lock released (stale: held by {holder_text(info)})"
+
+
+def exited(info: LockInfo) -> bool:
+    """The lock's holder ran on this host (``owner`` is host:pid) and no process has its pid
+    now: a run killed with SIGKILL. Not proof on its own: another machine (a container) may
+    share the host name, so ``unlock`` also waits for two missed heartbeats, which a live
+    holder anywhere would have sent."""
+    host, _, pid = info.owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
 
 
 def _abandon(store: StateStore, info: LockInfo, why: str) -> None:

@@ -212,3 +212,54 @@ def test_unlock_refuses_while_the_holder_process_lives(tmp_path: Path, pg_url: s
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_unlock_releases_the_lock_of_a_run_killed_on_this_host(tmp_path: Path) -> None:
+    """``kill -9`` of a run, then ``unlock`` as the refusal message says: the holder's pid is
+    gone from this host, so once it missed two heartbeats (a live holder anywhere would have
+    sent them) the lock is released, without waiting the two hours of staleness. Just after
+    the kill it says when to try again; a live pid with the same old heartbeat is refused."""
+    people_db(tmp_path, [])
+    write_project(tmp_path, project_data())
+    store = StateStore("sqlite:///state/state.db", root=tmp_path)  # creates the folder
+    url = f"sqlite:///{tmp_path / 'state' / 'state.db'}"
+    holder = _python(HOLDER, url, "people", "killed-run")
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked", holder.stderr
+        store.start_run(RunRecord("killed-run", "people", now(), "running"))
+        holder.kill()
+        holder.wait(timeout=30)
+        soon = cli(tmp_path, "unlock", "people")
+        assert soon.exit_code == 3
+        assert "a process no longer running on this host" in flat(soon.stderr)
+        assert "again after" in flat(soon.stderr)
+
+        age(store, "people", hours=0.05)  # three minutes without a beat: two missed
+        released = cli(tmp_path, "unlock", "people")
+        assert released.exit_code == 0, released.stderr
+        assert "people: lock released" in released.stdout
+        assert store.lock_info("people") is None
+        (record,) = store.last_runs("people")
+        assert record.status == "abandoned"
+        assert "no longer running on this host" in (record.message or "")
+
+        # the same old heartbeat from a process that is alive (this one) is a live holder
+        with store.engine.begin() as con:
+            con.execute(
+                sa.insert(locks).values(
+                    sync="people",
+                    run_id="alive-run",
+                    owner=store.owner,
+                    acquired_at=now(),
+                    heartbeat_at=now() - timedelta(minutes=3),
+                )
+            )
+        alive = cli(tmp_path, "unlock", "people")
+        assert alive.exit_code == 3 and "held by a live run" in flat(alive.stderr)
+        assert store.lock_info("people").run_id == "alive-run"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        store.close()
