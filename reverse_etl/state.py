@@ -68,6 +68,7 @@ from reverse_etl import __version__
 from reverse_etl.errors import LockHeldError, ReverseEtlError
 from reverse_etl.extras import check_state_url
 from reverse_etl.secrets import scrub
+from reverse_etl.util.storage import path_problem
 
 log = logging.getLogger(__name__)
 
@@ -355,22 +356,43 @@ class StateStore:
         stale_after: timedelta = timedelta(hours=2),
         heartbeat_every: timedelta | None = None,
     ) -> None:
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-            rel = Path(url.removeprefix("sqlite:///"))
-            path = (root or Path.cwd()) / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{path}"
         if heartbeat_every is None:  # several beats per stale period, so one missed beat is fine
             heartbeat_every = min(max(stale_after / 6, _MIN_HEARTBEAT), _MAX_HEARTBEAT)
         if heartbeat_every <= timedelta(0):
             raise ValueError(f"heartbeat_every must be positive, not {heartbeat_every}")
+        # every way the URL or the place it names is wrong is a StateError saying what to fix,
+        # naming the URL as the user wrote it, its password hidden
+        shown = _shown_url(url)
+        parsed = _parse_state_url(url, shown)
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = Path(url.removeprefix("sqlite:///"))
+            path = (root or Path.cwd()) / rel
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(
+                    f"state store {shown} cannot be opened: {path_problem(path, exc)}"
+                ) from exc
+            url = f"sqlite:///{path}"
         self.url = url
         check_state_url(url)  # postgresql+psycopg without the postgres extra: say which to install
-        self.engine = sa.create_engine(url, future=True)
+        try:
+            self.engine = sa.create_engine(url, future=True)
+        except (sa.exc.ArgumentError, ImportError) as exc:  # e.g. postgresql+pg8000, not installed
+            raise StateError(
+                f"state store {shown}: driver {parsed.drivername!r} cannot be used ("
+                f"{_driver_said(exc, parsed)}); write sqlite:///PATH or postgresql+psycopg://... "
+                "(pip install 'reverse-etl[postgres]')"
+            ) from exc
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             _prepare_schema(self.engine)
+        except sa.exc.DBAPIError as exc:  # cannot connect, or cannot create or read the tables
+            self.engine.dispose()
+            raise StateError(
+                f"state store {shown} cannot be opened: {_open_problem(self.engine.url, exc)}"
+            ) from exc
         except BaseException:
             self.engine.dispose()
             raise
@@ -692,6 +714,8 @@ _SCHEMA_RACE = (
 )
 # pg_advisory_xact_lock key held by whoever migrates a PostgreSQL store: b"retl-sch" as a bigint
 _PG_MIGRATION_LOCK = 0x7265_746C_2D73_6368
+# the databases the state store runs on (sa.URL.get_backend_name())
+_STATE_BACKENDS = frozenset({"sqlite", "postgresql"})
 
 
 def _v1_tables(con: sa.Connection) -> None:
@@ -991,6 +1015,65 @@ def _refuse_newer(con: sa.Connection, current: int, latest: int) -> None:
             f"{current}); upgrade reverse-etl (this one, {__version__}, knows schema {latest} at "
             f"most)"
         )
+
+
+def _shown_url(url: str) -> str:
+    """``url`` as an error message may show it: its password hidden, even when it does not
+    parse, and registered secrets scrubbed."""
+    try:
+        text = sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:  # no telling user from password: hide all before the last @
+        text = re.sub(r"^([\w+.-]*:?//)?.*@", r"\1***@", url, flags=re.DOTALL)
+    text = re.sub(r"(password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)  # ?password=...
+    return scrub(text)
+
+
+def _parse_state_url(url: str, shown: str) -> sa.URL:
+    """The state store URL parsed, refused (StateError) unless it is SQLite or PostgreSQL."""
+    example = "sqlite:///.reverse_etl/state.db or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StateError(
+            f"state store URL {shown!r} is not a database URL; write e.g. {example}"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgres":  # what Heroku and libpq write; SQLAlchemy knows no such name
+        raise StateError(
+            f"state store URL {shown}: write postgresql+psycopg://... (not postgres://; pip "
+            "install 'reverse-etl[postgres]')"
+        )
+    if backend not in _STATE_BACKENDS:
+        raise StateError(
+            f"state store URL {shown}: only sqlite and postgresql are supported; write e.g. "
+            f"{example}"
+        )
+    return parsed
+
+
+def _driver_said(exc: BaseException, url: sa.URL) -> str:
+    """What a driver or SQLAlchemy said, on one line, without the URL's password."""
+    if isinstance(exc, ImportError):
+        text = f"{exc.name or 'its module'} is not installed"
+    else:
+        orig = getattr(exc, "orig", None)
+        text = str(orig if orig is not None else exc)
+        text = text.split("\n(Background on this error", 1)[0]  # SQLAlchemy's link
+    text = " ".join(text.split())
+    for password in (url.password, url.query.get("password")):
+        if isinstance(password, str) and password:
+            text = text.replace(password, "***")
+    return scrub(text)
+
+
+def _open_problem(url: sa.URL, exc: sa.exc.DBAPIError) -> str:
+    """Why a store could not be opened: for a SQLite file, what is wrong with its path when
+    something visibly is (a file where a folder should be, ...); else the driver's words."""
+    said = _driver_said(exc, url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(str(url.database))
+        return path_problem(path) or f"{path}: {said}"
+    return said
 
 
 def _where(con: sa.Connection) -> str:
