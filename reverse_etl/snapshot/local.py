@@ -144,6 +144,9 @@ class Snapshot:
                     "members",
                     has_rank=DUP_RANK in schema.names,
                     carry=("__row",),
+                    # a row sent by a run that died before recording it may be at the
+                    # destination with values the view no longer has: it is sent again
+                    pending="pending",
                 )
             annotation = self._annotation
             sql = annotation.sql(
