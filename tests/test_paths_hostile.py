@@ -233,3 +233,15 @@ def test_postgresql_driver_not_installed(tmp_path: Path) -> None:
     assert said("state store postgresql+pg8000://bob:***@db/y: driver 'postgresql+pg8000' ") in out
     assert said("(pg8000 is not installed); write sqlite:///PATH or postgresql+psycopg://") in out
     assert PASSWORD not in result.output
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+@pytest.mark.parametrize("command", [("run",), ("run", "--dry-run")])
+def test_snapshot_path_under_a_file(tmp_path: Path, sent: list, command: tuple[str, ...]) -> None:
+    root = project(tmp_path, snapshot={"path": "afile/snaps"})
+    out = failed_cleanly(cli(root, *command))
+    assert said("snapshot file") in out
+    assert said(f"{root / 'afile'} is a file, not a folder") in out
+    assert sent == []

@@ -58,7 +58,7 @@ from reverse_etl.snapshot.annotate import EXTRA, Annotation, take_annotations
 from reverse_etl.snapshot.fingerprint import Fingerprint
 from reverse_etl.snapshot.store import UNSETTLED, Diff
 from reverse_etl.transform.transformer import TransformSpec
-from reverse_etl.util import memory, scratch
+from reverse_etl.util import memory, scratch, storage
 from reverse_etl.util.prefetch import close
 from reverse_etl.util.scratch import registered
 
@@ -68,7 +68,12 @@ class Snapshot:
     thread that commits; each thread has its own cursor of the file's one connection."""
 
     def __init__(self, path: Path, spec: TransformSpec, salt: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the project's snapshot path, not a bug: say which part
+            raise storage.PathError(
+                f"snapshot file {path} cannot be created: {storage.path_problem(path, exc)}"
+            ) from exc
         self.path = path
         self.spec = spec
         self.fingerprint = Fingerprint.of(spec, salt)
