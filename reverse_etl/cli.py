@@ -286,7 +286,8 @@ def run(
     for r in results:
         rec = r.record
         if rec.message:
-            err_console.print(f"[red]{rec.sync}: {rec.message}[/red]")
+            # escaped: a message may hold "[...]" (a view's SQL, an install hint), not markup
+            err_console.print(f"[red]{escape(rec.sync)}: {escape(rec.message)}[/red]")
         if r.accepted_changes:
             err_console.print(
                 f"[yellow]{rec.sync}: definition changes accepted: "
@@ -488,7 +489,7 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
                     f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
                     f"sent {rec.counts.sent}, unchanged {rec.counts.unchanged}, "
                     f"rejected {rec.counts.rejected}, failed {rec.counts.failed}"
-                    + (f" — {rec.message}" if rec.message else "")
+                    + (f" — {escape(rec.message)}" if rec.message else "")
                 )
             done += 1
             if cycles and done >= cycles:

@@ -414,3 +414,13 @@ def test_columns_duckdb_takes_for_one_name_are_refused_before_anything_is_read(
         assert "columns DuckDB takes for one name: 'Consent' and 'consent'" in err
         assert "give each column its own name with AS" in err
         assert "Traceback" not in result.output + result.stderr
+
+
+def test_a_run_message_holding_markup_is_printed_as_text(tmp_path: Path) -> None:
+    """A failed run's message is printed escaped: a column named ``[/red]`` in it once made
+    rich raise MarkupError, turning the user's mistake into an internal error."""
+    make_project(tmp_path, syncs=[sync_entry(mapping={"email": "email", "[/red]": "first_name"})])
+    result = cli(tmp_path, "run")
+    assert result.exit_code == 3, result.output
+    assert "[/red]" in flat(result.stderr)
+    assert "internal error" not in result.output + result.stderr
