@@ -130,7 +130,9 @@ def test_profile_over_100kb_is_rejected_and_only_suspects_are_built(destination)
     assert screened.rejected == 1
     assert screened.table["__row"].to_pylist() == [3, 4]
     [error] = screened.errors
-    assert (error.row_number, error.reason, error.column) == (2, "value_too_large", "(profile)")
+    # the view's column holding the largest value: the one to shorten or stop mapping
+    assert (error.row_number, error.reason, error.column) == (2, "value_too_large", "notes")
+    assert "its largest value is in column 'notes' (120000 characters)" in error.message
     # requests (a dry run) take the screened batch whole: one import job, two profiles
     [job] = [r for r in dest.requests(screened.table) if r.path.endswith("import-jobs")]
     assert job.rows == 2

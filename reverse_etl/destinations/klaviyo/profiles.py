@@ -27,7 +27,7 @@ next change). Jobs are waited for up to ``job_timeout_minutes`` (``jobs.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from reverse_etl.destinations.klaviyo.import_errors import JobProfiles
 from reverse_etl.destinations.klaviyo.membership import Membership
 from reverse_etl.destinations.rowjson import Expr, RowJson, joined, nest, null_names, pack
 from reverse_etl.transform.consent import SUBSCRIBED
-from reverse_etl.transform.rowerrors import RowError
+from reverse_etl.transform.rowerrors import RowError, cell_text
 
 IMPORT_PATH = "/api/profile-bulk-import-jobs"
 IMPORT = jobs.JobKind(
@@ -134,30 +134,45 @@ def _payload(table: pa.Table) -> pa.Table:
     return table.drop_columns([c for c in table.column_names if c.startswith("consent.")])
 
 
-def _measured(table: pa.Table, docs: pa.Array) -> tuple[pa.Table, pa.Array, list[RowError]]:
+def _measured(
+    table: pa.Table, docs: pa.Array, columns: Mapping[str, str] | None = None
+) -> tuple[pa.Table, pa.Array, list[RowError]]:
     """``table`` and its profiles' JSON without the profiles over Klaviyo's size, and a
-    ``value_too_large`` row error for each of those."""
+    ``value_too_large`` row error for each of those, naming the view's column (``columns``:
+    field -> column) whose value is the largest: the one to shorten or stop mapping."""
     lengths = pc.binary_length(docs)
     too_big = pc.greater(lengths, MAX_PROFILE_BYTES)
     if not any_true(too_big):
         return table, docs, []
     big = table.filter(too_big)
-    errors = [
-        RowError(
-            row,
-            ident,
-            "(profile)",
-            f"{size} bytes",
-            "value_too_large",
-            f"the profile is {size} bytes; Klaviyo accepts at most {MAX_PROFILE_BYTES}",
-        )
-        for row, ident, size in zip(
+    fields = [c for c in big.column_names if not c.startswith("__")]
+    errors = []
+    for n, (row, ident, size) in enumerate(
+        zip(
             big["__row"].to_pylist(),
             big["__id"].to_pylist(),
             pc.filter(lengths, too_big).to_pylist(),
             strict=True,
         )
-    ]
+    ):
+        # per row, only for the rare profile over 100 KB: which value makes it so large
+        values = {f: big[f][n].as_py() for f in fields}
+        largest = max(fields, key=lambda f: len(cell_text(values[f])), default=None)
+        column = (columns or {}).get(largest or "", largest) if largest else "(profile)"
+        errors.append(
+            RowError(
+                row,
+                ident,
+                column,
+                f"{size} bytes",
+                "value_too_large",
+                f"the profile is {size} bytes, Klaviyo accepts at most {MAX_PROFILE_BYTES}; "
+                f"its largest value is in column {column!r} "
+                f"({len(cell_text(values[largest]))} characters)"
+                if largest
+                else f"the profile is {size} bytes; Klaviyo accepts at most {MAX_PROFILE_BYTES}",
+            )
+        )
     keep = pc.invert(too_big)
     return table.filter(keep), docs.filter(keep), errors
 
@@ -256,7 +271,9 @@ class KlaviyoProfiles(KlaviyoBase):
             if self._screen_json is None:
                 self._screen_json = RowJson(self._template, drop_nulls=True)
             candidates = table.filter(pa.array(suspects))
-            _, _, too_big = _measured(candidates, self._screen_json.build(_payload(candidates)))
+            _, _, too_big = _measured(
+                candidates, self._screen_json.build(_payload(candidates)), self.columns
+            )
             if too_big:
                 gone = pa.array([e.row_number for e in too_big], pa.int64())
                 kept = table.filter(pc.invert(pc.is_in(table["__row"], value_set=gone)))
@@ -315,7 +332,7 @@ class KlaviyoProfiles(KlaviyoBase):
     def _docs(self, table: pa.Table) -> tuple[pa.Table, pa.Array, list[RowError]]:
         """Profiles as JSON, minus any over Klaviyo's per-profile size (row errors; none in a
         screened batch)."""
-        return _measured(table, self._json.build(_payload(table)))
+        return _measured(table, self._json.build(_payload(table)), self.columns)
 
     def _joins(self, table: pa.Table) -> pa.Array | pa.ChunkedArray:
         """Which rows join destination.list: all of them, or with ``list_members:
