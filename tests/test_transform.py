@@ -757,3 +757,17 @@ def test_row_errors_carry_the_email_and_cursor_to_find_the_row() -> None:
     missing = by_reason["missing_identifier"]
     assert (missing.email, missing.cursor) == ("Lost@Example.com", when)
     assert by_reason["invalid_email"].email == "bad"
+
+
+def test_one_column_read_by_two_fields_is_reported_once() -> None:
+    """Email and SMS consent sharing one ``consented_at`` column: a bad time in it is one
+    problem of the row, one line of the error file, not one per channel."""
+    late = (NOW + timedelta(days=30)).isoformat()
+    result = run(
+        {"consent_at": [NOW.isoformat(), late]},
+        [
+            ("consent_at", "consent.email.at", "datetime"),
+            ("consent_at", "consent.sms.at", "datetime"),
+        ],
+    )
+    assert errors_by_row(result) == {2: ["timestamp_in_future"]}

@@ -365,10 +365,12 @@ class Transformer:
                 "email": _py(email, pos) if email is not None else None,
             }
             id_failed = False
+            said: set[tuple[str, str]] = set()  # one column read by two fields: one line
             for ecol, column in self._errs:
                 code = codes[ecol][n]
-                if not code:
+                if not code or (column, code) in said:
                     continue
+                said.add((column, code))
                 value = _py(batch.column(column), pos)
                 msg = details.get((rown, column)) or MESSAGES.get(code, code)
                 errors.append(
