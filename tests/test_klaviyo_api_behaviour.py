@@ -232,6 +232,33 @@ def test_consent_is_never_sent_for_a_profile_whose_import_failed(klaviyo):
     assert rig.requests("POST", "/api/profile-subscription-bulk-create-jobs") == []
 
 
+def test_a_new_email_with_another_profiles_phone_is_refused_not_merged(klaviyo):
+    """Two people, one phone number: Klaviyo refuses the second profile ("A profile already
+    exists with one of these identifiers") rather than re-keying the first to the new email,
+    as the sandbox once did: the first person vanished and the run said success. The refused
+    row is a row error naming its phone, and the first profile keeps its email and values."""
+    rig = klaviyo()
+    people(rig, [person(1, "yes")])
+    rig.configure([consent_sync()])
+    rig.run("profiles")
+    first = rig.sandbox.profile_by_email("p1@example.com")
+    assert first is not None
+
+    people(
+        rig, [person(1, "yes"), person(7, "yes", phone=first["phone_number"], modified_at=at(70))]
+    )
+    result = rig.run("profiles")
+
+    assert_counts(result, EXIT_ROW_ERRORS, read=1, sent=1, failed=1)
+    [error] = error_rows(result)
+    assert error["identifier"] == "p7@example.com"
+    assert error["reason"] == "destination_rejected"
+    assert "A profile already exists with one of these identifiers" in error["message"]
+    assert rig.sandbox.profile_by_email("p1@example.com") is not None  # not re-keyed
+    assert rig.sandbox.profile_by_email("p7@example.com") is None
+    assert ("p7@example.com", "email") not in subscriptions(rig)
+
+
 def test_an_import_error_tied_to_no_row_withholds_the_jobs_consent(klaviyo, monkeypatch):
     """Which profile failed is unknown: no consent of the job goes, each row says so."""
     rig = klaviyo()

@@ -220,6 +220,20 @@ class KlaviyoState:
                     f"{identifier} {value!r} already belongs to profile {owner}.",
                     f"{pointer}/attributes/{identifier}",
                 )
+        # A new email on a profile found by its phone number or external id that already has
+        # another email is refused, not a re-keyed profile: Klaviyo answers such an upsert
+        # "409 duplicate_profile: A profile already exists with one of these identifiers"
+        # (klaviyo/klaviyo-api-node#75, klaviyo/klaviyo-api-php#63). A profile without an
+        # email takes it: "if a phone-only profile adds an email ..., the two will merge"
+        # (help.klaviyo.com/hc/en-us/articles/360035588012, How SMS affects profiles).
+        if email is not None and e_owner is None and pid is not None and not profile_id:
+            held = self.profiles[pid].get("email")
+            if held is not None and held.lower() != email.lower():
+                raise ProfileError(
+                    "duplicate_profile",
+                    "A profile already exists with one of these identifiers.",
+                    f"{pointer}/attributes",
+                )
         created = pid is None
         stamp = stamp or now_iso()
         if pid is None:
