@@ -795,9 +795,10 @@ def _reserve(snapshot: SnapshotStore, prints: pa.Table | None, table: pa.Table, 
     if prints is None or table.num_rows == 0 or prints.num_rows == 0:
         return
     sent = _sent_keys(table, key)
-    ours = prints.select(["__row", "id"])
+    ours = prints.select(["__row", "id", "payload", "consent"])
     ours = ours.set_column(0, "__row", pc.cast(ours["__row"], pa.int64()))
-    snapshot.reserve(ours.join(sent, "__row", join_type="inner").select(["id", "key"]))
+    joined = ours.join(sent, "__row", join_type="inner")
+    snapshot.reserve(joined.select(["id", "key", "payload", "consent"]))
 
 
 def _sent_keys(table: pa.Table, key: str) -> pa.Table:

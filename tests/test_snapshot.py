@@ -388,9 +388,13 @@ def test_a_member_noted_twice_before_an_answer_counts_once(tmp_path: Path) -> No
     snap = Snapshot(tmp_path / "s.duckdb", spec, "salt")
     try:
         # two runs died after sending the same new member, its address spelled differently
-        snap.reserve(pa.table({"id": ["a@x.com"], "key": ["a@x.com"]}))
-        snap.reserve(pa.table({"id": ["a@x.com"], "key": ["A@x.com"]}))
-        snap.reserve(pa.table({"id": ["b@x.com"], "key": ["b@x.com"]}))
+        def sent(ident: str, key: str) -> pa.Table:
+            prints = {"payload": pa.array([7], pa.uint64()), "consent": pa.array([9], pa.uint64())}
+            return pa.table({"id": [ident], "key": [key], **prints})
+
+        snap.reserve(sent("a@x.com", "a@x.com"))
+        snap.reserve(sent("a@x.com", "A@x.com"))
+        snap.reserve(sent("b@x.com", "b@x.com"))
         snap.begin_mirror()  # then a read that returned nobody
         assert snap.count() == 2 and snap.departed_count() == 2
         assert sorted(snap.departed(10)["__id"].to_pylist()) == ["a@x.com", "b@x.com"]

@@ -57,7 +57,8 @@ class Annotation:
     postgres: bool = False
     has_rank: bool = True  # the read carries ``DUP_RANK`` (a CSV's does not)
     # identifiers handed to the destination whose record never followed (the run died after
-    # sending them): never unchanged, whatever the snapshot holds (``pending``, local.py)
+    # sending them), with the fingerprints sent: a row is unchanged only if every send of it
+    # still pending sent what the read holds (``pending``, local.py)
     pending: str | None = None
     # the read's columns to return, as they are (None: all the view's and ``DUP_RANK``, NULL
     # where the row is unchanged but for the identifier and cursor)
@@ -83,13 +84,14 @@ class Annotation:
             else (
                 f"d.{q(_FIRST)} AND d.{q(SID)} IS NOT NULL AND m.id IS NOT NULL AND "
                 f"m.payload = d.{q(PAYLOAD)} AND m.consent = d.{q(CONSENT)}"
-                + (" AND p.id IS NULL" if self.pending else "")
+                + (
+                    f" AND NOT EXISTS (SELECT 1 FROM {self.pending} AS p WHERE p.id = "
+                    f"d.{q(SID)} AND (p.payload IS DISTINCT FROM d.{q(PAYLOAD)} OR "
+                    f"p.consent IS DISTINCT FROM d.{q(CONSENT)}))"
+                    if self.pending
+                    else ""
+                )
             )
-        )
-        in_flight = (
-            f" LEFT JOIN (SELECT DISTINCT id FROM {self.pending}) AS p ON p.id = d.{q(SID)}"
-            if self.pending and not resend
-            else ""
         )
         joined = (
             f"SELECT d.*, COALESCE({same}, FALSE) AS {q(UNCHANGED)}, "
@@ -97,7 +99,7 @@ class Annotation:
             f"COALESCE(m.consent = d.{q(CONSENT)}, FALSE) AS {q(CONSENT_SAME)}, "
             f"{'m.doc' if keep_old else 'NULL'} AS {q(_MOLD)} "
             f"FROM {with_prints} AS d LEFT JOIN {self.table} AS m ON m.id = d.{q(SID)}"
-            f"{in_flight}{fence}"
+            f"{fence}"
         )
         changed = f"NOT j.{q(UNCHANGED)}"
         columns, blank = self._returned(resend)

@@ -100,6 +100,9 @@ class Snapshot:
         # identifiers handed to the destination before it answered (``reserve``): a table of
         # their own, so recording the first run's batches never has to search ``members``
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (id VARCHAR, key VARCHAR)")
+        # what was sent (a file from before these columns: NULL, never taken as the same)
+        for column in ("payload", "consent"):
+            self._db.execute(f"ALTER TABLE pending ADD COLUMN IF NOT EXISTS {column} UBIGINT")
         self.mirror = False  # note every identifier read, to find who left the view
         self.read_complete = False  # the read ran to its end (not stopped, not failed)
         self._local = threading.local()
@@ -150,7 +153,8 @@ class Snapshot:
                     has_rank=DUP_RANK in schema.names,
                     carry=("__row",),
                     # a row sent by a run that died before recording it may be at the
-                    # destination with values the view no longer has: it is sent again
+                    # destination with values the view no longer has: sent again, unless
+                    # what was sent is what the read and the snapshot hold
                     pending="pending",
                 )
             annotation = self._annotation
@@ -310,8 +314,9 @@ class Snapshot:
         cur = self._cursor()
         with registered(cur, "reserved", members):
             cur.execute(
-                "INSERT INTO pending SELECT DISTINCT r.id, CAST(r.key AS VARCHAR) "
-                "FROM reserved AS r WHERE r.id IS NOT NULL"
+                "INSERT INTO pending (id, key, payload, consent) SELECT DISTINCT r.id, "
+                "CAST(r.key AS VARCHAR), r.payload, r.consent FROM reserved AS r "
+                "WHERE r.id IS NOT NULL"
             )
 
     def unsettle(self, ids: Sequence[Any]) -> None:

@@ -67,10 +67,11 @@ class SnapshotStore(Protocol):
         ...
 
     def reserve(self, members: pa.Table) -> None:
-        """Before a batch is handed to the destination: its identifiers the snapshot does not
-        hold yet (``id``, ``key``) become members with no fingerprint (``UNSETTLED``), as the
-        destination may hold them from then on. Should the run die before they are recorded, a
-        mirror run still removes them when they leave the view, and a read sends them again."""
+        """Before a batch is handed to the destination (``id``, ``key`` and the ``payload``
+        and ``consent`` fingerprints sent): the destination may hold them from then on. Should
+        the run die before they are recorded, a mirror run still removes them when they leave
+        the view, and a read sends them again unless what it reads is what was sent and what
+        the snapshot holds: a change undone before the next run must reach the destination."""
         ...
 
     def unsettle(self, ids: Sequence[Any]) -> None:

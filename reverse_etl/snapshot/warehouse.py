@@ -173,7 +173,14 @@ class WarehouseSnapshot:
         members = members.filter(pc.is_valid(members["id"]))
         if members.num_rows:
             self.tables.reserve(
-                pa.table({"id": as_text(members["id"]), "key": as_text(members["key"])})
+                pa.table(
+                    {
+                        "id": as_text(members["id"]),
+                        "key": as_text(members["key"]),
+                        "payload": members["payload"],
+                        "consent": members["consent"],
+                    }
+                )
             )
 
     def unsettle(self, ids: Sequence[Any]) -> None:
@@ -344,11 +351,12 @@ class _DuckDBTables(_Tables):
             self._failing("cannot note the members being sent"),
             registered(cur, "retl_reserved", members),
         ):
-            # known members too: until their answer is recorded, the destination may hold
-            # values the snapshot does not (see WarehouseSnapshot.reserve)
+            # known members sent other values too: until their answer is recorded, the
+            # destination may hold values the snapshot does not (WarehouseSnapshot.reserve)
             cur.execute(
-                f"UPDATE {self.snapshot} SET payload = {UNSETTLED}, consent = {UNSETTLED} "
-                "WHERE id IN (SELECT id FROM retl_reserved)"
+                f"UPDATE {self.snapshot} AS m SET payload = {UNSETTLED}, consent = {UNSETTLED} "
+                "FROM retl_reserved AS r WHERE m.id = r.id AND (m.payload <> r.payload OR "
+                "m.consent <> r.consent)"
             )
             cur.execute(
                 f"INSERT INTO {self.snapshot} SELECT DISTINCT r.id, {UNSETTLED}, {UNSETTLED}, "
@@ -502,14 +510,22 @@ class _PostgresTables(_Tables):
 
     def reserve(self, members: pa.Table) -> None:
         ids, keys = members["id"].to_pylist(), members["key"].to_pylist()
+        payloads, consents = members["payload"].to_pylist(), members["consent"].to_pylist()
         with self._lock:
             try:
+                # known members sent other values too (WarehouseSnapshot.reserve)
+                self._con.execute(
+                    f"UPDATE {self.snapshot} AS m SET payload = {UNSETTLED}, consent = "
+                    f"{UNSETTLED} FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS r "
+                    "(id, payload, consent) WHERE m.id = r.id AND (m.payload <> r.payload OR "
+                    "m.consent <> r.consent)",
+                    (ids, payloads, consents),
+                )
                 self._con.execute(
                     f"INSERT INTO {self.snapshot} (id, payload, consent, key, dest_id, sent_at, "
                     f"doc) SELECT DISTINCT ON (r.id) r.id, {UNSETTLED}, {UNSETTLED}, r.key, "
                     "NULL, now(), NULL FROM unnest(%s::text[], %s::text[]) AS r (id, key) "
-                    "ON CONFLICT (id) DO UPDATE SET payload = EXCLUDED.payload, "
-                    "consent = EXCLUDED.consent",
+                    "ON CONFLICT (id) DO NOTHING",
                     (ids, keys),
                 )
             except self._error_types as exc:
