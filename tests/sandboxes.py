@@ -141,6 +141,16 @@ CREATED_ONCE: dict[str, Callable[[Any], dict[str, list[str]]]] = {
 }
 
 
+def assert_sandbox_clean(sandbox: Any) -> None:
+    """After runs killed at random: no error of the sandbox's own but a run killed while
+    sending a request body (reported, not the client's), no request off the spec, and every
+    object created once."""
+    errors = [e for e in sandbox.internal_errors if "ClientDisconnect" not in e]
+    assert errors == [], errors
+    assert sandbox.violations == [], sandbox.violations
+    assert_created_once(sandbox)
+
+
 def assert_created_once(sandbox: Sandbox) -> None:
     """Nothing a run creates exists twice (``CREATED_ONCE`` says what, per destination type)."""
     type_ = plugin_of(sandbox).type

@@ -392,41 +392,32 @@ class KlaviyoOrders(KlaviyoBase):
         errors: list[RowError] = []
         for column, target in self.sync.fields().items():
             values = table[target.field]
-            if not (pt.is_string(values.type) or pt.is_large_string(values.type)):
+            if pt.is_string(values.type) or pt.is_large_string(values.type):
+                long = pc.fill_null(pc.greater(pc.binary_length(values), MAX_STRING_BYTES), False)
+                # the value's start
+                shown = pc.utf8_slice_codeunits(values, 0, 100)
+                what = f"longer than the {MAX_STRING_BYTES} bytes Klaviyo takes in one string "
+                what += "(the value shown is its start)"
+            else:
                 nested = _longest_nested_string(values.combine_chunks())
-                if nested is not None and any_true(pc.greater(nested, MAX_STRING_BYTES)):
-                    long = pc.greater(nested, MAX_STRING_BYTES)
-                    bad = table.filter(long)
-                    message = (
-                        f"holds a string longer than the {MAX_STRING_BYTES} bytes Klaviyo takes "
-                        "in one string (the value shown is its length in bytes)"
-                    )
-                    errors += [
-                        RowError(row, ident, column, size, "value_too_large", message)
-                        for row, ident, size in zip(
-                            bad["__row"].to_pylist(),
-                            bad["__id"].to_pylist(),
-                            nested.filter(long).to_pylist(),
-                            strict=True,
-                        )
-                    ]
-                    table = table.filter(pc.invert(long))
+                if nested is None:
+                    continue
+                long, shown = pc.greater(nested, MAX_STRING_BYTES), nested  # its length
+                what = f"holds a string longer than the {MAX_STRING_BYTES} bytes Klaviyo takes "
+                what += "in one string (the value shown is its length in bytes)"
+            if not any_true(long):
                 continue
-            long = pc.fill_null(pc.greater(pc.binary_length(values), MAX_STRING_BYTES), False)
-            if any_true(long):
-                bad = table.filter(long)
-                shown = pc.utf8_slice_codeunits(bad[target.field], 0, 100).to_pylist()
-                message = (
-                    f"longer than the {MAX_STRING_BYTES} bytes Klaviyo takes in one string "
-                    "(the value shown is its start)"
+            bad = table.filter(long)
+            errors += [
+                RowError(row, ident, column, value, "value_too_large", what)
+                for row, ident, value in zip(
+                    bad["__row"].to_pylist(),
+                    bad["__id"].to_pylist(),
+                    shown.filter(long).to_pylist(),
+                    strict=True,
                 )
-                errors += [
-                    RowError(row, ident, column, value, "value_too_large", message)
-                    for row, ident, value in zip(
-                        bad["__row"].to_pylist(), bad["__id"].to_pylist(), shown, strict=True
-                    )
-                ]
-                table = table.filter(pc.invert(long))
+            ]
+            table = table.filter(pc.invert(long))
         return table, errors
 
     # ------------------------------------------------------------------ sending
