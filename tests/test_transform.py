@@ -771,3 +771,14 @@ def test_one_column_read_by_two_fields_is_reported_once() -> None:
         ],
     )
     assert errors_by_row(result) == {2: ["timestamp_in_future"]}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_lower_case_default_phone_region_works_on_both_paths(strict: bool) -> None:
+    """``default_phone_region: gb`` is accepted by the config: the strict check (every number
+    through phonenumbers) once passed it as written and refused every national number."""
+    result = phone_run(
+        ["020 7946 0958", "07911 123456"], default_phone_region="gb", strict_phones=strict
+    )
+    assert result.errors == []
+    assert by_row(result, "phone_number") == {1: "+442079460958", 2: "+447911123456"}

@@ -27,9 +27,11 @@ def check_email(value: str) -> tuple[str | None, str | None]:
 
 
 def check_phone(value: str, region: str | None) -> tuple[str | None, str | None]:
-    """(E.164 number, None) or (None, why it is not valid)."""
+    """(E.164 number, None) or (None, why it is not valid). ``region`` in any case, as the
+    config accepts it (phonenumbers knows only upper-case regions: "gb" failed every national
+    number here while the fast path, which upper-cases it, passed them)."""
     try:
-        number = phonenumbers.parse(value, region)
+        number = phonenumbers.parse(value, region.upper() if region else region)
     except phonenumbers.NumberParseException as exc:
         hint = "" if region else " (no default_phone_region is set for national numbers)"
         return None, f"{exc._msg}{hint}"

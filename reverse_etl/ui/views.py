@@ -18,6 +18,8 @@ import yaml
 
 from reverse_etl import controls, inspect, retry_queue, state
 from reverse_etl.config import Project
+from reverse_etl.config.loading import load_yaml
+from reverse_etl.config.models import read_text_file
 from reverse_etl.errors import ReverseEtlError
 from reverse_etl.schedule import Schedule, retry_delay
 from reverse_etl.state import LockInfo, RunRecord, StateStore
@@ -221,9 +223,9 @@ def definition(project: Project, name: str) -> dict[str, Any]:
 
 
 def _as_written(project: Project, name: str) -> str | None:
-    try:
-        raw = yaml.safe_load(project.file.read_text())
-    except (OSError, yaml.YAMLError):
+    try:  # the loader's own reading: UTF-8 whatever the locale, a repeated key refused
+        raw = load_yaml(read_text_file(project.file))
+    except (OSError, ValueError, yaml.YAMLError):  # NotUtf8Error is a ValueError
         return None
     for entry in (raw or {}).get("syncs") or []:
         if isinstance(entry, dict) and entry.get("name") == name:
