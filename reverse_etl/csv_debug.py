@@ -24,7 +24,7 @@ from reverse_etl.sources.duckdb import DuckDBSource
 from reverse_etl.sql import ident, literal
 from reverse_etl.state import RunCounts
 from reverse_etl.transform.kinds import kind_of_arrow
-from reverse_etl.transform.rowerrors import ErrorFileWriter, cell_text
+from reverse_etl.transform.rowerrors import ErrorFileWriter, RowError, cell_text
 from reverse_etl.util import storage
 
 if TYPE_CHECKING:
@@ -81,25 +81,60 @@ def _exported_kinds(csv_path: str) -> dict[str, str]:
 CURSOR_TEXT = "__retl_cursor_text"
 
 
-def _csv_source(path: str, cursor: str) -> tuple[Source, str]:
+def _csv_source(path: str, cursor: str) -> tuple[Source, str, list[RowError]]:
     """The CSV as a DuckDB source: every column text (as a user's file holds it), except the
     cursor, read back as a timestamp so rows order as they would in the view, with its text
     kept beside it (``CURSOR_TEXT``) so an unreadable value is reported as itself; ``__row`` =
-    the line in the file (header = line 1)."""
+    the line in the file (header = line 1).
+
+    A line with more or fewer fields than the header is a ``malformed_csv_row`` row error
+    naming its line, and the other lines are checked. Read strictly, one such line made
+    DuckDB's sniffer take the whole file for a single column ("column 'phone' is not in the
+    view"), with nothing to say which line was at fault. DuckDB keeps the lines it set aside
+    (``store_rejects``) with their line numbers, which also number the lines it kept."""
     quoted = literal(path)
     source = DuckDBSource(":memory:")
-    source.execute(
-        f"CREATE VIEW csv_raw AS SELECT *, CAST(row_number() OVER () + 1 AS BIGINT) AS __row "
-        f"FROM read_csv({quoted}, all_varchar = true, header = true)"
+    read = (
+        f"read_csv({quoted}, all_varchar = true, header = true, store_rejects = true, "
+        "rejects_table = 'retl_rejects', rejects_scan = 'retl_rejects_scan')"
     )
+    try:
+        # a first pass has DuckDB set the malformed lines aside (the read is done twice: a
+        # debug mode, and it keeps memory flat)
+        source.execute(f"CREATE TEMP TABLE retl_kept AS SELECT count(*) AS n FROM {read}")
+        source.execute(
+            # one line short of three fields is three rejects: one error, the first, per line
+            "CREATE TEMP TABLE retl_malformed AS SELECT line, any_value(csv_line) AS csv_line, "
+            "arg_min(error_message, column_idx) AS error_message FROM retl_rejects GROUP BY line"
+        )
+        rejected = source.stream("SELECT * FROM retl_malformed ORDER BY line", {}, 10_000)
+        rejected_rows = [tuple(r.values()) for b in rejected for r in b.to_pylist()]
+    except BaseException:
+        source.close()
+        raise
+    # the k-th line kept is the k-th line from 2 on that DuckDB did not set aside
+    source.execute(
+        f"CREATE VIEW csv_raw AS WITH r AS (SELECT *, row_number() OVER () AS retl_k FROM "
+        f"{read}), l AS (SELECT n AS line, row_number() OVER (ORDER BY n) AS retl_k FROM "
+        f"range(2, (SELECT n FROM retl_kept) + {len(rejected_rows)} + 2) AS t(n) WHERE n NOT IN "
+        "(SELECT line FROM retl_malformed)) SELECT r.* EXCLUDE (retl_k), CAST(l.line AS BIGINT) "
+        "AS __row FROM r JOIN l USING (retl_k)"
+    )
+    malformed = [
+        RowError(int(line), None, "(line)", text, "malformed_csv_row", f"line {line}: {message}")
+        for line, text, message in rejected_rows
+    ]
     names = source.schema("SELECT * FROM csv_raw").names
     try:
         column = DuckDBSource.dialect.resolve_column(cursor, names)
-    except SourceError:
-        return source, "SELECT * FROM csv_raw"  # the schema check names the missing cursor
+    except SourceError:  # the schema check names the missing cursor
+        return source, "SELECT * FROM csv_raw", malformed
     c = ident(column)
-    return source, (
-        f"SELECT * REPLACE (TRY_CAST({c} AS TIMESTAMPTZ) AS {c}), {c} AS {CURSOR_TEXT} FROM csv_raw"
+    return (
+        source,
+        f"SELECT * REPLACE (TRY_CAST({c} AS TIMESTAMPTZ) AS {c}), {c} AS {CURSOR_TEXT} "
+        "FROM csv_raw",
+        malformed,
     )
 
 
@@ -110,9 +145,10 @@ def validate(
     checks included, and write the error file; nothing is sent and no state moves."""
     local_csv = storage.local_copy_path(csv_path) if csv_path else None
     counts = RunCounts()
+    malformed: list[RowError] = []
     try:
         if csv_path and local_csv is not None:
-            source, view_sql = _csv_source(local_csv, sync.cursor_column)
+            source, view_sql, malformed = _csv_source(local_csv, sync.cursor_column)
             where = csv_path
         else:
             source = open_source(project.connections[sync.source.connection], project)  # type: ignore[arg-type]
@@ -147,6 +183,9 @@ def validate(
                     pass
             finally:
                 destination.close()
+            writer.write(malformed)  # in line order with the rest (the writer merges by row)
+            counts.read += len(malformed)
+            counts.rejected += len(malformed)
     finally:
         if csv_path and local_csv and storage.is_s3(csv_path):
             Path(local_csv).unlink(missing_ok=True)

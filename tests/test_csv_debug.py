@@ -192,6 +192,37 @@ def test_validate_a_hand_written_csv(project: Project, tmp_path: Path) -> None:
     assert (bad_cursor[0]["column"], bad_cursor[0]["value"]) == ("modified_at", "not a time")
 
 
+def test_lines_with_too_many_or_too_few_fields_are_named_and_the_rest_checked(
+    project: Project, tmp_path: Path
+) -> None:
+    """One line with a field too many once made DuckDB read the whole file as one column
+    ("column 'first_name' is not in the view"), naming no line. Each such line is now a row
+    error with its line number and text, and the other lines are checked, numbered as the
+    file numbers them."""
+    hand = tmp_path / "ragged.csv"
+    hand.write_text(
+        "email,first_name,phone,email_consent,modified_at\n"
+        "ok@example.com,Ann,+14155552671,yes,2025-01-01T10:00:00Z\n"
+        "extra@example.com,Bea,,yes,2025-01-01T10:00:01Z,surplus\n"
+        "short@example.com,Cy\n"
+        "bad-address,Dee,,no,2025-01-01T10:00:03Z\n"
+        "ok2@example.com,Eve,,no,2025-01-01T10:00:04Z\n"
+    )
+    report = validate(
+        project, project.sync("people"), csv_path=str(hand), error_file=str(tmp_path / "e.csv")
+    )
+    assert (report.rows, report.bad_rows) == (5, 3)
+    errors = read_csv_rows(report.error_file)
+    assert [(e["row_number"], e["reason"]) for e in errors] == [
+        ("3", "malformed_csv_row"),
+        ("4", "malformed_csv_row"),
+        ("5", "invalid_email"),  # the line after the two set aside keeps its own number
+    ]
+    assert errors[0]["value"] == "extra@example.com,Bea,,yes,2025-01-01T10:00:01Z,surplus"
+    assert "line 3" in errors[0]["message"] and errors[0]["how_to_fix"]
+    assert errors[1]["value"] == "short@example.com,Cy"
+
+
 # --------------------------------------------------------------------------- s3 (moto)
 
 

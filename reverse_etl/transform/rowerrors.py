@@ -51,6 +51,7 @@ FIXES: dict[str, str] = {
     "missing_identifier": "Give every row a value in the identifier column, or filter such rows out of the view.",
     "duplicate_identifier": "Make the view return one row per identifier; only the latest row (by cursor) was sent.",
     "missing_cursor": "Give every row a value in the sync's cursor column (named in the message); rows without one can never be picked up incrementally.",
+    "malformed_csv_row": "Give the line as many fields as the header: quote a value that holds the delimiter or a line break, and remove a stray delimiter; the rest of the file was checked.",
     "invalid_cursor": "Write the cursor as an ISO 8601 timestamp (2025-03-01T10:00:00Z); rows whose cursor cannot be read can never be picked up incrementally.",
     "cursor_in_future": "Fix the cursor value (a placeholder such as 9999-12-31, or a time zone error); the row is read again every run and sent once its cursor is no longer in the future. Raise max_future_skew_minutes if the warehouse's clock runs ahead.",
     "invalid_email": "Fix the address in the warehouse (it must look like name@domain.tld).",
