@@ -312,13 +312,14 @@ def variant(base: Path, target: Path, sql: str | None) -> Path:
     return target
 
 
-def change_sql(every: int) -> str:
-    """One row in ``every`` changed: a mapped value, and ``modified_at`` moved past every
-    cursor the first run read (so an incremental run reads exactly these rows)."""
+def change_sql(every: int, which: int = 7) -> str:
+    """One row in ``every`` changed (those with ``row_id % every = which``): a mapped value,
+    and ``modified_at`` moved past every cursor read so far (so an incremental run reads
+    exactly these rows, and the rows without a cursor or identifier it reads every run)."""
     return (
         "UPDATE bench.profiles SET loyalty_points = loyalty_points + 1, "
         "modified_at = (SELECT max(modified_at) FROM bench.profiles) + INTERVAL 1 HOUR "
-        f"+ to_microseconds(row_id) WHERE row_id % {every} = 7"
+        f"+ to_microseconds(row_id) WHERE row_id % {every} = {which}"
     )
 
 
