@@ -85,13 +85,22 @@ class Annotation:
                 f"d.{q(_FIRST)} AND d.{q(SID)} IS NOT NULL AND m.id IS NOT NULL AND "
                 f"m.payload = d.{q(PAYLOAD)} AND m.consent = d.{q(CONSENT)}"
                 + (
-                    f" AND NOT EXISTS (SELECT 1 FROM {self.pending} AS p WHERE p.id = "
-                    f"d.{q(SID)} AND (p.payload IS DISTINCT FROM d.{q(PAYLOAD)} OR "
-                    f"p.consent IS DISTINCT FROM d.{q(CONSENT)}))"
+                    f" AND (p.id IS NULL OR (p.sends = 1 AND p.payload = d.{q(PAYLOAD)} AND "
+                    f"p.consent = d.{q(CONSENT)}))"
                     if self.pending
                     else ""
                 )
             )
+        )
+        # a LEFT JOIN of the few pending sends, one row per identifier: the read stays the
+        # probe side, streamed in its order (a NOT EXISTS was planned with the read as the
+        # side built: a 1M-row first run held every row, 1.2 GB, and ran 25 % slower)
+        in_flight = (
+            f" LEFT JOIN (SELECT id, count(DISTINCT (payload, consent)) AS sends, "
+            f"any_value(payload) AS payload, any_value(consent) AS consent FROM {self.pending} "
+            f"GROUP BY id) AS p ON p.id = d.{q(SID)}"
+            if self.pending and not resend
+            else ""
         )
         joined = (
             f"SELECT d.*, COALESCE({same}, FALSE) AS {q(UNCHANGED)}, "
@@ -99,7 +108,7 @@ class Annotation:
             f"COALESCE(m.consent = d.{q(CONSENT)}, FALSE) AS {q(CONSENT_SAME)}, "
             f"{'m.doc' if keep_old else 'NULL'} AS {q(_MOLD)} "
             f"FROM {with_prints} AS d LEFT JOIN {self.table} AS m ON m.id = d.{q(SID)}"
-            f"{fence}"
+            f"{in_flight}{fence}"
         )
         changed = f"NOT j.{q(UNCHANGED)}"
         columns, blank = self._returned(resend)
