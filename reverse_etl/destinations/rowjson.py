@@ -9,6 +9,7 @@ column holds them (the transform has refused NaN and Infinity, which JSON cannot
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +169,15 @@ def pack(
         runs.append((start, stop))
         start = stop
     return runs
+
+
+def bodies(
+    docs: pa.Array, head: bytes, tail: bytes, max_items: int, max_bytes: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """[start, end) runs of ``docs`` packed to a call's limits (``pack``, counting the
+    envelope), each with its body: ``head``, the run's docs joined by commas, ``tail``."""
+    for start, end in pack(docs, max_items, max_bytes, len(head) + len(tail)):
+        yield start, end, head + joined(docs, start, end) + tail
 
 
 def joined(docs: pa.Array, start: int, stop: int) -> bytes:

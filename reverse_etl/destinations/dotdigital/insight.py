@@ -37,7 +37,7 @@ from reverse_etl.destinations.dotdigital.destination import (
     DotdigitalBase,
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
-from reverse_etl.destinations.rowjson import Col, Expr, RowJson, joined, pack
+from reverse_etl.destinations.rowjson import Col, Expr, RowJson, bodies
 from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident
 from reverse_etl.transform.rowerrors import RowError
@@ -211,9 +211,7 @@ class InsightDestination(DotdigitalBase):
 
     def import_bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
         docs = self._builder(table.schema).build(table)
-        overhead = len(self._head) + len(self._tail)
-        for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, overhead):
-            yield start, end, self._head + joined(docs, start, end) + self._tail
+        return bodies(docs, self._head, self._tail, self.import_size, MAX_IMPORT_BYTES)
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         table, _ = self._with_owner(table)

@@ -39,7 +39,7 @@ from reverse_etl.destinations.dotdigital.destination import (
 )
 from reverse_etl.destinations.dotdigital.imports import Import, ImportApi
 from reverse_etl.destinations.dotdigital.membership import Membership
-from reverse_etl.destinations.rowjson import Col, Expr, RowJson, joined, pack
+from reverse_etl.destinations.rowjson import Col, Expr, RowJson, bodies
 from reverse_etl.errors import DestinationError
 from reverse_etl.sql import ident, literal
 from reverse_etl.transform.consent import SUBSCRIBED
@@ -453,8 +453,7 @@ class DotdigitalProfiles(DotdigitalBase):
     def import_bodies(self, table: pa.Table) -> Iterator[tuple[int, int, bytes]]:
         docs = self._docs(table)
         head, tail = b'{"mergeOption":"overwrite","contacts":[', b"]}"
-        for start, end in pack(docs, self.import_size, MAX_IMPORT_BYTES, len(head) + len(tail)):
-            yield start, end, head + joined(docs, start, end) + tail
+        return bodies(docs, head, tail, self.import_size, MAX_IMPORT_BYTES)
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         table, _ = self._without_email(table)

@@ -27,7 +27,7 @@ import pyarrow as pa
 from reverse_etl.destinations.base import Request
 from reverse_etl.destinations.http import error_detail
 from reverse_etl.destinations.klaviyo.client import KlaviyoClient, refusals
-from reverse_etl.destinations.rowjson import joined, pack
+from reverse_etl.destinations.rowjson import bodies
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
 
@@ -70,9 +70,9 @@ class Records:
 
 def calls(endpoint: Endpoint, records: Records) -> Iterator[tuple[int, int, bytes]]:
     """[start, end) runs of ``records`` packed to the endpoint's limits, with their body."""
-    overhead = len(endpoint.head) + len(endpoint.tail)
-    for start, end in pack(records.docs, endpoint.max_records, endpoint.max_bytes, overhead):
-        yield start, end, endpoint.head + joined(records.docs, start, end) + endpoint.tail
+    return bodies(
+        records.docs, endpoint.head, endpoint.tail, endpoint.max_records, endpoint.max_bytes
+    )
 
 
 def requests(endpoint: Endpoint, records: Records, *, counted: bool) -> Iterator[Request]:

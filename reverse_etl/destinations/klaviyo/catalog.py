@@ -40,7 +40,7 @@ from reverse_etl.destinations.klaviyo.client import (
 )
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.destinations.klaviyo.destination import KlaviyoBase, any_true, row_errors
-from reverse_etl.destinations.rowjson import Expr, RowJson, joined, nest, pack
+from reverse_etl.destinations.rowjson import Expr, RowJson, bodies, nest
 from reverse_etl.transform.rowerrors import RowError
 
 STANDARD_FIELDS = {
@@ -209,8 +209,7 @@ class KlaviyoCatalog(KlaviyoBase):
         head = _HEAD[kind.path]
         externals = subset["external_id"].to_pylist()
         out = []
-        for start, end in pack(docs, MAX_CATALOG_ITEMS, MAX_BODY_BYTES, len(head) + len(_TAIL)):
-            body = head + joined(docs, start, end) + _TAIL
+        for start, end, body in bodies(docs, head, _TAIL, MAX_CATALOG_ITEMS, MAX_BODY_BYTES):
             job = jobs.Job(kind, body, end - start)
             if kind is CREATE:
                 job.landed_check = self._all_exist(externals[start:end])

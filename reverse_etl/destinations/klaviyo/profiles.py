@@ -57,7 +57,7 @@ from reverse_etl.destinations.klaviyo.destination import (
 )
 from reverse_etl.destinations.klaviyo.import_errors import JobProfiles
 from reverse_etl.destinations.klaviyo.membership import Membership
-from reverse_etl.destinations.rowjson import Expr, RowJson, joined, nest, null_names, pack
+from reverse_etl.destinations.rowjson import Expr, RowJson, bodies, nest, null_names
 from reverse_etl.transform.consent import SUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError, cell_text
 
@@ -368,9 +368,10 @@ class KlaviyoProfiles(KlaviyoBase):
             tail = b']}},"relationships":' + rel + b"}}"
         for lo, hi, end in ((0, joining, tail), (joining, len(docs), plain)):
             part = docs.slice(lo, hi - lo)
-            overhead = len(_ENVELOPE) + len(end)
-            for start, stop in pack(part, self.profiles_per_job, MAX_JOB_BYTES, overhead):
-                yield lo + start, lo + stop, _ENVELOPE + joined(part, start, stop) + end
+            for start, stop, body in bodies(
+                part, _ENVELOPE, end, self.profiles_per_job, MAX_JOB_BYTES
+            ):
+                yield lo + start, lo + stop, body
 
     def requests(self, table: pa.Table) -> Iterator[Request]:
         """Import jobs, then the consent calls (a dry run cannot know which profiles Klaviyo
