@@ -161,14 +161,15 @@ def sync_page(project: Project, store: StateStore, name: str) -> dict[str, Any]:
     enabled = controls.enabled_states(project, store)
     (listed,) = [s for s in inspect.sync_dicts(project, enabled) if s["name"] == name]
     (status,) = inspect.status_dicts(project, store, [name], HISTORY)
-    failures, failed_at = controls.failure_streak(store, name)
-    due_at = next_due(sync.schedule, store.last_started(name), failures, failed_at)
+    # the latest run and the failure streak as the list reads them (plans aside): one query
+    records = recent_runs(store, [name], controls._STREAK_LOOKBACK)[name]
+    last = records[0] if records else None
+    failures, failed_at = controls.streak_of(records)
+    due_at = next_due(sync.schedule, last.started_at if last else None, failures, failed_at)
     return {
         "sync": listed,
         "status": status,
-        "category": category(
-            _record(status["runs"][0]) if status["runs"] else None, status["lock"] is not None
-        ),
+        "category": category(last, status["lock"] is not None),
         "next_due": due_at,
         "failures": failures,
         "retry_queue": retry_queue.counts(store, [name])[name],
@@ -176,13 +177,6 @@ def sync_page(project: Project, store: StateStore, name: str) -> dict[str, Any]:
         "definition": definition(project, name),
         "chart": chart.runs_chart(status["runs"]),
     }
-
-
-def _record(run: dict[str, Any]) -> RunRecord:
-    """Enough of a RunRecord from a ``run_dict`` for ``category``."""
-    return RunRecord(
-        run["run_id"], run["sync"], datetime.fromisoformat(run["started_at"]), run["status"]
-    )
 
 
 def definition(project: Project, name: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def seed(store: StateStore, names: list[str], tmp_path: Path) -> dict[str, str]:
     run(a, 300, "success", read=5, sent=5)
     run(a, 50, "failed")
     run(a, 30, "failed")  # two in a row: due 10 minutes after the latest ended
+    run(a, 5, "dry_run")  # a plan after them changes neither the status nor the backoff
     run(b, 180, "success", read=9, sent=7, rejected=2, new_problems=2)
     run(b, 1, "dry_run")  # a plan: neither the last run nor the last start
     run(c, 10, "success", read=3, sent=3)
@@ -110,9 +111,12 @@ def assert_list_matches_the_cli(project: Project, store: StateStore, names: list
     assert rows[d]["retry_queue"] == 1 and rows[a]["retry_queue"] == 0
     assert rows[b]["last"]["counts"]["new_problems"] == 2
     # a's next try: 10 minutes (two failures) after its latest failure ended, before its slot
-    failed_end = store.last_runs(a, 1)[0].ended_at
+    failed_end = [r for r in store.last_runs(a, 10) if r.status != "dry_run"][0].ended_at
     assert failed_end is not None and rows[a]["next_due"] == failed_end + timedelta(minutes=10)
     assert rows[f]["next_due"] is None  # no schedule
+    for name, row in rows.items():  # each sync's own page says what the list says
+        own = views.sync_page(project, store, name)
+        assert (own["category"], own["next_due"]) == (row["category"], row["next_due"]), name
     only = views.syncs_page(project, store, status="failed", destination="klaviyo")
     assert [r["name"] for r in only["syncs"]] == [a]
     assert views.syncs_page(project, store, destination="nowhere")["syncs"] == []
