@@ -295,20 +295,20 @@ def unlock(store: StateStore, sync: str, *, force: bool = False) -> str:
         store.unlock(sync)
         _abandon(store, info, "its lock was released by `reverse-etl unlock --force`")
         return f"{sync}: lock released (forced; it was held by {holder_text(info)})"
-    quiet = state.now() - info.heartbeat_at
-    if not is_stale(info, store.stale_after) and exited(info) and quiet > 2 * store.heartbeat_every:
-        return _release_gone(
-            store,
-            sync,
-            info,
-            f"its process ({info.owner}) is no longer running on this host and missed its "
-            f"heartbeats since {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC (killed); "
-            "`reverse-etl unlock` released its lock",
-        )
     if not is_stale(info, store.stale_after):
         stale_at = info.heartbeat_at + store.stale_after
-        if exited(info):  # killed a moment ago: its last beat is still recent
-            wait = info.heartbeat_at + 2 * store.heartbeat_every
+        if exited(info):
+            wait = info.heartbeat_at + 2 * store.heartbeat_every  # two beats missed
+            if state.now() > wait:
+                return _release_gone(
+                    store,
+                    sync,
+                    info,
+                    f"its process ({info.owner}) is no longer running on this host and missed "
+                    f"its heartbeats since {info.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC (killed); "
+                    "`reverse-etl unlock` released its lock",
+                )
+            # killed a moment ago: its last beat is still recent
             raise LockHeldError(
                 f"sync {sync!r} is held by {holder_text(info)}, a process no longer running on "
                 f"this host; its heartbeat is too recent to be sure it is the same process: run "

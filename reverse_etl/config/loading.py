@@ -58,9 +58,7 @@ def load_project(
         ) from None
     except OSError as exc:  # a folder, no permission, ...
         raise ConfigError(f"{file}: cannot read it: {exc.strerror or exc}") from None
-    except NotUtf8Error as exc:
-        raise ConfigError(f"{file}: {exc}") from None
-    except DuplicateKeyError as exc:
+    except (NotUtf8Error, DuplicateKeyError) as exc:
         raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None

@@ -16,7 +16,6 @@ import zoneinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import phonenumbers
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -404,6 +403,8 @@ def _time_zones() -> dict[str, str]:
 def _phone_region(value: str) -> str:
     """``default_phone_region``: a region phonenumbers has metadata for, in any case (the
     transform upper-cases it)."""
+    import phonenumbers  # here, not at the top: every command loads this module
+
     if value.upper() in phonenumbers.SUPPORTED_REGIONS:
         return value
     hint = _REGION_ALIASES.get(value.strip().upper())
