@@ -94,21 +94,24 @@ def _csv_source(path: str, cursor: str) -> tuple[Source, str, list[RowError]]:
     (``store_rejects``) with their line numbers, which also number the lines it kept."""
     quoted = literal(path)
     source = DuckDBSource(":memory:")
-    read = (
-        f"read_csv({quoted}, all_varchar = true, header = true, store_rejects = true, "
-        "rejects_table = 'retl_rejects', rejects_scan = 'retl_rejects_scan')"
-    )
+    options = f"{quoted}, all_varchar = true, header = true"
+    read = f"read_csv({options}, ignore_errors = true)"
     try:
         # a first pass has DuckDB set the malformed lines aside (the read is done twice: a
-        # debug mode, and it keeps memory flat)
-        source.execute(f"CREATE TEMP TABLE retl_kept AS SELECT count(*) AS n FROM {read}")
+        # debug mode, and it keeps memory flat); the view's reads then only skip them
+        source.execute(
+            f"CREATE TEMP TABLE retl_kept AS SELECT count(*) AS n FROM read_csv({options}, "
+            "store_rejects = true, rejects_table = 'retl_rejects', "
+            "rejects_scan = 'retl_rejects_scan')"
+        )
         source.execute(
             # one line short of three fields is three rejects: one error, the first, per line
             "CREATE TEMP TABLE retl_malformed AS SELECT line, any_value(csv_line) AS csv_line, "
             "arg_min(error_message, column_idx) AS error_message FROM retl_rejects GROUP BY line"
         )
-        rejected = source.stream("SELECT * FROM retl_malformed ORDER BY line", {}, 10_000)
-        rejected_rows = [tuple(r.values()) for b in rejected for r in b.to_pylist()]
+        # (temporary tables are the source's own connection's: read through it)
+        malformed_lines = source.stream("SELECT * FROM retl_malformed ORDER BY line", {}, 10_000)
+        rejected_rows = [tuple(r.values()) for b in malformed_lines for r in b.to_pylist()]
     except BaseException:
         source.close()
         raise
