@@ -4,7 +4,7 @@ Secrets live in the environment, never in files; every resolved secret is regist
 log lines, error files and exception texts can be scrubbed of it before they leave the process.
 A destination's credentials are also checked as they are resolved: one that HTTP cannot carry
 (a trailing newline, a control character) is refused there, naming the connection and the
-environment variable, never the value (``check_credential``).
+environment variable, never the value (``check_connections``).
 """
 
 from __future__ import annotations
@@ -55,15 +55,9 @@ def render(value: str, env: Mapping[str, str] | None = None) -> str:
 
 
 def render_tree(node: Any, env: Mapping[str, str] | None = None, path: str = "") -> Any:
-    """Render templates in every string of a loaded YAML tree. Errors carry the key path.
-    The credentials of each ``connections`` entry declared with ``credential_fields`` are
-    checked once rendered: one HTTP cannot carry raises ValueError (``_check_connection``)."""
+    """Render templates in every string of a loaded YAML tree. Errors carry the key path."""
     if isinstance(node, dict):
-        out = {k: render_tree(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
-        if path == "connections":
-            for name, conn in node.items():
-                _check_connection(str(name), conn, out[name], env)
-        return out
+        return {k: render_tree(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
     if isinstance(node, list):
         return [render_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str) and "{{" in node:
@@ -159,7 +153,7 @@ _CHAR_NAMES = {
 
 def credential_fields(connection_type: str, **fields: CredentialKind) -> dict[str, CredentialKind]:
     """Declare the credential keys of a ``type: connection_type`` connection, so that
-    ``render_tree`` checks them as it resolves them (``check_credential``)."""
+    the project loader checks them once resolved (``check_connections``)."""
     _credentials[connection_type] = dict(fields)
     return _credentials[connection_type]
 
@@ -193,7 +187,7 @@ def check_credential(value: str, kind: CredentialKind) -> str | None:
 def refuse_bad_credentials(model: Any, fields: Mapping[str, CredentialKind]) -> None:
     """Raise ValueError naming the first of ``model``'s credential ``fields`` that
     ``check_credential`` refuses (without its value): the check of a connection built in code;
-    a loaded one was already checked, with the variable named, by ``render_tree``."""
+    a loaded one was already checked, with the variable named, by ``check_connections``."""
     for key, kind in fields.items():
         value: Any = getattr(model, key, None)
         if hasattr(value, "get_secret_value"):  # a SecretStr
@@ -203,18 +197,25 @@ def refuse_bad_credentials(model: Any, fields: Mapping[str, CredentialKind]) -> 
             raise ValueError(f"{key} {problem}")
 
 
-def _check_connection(name: str, raw: Any, rendered: Any, env: Mapping[str, str] | None) -> None:
-    """Raise ValueError if a credential of connection ``name`` cannot be sent: the message
-    names the connection, the key and where the value came from, never the value."""
-    if not isinstance(raw, dict) or not isinstance(rendered, dict):
+def check_connections(raw: Any, rendered: Any, env: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError if a credential declared with ``credential_fields`` of a project's
+    ``connections`` (``raw`` as written, ``rendered`` with its templates filled) cannot be
+    sent: the message names the connection, the key and where the value came from (an
+    environment variable, a template default, the file), never the value."""
+    raw_connections = raw.get("connections") if isinstance(raw, dict) else None
+    done = rendered.get("connections") if isinstance(rendered, dict) else None
+    if not isinstance(raw_connections, dict) or not isinstance(done, dict):
         return
-    fields = _credentials.get(str(raw.get("type")), {})
-    for key, kind in fields.items():
-        value = rendered.get(key)
-        problem = check_credential(value, kind) if isinstance(value, str) else None
-        if problem:
-            origin = _origin(raw.get(key), os.environ if env is None else env)
-            raise ValueError(f"connection {name}: {key} ({origin}) {problem}")
+    for name, conn in raw_connections.items():
+        out = done.get(name)
+        if not isinstance(conn, dict) or not isinstance(out, dict):
+            continue
+        for key, kind in _credentials.get(str(conn.get("type")), {}).items():
+            value = out.get(key)
+            problem = check_credential(value, kind) if isinstance(value, str) else None
+            if problem:
+                origin = _origin(conn.get(key), os.environ if env is None else env)
+                raise ValueError(f"connection {name}: {key} ({origin}) {problem}")
 
 
 def _origin(template: Any, env: Mapping[str, str]) -> str:

@@ -31,7 +31,7 @@ from reverse_etl.config.models import (
 )
 from reverse_etl.destinations.registry import UnsupportedObject, destination_for
 from reverse_etl.errors import ConfigError
-from reverse_etl.secrets import register_secret, render_tree, scrub
+from reverse_etl.secrets import check_connections, register_secret, render_tree, scrub
 
 
 def load_project(
@@ -71,6 +71,7 @@ def load_project(
         if defer_secrets:
             raw, missing = _defer_destination_env(raw, env)
         rendered = render_tree(raw, env)
+        check_connections(raw, rendered, env)  # a key HTTP cannot carry: said before any call
     except KeyError as exc:
         raise ConfigError(_missing_env_message(file, *exc.args[0])) from None
     except ValueError as exc:
