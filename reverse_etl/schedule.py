@@ -51,12 +51,24 @@ class Schedule(BaseModel):
     ) -> bool:
         """``failures``: failed or abandoned runs in a row up to the latest, which ended at
         ``failed_at``; such a sync is also due once ``retry_delay(failures)`` has passed."""
+        due = self.next_due(last_started, failures=failures, failed_at=failed_at)
+        return due is None or due <= (now or datetime.now(UTC))
+
+    def next_due(
+        self,
+        last_started: datetime | None,
+        *,
+        failures: int = 0,
+        failed_at: datetime | None = None,
+    ) -> datetime | None:
+        """When the sync is next due (``is_due``'s rule as a time): its next slot, or sooner
+        after a failure's backoff; None if it never ran (due at once)."""
         if last_started is None:
-            return True
-        now = now or datetime.now(UTC)
-        if self.next_after(last_started) <= now:
-            return True
-        return failures > 0 and failed_at is not None and failed_at + retry_delay(failures) <= now
+            return None
+        due = self.next_after(last_started)
+        if failures > 0 and failed_at is not None:
+            due = min(due, failed_at + retry_delay(failures))
+        return due
 
 
 RETRY_FIRST = timedelta(minutes=5)  # the wait after a first failure, doubled for each more

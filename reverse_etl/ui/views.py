@@ -21,7 +21,7 @@ from reverse_etl.config import Project
 from reverse_etl.config.loading import load_yaml
 from reverse_etl.config.models import read_text_file
 from reverse_etl.errors import ReverseEtlError
-from reverse_etl.schedule import Schedule, retry_delay
+from reverse_etl.schedule import Schedule
 from reverse_etl.state import LockInfo, RunRecord, StateStore
 from reverse_etl.ui import chart, errorfile
 
@@ -81,12 +81,8 @@ def next_due(
     slot, or sooner after a failure's backoff; now if it never ran. None: no schedule."""
     if schedule is None:
         return None
-    if last_started is None:
-        return state.now()
-    due = schedule.next_after(last_started)
-    if failures > 0 and failed_at is not None:
-        due = min(due, failed_at + retry_delay(failures))
-    return due
+    due = schedule.next_due(last_started, failures=failures, failed_at=failed_at)
+    return state.now() if due is None else due
 
 
 def category(last: RunRecord | None, locked: bool) -> str:
