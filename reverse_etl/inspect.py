@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reverse_etl import controls, state
-from reverse_etl.config import Project
+from reverse_etl.config import Project, Sync
 from reverse_etl.controls import EnabledState
 from reverse_etl.errors import LockHeldError, ReverseEtlError
 from reverse_etl.state import LockInfo, RunRecord, StateStore
@@ -97,7 +97,11 @@ class ErrorSummary:
 def summarize_errors(store: StateStore, run_id: str) -> ErrorSummary:
     """Count the run's error file by reason, streamed in Arrow batches (memory stays flat
     however many rows failed); an s3:// file is downloaded to a temporary file first."""
-    run = find_run(store, run_id)
+    return summary_of(find_run(store, run_id))
+
+
+def summary_of(run: RunRecord) -> ErrorSummary:
+    """``summarize_errors`` of a run record already read."""
     summary = ErrorSummary(run, run.error_file)
     if not run.error_file:
         return summary
@@ -105,7 +109,7 @@ def summarize_errors(store: StateStore, run_id: str) -> ErrorSummary:
         local = storage.local_copy_path(run.error_file)
     except FileNotFoundError:
         raise ReverseEtlError(
-            f"run {run_id}: its error file {run.error_file} is gone (moved or deleted)"
+            f"run {run.run_id}: its error file {run.error_file} is gone (moved or deleted)"
         ) from None
     try:
         counts, fixes = _count_reasons(local)
@@ -244,18 +248,22 @@ def _plain(value: Any) -> Any:
 
 def sql_file_problems(project: Project) -> dict[str, str]:
     """Sync name -> why its ``source.sql`` file cannot be read (missing, a folder, empty)."""
-    out: dict[str, str] = {}
-    for s in project.syncs:
-        if s.source.sql is None:
-            continue
-        path = project.path(s.source.sql)
-        if not path.exists():
-            out[s.name] = f"source.sql: {path} does not exist; create it or fix the path"
-        elif not path.is_file():
-            out[s.name] = f"source.sql: {path} is not a file"
-        elif not path.read_text(errors="replace").strip():
-            out[s.name] = f"source.sql: {path} is empty; write one SELECT"
-    return out
+    found = {s.name: sql_file_problem(project, s) for s in project.syncs}
+    return {name: problem for name, problem in found.items() if problem is not None}
+
+
+def sql_file_problem(project: Project, sync: Sync) -> str | None:
+    """Why ``sync``'s ``source.sql`` file cannot be read, or None (also for a table source)."""
+    if sync.source.sql is None:
+        return None
+    path = project.path(sync.source.sql)
+    if not path.exists():
+        return f"source.sql: {path} does not exist; create it or fix the path"
+    if not path.is_file():
+        return f"source.sql: {path} is not a file"
+    if not path.read_text(errors="replace").strip():
+        return f"source.sql: {path} is empty; write one SELECT"
+    return None
 
 
 def missing_env_warnings(project: Project) -> list[str]:

@@ -181,7 +181,7 @@ def definition(project: Project, name: str) -> dict[str, Any]:
     sync = project.sync(name)
     sql = sql_problem = None
     if sync.source.sql is not None:
-        sql_problem = inspect.sql_file_problems(project).get(name)
+        sql_problem = inspect.sql_file_problem(project, sync)
         if sql_problem is None:
             sql = project.path(sync.source.sql).read_text(errors="replace")
     mapping = []
@@ -234,7 +234,7 @@ def run_page(store: StateStore, run_id: str) -> dict[str, Any]:
     samples: dict[str, list[dict[str, str]]] = {}
     problem = None
     try:
-        found = inspect.summarize_errors(store, run_id)
+        found = inspect.summary_of(record)
         summary = found.as_dict()
         if found.error_file and found.by_reason:
             samples = errorfile.first_rows(
