@@ -3,7 +3,7 @@
 A child is the CLI itself (same project file, project dir and environment), so it takes the
 sync's lock, writes its run record and error file exactly as a run from a terminal or cron
 does; the page learns the outcome from the state store, and the child's log for progress.
-Finished children are reaped on every request (``reap``); the server's shutdown stops the
+Finished children are reaped whenever the page asks about jobs; the server's shutdown stops the
 ones still running with SIGTERM, which commits what the destination acknowledged.
 """
 
@@ -107,10 +107,6 @@ class Jobs:
         with self._lock:
             self._reap()
             return any(j.alive for j in self._jobs.values())
-
-    def reap(self) -> None:
-        with self._lock:
-            self._reap()
 
     def _reap(self) -> None:
         for job in self._jobs.values():
