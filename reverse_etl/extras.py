@@ -70,7 +70,7 @@ def check_state_url(url: str) -> None:
     the URL that works with the extra instead.
     """
     scheme = url.partition(":")[0].lower()
-    if scheme not in {"postgres", "postgresql", "postgresql+psycopg"}:
+    if scheme not in {"postgresql", "postgresql+psycopg"}:  # postgres:// is refused before
         return
     module = "psycopg" if scheme == "postgresql+psycopg" else "psycopg2"
     if installed(module):
