@@ -271,7 +271,8 @@ def test_a_run_whose_lock_was_taken_over_learns_it_and_leaves_the_new_lock(
         assert not handle.lost
         take_over(new, "s", "run-new")  # e.g. the old run sat in a wait longer than stale_after
         eventually(lambda: handle.lost, "the old run's heartbeat to notice")
-        assert not beater_threads("s")  # a lost lock is not beaten any more
+        # a lost lock is not beaten any more: the thread flags it, logs, then ends
+        eventually(lambda: not beater_threads("s"), "the lost lock's heartbeat thread to end")
     assert lock_row(new, "s").run_id == "run-new"  # the old run's exit left it alone
     assert "run-old: lost its lock" in caplog.text
     old.close()
