@@ -501,6 +501,26 @@ def test_boolean_coercion_and_errors() -> None:
     }
 
 
+def test_dates_no_destination_can_read_are_row_errors() -> None:
+    """DuckDB reads 'infinity' and years 0 or past 9999 as dates; they were sent as the text
+    "infinity" or "10000-01-01". As text or as DATE values (infinity is int32's extreme in
+    Arrow), each is an ``invalid_date`` naming its value, and the good row still passes."""
+    text = run(
+        {"d": ["infinity", "-infinity", "10000-01-01", "0000-01-01", "9999-12-31", "0001-01-01"]},
+        [("d", "properties.d", "date")],
+    )
+    assert errors_by_row(text) == {r: ["invalid_date"] for r in (1, 2, 3, 4)}
+    assert by_row(text, "properties.d") == {5: date(9999, 12, 31), 6: date(1, 1, 1)}
+    typed = run(
+        {"d": pa.array([2**31 - 1, -(2**31 - 1), 3_000_000, 20_000], pa.date32())},
+        [("d", "properties.d", "date")],
+    )
+    assert errors_by_row(typed) == {r: ["invalid_date"] for r in (1, 2, 3)}
+    values = [e.value for e in typed.errors]
+    assert values[:2] == ["infinity", "-infinity"] and "3000000" in values[2]
+    assert by_row(typed, "properties.d") == {4: date(1970, 1, 1) + timedelta(days=20_000)}
+
+
 def test_date_coercion_and_errors() -> None:
     result = run(
         {"d": ["2025-03-01", "2025-03-01T23:00:00", "2025-13-01", "01/02/2025", "", None]},

@@ -177,7 +177,12 @@ def value_and_error(kind: str, column: str, dtype: pa.DataType, checks: Checks) 
         else:
             s = f"CAST({src} AS VARCHAR)"
             v = f"COALESCE(TRY_CAST({s} AS DATE), CAST(TRY_CAST({s} AS TIMESTAMP) AS DATE))"
-        return v, f"CASE WHEN {src} IS NOT NULL AND {v} IS NULL THEN 'invalid_date' END"
+        # DuckDB takes 'infinity' and years 0 or 10000+ as dates, which no destination (nor
+        # Python) reads as one: they were sent as the text "infinity" or "10000-01-01"
+        return v, (
+            f"CASE WHEN {src} IS NOT NULL AND ({v} IS NULL OR NOT isfinite({v}) OR "
+            f"year({v}) NOT BETWEEN 1 AND 9999) THEN 'invalid_date' END"
+        )
     if kind in {"integer", "number"}:
         return _number(kind, col, src, dtype)
     if kind == "boolean":

@@ -56,7 +56,7 @@ MESSAGES = {
     "invalid_timestamp": "not a timestamp that can be read",
     "timestamp_too_old": "before 1990-01-01",
     "timestamp_in_future": "in the future",
-    "invalid_date": "not a date that can be read",
+    "invalid_date": "not a date that can be read (years 0001 to 9999)",
     "invalid_number": "not a number (NaN and Infinity included), or not a whole number where an integer is needed",
     "number_out_of_range": "more digits than the destination keeps exactly (15 significant digits, or beyond 64-bit for integers)",
     "invalid_boolean": "not a true/false value",
@@ -403,7 +403,8 @@ def _py(column: pa.Array | pa.ChunkedArray, pos: int) -> Any:
     try:
         return scalar.as_py()
     except (OverflowError, ValueError):
-        raw = scalar.cast(pa.int64()).as_py()
+        # date32 casts only to int32 (days); timestamps and date64 to int64
+        raw = scalar.cast(pa.int32() if pa.types.is_date32(scalar.type) else pa.int64()).as_py()
         if abs(raw) in (2**63 - 1, 2**31 - 1):
             return "infinity" if raw > 0 else "-infinity"
         return f"{raw} ({scalar.type}, beyond the years 1 to 9999)"
