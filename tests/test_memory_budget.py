@@ -162,7 +162,7 @@ def _ahead(max_bytes: int | None, sizes: list[int]) -> tuple[list[int], int]:
     out = []
     for item in prefetch(source(), depth=100, max_bytes=max_bytes, size=lambda n: n):
         if not out:  # let the producer run as far ahead as it may (a hang guard, not a time)
-            give_up = time.monotonic() + (5 if max_bytes is None else 0.5)
+            give_up = time.monotonic() + (60 if max_bytes is None else 0.5)
             while made[0] < len(sizes) and time.monotonic() < give_up:
                 time.sleep(0.01)
         with lock:

@@ -19,6 +19,7 @@ PostgreSQL), to keep the slow combinations few."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -141,7 +142,7 @@ class Launcher:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=60)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -202,8 +203,9 @@ class Rig:
         began = time.monotonic()
         pid = self.launcher.start({**order, "kill_at": kill_at})
         code = self.launcher.wait(pid, kill_after)
-        if code is None:  # still running: kill it
-            os.kill(pid, signal.SIGKILL)
+        if code is None:  # still running: kill it (unless it ended and was reaped meanwhile)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             code = self.launcher.wait(pid, 60)
         assert code is not None, f"run {pid} did not end"
         text = log.read_text()

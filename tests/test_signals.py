@@ -4,7 +4,9 @@ exit code is 143 (SIGTERM) or 130 (SIGINT). A destination stuck past the grace p
 interrupted too, and the run still never stays ``running`` with its lock held.
 
 The process is the CLI itself; only its destination is a stand-in (a script replaces
-``engine.destination_for``) that acknowledges slowly, or never, so the signal lands mid-run.
+``engine.destination_for``) that acknowledges slowly, or never, so the signal lands mid-run:
+the slow one waits for the signal before its fifth batch, so a test slow to send it on a loaded
+machine does not find the run finished.
 """
 
 from __future__ import annotations
@@ -25,10 +27,18 @@ from tests.helpers import at, people_db, person, project_data, sync_entry, write
 SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
-    from reverse_etl import cli, engine
+    from reverse_etl import cli, engine, interrupt
     from tests.helpers import FakeDestination
 
     MODE = sys.argv.pop(1)
+    signalled = threading.Event()  # the run's own handler got the signal
+    request = interrupt.Interrupt.request
+
+    def noted(self, signum):
+        signalled.set()
+        request(self, signum)
+
+    interrupt.Interrupt.request = noted
 
     class Slow(FakeDestination):
         def __init__(self, conn, sync):
@@ -38,6 +48,8 @@ SCRIPT = textwrap.dedent(
             for n, result in enumerate(super()._accept(batches), start=1):
                 if MODE == "stuck" and n == 4:
                     threading.Event().wait()  # a rate-limit wait that never ends
+                if MODE == "slow" and n == 5:  # ACK 3 is out: the test sends the signal
+                    signalled.wait(60)  # it lands mid-run, however late (a hang guard)
                 time.sleep(0.05)
                 yield result
 
@@ -60,7 +72,9 @@ def start(tmp_path: Path, mode: str, rows: int = 400) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        "REVERSE_ETL_STOP_GRACE_SECONDS": "1",
+        # stuck: the grace runs out; slow: never, however loaded the machine (the batches in
+        # flight are committed, not cut off by the grace's interrupt)
+        "REVERSE_ETL_STOP_GRACE_SECONDS": "1" if mode == "stuck" else "60",
     }
     return subprocess.Popen(
         [sys.executable, str(script), mode, "--project-dir", str(tmp_path), "run", "people"],
