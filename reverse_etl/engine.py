@@ -35,6 +35,7 @@ from reverse_etl.errors import (
     DestinationError,
     LockLostError,
     MassRemovalError,
+    NotDueError,
     ReverseEtlError,
     SchemaMismatchError,
 )
@@ -76,6 +77,9 @@ class RunOptions:
     # refuse (exit 3) when the sync's definition changed since its last accepted run; off, a
     # run accepts the change and stores the new fingerprint (controls.py)
     guard_definition: bool = False
+    # a scheduled run (scheduler, run --due): once it holds the lock, the sync must still be
+    # due, or NotDueError: two schedulers that both found it due run it once, not twice
+    only_if_due: bool = False
 
 
 @dataclass
@@ -217,6 +221,11 @@ def run_sync(
         store.lock(sync.name, run_id) as lock,
         budget.shared_through(store),
     ):
+        if options.only_if_due and sync.name not in due_syncs(project, store):
+            raise NotDueError(
+                f"sync {sync.name!r} is no longer due: another run took its due time while "
+                "this one waited (two schedulers, or run --due beside a scheduler)"
+            )
         store.start_run(record)
         error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
         if not storage.is_s3(error_target):

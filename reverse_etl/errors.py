@@ -30,6 +30,11 @@ class LockHeldError(ReverseEtlError):
     """Another run of the same sync holds its lock."""
 
 
+class NotDueError(ReverseEtlError):
+    """A scheduled run found, once it held the lock, that the sync is no longer due: another
+    scheduler (or ``run --due``) ran it for this due time while this one waited its turn."""
+
+
 class LockLostError(ReverseEtlError):
     """Another run took this run's lock over (it looked stale) or it was unlocked: the run
     stops before committing more, so two runs never move one watermark."""
