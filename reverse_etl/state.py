@@ -601,13 +601,23 @@ class StateStore:
                 held = con.execute(sa.select(locks).where(locks.c.sync == sync)).first()
             if held is None:  # released between our insert and this read: insert again
                 continue
-            if now() - _utc(held.heartbeat_at) <= self.stale_after:
+            if now() - _utc(held.heartbeat_at) <= self.stale_after and not self._killed(held):
                 break
             if self._take_over(sync, held, row):
                 return
             # another run took this stale lock first (or its holder beat again): look again,
             # which finds that run's fresh lock and refuses
         raise _held_error(sync, held)
+
+    def _killed(self, held: Any) -> bool:
+        """The holder ran on this host, its process is gone, and it missed two heartbeats: a
+        run killed with SIGKILL (a restarted scheduler, a pod's process restarted in place).
+        Its lock is taken over at once rather than after ``stale_after`` (two hours by
+        default), which kept a restarted scheduler from running the sync for that long; the
+        same rule as ``reverse-etl unlock`` (``inspect.unlock``)."""
+        return holder_exited(held.owner) and now() - _utc(held.heartbeat_at) > (
+            2 * self.heartbeat_every
+        )
 
     def _take_over(self, sync: str, held: Any, row: dict[str, Any]) -> bool:
         """Compare-and-swap a stale lock to this run: it changes the row only if it still holds
@@ -681,6 +691,23 @@ class StateStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def holder_exited(owner: str) -> bool:
+    """The lock's holder ran on this host (``owner`` is host:pid) and no process has its pid
+    now: a run killed with SIGKILL. Not proof on its own: another machine (a container) may
+    share the host name, so callers also wait for two missed heartbeats, which a live holder
+    anywhere would have sent."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
 
 
 def _held_error(sync: str, held: Any) -> LockHeldError:

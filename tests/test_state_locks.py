@@ -15,6 +15,8 @@ import os
 import queue
 import secrets
 import signal
+import socket
+import subprocess
 import threading
 import time
 import traceback
@@ -97,12 +99,14 @@ def lock_row(store: StateStore, sync: str) -> Any:
         return con.execute(sa.select(locks).where(locks.c.sync == sync)).first()
 
 
-def plant_lock(store: StateStore, sync: str, run_id: str, beat: datetime) -> None:
+def plant_lock(
+    store: StateStore, sync: str, run_id: str, beat: datetime, owner: str = "gone:1"
+) -> None:
     """A lock as a process that died left it, with its run record still ``running``."""
     with store.engine.begin() as con:
         con.execute(
             sa.insert(locks).values(
-                sync=sync, run_id=run_id, owner="gone:1", acquired_at=beat, heartbeat_at=beat
+                sync=sync, run_id=run_id, owner=owner, acquired_at=beat, heartbeat_at=beat
             )
         )
     store.start_run(RunRecord(run_id=run_id, sync=sync, started_at=beat, status="running"))
@@ -344,6 +348,40 @@ def test_a_run_killed_with_kill_9_is_marked_abandoned_when_its_lock_is_taken_ove
         f"abandoned: the process stopped heartbeating at {doomed.ended_at:%Y-%m-%d %H:%M:%S} "
         "UTC (killed or lost); a later run took over its lock"
     )
+    store.close()
+
+
+def a_dead_pid() -> int:
+    """The pid of a process of this host that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_of_a_process_killed_on_this_host_is_taken_over_without_waiting_hours(
+    target: Target,
+) -> None:
+    """A scheduler killed with SIGKILL and restarted found its sync "already running" for
+    ``stale_after`` (two hours by default). A holder on this host whose process is gone and
+    that missed two heartbeats is taken over at once; a live holder, or a dead one whose last
+    beat is too recent to be sure, is not."""
+    store = target.store()  # the default stale_after: two hours; beats every minute
+    missed = now() - 3 * store.heartbeat_every
+    host = socket.gethostname()
+    plant_lock(store, "live", "alive", missed, owner=f"{host}:{os.getpid()}")
+    plant_lock(store, "recent", "just-killed", now(), owner=f"{host}:{a_dead_pid()}")
+    plant_lock(store, "elsewhere", "other-host", missed, owner=f"not-{host}:{a_dead_pid()}")
+    plant_lock(store, "killed", "killed", missed, owner=f"{host}:{a_dead_pid()}")
+    for sync in ("live", "recent", "elsewhere"):
+        with pytest.raises(LockHeldError, match="already running"):
+            store._acquire(sync, "next")
+    with store.lock("killed", "next"):
+        assert lock_row(store, "killed").run_id == "next"
+    (killed,) = store.last_runs("killed")
+    assert killed.status == "abandoned" and killed.ended_at == aware(missed)
+    assert [store.last_runs(s)[0].status for s in ("live", "recent", "elsewhere")] == [
+        "running"
+    ] * 3
     store.close()
 
 
