@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+from sqlalchemy.exc import DBAPIError
 
 from reverse_etl import controls
 from reverse_etl.columns import resolve_sync_columns
@@ -56,7 +57,15 @@ from reverse_etl.snapshot import (
 )
 from reverse_etl.snapshot.store import as_text
 from reverse_etl.sources import Source, open_source
-from reverse_etl.state import LockHandle, RunRecord, StateStore, Watermark, now
+from reverse_etl.state import (
+    LockHandle,
+    RunRecord,
+    StateError,
+    StateStore,
+    Watermark,
+    failure_message,
+    now,
+)
 from reverse_etl.transform.rowerrors import NOTES, ErrorFileWriter, RowError
 from reverse_etl.transform.transformer import FieldSpec, TransformSpec
 from reverse_etl.util import memory, storage
@@ -215,6 +224,27 @@ def run_sync(
     result = RunResult(record)
     # problems an earlier run reported are known, the rest new (a dry run keeps nothing)
     problems = ProblemTracker(store, sync.name, run_id, record=not options.dry_run)
+    factories = (destination_factory, source_factory)
+    try:
+        _locked_run(project, sync, store, options, record, result, problems, factories, progress)
+    except DBAPIError as exc:  # the store failed after it opened: locked, full, gone
+        raise StateError(failure_message(store.engine.url, exc)) from exc
+    return result
+
+
+def _locked_run(
+    project: Project,
+    sync: Sync,
+    store: StateStore,
+    options: RunOptions,
+    record: RunRecord,
+    result: RunResult,
+    problems: ProblemTracker,
+    factories: tuple[DestinationFactory, Callable[[Project, Sync], Source] | None],
+    progress: Progress | None,
+) -> None:
+    destination_factory, source_factory = factories
+    run_id = record.run_id
     # clients built in the run share each account's rate budget through the store (budget.py)
     with (
         tracking(record, progress),
@@ -261,6 +291,11 @@ def run_sync(
             record.error_file = (
                 error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
             )
+        except DBAPIError as exc:  # the store failed mid-run: the record says so if it can
+            record.status = "failed"
+            record.error_file = error_target
+            record.message = failure_message(store.engine.url, exc)
+            raise
         except BaseException as exc:  # a bug, or a signal's grace ran out: never 'success'
             signal_name = options.interrupt.name if options.interrupt else ""
             record.status = "interrupted" if signal_name else "failed"
@@ -280,8 +315,23 @@ def run_sync(
                 c, plan = record.counts, result.plan
                 plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
                 plan.by_reason = result.by_reason
-            store.save_run(record)
-    return result
+            _save_run(store, record)
+
+
+def _save_run(store: StateStore, record: RunRecord) -> None:
+    """Keep the run's record; a store that fails now (the error, if any, that ended the run
+    is already on its way) is logged, never raised over that error. The record then says
+    ``running`` until the next run takes the lock over."""
+    try:
+        store.save_run(record)
+    except DBAPIError as exc:
+        log.error(
+            "run %s of %r ended %s, but its record could not be saved: %s",
+            record.run_id,
+            record.sync,
+            record.status,
+            failure_message(store.engine.url, exc),
+        )
 
 
 def fit_view(

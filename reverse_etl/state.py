@@ -516,7 +516,19 @@ class StateStore:
             stop.set()
             if beater.ident is not None:  # started
                 beater.join()
-            self.release(sync, run_id)
+            try:
+                self.release(sync, run_id)
+            except DBAPIError as exc:  # never raised over the error that may be ending the run
+                log.error(
+                    "sync %r, run %s: its lock could not be released (%s); the next run takes "
+                    "it over once this process has exited (on this host) or its heartbeat is "
+                    "%s old, or run `reverse-etl unlock %s`",
+                    sync,
+                    run_id,
+                    failure_message(self.engine.url, exc),
+                    self.stale_after,
+                    sync,
+                )
 
     def heartbeat(self, sync: str, run_id: str) -> bool:
         """Refresh this run's lock; False if the lock is no longer this run's."""
@@ -1101,6 +1113,43 @@ def _open_problem(url: sa.URL, exc: sa.exc.DBAPIError) -> str:
         path = Path(str(url.database))
         return path_problem(path) or f"{path}: {said}"
     return said
+
+
+# what the driver says (lower-cased) -> what to do about it, for a store that fails mid-run
+_FAILURE_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("database is locked", "database table is locked"),
+        "another process held the file locked longer than the 10 s this run waits (a backup, a "
+        "sqlite3 shell, a second tool); let it finish, then run again",
+    ),
+    (("disk is full", "no space left"), "free space on the disk that holds it, then run again"),
+    (
+        ("readonly", "read-only"),
+        "the file or its folder cannot be written (permissions, a read-only mount); make both "
+        "writable for this user",
+    ),
+    (
+        ("malformed", "not a database", "file is encrypted"),
+        "the file is damaged: restore it from a backup, or move it aside (a new store is made; "
+        "the snapshot keeps unchanged rows from being sent again)",
+    ),
+    (
+        ("connection", "server closed", "terminating", "could not connect", "timeout"),
+        "the database stopped answering; check it is running and reachable, then run again",
+    ),
+)
+
+
+def failure_message(url: sa.URL, exc: sa.exc.DBAPIError) -> str:
+    """A store that opened and then failed (locked, disk full, read-only, damaged, its server
+    gone): the store, the driver's words (never the SQL or its parameters, which
+    SQLAlchemy's text carries) and what to do. These were "internal error, please report
+    it", with the raw statement."""
+    said = _driver_said(exc, url)
+    text = said.lower()
+    hint = next((h for markers, h in _FAILURE_HINTS if any(m in text for m in markers)), None)
+    shown = f"state store {url.render_as_string(hide_password=True)}"
+    return scrub(f"{shown} failed: {said}" + (f"; {hint}" if hint else ""))
 
 
 def _where(con: sa.Connection) -> str:

@@ -1,0 +1,107 @@
+"""A state store that opened and then failed mid-run (held locked by another process past the
+busy timeout, disk full, its PostgreSQL server gone), found by an unattended-run test: the run
+ended "internal error ... please report it" with the raw SQL and its parameters, could leave
+its lock behind, and the scheduler died of it. Now it is a ``StateError`` naming the store,
+the driver's words and what to do; the lock is released and the record kept when the store
+allows, and a later run sends every row that was not committed."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from reverse_etl.config import load_project
+from reverse_etl.engine import RunOptions, run_sync
+from reverse_etl.errors import EXIT_OK
+from reverse_etl.state import StateError, StateStore
+from tests.helpers import (
+    FakeDestination,
+    people_db,
+    person,
+    project_data,
+    sync_entry,
+    write_project,
+)
+
+ROWS = 30
+
+
+def failing(said: str) -> Any:
+    """A stand-in for a StateStore write that fails as SQLAlchemy raises it: the statement
+    and parameters in its text, the driver's words in ``orig``."""
+
+    def fail(*_args: Any, **_kwargs: Any) -> None:
+        raise sa.exc.OperationalError(
+            "UPDATE retl_watermarks SET cursor_value=? WHERE sync=?",
+            ("SECRET-PARAM", "people"),
+            sqlite3.OperationalError(said),
+        )
+
+    return fail
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Any:
+    people_db(tmp_path, [person(i) for i in range(ROWS)])
+    write_project(tmp_path, project_data(syncs=[sync_entry(batch_size=10)]))
+    return load_project(None, tmp_path, env={})
+
+
+def run(project: Any, store: StateStore, fake: FakeDestination) -> Any:
+    return run_sync(project, "people", store, RunOptions(), destination_factory=lambda p, s: fake)
+
+
+@pytest.mark.parametrize(
+    ("said", "hint"),
+    [
+        ("database is locked", "another process held the file locked"),
+        ("database or disk is full", "free space on the disk"),
+        ("attempt to write a readonly database", "cannot be written"),
+    ],
+)
+def test_a_store_failing_mid_run_is_a_state_error_and_the_lock_is_released(
+    project: Any, monkeypatch: pytest.MonkeyPatch, said: str, hint: str
+) -> None:
+    store = StateStore(project.state.url, root=project.root)
+    monkeypatch.setattr(store, "set_watermark", failing(said))
+    first = FakeDestination()
+    with pytest.raises(StateError) as caught:
+        run(project, store, first)
+    message = str(caught.value)
+    assert message.startswith("state store sqlite:///") and said in message and hint in message
+    assert "UPDATE" not in message and "SECRET-PARAM" not in message  # no statement, no values
+    assert store.lock_info("people") is None  # released: the next run is not "already running"
+    (record,) = store.last_runs("people")
+    assert (record.status, record.message) == ("failed", message)
+    monkeypatch.undo()
+    again = FakeDestination()
+    result = run(project, store, again)
+    assert result.exit_code == EXIT_OK and result.record.counts.read == ROWS  # watermark unmoved
+    # rows the snapshot recorded as landed are not sent twice; none is lost
+    assert set(first.received_ids()) | set(again.received_ids()) == {
+        person(i)[0] for i in range(ROWS)
+    }
+    assert result.record.counts.sent + result.record.counts.unchanged == ROWS
+    store.close()
+
+
+def test_a_store_that_cannot_save_the_record_or_release_the_lock_keeps_the_first_error(
+    project: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The finally's own writes fail too (the disk is still full): logged, never raised over
+    the error that ended the run."""
+    store = StateStore(project.state.url, root=project.root)
+    full = failing("database or disk is full")
+    for method in ("set_watermark", "save_run", "release"):
+        monkeypatch.setattr(store, method, full)
+    with caplog.at_level(logging.ERROR), pytest.raises(StateError, match="free space"):
+        run(project, store, FakeDestination())
+    assert "its record could not be saved" in caplog.text
+    assert "its lock could not be released" in caplog.text
+    assert "SECRET-PARAM" not in caplog.text
+    store.close()
