@@ -564,7 +564,8 @@ def _run(
             destination.prepare()
             replace = options.full_refresh and stored is not None
             group = CommitGroup.for_snapshot(snapshot)
-            for loaded in destination.load(_handed(stream, tracker)):
+            stop = lambda: _stopping(options, lock)  # noqa: E731
+            for loaded in destination.load(_handed(stream, tracker, stop)):
                 if not pending or loaded.token is not pending[0].token:
                     raise DestinationError(
                         f"the {conn.type} destination acknowledged a batch other than the oldest "
@@ -597,6 +598,10 @@ def _run(
                 del sent, loaded  # the batch's memory goes back before the next is taken
                 memory.release()
             group.flush(store, sync.name, snapshot)
+            if pending:  # read ahead, never handed (stopped): named, and read again next run
+                stream.close()  # the read-ahead thread ends before the batches are listed
+                errors.write(_unsent(pending))
+                pending.clear()
             if not _stopping(options, lock):  # queued rows not met left the view
                 queue.finish()
             if mirror and snapshot.read_complete and not _stopping(options, lock):
@@ -628,10 +633,16 @@ def _phase(tracker: RunProgress | None, text: str) -> None:
         tracker.set_phase(text)
 
 
-def _handed(stream: Iterator[LoadBatch], tracker: RunProgress | None) -> Iterator[LoadBatch]:
+def _handed(
+    stream: Iterator[LoadBatch], tracker: RunProgress | None, stop: Callable[[], bool]
+) -> Iterator[LoadBatch]:
     """``stream`` as the destination takes it, in the run's thread: the phase says whether
-    batches are still being read or only those in flight are left."""
+    batches are still being read or only those in flight are left. Once ``stop`` (a signal,
+    a lost lock), no more are handed: the batches read ahead stay unsent behind the
+    watermark, where they went on being sent after SIGTERM, using up the grace period."""
     for batch in stream:
+        if stop():
+            return
         _phase(tracker, "sending")
         yield batch
     _phase(tracker, "read done; sending the last batches")
