@@ -7,6 +7,7 @@ rejected or failed row goes to the run's error file with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -315,7 +316,18 @@ def _locked_run(
                 c, plan = record.counts, result.plan
                 plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
                 plan.by_reason = result.by_reason
-            _save_run(store, record)
+            # a plan that failed is kept as a plan: a "failed" record blocked the sync's
+            # dependents, moved its schedule and started its retry backoff (the exit code still
+            # says it failed: ``result.record`` is unchanged)
+            failed_plan = options.dry_run and record.status != "dry_run"
+            _save_run(
+                store,
+                dataclasses.replace(
+                    record, status="dry_run", message=f"plan {record.status}: {record.message}"
+                )
+                if failed_plan
+                else record,
+            )
 
 
 def _save_run(store: StateStore, record: RunRecord) -> None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from reverse_etl.config import load_project
 from reverse_etl.engine import RunOptions, run_sync
-from reverse_etl.errors import EXIT_OK
+from reverse_etl.errors import EXIT_FAILED, EXIT_OK, ReverseEtlError
 from reverse_etl.state import StateError, StateStore
 from tests.helpers import (
     FakeDestination,
@@ -104,4 +104,29 @@ def test_a_store_that_cannot_save_the_record_or_release_the_lock_keeps_the_first
     assert "its record could not be saved" in caplog.text
     assert "its lock could not be released" in caplog.text
     assert "SECRET-PARAM" not in caplog.text
+    store.close()
+
+
+def test_a_plan_that_fails_is_kept_as_a_plan_not_as_a_failed_run(project: Any) -> None:
+    """A failed ``plan`` was stored as a failed run: it blocked the sync's dependents, moved
+    its schedule and started its retry backoff. It is kept as a plan saying it failed; the
+    plan's own result (its exit code) still says failed."""
+    store = StateStore(project.state.url, root=project.root)
+
+    def down(_project: Any, _sync: Any) -> Any:
+        raise ReverseEtlError("the warehouse is down")
+
+    result = run_sync(
+        project,
+        "people",
+        store,
+        RunOptions(dry_run=True),
+        destination_factory=lambda p, s: FakeDestination(),
+        source_factory=down,
+    )
+    assert result.exit_code == EXIT_FAILED
+    (kept,) = store.last_runs("people")
+    assert kept.status == "dry_run"
+    assert kept.message == "plan failed: the warehouse is down"
+    assert store.last_started("people") is None  # the schedule did not move
     store.close()
