@@ -496,7 +496,21 @@ def _run(
                 f"sync {sync.name!r}: the view no longer fits the mapping, nothing was sent:\n  - "
                 + "\n  - ".join(problems)
             )
-        if not options.dry_run:  # a changed definition: refused, or accepted (controls.py)
+        # a changed definition: refused (a guarded run), or accepted (controls.py). Rows behind
+        # the watermark are at the destination as the old definition made them (in another
+        # list, without a new field), so accepting a change re-reads the whole view and the
+        # snapshot sends the rows the change makes different. The watermark is reset before
+        # the change is stored as accepted: a run that dies half-way reads on from the start
+        # next time, never from the old watermark (a renamed list stayed empty). A plan shows
+        # what accepting would send.
+        changes = controls.pending_changes(project, store, [sync.name]).get(sync.name)
+        if changes and watermark is not None and not options.guard_definition:
+            log.info("sync %r: %s; the whole view is read once", sync.name, changes)
+            if not options.dry_run:
+                store.reset_watermark(sync.name)
+                stored = None
+            watermark = None
+        if not options.dry_run:
             result.accepted_changes = controls.guard_definition(
                 project,
                 sync,
