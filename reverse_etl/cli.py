@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import os
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,7 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from reverse_etl.config import Project, load_project, require_env
-from reverse_etl.errors import EXIT_FAILED, EXIT_OK, EXIT_ROW_ERRORS, ReverseEtlError
+from reverse_etl.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    LockHeldError,
+    NotDueError,
+    ReverseEtlError,
+)
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
@@ -55,6 +65,20 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     # escaped: "[...]" in a message (e.g. pip install 'reverse-etl[snowflake]') is text, not markup
     err_console.print(f"[red]error:[/red] {escape(scrub(message))}", markup=True, soft_wrap=True)
     sys.exit(code)
+
+
+def _known(project: Project, names: Iterable[str]) -> None:
+    """An unknown sync name is the command line's mistake (exit 2, naming the known syncs),
+    not a run that could not run (3): a typo in a cron line must not look like an outage."""
+    known = [s.name for s in project.syncs]
+    for name in names:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise click.UsageError(
+                f"no sync named {name!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" Known syncs: {', '.join(known) or '(none)'}"
+            )
 
 
 def _stop_grace() -> float:
@@ -218,14 +242,13 @@ def run(
         _fail("--accept-changes needs the syncs named: reverse-etl run SYNC --accept-changes", 2)
     try:
         project = obj.project
+        _known(project, syncs)
         store = obj.store()
         names = list(syncs) or (
             due_syncs(project, store)
             if due
             else in_run_order(project, controls.enabled_names(project, store))
         )
-        for name in names:
-            project.sync(name)
         if not no_deps:  # named syncs bring their dependencies; due ones are only ordered
             names = in_dependency_order(project, names, add_dependencies=bool(syncs))
         # a disabled sync is skipped even when named: Airflow and cron lines name syncs too;
@@ -251,6 +274,8 @@ def run(
     if not names:
         console.print("nothing to run")
         sys.exit(EXIT_OK)
+    # the due list, read before the locks: a sync another process takes meanwhile is not due
+    scheduled = due and not syncs
     worst = EXIT_OK
     results = []
     interrupt = Interrupt(grace=_stop_grace())
@@ -258,9 +283,11 @@ def run(
         for name in names:
             if interrupt.requested:
                 break
-            blocked = None if no_deps else blocked_by(project, store, name)
+            blocked = None if no_deps else blocked_by(project, store, name, running=names)
             if blocked:
-                err_console.print(f"[yellow]{name}: {escape(blocked)}[/yellow]", soft_wrap=True)
+                err_console.print(
+                    f"[yellow]{name}: skipped: {escape(blocked)}[/yellow]", soft_wrap=True
+                )
                 worst = max(worst, EXIT_FAILED)
                 continue
             options = RunOptions(
@@ -271,10 +298,14 @@ def run(
                 interrupt=interrupt,
                 # a changed definition is refused unless accepted by hand (controls.py)
                 guard_definition=not (full_refresh or (accept_changes and name in syncs)),
+                only_if_due=scheduled,
             )
             try:
                 result = run_sync(project, name, store, options)
             except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
+                if scheduled and isinstance(exc, NotDueError | LockHeldError):
+                    err_console.print(f"{name}: {_not_due_note(exc)}", soft_wrap=True)
+                    continue  # a named sync that is running stays exit 3
                 err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
                 worst = EXIT_FAILED
                 continue
@@ -311,6 +342,14 @@ def run(
     sys.exit(worst)
 
 
+def _not_due_note(exc: NotDueError | LockHeldError) -> str:
+    """What ``run --due`` says of a due sync it did not run because another process has it: no
+    failure (cron alerts on the exit code), since that process runs it for this due time."""
+    if isinstance(exc, LockHeldError):
+        return "not due now: a run of it is still in progress (another process holds its lock)"
+    return "not due now: another process ran it for this due time"
+
+
 def plan_line(plan: Plan) -> str:
     consent = ", ".join(f"{k} {v}" for k, v in sorted(plan.consent.items()) if v)
     return (
@@ -335,7 +374,7 @@ def plan(obj: Ctx, sync: str, full_refresh: bool, samples: int, as_json: bool) -
 
     try:
         project = obj.project
-        project.sync(sync)
+        _known(project, [sync])
         options = RunOptions(
             full_refresh=full_refresh,
             dry_run=True,
@@ -443,16 +482,24 @@ def print_runs(records: list[RunRecord]) -> None:
 
 
 @main.command()
-@click.option("--interval", default=60, show_default=True, help="Seconds between schedule checks.")
-@click.option("--cycles", default=0, help="Stop after this many checks (0: run until stopped).")
+@click.option(
+    "--interval",
+    type=click.IntRange(min=1),  # 0 would check in a busy loop, at 100% CPU
+    default=60,
+    show_default=True,
+    help="Seconds between schedule checks (at least 1).",
+)
+@click.option(
+    "--cycles",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Stop after this many checks (0: run until stopped).",
+)
 @click.pass_obj
 def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
-    """Run each sync when its schedule says it is due, until stopped (Ctrl-C)."""
-    import time
-
+    """Run each sync when its schedule says it is due, until stopped (Ctrl-C). An edited
+    project file applies from the next check."""
     from reverse_etl import controls
-    from reverse_etl.engine import RunOptions, due_syncs, run_sync
-    from reverse_etl.schedule import blocked_by, in_dependency_order
 
     try:
         project = obj.project
@@ -460,46 +507,140 @@ def scheduler(obj: Ctx, interval: int, cycles: int) -> None:
         obj.need_secrets(controls.enabled_names(project, store))
     except ReverseEtlError as exc:
         _fail(str(exc))
-    done = 0
-    told: dict[str, str] = {}  # sync -> the block last printed: said once, not every check
     interrupt = Interrupt(grace=_stop_grace())
+    loop = SchedulerLoop(obj, store, interrupt)
+    done = 0
     with interrupt.installed():
         while not interrupt.requested:
-            # a due sync whose dependency is due too runs after it
-            for name in in_dependency_order(project, due_syncs(project, store)):
-                if interrupt.requested:
-                    break
-                blocked = blocked_by(project, store, name)
-                if blocked:
-                    if told.get(name) != blocked:
-                        err_console.print(f"{name}: {blocked}", soft_wrap=True)
-                        told[name] = blocked
-                    continue
-                told.pop(name, None)
-                try:
-                    options = RunOptions(interrupt=interrupt, guard_definition=True)
-                    result = run_sync(project, name, store, options)
-                except ReverseEtlError as exc:  # e.g. still running from the last check
-                    err_console.print(f"{name}: {scrub(str(exc))}")
-                    continue
-                except KeyboardInterrupt:
-                    break
-                rec = result.record
-                console.print(
-                    f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
-                    f"sent {rec.counts.sent}, unchanged {rec.counts.unchanged}, "
-                    f"rejected {rec.counts.rejected}, failed {rec.counts.failed}"
-                    + (f" — {escape(rec.message)}" if rec.message else "")
-                )
+            loop.check()
             done += 1
             if cycles and done >= cycles:
                 return
-            slept = 0.0
-            while slept < interval and not interrupt.requested:
-                time.sleep(min(1.0, interval - slept))
-                slept += 1.0
+            _wait(interval, interrupt)
     console.print(f"scheduler stopped by {interrupt.name}")
     sys.exit(interrupt.exit_code)
+
+
+def _wait(seconds: int, interrupt: Interrupt) -> None:
+    """Sleep until the next check, a second at a time, so a signal ends the wait at once."""
+    import time
+
+    slept = 0.0
+    while slept < seconds and not interrupt.requested:
+        time.sleep(min(1.0, seconds - slept))
+        slept += 1.0
+
+
+def _file_digest(path: Path) -> str | None:
+    """What the project file holds, to tell an edit (None: it cannot be read)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class SchedulerLoop:
+    """The scheduler between checks: the project as last loaded (reloaded when its file
+    changes), the store, and the blocks already said (said once, not at every check)."""
+
+    def __init__(self, obj: Ctx, store: StateStore, interrupt: Interrupt) -> None:
+        self.obj = obj
+        self.store = store
+        self.interrupt = interrupt
+        self.project: Project | None = obj.project
+        self.file = obj.project.file
+        self.seen = _file_digest(self.file)
+        self.told: dict[str, str] = {}  # sync -> the block last printed
+
+    def check(self) -> None:
+        """One check: the project (reloaded if edited), the due syncs, each one's run. A
+        scheduler is a daemon: whatever fails (the state store locked or full, a bug) is said
+        and tried again at the next check, never the end of the process."""
+        from reverse_etl import engine
+        from reverse_etl.schedule import in_dependency_order
+
+        try:
+            project = self._current()
+            if project is None:
+                return
+            # a due sync whose dependency is due too runs after it
+            names = in_dependency_order(project, engine.due_syncs(project, self.store))
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self._trouble("the schedule check", exc)
+            return
+        for name in names:
+            if self.interrupt.requested:
+                return
+            try:
+                self._run(project, name)
+            except KeyboardInterrupt:  # the signal's grace ran out: the run is recorded
+                return
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                self._trouble(f"sync {name!r}", exc)
+
+    def _current(self) -> Project | None:
+        """The project this check runs: reloaded when its file changed, so edits, new syncs
+        and changes accepted by hand apply without a restart. A file that does not load (or
+        names a secret the environment lacks, as at the start) runs nothing until it loads,
+        said once per edit: its old definition is what the user replaced."""
+        from reverse_etl import controls
+
+        seen = _file_digest(self.file)
+        if seen == self.seen:
+            return self.project
+        try:
+            project = load_project(self.obj.config, self.obj.project_dir, defer_secrets=True)
+            enabled = controls.enabled_names(project, self.store)
+            require_env(project, [project.sync(n).destination.connection for n in enabled])
+        except ReverseEtlError as exc:
+            self.seen, self.project = seen, None
+            err_console.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", soft_wrap=True)
+            err_console.print(
+                f"{escape(str(self.file))}: changed but not usable; no sync runs until it is fixed",
+                soft_wrap=True,
+            )
+            return None
+        self.seen, self.project = seen, project
+        memory.configure(project.memory_limit)
+        console.print(f"{escape(str(self.file))}: changed; reloaded ({len(project.syncs)} syncs)")
+        return project
+
+    def _run(self, project: Project, name: str) -> None:
+        from reverse_etl import engine
+        from reverse_etl.schedule import blocked_by
+
+        blocked = blocked_by(project, self.store, name)
+        if blocked:
+            if self.told.get(name) != blocked:
+                err_console.print(f"{name}: skipped: {escape(blocked)}", soft_wrap=True)
+                self.told[name] = blocked
+            return
+        self.told.pop(name, None)
+        # only_if_due: a second scheduler (or run --due) that ran it meanwhile wins
+        options = engine.RunOptions(
+            interrupt=self.interrupt, guard_definition=True, only_if_due=True
+        )
+        try:
+            result = engine.run_sync(project, name, self.store, options)
+        except NotDueError:  # another process ran it for this due time: nothing to say
+            return
+        except ReverseEtlError as exc:  # e.g. still running from the last check
+            err_console.print(f"{name}: {escape(scrub(str(exc)))}", soft_wrap=True)
+            return
+        rec = result.record
+        console.print(
+            f"{rec.ended_at:%Y-%m-%d %H:%M:%S} {name}: {rec.status}, read {rec.counts.read}, "
+            f"sent {rec.counts.sent}, unchanged {rec.counts.unchanged}, "
+            f"rejected {rec.counts.rejected}, failed {rec.counts.failed}"
+            + (f" — {escape(rec.message)}" if rec.message else "")
+        )
+
+    def _trouble(self, what: str, exc: Exception) -> None:
+        """One line, scrubbed: a driver's message spans lines and may quote a secret."""
+        said = " ".join(scrub(f"{type(exc).__name__}: {exc}").split())
+        err_console.print(
+            f"{what}: {escape(said)}; will try again at the next check", soft_wrap=True
+        )
 
 
 @main.command()
@@ -521,6 +662,7 @@ def optouts(obj: Ctx, sync: str, since: datetime | None, csv_target: str | None)
 
     try:
         project = obj.project
+        _known(project, [sync])
         s = project.sync(sync)
         obj.need_secrets([s.name])
         destination = make_destination(project, s)
@@ -578,6 +720,7 @@ def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
 
     try:
         project = obj.project
+        _known(project, [sync] if sync else [])
         store = obj.store()
         names = [project.sync(sync).name] if sync else [s.name for s in project.syncs]
     except ReverseEtlError as exc:
@@ -603,6 +746,7 @@ def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
         if held is not None:
             console.print(f"{name}: locked by {inspect.holder_text(held)}")
     from reverse_etl import controls
+    from reverse_etl.schedule import blocked_by
 
     enabled = controls.enabled_states(project, store)
     changed = controls.pending_changes(project, store, names)
@@ -616,6 +760,9 @@ def status(obj: Ctx, sync: str | None, limit: int, as_json: bool) -> None:
             + f", {escape(enabled[name].describe())}",
             soft_wrap=True,
         )
+        blocked = blocked_by(project, store, name)
+        if blocked:  # its schedule may say due, but runs skip it: say why, not "due"
+            err_console.print(f"{name}: blocked: {escape(blocked)}", soft_wrap=True)
         if name in changed:
             err_console.print(
                 f"{name}: definition changed since its last accepted run ({escape(changed[name])});"
@@ -638,6 +785,7 @@ def unlock(obj: Ctx, sync: str, force: bool) -> None:
     from reverse_etl import inspect
 
     try:
+        _known(obj.project, [sync])
         name = obj.project.sync(sync).name
         said = inspect.unlock(obj.store(), name, force=force)
     except ReverseEtlError as exc:
@@ -670,6 +818,7 @@ def _set_enabled(obj: Ctx, sync: str, enabled: bool | None) -> None:
 
     try:
         project = obj.project
+        _known(project, [sync])
         name = project.sync(sync).name
         store = obj.store()
         controls.set_enabled(store, name, enabled)
@@ -689,6 +838,7 @@ def runs(obj: Ctx, sync: str, limit: int, as_json: bool) -> None:
     from reverse_etl import inspect
 
     try:
+        _known(obj.project, [sync])
         name = obj.project.sync(sync).name
         records = obj.store().last_runs(name, max(limit, 1))
     except ReverseEtlError as exc:
@@ -804,6 +954,7 @@ def export(obj: Ctx, sync: str, csv_target: str) -> None:
     from reverse_etl.csv_debug import export_csv
 
     try:
+        _known(obj.project, [sync])
         s = obj.project.sync(sync)
         rows = export_csv(obj.project, s, csv_target)
     except (ReverseEtlError, OSError) as exc:
@@ -823,6 +974,7 @@ def validate(obj: Ctx, sync: str, csv_path: str | None, error_file: str | None) 
     from reverse_etl.csv_debug import validate as run_validate
 
     try:
+        _known(obj.project, [sync])
         s = obj.project.sync(sync)
         target = error_file or storage.join(
             storage.join(obj.project.error_dir, s.name), "validate-errors.csv"

@@ -287,8 +287,9 @@ def pending_changes(project: Project, store: StateStore, names: Iterable[str]) -
 
 
 def failure_streak(store: StateStore, sync: str) -> tuple[int, datetime | None]:
-    """Failed or abandoned runs in a row up to the sync's latest (dry runs aside), and when the
-    latest of them ended (``schedule.Schedule.is_due`` retries after a backoff from then)."""
+    """Failed, abandoned or interrupted runs in a row (``schedule.RETRY_STATUSES``) up to the
+    sync's latest (dry runs aside), and when the latest of them ended
+    (``schedule.Schedule.is_due`` retries after a backoff from then)."""
     return streak_of(store.last_runs(sync, limit=_STREAK_LOOKBACK))
 
 

@@ -7,7 +7,6 @@ Nothing here calls a destination's API, so none of it needs a destination's secr
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from reverse_etl import controls, state
 from reverse_etl.config import Project, Sync
 from reverse_etl.controls import EnabledState
 from reverse_etl.errors import LockHeldError, ReverseEtlError
+from reverse_etl.schedule import blocked_by
 from reverse_etl.state import LockInfo, RunRecord, StateStore
 from reverse_etl.util import storage
 
@@ -211,7 +211,8 @@ def status_dicts(
     project: Project, store: StateStore, names: list[str], limit: int
 ) -> list[dict[str, Any]]:
     """Per sync: watermark, schedule, enabled (and from where), unaccepted definition changes,
-    who holds its lock, its last ``limit`` runs."""
+    why runs skip it (``blocked``: a dependency failed or is disabled; None: free), who holds
+    its lock, its last ``limit`` runs."""
     enabled = controls.enabled_states(project, store)
     changed = controls.pending_changes(project, store, names)
     out = []
@@ -228,6 +229,7 @@ def status_dicts(
                 "enabled": enabled[name].enabled,
                 "enabled_from": enabled[name].source,
                 "definition_changed": changed.get(name),  # None: as last accepted
+                "blocked": blocked_by(project, store, name),
                 "lock": lock_dict(store.lock_info(name), store.stale_after),
                 "runs": [run_dict(r) for r in store.last_runs(name, limit)],
             }
@@ -346,20 +348,9 @@ def _release_gone(store: StateStore, sync: str, info: LockInfo, why: str) -> str
 
 
 def exited(info: LockInfo) -> bool:
-    """The lock's holder ran on this host (``owner`` is host:pid) and no process has its pid
-    now: a run killed with SIGKILL. Not proof on its own: another machine (a container) may
-    share the host name, so ``unlock`` also waits for two missed heartbeats, which a live
-    holder anywhere would have sent."""
-    host, _, pid = info.owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: alive, another user's
-        return False
-    return False
+    """The lock's holder ran on this host and its process is gone (``state.holder_exited``);
+    ``unlock`` also waits for two missed heartbeats, as a run taking the lock over does."""
+    return state.holder_exited(info.owner)
 
 
 def _abandon(store: StateStore, info: LockInfo, why: str) -> None:

@@ -1,21 +1,24 @@
 """Schedules: ``hourly``, ``daily``, ``every 6 hours``, ``every 30 minutes`` or a cron line.
 
 A sync is due when the next fire time after its last started run has passed; a sync that has
-never run is due at once. ``reverse-etl run --due`` (from cron or a loop) uses this.
+never run is due at once. ``reverse-etl run --due`` (from cron or a loop) uses this. Times are
+UTC (a cron line too: there are no time zones); a last start or failure later than now (the
+clock was set back) is read as now.
 
-A run that failed or was abandoned is due again before its next slot, after a backoff from its
-end: 5 minutes, doubling with each failure in a row (5, 10, 20, 40 minutes, ...), whichever
+A run that failed, was abandoned or was interrupted (SIGTERM from a deploy) is due again
+before its next slot, after a backoff from its end: 5 minutes, doubling with each failure in a row (5, 10, 20, 40 minutes, ...), whichever
 comes first of that and the next slot, so a daily sync whose warehouse blipped at midnight is
 not a day late, and a sync failing for good is tried a few times a day, not every check.
 
 A sync's ``depends_on`` orders the syncs one command runs: dependencies first
-(``in_dependency_order``), and a sync whose dependency's latest run failed waits (``blocked_by``):
-its rows would be refused for the parent the failed run did not send.
+(``in_dependency_order``), and a sync whose dependency's latest run failed, or whose dependency
+is disabled, waits (``blocked_by``): its rows would be refused for the parents not sent.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,8 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from reverse_etl.config import Project
-    from reverse_etl.state import StateStore
+    from reverse_etl.controls import EnabledState
+    from reverse_etl.state import RunRecord, StateStore
 
 _EVERY = re.compile(r"^every\s+(\d+)\s*(m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)$")
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
@@ -49,10 +53,12 @@ class Schedule(BaseModel):
         failures: int = 0,
         failed_at: datetime | None = None,
     ) -> bool:
-        """``failures``: failed or abandoned runs in a row up to the latest, which ended at
-        ``failed_at``; such a sync is also due once ``retry_delay(failures)`` has passed."""
-        due = self.next_due(last_started, failures=failures, failed_at=failed_at)
-        return due is None or due <= (now or datetime.now(UTC))
+        """``failures``: failed, abandoned or interrupted runs in a row up to the latest, which
+        ended at ``failed_at``; such a sync is also due once ``retry_delay(failures)`` has
+        passed."""
+        now = now or datetime.now(UTC)
+        due = self.next_due(last_started, failures=failures, failed_at=failed_at, now=now)
+        return due is None or due <= now
 
     def next_due(
         self,
@@ -60,19 +66,25 @@ class Schedule(BaseModel):
         *,
         failures: int = 0,
         failed_at: datetime | None = None,
+        now: datetime | None = None,
     ) -> datetime | None:
         """When the sync is next due (``is_due``'s rule as a time): its next slot, or sooner
-        after a failure's backoff; None if it never ran (due at once)."""
+        after a failure's backoff; None if it never ran (due at once). Times after ``now``
+        are read as ``now``: after the clock is set back, an hourly sync that started
+        "tomorrow" must not wait until tomorrow."""
         if last_started is None:
             return None
-        due = self.next_after(last_started)
+        now = now or datetime.now(UTC)
+        due = self.next_after(min(last_started, now))
         if failures > 0 and failed_at is not None:
-            due = min(due, failed_at + retry_delay(failures))
+            due = min(due, min(failed_at, now) + retry_delay(failures))
         return due
 
 
 RETRY_FIRST = timedelta(minutes=5)  # the wait after a first failure, doubled for each more
-RETRY_STATUSES = ("failed", "abandoned")  # runs that are due again before their next slot
+# runs that are due again before their next slot: an interrupted one (a deploy's SIGTERM) has
+# rows left to send, as a failed one has
+RETRY_STATUSES = ("failed", "abandoned", "interrupted")
 
 
 def retry_delay(failures: int) -> timedelta:
@@ -98,12 +110,30 @@ def parse_schedule(value: Any) -> Schedule:
         if count <= 0:
             raise ValueError(f"schedule {value!r}: the interval must be at least 1")
         return Schedule(text=value, every_minutes=count * _UNIT_MINUTES[match.group(2)[0]])
+    fields = value.split()
+    if len(fields) != 5 and (len(fields) > 5 or croniter.is_valid(value.strip())):
+        raise ValueError(_not_five_fields(value, fields))
     if croniter.is_valid(value.strip()):
         return Schedule(text=value, cron=value.strip())
     raise ValueError(
         f"schedule {value!r} is not understood; use hourly, daily, 'every N hours', "
         "'every N minutes' or a 5-field cron line such as '0 */6 * * *'"
     )
+
+
+def _not_five_fields(value: str, fields: list[str]) -> str:
+    """croniter also reads 6 fields (a trailing seconds field: '0 0 9 * * *' fires every second
+    of minute 0) and 7 (years) and @-words; only the 5 fields of cron itself are meant here."""
+    said = (
+        f"schedule {value!r}: a cron line must have exactly 5 fields (minute hour day month "
+        f"weekday), this one has {len(fields)}"
+    )
+    if len(fields) == 6:
+        said += (
+            "; seconds are not supported: if the first field is Quartz-style seconds, drop it "
+            f"({' '.join(fields[1:])!r})"
+        )
+    return said
 
 
 def in_dependency_order(
@@ -128,14 +158,44 @@ def in_dependency_order(
     return out
 
 
-def blocked_by(project: Project, store: StateStore, name: str) -> str | None:
-    """Why ``name`` must not run now: a dependency's latest run failed (exit 3), so what this
-    sync sends would be refused for the parents that run did not send. None when free."""
+def blocked_by(
+    project: Project, store: StateStore, name: str, *, running: Collection[str] = ()
+) -> str | None:
+    """Why ``name`` must not run now (``block_reason``), read from the store: runs skip it
+    (``skipped: <reason>``), ``status`` and the run page show it blocked. None when free."""
+    from reverse_etl.controls import enabled_states
+
+    latest = {  # plans aside: a plan after a failed run does not make the failure go away
+        dep: next((r for r in store.last_runs(dep, 20) if r.status != "dry_run"), None)
+        for dep in project.sync(name).depends_on
+    }
+    return block_reason(project, name, enabled_states(project, store), latest, running=running)
+
+
+def block_reason(
+    project: Project,
+    name: str,
+    enabled: Mapping[str, EnabledState],
+    latest: Mapping[str, RunRecord | None],
+    *,
+    running: Collection[str] = (),
+) -> str | None:
+    """Why ``name`` must not run now: a dependency's latest run (``latest``, plans aside)
+    failed (exit 3), or the dependency is disabled (paused: it sends nothing), so what this
+    sync sends would be refused for the parents not sent. ``running``: the syncs this command
+    runs before it (``run A B --even-if-disabled``): a disabled one there does not block.
+    None when free."""
     for dep in project.sync(name).depends_on:
-        last = store.last_runs(dep, 1)
-        if last and last[0].status == "failed":
+        last = latest.get(dep)
+        if last is not None and last.status == "failed":
             return (
-                f"skipped: it depends on {dep!r}, whose latest run ({last[0].run_id}) failed; "
+                f"it depends on {dep!r}, whose latest run ({last.run_id}) failed; "
                 f"fix {dep!r} (reverse-etl status {dep}) and it runs after it next time"
+            )
+        if not enabled[dep].enabled and dep not in running:
+            return (
+                f"it depends on {dep!r}, which is {enabled[dep].describe()}: the parents "
+                f"its rows need are not being sent; enable it (`reverse-etl enable {dep}`), "
+                f"or run this one without it (`reverse-etl run {name} --no-deps`)"
             )
     return None

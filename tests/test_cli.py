@@ -231,7 +231,7 @@ def test_status_before_any_run(tmp_path: Path) -> None:
 def test_status_unknown_sync(tmp_path: Path) -> None:
     make_project(tmp_path)
     result = cli(tmp_path, "status", "peple")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "no sync named 'peple'; did you mean 'people'?" in result.stderr
 
 
@@ -253,11 +253,17 @@ def test_run_schema_mismatch_exits_3(tmp_path: Path, fake_destination: list[dict
     assert fake_destination == []
 
 
-def test_run_unknown_sync_exits_3(tmp_path: Path) -> None:
-    make_project(tmp_path)
-    result = cli(tmp_path, "run", "peeple")
-    assert result.exit_code == 3
-    assert "no sync named 'peeple'" in result.stderr
+def test_an_unknown_sync_name_is_a_usage_error_naming_the_known_ones(tmp_path: Path) -> None:
+    """A typo in a cron line is the command line's mistake (2), not a sync that could not
+    run (3), whatever the command."""
+    make_project(tmp_path, syncs=[sync_entry("people"), sync_entry("buyers")])
+    for command in ("run", "plan", "runs", "unlock", "enable", "disable", "export", "validate"):
+        extra = ["--csv", str(tmp_path / "x.csv")] if command == "export" else []
+        result = cli(tmp_path, command, "nosuchsync", *extra)
+        assert result.exit_code == 2, (command, result.output)
+        said = flat(result.stderr)
+        assert "no sync named 'nosuchsync'" in said and "Known syncs: people, buyers" in said
+    assert cli(tmp_path, "run", "people", "nosuchsync").exit_code == 2
 
 
 def test_run_when_locked_exits_3_and_unlock(tmp_path: Path, fake_destination: list[dict]) -> None:
@@ -286,7 +292,7 @@ def test_run_when_locked_exits_3_and_unlock(tmp_path: Path, fake_destination: li
 def test_unlock_unknown_sync(tmp_path: Path) -> None:
     make_project(tmp_path)
     result = cli(tmp_path, "unlock", "nope")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "no sync named 'nope'" in result.stderr
 
 
@@ -371,11 +377,11 @@ def test_scheduler_runs_only_due_syncs(tmp_path: Path, fake_destination: list[di
             sync_entry("unscheduled", mapping={"email": "email"}),
         ],
     )
-    first = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "0")
+    first = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "1")
     assert first.exit_code == 0, first.output
     assert "hourly_people: success, read 12, sent 12" in flat(first.stdout)
     assert "unscheduled" not in first.stdout  # no schedule: run only by `run`
-    again = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "0")
+    again = cli(tmp_path, "scheduler", "--cycles", "1", "--interval", "1")
     assert again.exit_code == 0
     assert "hourly_people" not in again.stdout  # ran less than an hour ago: not due
     assert len(fake_destination) == 12

@@ -21,7 +21,7 @@ from reverse_etl.config import Project
 from reverse_etl.config.loading import load_yaml
 from reverse_etl.config.models import read_text_file
 from reverse_etl.errors import ReverseEtlError
-from reverse_etl.schedule import Schedule
+from reverse_etl.schedule import Schedule, block_reason, blocked_by
 from reverse_etl.state import LockInfo, RunRecord, StateStore
 from reverse_etl.ui import chart, errorfile
 
@@ -114,6 +114,7 @@ def syncs_page(
         started = last.started_at if last else None
         due_at = next_due(sync.schedule, started, failures, failed_at)
         held = locks.get(sync.name)
+        latest = {dep: recent[dep][0] if recent[dep] else None for dep in sync.depends_on}
         rows.append(
             {
                 **entry,
@@ -122,6 +123,8 @@ def syncs_page(
                 "lock": inspect.lock_dict(held, store.stale_after),
                 "retry_queue": queued.get(sync.name, 0),
                 "next_due": due_at,
+                # runs skip it whatever its schedule says: shown instead of "now"
+                "blocked": block_reason(project, sync.name, enabled, latest),
                 "due": bool(
                     entry["enabled"]
                     and sync.schedule is not None
@@ -167,6 +170,7 @@ def sync_page(project: Project, store: StateStore, name: str) -> dict[str, Any]:
         "status": status,
         "category": category(last, status["lock"] is not None),
         "next_due": due_at,
+        "blocked": blocked_by(project, store, name),
         "failures": failures,
         "retry_queue": retry_queue.counts(store, [name])[name],
         "open_problems": store.open_problems(name),
