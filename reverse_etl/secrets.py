@@ -9,6 +9,7 @@ environment variable, never the value (``check_connections``).
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -81,12 +82,62 @@ def register_secret(value: str | None) -> None:
         scrub_log_records()
 
 
+def register_basic_auth(username: str, password: str) -> None:
+    """Register what HTTP Basic puts on the wire for ``username`` and ``password``: the base64
+    of ``username:password`` (RFC 7617 section 2), which decodes to the password. An error
+    answer that echoes the request's headers (a proxy's, a debugging endpoint's) would
+    otherwise carry it into messages and the run record; ``password`` alone is registered only
+    when it came from an ``env_var()`` template. Encoded as httpx does (UTF-8) and as Latin-1,
+    the charset many clients still use."""
+    register_secret(password)
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            pair = f"{username}:{password}".encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        register_secret(base64.b64encode(pair).decode("ascii"))
+
+
+# The value of an Authorization (or Proxy-Authorization) header quoted in a text: an echo of
+# the request in an error body, as "Authorization: Basic dXNlcjpwYXNz" or as JSON. Its token
+# is scrubbed whatever it is, so a credential nobody registered (or one cut short when the
+# text was, which a registered value no longer matches) never leaves either.
+_AUTHORIZATION = re.compile(
+    r"""(?P<head>authorization["']?\s*[:=]\s*["']?)"""
+    r"""(?P<value>[^\s"',;}\]]+(?:[ \t]+[^\s"',;}\]]+)?)""",  # [scheme] credential
+    re.IGNORECASE,
+)
+_BASIC = re.compile(r"\b(?P<head>Basic[ \t]+)(?P<value>[A-Za-z0-9+/]{8,}={0,2})")
+
+
 def scrub(text: str) -> str:
-    """Replace every registered secret in ``text`` with ``***``."""
+    """Replace every registered secret in ``text`` with ``***``, and any quoted Authorization
+    header's credential (``_AUTHORIZATION``) too."""
     for secret in _longest_first:  # a secret inside a longer one must not break its match
         if secret in text:
             text = text.replace(secret, "***")
+    if "uthoriz" in text or "UTHORIZ" in text or "Basic" in text:  # the regexes, only if needed
+        text = _AUTHORIZATION.sub(_masked, text)
+        text = _BASIC.sub(_masked, text)
     return text
+
+
+# RFC 9110 section 11.4 "credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]": the
+# schemes the destinations and common proxies use; a value after any other first word is
+# masked whole, as it may be a bare key
+_SCHEMES = {"basic", "bearer", "digest", "token", "klaviyo-api-key", "apikey", "negotiate"}
+
+
+def _masked(match: re.Match[str]) -> str:
+    """The header with its credential masked: the word after a known scheme, else the whole
+    value. A log template's placeholder (``%s``, ``{}``) is left for its argument, which is
+    scrubbed on its own."""
+    words = match.group("value").split()
+    scheme = words[:1] if len(words) == 2 and words[0].lower() in _SCHEMES else []
+    credential = words[len(scheme) :]
+    if all(w == "***" or w[0] in "%{" for w in credential):
+        return match.group(0)
+    return match.group("head") + " ".join(scheme + ["***"] * len(credential))
 
 
 _factory_installed = False

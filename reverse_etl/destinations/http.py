@@ -6,7 +6,12 @@ exponential backoff and jitter, up to ``max_attempts``; then a DestinationError 
 failed. Other 4xx answers are the caller's to read (a refused record is data, not an outage).
 Never retried: a request the HTTP library refuses to build (``NOT_BUILT``: a header value
 HTTP cannot carry, a URL without http(s)); it fails the same way every time, so it raises at
-once, saying it is not a network error.
+once, saying it is not a network error. A host that does not resolve or a TLS handshake that
+fails is tried ``DETERMINISTIC_ATTEMPTS`` times, not ``max_attempts``: it fails the same way
+again; the error names the host and port and the cause (``ApiClient._failure``).
+
+The timeout is each attempt's whole budget, not httpx's per-read limit (``deadline``); a 3xx
+or a 2xx whose body is not JSON is an error naming the call, never an internal error.
 
 Creates (a list, a data field, an address book, a catalog item job) are not idempotent: sent
 twice, they make two objects or meet a "duplicate" refusal. ``ApiClient.create_once`` is the
@@ -18,18 +23,25 @@ from __future__ import annotations
 import logging
 import random
 import re
+import socket
+import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
+import httpcore
 import httpx
 import orjson
 
 from reverse_etl import progress
 from reverse_etl.destinations.ratelimit import NOTABLE_WAIT, RateLimiter, Unlimited
 from reverse_etl.errors import DestinationError
-from reverse_etl.secrets import scrub
+from reverse_etl.secrets import register_basic_auth, scrub
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,129 @@ NOT_BUILT: tuple[type[Exception], ...] = (httpx.LocalProtocolError, httpx.Unsupp
 # what h11 refuses in a header value: NUL, CR, LF, other whitespace but space and tab, and
 # space or tab at either end
 _ILLEGAL_HEADER_VALUE = re.compile(rb"[\x00\n\r\x0b\x0c]|\A[ \t]|[ \t]\Z")
+# A host that does not resolve, a TLS handshake that fails: the same answer every time, so
+# tried this many times (a second attempt rides out a resolver or network blip), not 8.
+DETERMINISTIC_ATTEMPTS = 2
+CHECK_BASE_URL = "check base_url in the connection profile"
+# Retry-After when absent, unreadable, negative or a date already past (RFC 9110 10.2.3: "either
+# an HTTP-date or a number of seconds", https://www.rfc-editor.org/rfc/rfc9110#name-retry-after)
+RETRY_AFTER_DEFAULT = 1.0
+_DELAY_SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
+
+# The real clocks, bound here: tests swap this module's ``time`` for a fake one (the backoff's
+# sleep), while a deadline is measured against real sockets.
+_monotonic = time.monotonic
+_epoch = time.time
+
+
+# ------------------------------------------------------------------ a deadline per attempt
+
+# httpx's timeout limits each socket read, so an answer that drips a byte a second never times
+# out (a fault proxy held GET /api/lists for 400 s). The attempt's deadline, on the monotonic
+# clock; every read, write and connect of the connection pool's sockets is bounded by it.
+_DEADLINE: ContextVar[float | None] = ContextVar("reverse_etl_http_deadline", default=None)
+_WRITE_PIECE = 65536  # a large body is written in pieces, so its deadline is checked between
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Let the requests made inside (in this thread, through a client that ``with_deadline``
+    prepared) take ``seconds`` in all, connecting, sending and reading the answer; past it
+    they raise httpx's ``ConnectTimeout``, ``WriteTimeout`` or ``ReadTimeout``, as the
+    per-read timeout does."""
+    token = _DEADLINE.set(_monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` shortened to what is left of the deadline; raises ``error`` once it passed."""
+    end = _DEADLINE.get()
+    if end is None:
+        return timeout
+    left = end - _monotonic()
+    if left <= 0:
+        raise error("no complete answer before the request's deadline")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection's socket, each operation bounded by the current ``deadline``."""
+
+    def __init__(self, inner: httpcore.NetworkStream):
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        for start in range(0, len(buffer), _WRITE_PIECE):
+            piece = buffer[start : start + _WRITE_PIECE]
+            self._inner.write(piece, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, its streams bounded by the current ``deadline``."""
+
+    def __init__(self, inner: httpcore.NetworkBackend):
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._inner.connect_tcp(host, port, bounded, local_address, socket_options)
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def with_deadline(client: httpx.Client) -> httpx.Client:
+    """``client``, its connection pools (the direct one and each proxy's) made to honour
+    ``deadline``. httpx exposes no network backend, so the pools' (httpcore's public
+    ``network_backend``, held as ``_network_backend``) is wrapped in place; a transport that
+    has no pool (a test's ``MockTransport``) is left as it is."""
+    for transport in [
+        getattr(client, "_transport", None),
+        *getattr(client, "_mounts", {}).values(),
+    ]:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if isinstance(backend, httpcore.NetworkBackend) and not isinstance(
+            backend, _DeadlineBackend
+        ):
+            pool._network_backend = _DeadlineBackend(backend)  # type: ignore[union-attr]
+    return client
 
 
 class Unsure(DestinationError):
@@ -96,20 +231,34 @@ class ApiClient:
         name: str = "API",
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] | None = None,
+        wall_clock: Callable[[], float] | None = None,
+        transport: httpx.BaseTransport | None = None,
     ):
+        """``timeout``: each attempt's whole budget in seconds (``deadline``). ``clock`` and
+        ``sleep`` (backoff, look-up windows) and ``wall_clock`` (seconds since the epoch, what
+        a ``Retry-After`` date is read against) are injectable so tests need not wait;
+        ``transport`` replaces httpx's (tests count attempts with it)."""
         self.name = name
         # injectable so backoff and look-up windows can be tested without waiting
         self._clock = clock or time.monotonic
         self._sleep = sleep or time.sleep
+        self._wall_clock = wall_clock or _epoch
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
+        if isinstance(auth, tuple):  # Basic: its header is base64, which scrub() must know
+            register_basic_auth(*auth)
         try:
-            self._http = httpx.Client(
-                base_url=base_url.rstrip("/"),
-                headers=headers,
-                auth=auth,
-                timeout=timeout,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+            self._http = with_deadline(
+                httpx.Client(
+                    base_url=base_url.rstrip("/"),
+                    headers=headers,
+                    auth=auth,
+                    timeout=timeout,
+                    limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+                    # a POST is never replayed to wherever a 3xx points; a 3xx is an error
+                    follow_redirects=False,
+                    transport=transport,
+                )
             )
         except UnicodeEncodeError:  # its text quotes the header's value: never shown
             bad = ", ".join(k for k, v in headers.items() if not v.isascii()) or "a header"
@@ -133,10 +282,13 @@ class ApiClient:
         idempotent: bool = True,
     ) -> httpx.Response:
         """Send with retries. ``idempotent=False`` (creates): only failures that say nothing
-        was done (429, 503, no connection) are retried here; any other raises ``Unsure``."""
+        was done (429, 503, no connection) are retried here; any other raises ``Unsure``.
+        Each attempt has ``timeout`` seconds in all (``deadline``); a 3xx raises at once
+        (``redirect_error``)."""
         limiter = limiter or Unlimited()
         headers = {"Content-Type": content_type} if content_type and content is not None else None
         last = ""
+        hint = ""  # what the user can check, when the last failure says
         for attempt in range(1, self.retry.max_attempts + 1):
             paced = limiter.acquire()
             if paced > 0 and paced >= NOTABLE_WAIT:
@@ -152,23 +304,38 @@ class ApiClient:
                 )
             sent_at = self._clock()
             try:
-                response = self._http.request(
-                    method, path, content=content, params=params, headers=headers
-                )
+                with deadline(self.timeout):
+                    response = self._http.request(
+                        method, path, content=content, params=params, headers=headers
+                    )
             except NOT_BUILT as exc:
                 self._trace(method, path, type(exc).__name__, sent_at)
                 raise self._not_built(method, path, exc, headers) from None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                last = f"{type(exc).__name__}"
-                self._trace(method, path, last, sent_at)
+                self._trace(method, path, type(exc).__name__, sent_at)
+                last, deterministic = self._failure(exc)
+                connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                hint = f"; {CHECK_BASE_URL}" if connecting else ""
+                if deterministic and attempt >= min(
+                    DETERMINISTIC_ATTEMPTS, self.retry.max_attempts
+                ):
+                    raise DestinationError(
+                        scrub(
+                            f"{self.name} {method} {path}: {last}, on each of {attempt} "
+                            f"attempt(s){hint}. Not retried further: it fails the same way "
+                            "every time"
+                        )
+                    ) from None
                 if not idempotent and not isinstance(exc, NOT_SENT):
                     raise self._unsure(method, path, last, self.timeout) from None
                 self._backoff(attempt, None, last, method, path)
                 continue
             self._trace(method, path, response.status_code, sent_at)
+            if 300 <= response.status_code < 400:
+                raise redirect_error(response, f"{self.name} {method} {path}")
             if response.status_code not in RETRY_STATUS:
                 return response
-            last = f"HTTP {response.status_code}"
+            last, hint = f"HTTP {response.status_code}", ""
             if not idempotent and response.status_code not in NOT_APPLIED:
                 # a 500 was answered once the work had stopped: if it was applied, it shows at
                 # once; behind a 502/504 the vendor may still be working on it
@@ -177,15 +344,58 @@ class ApiClient:
             retry_after = None
             if response.status_code == 429:
                 self.throttled += 1
-                retry_after = _retry_after(response, self.retry.max_retry_after)
+                retry_after, asked = _retry_after(
+                    response.headers.get("Retry-After"),
+                    self.retry.max_retry_after,
+                    self._wall_clock(),
+                )
+                if asked is not None and asked > retry_after:
+                    # said, so a run that gives up after waiting less than asked says why
+                    last += (
+                        f" (Retry-After asked {asked:.0f} s; this client waits at most "
+                        f"{retry_after:g} s, then tries again)"
+                    )
             self._backoff(attempt, retry_after, last, method, path)
         raise DestinationError(
             scrub(
                 f"{self.name} {method} {path} failed after {self.retry.max_attempts} attempts "
-                f"(last: {last}); rows not acknowledged stay behind the watermark and are sent "
-                "again next run"
+                f"(last: {last}){hint}; rows not acknowledged stay behind the watermark and "
+                "are sent again next run"
             )
         )
+
+    def _failure(self, exc: Exception) -> tuple[str, bool]:
+        """(what went wrong, whether trying again fails the same way) for a transport error.
+        A connection failure names the host and port of base_url and the cause; httpx's own
+        text says neither ("ConnectError" after 8 attempts was all a user saw)."""
+        kind = type(exc).__name__
+        url = self._http.base_url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        where = f"{url.host}:{port}"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return f"connecting to {where} timed out ({kind})", False
+        if isinstance(exc, httpx.TimeoutException):
+            return f"{kind}: no complete answer within {self.timeout:g} s", False
+        if not isinstance(exc, httpx.ConnectError):
+            return kind, False
+        cause = _root_cause(exc)
+        if isinstance(cause, socket.gaierror):
+            why = cause.strerror or str(cause)
+            return f"the host {url.host} ({where}) does not resolve (DNS: {why})", True
+        if isinstance(cause, ssl.SSLError):
+            why = str(cause) or type(cause).__name__
+            return (
+                f"the TLS handshake with {where} failed ({why}); if that port speaks plain "
+                "HTTP, base_url must start with http://, not https://",
+                True,
+            )
+        if isinstance(cause, ConnectionRefusedError):
+            return (
+                f"{where} refused the connection (nothing listens there, or it is restarting)",
+                False,
+            )
+        why = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        return f"could not connect to {where} ({why})", False
 
     def _trace(self, method: str, path: str, status: int | str, sent_at: float) -> None:
         """With -v (DEBUG): one line per HTTP exchange, never its headers or body."""
@@ -318,31 +528,113 @@ class ApiClient:
         self._http.close()
 
 
-def _retry_after(response: httpx.Response, cap: float) -> float:
-    value = response.headers.get("Retry-After", "1")
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind ``exc`` (httpx wraps httpcore's, which wraps the OS's)."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
+def _retry_after(value: str | None, cap: float, now: float) -> tuple[float, float | None]:
+    """(seconds to wait, seconds the server asked or None) for a 429's ``Retry-After``.
+
+    RFC 9110 section 10.2.3: "either an HTTP-date or a number of seconds"; a date is read
+    against ``now`` (seconds since the epoch). Absent, unreadable, negative, or a date already
+    past: ``RETRY_AFTER_DEFAULT`` (a negative number used to mean back-to-back retries, a date
+    a 1 s guess). The wait is capped at ``cap`` (``RetryPolicy.max_retry_after``)."""
+    asked: float | None = None
+    text = (value or "").strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        asked = float(text)
+    elif text:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            when = None
+        if when is not None:
+            if when.tzinfo is None:  # HTTP-dates are GMT
+                when = when.replace(tzinfo=UTC)
+            asked = when.timestamp() - now
+    wait = RETRY_AFTER_DEFAULT if asked is None or asked < 0 else asked
+    return min(cap, wait), asked
+
+
+def _call(what: str) -> str:
+    """``what`` without a query string (it may carry a key), scrubbed."""
+    return scrub(re.sub(r"\?[^\s)]*", "", what))
+
+
+def redirect_error(response: httpx.Response, what: str) -> DestinationError:
+    """The error for a 3xx. Neither vendor's API redirects, so something else answered: a
+    base_url that is not the API's (http:// where the API is https://, a web page's address),
+    or a proxy. Not followed: a redirected POST would be sent to another host."""
+    location = response.headers.get("Location", "")
+    where = f"redirected to {_call(location)}" if location else "redirected (no Location)"
+    return DestinationError(
+        f"{_call(what)}: HTTP {response.status_code}, {where}; the API does not redirect, so "
+        f"something other than the API answered: {CHECK_BASE_URL}, or a proxy in between"
+    )
+
+
+def _json_body(response: httpx.Response, what: str, expect: type | None) -> Any:
+    """The JSON body of a 2xx (None when empty): one that is not JSON, or not the ``expect``
+    type at its top, raises a DestinationError naming the call, its status and content type
+    (an HTML login page of a proxy, a web server at base_url), not a JSONDecodeError."""
+    if not response.content:
+        return None
     try:
-        return min(cap, max(0.0, float(value)))
-    except ValueError:
-        return 1.0
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        problem = "a body that is not JSON"
+    else:
+        if expect is None or isinstance(body, expect):
+            return body
+        problem = f"JSON of another shape (a {type(body).__name__}, not a {expect.__name__})"
+    ctype = response.headers.get("Content-Type") or "none"
+    start = " ".join(response.text[:100].split())
+    raise DestinationError(
+        scrub(
+            f"{_call(what)}: HTTP {response.status_code} with {problem} (Content-Type: "
+            f"{ctype}; it starts {start!r}); the API answers JSON, so something else answered: "
+            f"{CHECK_BASE_URL}, or a proxy in between"
+        )
+    )
 
 
-def decoded(response: httpx.Response, what: str) -> Any:
-    """The JSON body of a successful answer; an error answer raises, naming ``what`` failed."""
+def decoded(response: httpx.Response, what: str, *, expect: type | None = None) -> Any:
+    """The JSON body of a successful answer; an error answer raises, naming ``what`` failed,
+    and so does a redirect or a body that is not JSON (``expect``: the type the caller needs
+    at its top, when it knows)."""
     if response.status_code >= 400:
         raise DestinationError(f"{what}: {error_detail(response)}")
-    return orjson.loads(response.content) if response.content else None
+    if 300 <= response.status_code < 400:
+        raise redirect_error(response, what)
+    return _json_body(response, what, expect)
 
 
-def created(response: httpx.Response, what: str, *, duplicate: Collection[str] = ()) -> Any:
+def created(
+    response: httpx.Response,
+    what: str,
+    *,
+    duplicate: Collection[str] = (),
+    expect: type | None = None,
+) -> Any:
     """The JSON body of a create's answer. A refusal saying the object exists (409 Conflict,
     or a 4xx whose body names one of the vendor's ``duplicate`` codes) raises ``Exists`` for
-    ``create_once`` to look it up; any other refusal a DestinationError."""
+    ``create_once`` to look it up; any other refusal a DestinationError, and so does a
+    redirect or a body that is not JSON (as ``decoded``)."""
     if response.status_code >= 400:
         exists = response.status_code == 409 or (
             response.status_code < 500 and any(code in response.text for code in duplicate)
         )
         raise (Exists if exists else DestinationError)(f"{what}: {error_detail(response)}")
-    return orjson.loads(response.content) if response.content else None
+    if 300 <= response.status_code < 400:
+        raise redirect_error(response, what)
+    return _json_body(response, what, expect)
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -23,9 +23,17 @@ import orjson
 
 from reverse_etl.destinations.dotdigital.configuration import R1, DotdigitalConnection
 from reverse_etl.destinations.dotdigital.pacing import Budgets
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded, error_detail
+from reverse_etl.destinations.http import (
+    ApiClient,
+    RetryPolicy,
+    created,
+    deadline,
+    decoded,
+    redirect_error,
+    with_deadline,
+)
 from reverse_etl.errors import DestinationError
-from reverse_etl.secrets import scrub
+from reverse_etl.secrets import register_basic_auth, scrub
 
 JSON = "application/json"
 # v2 error codes of a create that met an existing object of the same name
@@ -62,7 +70,11 @@ class DotdigitalClient:
         return self.budgets.hourly
 
     def _auth(self) -> tuple[str, str]:
-        return (self.conn.username, self.conn.password.get_secret_value())
+        """HTTP Basic's user and password; their base64, which the Authorization header
+        carries and an error answer may echo, is registered for scrubbing."""
+        auth = (self.conn.username, self.conn.password.get_secret_value())
+        register_basic_auth(*auth)
+        return auth
 
     def _api(self, base_url: str) -> ApiClient:
         api = ApiClient(
@@ -78,12 +90,17 @@ class DotdigitalClient:
         return api
 
     def _http(self, base_url: str, timeout: float) -> httpx.Client:
-        return httpx.Client(
-            base_url=base_url,
-            headers={"Accept": JSON},
-            auth=self._auth(),
-            timeout=timeout,
-            transport=self._transport,
+        """A client whose requests honour ``http.deadline`` (the callers set it to ``timeout``,
+        the request's whole budget) and never follow a redirect."""
+        return with_deadline(
+            httpx.Client(
+                base_url=base_url,
+                headers={"Accept": JSON},
+                auth=self._auth(),
+                timeout=timeout,
+                transport=self._transport,
+                follow_redirects=False,
+            )
         )
 
     # ------------------------------------------------------------------ regions
@@ -91,14 +108,13 @@ class DotdigitalClient:
     def account_endpoint(self) -> str | None:
         """The account's ``ApiEndpoint``, asked on r1 (or the configured ``base_url``) as
         Dotdigital advises; None when the answer has none."""
-        with self._http(self.conn.base_url or R1, self.api.timeout) as http:
+        with (
+            self._http(self.conn.base_url or R1, self.api.timeout) as http,
+            deadline(self.api.timeout),
+        ):
             response = http.get(ACCOUNT_INFO)
-        if response.status_code >= 400:
-            raise DestinationError(
-                f"Dotdigital GET {ACCOUNT_INFO} (to find the account's region): "
-                f"{error_detail(response)}"
-            )
-        for prop in orjson.loads(response.content).get("properties") or ():
+        what = f"Dotdigital GET {ACCOUNT_INFO} (to find the account's region)"
+        for prop in (decoded(response, what, expect=dict) or {}).get("properties") or ():
             if prop.get("name") == "ApiEndpoint" and prop.get("value"):
                 return str(prop["value"]).rstrip("/")
         return None
@@ -170,7 +186,10 @@ class DotdigitalClient:
         submit, whose 429s and lost answers ``imports.ImportQueue`` handles itself. Raises
         httpx's errors for a connection lost or timed out."""
         self.budgets.limiter(method, path).acquire()
-        response = self._raw.request(method, path, content=body, headers={"Content-Type": JSON})
+        with deadline(self.conn.call_timeout_seconds):  # the whole call, not each read
+            response = self._raw.request(method, path, content=body, headers={"Content-Type": JSON})
+        if 300 <= response.status_code < 400:
+            raise redirect_error(response, f"Dotdigital {method} {path}")
         self.budgets.observe(method, path, response.headers)
         self.check_region(response)
         return response
@@ -241,7 +260,7 @@ class DotdigitalClient:
         ``Apiconnector/Client.php`` and the ``dotmailer`` gem, which maps the 400 to
         ``InvalidRequest``, quote them); it is not a 409."""
         response = self.call("POST", path, body, idempotent=False)
-        return created(response, f"Dotdigital POST {path}", duplicate=DUPLICATE_CODES)
+        return created(response, f"Dotdigital POST {path}", duplicate=DUPLICATE_CODES, expect=dict)
 
     def close(self) -> None:
         self.api.close()

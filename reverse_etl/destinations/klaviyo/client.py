@@ -71,7 +71,7 @@ class KlaviyoClient:
             },
             retry=retry,
             name="Klaviyo",
-        )
+        )  # ApiClient's timeout (60 s) is each attempt's whole budget (http.deadline)
         # Klaviyo counts per API key and operation, so the buckets belong to the account and
         # are shared with every other client of it: in this process, and through the state
         # store when a run has put one in force (destinations/budget.py)
@@ -112,7 +112,8 @@ class KlaviyoClient:
         idempotent: bool = True,
     ) -> Any:
         response = self.call(op, method, path, body, params, idempotent=idempotent)
-        return decoded(response, f"Klaviyo {method} {path}")
+        # a JSON:API document is an object at its top (https://jsonapi.org/format/#document-top-level)
+        return decoded(response, f"Klaviyo {method} {path}", expect=dict)
 
     def find_list(self, name: str) -> str | None:
         """The id of the list named ``name``; the oldest when several share it."""
@@ -135,7 +136,8 @@ class KlaviyoClient:
 
         def create() -> str:
             response = self.call("create_list", "POST", "/api/lists", body, idempotent=False)
-            return str(created(response, f"Klaviyo POST /api/lists ({name!r})")["data"]["id"])
+            what = f"Klaviyo POST /api/lists ({name!r})"
+            return str(created(response, what, expect=dict)["data"]["id"])
 
         return self.api.create_once(lambda: self.find_list(name), create, f"Klaviyo list {name!r}")
 
