@@ -991,12 +991,13 @@ def due_syncs(project: Project, store: StateStore, moment: datetime | None = Non
     """Enabled syncs (the state store's enable/disable over the file's) whose schedule says
     they should run now, contacts before orders; a failed run is due again after a backoff."""
     enabled = controls.enabled_states(project, store)
+    moment = moment or now()
 
     def due(s: Sync) -> bool:
         if not enabled[s.name].enabled or s.schedule is None:
             return False
         failures, failed_at = controls.failure_streak(store, s.name)
-        last = store.last_started(s.name)
+        last = store.last_started(s.name, before=moment)  # runs "in the future": clock set back
         return s.schedule.is_due(last, moment, failures=failures, failed_at=failed_at)
 
     return in_run_order(project, [s.name for s in project.syncs if due(s)])

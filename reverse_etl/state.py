@@ -687,13 +687,17 @@ class StateStore:
         with self.engine.connect() as con:
             return [_run_record(r) for r in con.execute(query)]
 
-    def last_started(self, sync: str) -> datetime | None:
+    def last_started(self, sync: str, before: datetime | None = None) -> datetime | None:
+        """When the sync's latest run (plans aside) started; with ``before``, the latest that
+        started by then: after the clock is set back, runs that started "in the future" would
+        otherwise hold its schedule until the clock caught up with them."""
+        query = sa.select(sa.func.max(runs.c.started_at)).where(
+            runs.c.sync == sync, runs.c.status != "dry_run"
+        )
+        if before is not None:
+            query = query.where(runs.c.started_at <= before)
         with self.engine.connect() as con:
-            value = con.execute(
-                sa.select(sa.func.max(runs.c.started_at)).where(
-                    runs.c.sync == sync, runs.c.status != "dry_run"
-                )
-            ).scalar()
+            value = con.execute(query).scalar()
         return _utc(value)
 
     def schema_version(self) -> int:

@@ -334,6 +334,27 @@ def test_a_last_start_or_failure_in_the_future_is_read_as_now() -> None:
     assert daily.next_due(ahead, now=moment, **failed) == moment + RETRY_FIRST
 
 
+def test_runs_that_started_in_the_future_do_not_hold_a_schedule_after_the_clock_is_set_back(
+    tmp_path: Path, store: StateStore
+) -> None:
+    """The store's latest start is 5 hours ahead of the clock (it was set back): an hourly
+    sync whose latest run by the clock's time started 2 hours ago is due now, not in 6 hours;
+    the run it makes is then the latest start that counts."""
+    project(tmp_path)
+    proj = load_project(None, tmp_path)
+    moment = now()
+    for started in (moment - timedelta(hours=2), moment + timedelta(hours=5)):
+        record = RunRecord(store.new_run_id(), "people", started, "running")
+        store.start_run(record)
+        record.status, record.ended_at = "success", started + timedelta(minutes=1)
+        store.save_run(record)
+    assert due_syncs(proj, store, moment) == ["people"]
+    ran = RunRecord(store.new_run_id(), "people", moment, "success", ended_at=moment)
+    store.start_run(ran)
+    assert due_syncs(proj, store, moment + timedelta(minutes=30)) == []
+    assert due_syncs(proj, store, moment + timedelta(minutes=61)) == ["people"]
+
+
 # --------------------------------------------------------------------------- 7: paused dependency
 
 
