@@ -253,6 +253,7 @@ def _locked_run(
         budget.shared_through(store),
     ):
         if options.only_if_due and sync.name not in due_syncs(project, store):
+            record.status = "not_due"  # what the progress log says of it: no run, no record
             raise NotDueError(
                 f"sync {sync.name!r} is no longer due: another run took its due time while "
                 "this one waited (two schedulers, or run --due beside a scheduler)"
