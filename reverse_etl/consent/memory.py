@@ -139,8 +139,9 @@ class ConsentMemory:
         return out
 
     def remember_ours(self, channel: str, persons: Sequence[str], at: datetime) -> None:
-        """We sent ``persons`` an opt-out on ``channel`` (acknowledged) at ``at``: the opt-out
-        the destination then records is ours, not a change the person made there.
+        """We sent ``persons`` an opt-out on ``channel`` at ``at`` (or are about to: an intent
+        recorded before the call, ``newest.record_intent``; or it was acknowledged): the
+        opt-out the destination then records is ours, not a change the person made there.
 
         One upsert per person, sent as raw driver rows: a first run can send hundreds of
         thousands of opt-outs, and SQLAlchemy's per-row parameter processing (its DateTime

@@ -19,11 +19,20 @@ since the last read); otherwise held back as ``kept_subscribed``. Either is aske
 run with an unsubscribe that has a consent time (a run sends only the consent that changed).
 An unsubscribe without a consent time is always sent, and so is one for a person whose
 opt-in has no date: failing to honour an opt-out is the harm the law punishes.
+
+Our own opt-outs are recorded twice: as an *intent*, durably, before the destination is sent
+them (``record_intent``, called by the destination just before the call that carries them),
+and again when the destination acknowledged them (``NewestWins.acknowledged``). Both set the
+person's ``ours_at`` (``ConsentMemory.remember_ours``). A run killed after the destination
+applied an unsubscribe but before it was acknowledged leaves the intent: the opt-out read back
+next run (recorded within ``OURS_SLACK`` of it) is recognised as possibly ours, so a newer
+subscribe in the warehouse is not held back by our own unsubscribe. An opt-out read back that
+matches no intent or acknowledgement of that person in that window is the person's, and wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
@@ -78,15 +87,8 @@ class NewestWins:
         """The destination took ``table``'s rows: remember the opt-outs they carried as ours
         (a later subscribe without a consent time may lift them: nobody changed their mind
         at the destination)."""
-        for channel in self.columns:
-            name = f"consent.{channel}"
-            person = _person(table, channel)
-            if person is None or name not in table.column_names or table.num_rows == 0:
-                continue
-            sent = pc.and_(pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), written(table))
-            if pc.any(sent).as_py():
-                persons = _keys(table[person].filter(sent)).to_pylist()
-                self.memory.remember_ours(channel, persons, datetime.now(UTC))
+        for channel, persons in opt_outs_sent(table, self.columns).items():
+            self.memory.remember_ours(channel, persons, datetime.now(UTC))
 
     def apply(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         notes: list[RowError] = []
@@ -141,6 +143,37 @@ class NewestWins:
             column=column,
             destination=self.destination,
         )
+
+
+def opt_outs_sent(table: pa.Table, channels: Iterable[str]) -> dict[str, list[str]]:
+    """channel -> the persons (as the read-back keeps them) whose unsubscribe ``table``
+    writes on it: neither kept nor held back."""
+    out: dict[str, list[str]] = {}
+    for channel in channels:
+        name = f"consent.{channel}"
+        person = _person(table, channel)
+        if person is None or name not in table.column_names or table.num_rows == 0:
+            continue
+        sent = pc.and_(pc.fill_null(pc.equal(table[name], UNSUBSCRIBED), False), written(table))
+        if pc.any(sent).as_py():
+            persons = [p for p in _keys(table[person].filter(sent)).to_pylist() if p]
+            if persons:
+                out[channel] = persons
+    return out
+
+
+def record_intent(
+    memory: ConsentMemory,
+    table: pa.Table,
+    channels: Iterable[str],
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Before sending ``table``: remember the opt-outs it carries as ours (module docstring),
+    durably (one committed transaction per channel), so a run killed before the destination
+    acknowledged them still knows the opt-out it may have caused."""
+    for channel, persons in opt_outs_sent(table, channels).items():
+        memory.remember_ours(channel, persons, now())
 
 
 def hold_back_subscribes(

@@ -13,7 +13,13 @@ connector, another sync), so a submit can still meet 429 ``tooManyActiveImports`
 wait for a slot, not an error: the submit is tried again after a pause growing from the
 answer's ``Retry-After`` (or ``Destination.poll_interval``) to ``poll_max_seconds``, for up to
 ``import_slot_wait_minutes``, then the run stops saying who held the slots. A 429 of the call
-budget is waited out as its ``Retry-After`` says, without counting against that bound.
+budget is waited out as its ``Retry-After`` says (seconds, or an HTTP-date: RFC 9110 10.2.3),
+each wait logged; it counts against the submit's attempts (``RetryPolicy.max_attempts``, with
+lost answers), so a budget that never comes back ends the run instead of waiting for ever.
+
+Acknowledgement: an import is under way only when Dotdigital answers with its ``importId``
+(``ImportContactsResponse``/``ImportInsightDataResponse`` in the v3 specs). A 2xx without one
+(a proxy's page) is a ``DestinationError`` naming the call: its rows are not counted as done.
 
 Lost answers: a submit's HTTP timeout is ``call_timeout_seconds`` (150 s; Dotdigital advises
 clients to allow 121 s), so a slow answer is waited for, never resubmitted. When the answer is
@@ -36,6 +42,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -143,7 +151,13 @@ class ImportQueue:
         return imp.report
 
     def status(self, imp: Import) -> tuple[jobs.State, dict[str, Any]]:
-        report: dict[str, Any] = self.client.json("GET", f"{self.api.path}/{imp.id}")
+        path = f"{self.api.path}/{imp.id}"
+        report = self.client.json("GET", path)
+        if not isinstance(report, dict):
+            raise DestinationError(
+                f"Dotdigital GET {path}: the answer is not an import report (check base_url / "
+                "proxy); nothing the import carried is counted as done"
+            )
         status = report.get("status")
         if status in self.api.finished:
             return "done", report
@@ -163,11 +177,27 @@ class ImportQueue:
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 response, last = None, type(exc).__name__
             if response is not None and response.status_code < 300:
-                return str(orjson.loads(response.content)["importId"])
+                return self._import_id(imp, response)
             if response is not None and response.status_code == 429:
                 retry_after = _retry_after(response)
                 if b"tooManyActiveImports" not in response.content:  # the call budget
-                    w.sleep(min(retry_after or 1.0, retry.max_retry_after))
+                    failures += 1
+                    if failures >= retry.max_attempts:
+                        raise DestinationError(
+                            f"Dotdigital PUT {self.api.path} met 429 (the call budget) "
+                            f"{failures} times in {failures} attempts; rows not acknowledged "
+                            "stay behind the watermark and are sent again next run"
+                        )
+                    pause = min(retry_after or 1.0, retry.max_retry_after)
+                    log.warning(
+                        "Dotdigital %s: 429 (the call budget); trying again in %.1fs "
+                        "(attempt %d of %d)",
+                        self.api.what,
+                        pause,
+                        failures + 1,
+                        retry.max_attempts,
+                    )
+                    w.sleep(pause)
                     continue
                 waited = w.clock() - started
                 if waited >= w.slot_wait:
@@ -204,6 +234,21 @@ class ImportQueue:
             delay = min(retry.max_delay, retry.base_delay * 2 ** (failures - 1))
             w.sleep(delay * (0.5 + random.random() / 2))
 
+    def _import_id(self, imp: Import, response: httpx.Response) -> str:
+        """The ``importId`` of an accepted submit; a 2xx without one is not an acceptance."""
+        try:
+            doc = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            doc = None
+        import_id = doc.get("importId") if isinstance(doc, dict) else None
+        if not isinstance(import_id, str) or not import_id:
+            raise DestinationError(
+                f"Dotdigital PUT {self.api.path} ({self.api.what}, {len(imp)} records) answered "
+                f"HTTP {response.status_code} without an importId (check base_url / proxy); "
+                "nothing in it is counted as done, its rows are sent again next run"
+            )
+        return import_id
+
     def _slots_held(self, waited: float) -> str:
         ours = len(self._active)
         return (
@@ -217,12 +262,25 @@ class ImportQueue:
         )
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(
+    response: httpx.Response, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds or an HTTP-date (RFC 9110 section 10.2.3);
+    None when absent or unreadable."""
     value = response.headers.get("Retry-After")
-    try:
-        return None if value is None else max(0.0, float(value))
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now()).total_seconds())
 
 
 @dataclass

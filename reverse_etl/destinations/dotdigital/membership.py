@@ -36,7 +36,10 @@ up to ``Destination.job_attempts`` submissions, then ``DestinationError``: no me
 removal is reported removed, all are tried again next run. Every poll is a call of the hourly
 budget: all of a removal's calls are sent before the first job is polled, so while the first
 runs the others do too and are mostly found completed at their first poll, and polls back off
-from ``Destination.poll_interval`` to 5 s (``jobs.poll``).
+from ``Destination.poll_interval`` to ``poll_max_seconds``. A job still ``Started`` is waited
+for as long as an import is (the connection's ``import_timeout_minutes``, ``Waits``), then
+``DestinationError`` (``jobs.JobTimeout``) says so: no member of the removal is reported
+removed, all are tried again next run.
 
 The v2 API states no maximum of contact ids a call; 5,000 is the v3 contacts bulk delete's
 ``maxItems``, and a refusal naming no contact is narrowed down by halving the call, so a lower
@@ -61,6 +64,7 @@ import pyarrow as pa
 from reverse_etl.destinations import jobs
 from reverse_etl.destinations.base import Destination, Leaving, Removed, Request
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
+from reverse_etl.destinations.dotdigital.imports import Waits
 from reverse_etl.destinations.http import decoded, error_detail
 from reverse_etl.errors import DestinationError
 from reverse_etl.transform.rowerrors import RowError
@@ -101,6 +105,8 @@ class Membership:
     column: str
     poll_interval: float | None = None
     attempts: int | None = None
+    # how long a removal job is waited for, and with which clock (None: ``Waits()``'s)
+    waits: Waits | None = None
 
     # ------------------------------------------------------------------ the dry run
 
@@ -213,8 +219,26 @@ class Membership:
                     m.error = self._error(m, message)
         attempts = Destination.job_attempts if self.attempts is None else self.attempts
         interval = Destination.poll_interval if self.poll_interval is None else self.poll_interval
+        w = self.waits or Waits(poll_first=interval)
+        patience = jobs.Patience(
+            first=interval,
+            ceiling=max(w.poll_max, interval),
+            growth=2.0,
+            timeout=w.import_timeout,
+            clock=w.clock,
+            sleep=w.sleep,
+        )
         for job in running:  # submitted all at once: they run while the first is polled
-            jobs.wait(job, attempts=attempts, poll_interval=interval)
+            try:
+                jobs.wait(job, attempts=attempts, poll_interval=interval, patience=patience)
+            except jobs.JobTimeout as late:
+                raise jobs.JobTimeout(
+                    f"{late}. The limit (the connection's import_timeout_minutes) is "
+                    f"{w.import_timeout / 60:g} minutes: raise it to wait longer, or look at "
+                    f"the address book {book_id} in Dotdigital",
+                    late.waited,
+                    late.doc,
+                ) from None
 
     def _error(self, m: _Member, message: str) -> RowError:
         return RowError(m.row, m.ident, self.column, m.email, "destination_rejected", message)

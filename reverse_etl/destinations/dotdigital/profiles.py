@@ -27,6 +27,7 @@ from reverse_etl.config import Sync
 from reverse_etl.config.models import URI_PATTERN, ConsentEvidence, EvidenceColumn, evidence_ip
 from reverse_etl.consent import HELD, KEPT, NEW, flag_sql, flagged, written
 from reverse_etl.consent.memory import ConsentMemory, account_key
+from reverse_etl.consent.newest import record_intent
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.dotdigital import fields as df
@@ -514,6 +515,14 @@ class DotdigitalProfiles(DotdigitalBase):
     def split(self, table: pa.Table) -> tuple[pa.Table, list[RowError]]:
         return self._without_email(table)
 
+    def submit(self, table: pa.Table) -> Any:
+        """Record the unsubscribes the batch carries as ours before they are sent (an intent:
+        ``consent/newest.py``), so a run killed after Dotdigital applied them but before they
+        were acknowledged does not mistake them for the person's next run; then import."""
+        if self._memory is not None:  # read back: a real run with consent as the channel
+            record_intent(self._memory, table, self.sync.consent.columns())
+        return super().submit(table)
+
     def complete(self, item: Any, tally: Tally) -> None:
         """Count the batch's imports; then, with ``consent_mode: data_field`` and an
         ``unsubscribed_list``, take those whose consent was withdrawn out of
@@ -537,7 +546,11 @@ class DotdigitalProfiles(DotdigitalBase):
         )
         book = self.list_ids.get(name) or self.client.find_address_book(name)
         if book:
-            tally.reported(Membership(self.client, self.email_column).remove(book, members).errors)
+            tally.reported(
+                Membership(self.client, self.email_column, waits=self.imports.waits)
+                .remove(book, members)
+                .errors
+            )
 
     def account(self, table: pa.Table, imp: Import, report: dict[str, Any], tally: Tally) -> None:
         summary = report.get("summary") or {}
@@ -589,11 +602,15 @@ class DotdigitalProfiles(DotdigitalBase):
             book = self.client.find_address_book(name)
         if book is None or members.num_rows == 0:  # no book: nobody is in it
             return Removed(ids=members["__id"].to_pylist())
-        return Membership(self.client, self.email_column).remove(book, members)
+        return Membership(self.client, self.email_column, waits=self.imports.waits).remove(
+            book, members
+        )
 
     def removal_requests(self, members: pa.Table) -> Iterator[Request]:
         book = self._list_ref(self.sync.destination.list) or 0
-        return Membership(self.client, self.email_column).requests(book, members)
+        return Membership(self.client, self.email_column, waits=self.imports.waits).requests(
+            book, members
+        )
 
     def close(self) -> None:
         super().close()

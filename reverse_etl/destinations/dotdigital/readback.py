@@ -22,6 +22,14 @@ page, v3 spec) that are ``subscribed`` are remembered as opted in at their newes
 unsubscribe is then sent: honouring a "no" is never the harm). The list holds every contact a
 sync wrote too, so it costs a call per 5,000 contacts modified since the last read; it is read
 only by runs that have an unsubscribe with a consent time to weigh.
+
+A read that is not Dotdigital's answer is a failed read, never "nobody opted out (or in)":
+``unsubscribed-since`` and ``suppressed-since`` answer a JSON array of
+``ApiContactSuppression`` (each with ``suppressedContact`` and ``dateRemoved``; the v2
+swagger), ``GET /contacts/v3`` an object whose ``_items`` is a list of contacts (v3 spec). An
+answer of another shape (``{"message": "ok"}`` from a proxy), or rows lacking those fields,
+raises ``DestinationError``: the read-back runs before anything is sent, so the run stops
+before a subscribe could override an opt-out it failed to read.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from urllib.parse import quote
 
 from reverse_etl.consent.memory import ConsentMemory, Seen
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
+from reverse_etl.errors import DestinationError
 
 STREAMS = {
     "email.unsubscribed": "/v2/contacts/unsubscribed-since/{date}",
@@ -54,9 +63,9 @@ def read_back(client: DotdigitalClient, memory: ConsentMemory) -> int:
         seen: list[Seen] = []
         newest = since
         for row in _since(client, template.format(date=quote(since, safe=""))):
-            email = (row.get("suppressedContact") or {}).get("email")
-            stamp = row.get("dateRemoved")
-            if not isinstance(email, str) or not isinstance(stamp, str):
+            email = row["suppressedContact"].get("email")
+            stamp = row["dateRemoved"]
+            if not isinstance(email, str):  # a contact without an email address
                 continue
             reason = str(row.get("reason") or "")
             status = "unsubscribed" if reason.lower() == "unsubscribed" else "suppressed"
@@ -111,9 +120,10 @@ def _modified_since(client: DotdigitalClient, since: str) -> Iterator[dict[str, 
     }
     while True:
         body = client.json("GET", "/contacts/v3", params=params)
-        if not isinstance(body, dict):
-            return
-        yield from (c for c in body.get("_items") or () if isinstance(c, dict))
+        items = body.get("_items") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+            raise _failed("GET /contacts/v3 (opt-ins)", body, "an object with an _items list")
+        yield from items
         marker = ((body.get("_links") or {}).get("next") or {}).get("marker")
         if not isinstance(marker, str) or not marker:
             return
@@ -125,11 +135,30 @@ def _since(client: DotdigitalClient, path: str) -> Iterator[dict[str, Any]]:
     while True:
         rows = client.json("GET", path, params={"select": str(PAGE), "skip": str(skip)})
         if not isinstance(rows, list):
-            return
-        yield from (r for r in rows if isinstance(r, dict))
+            raise _failed(f"GET {path}", rows, "a list of contact suppressions")
+        for r in rows:
+            if (
+                not isinstance(r, dict)
+                or not isinstance(r.get("suppressedContact"), dict)
+                or not isinstance(r.get("dateRemoved"), str)
+            ):
+                raise _failed(
+                    f"GET {path}", rows, "suppressions with suppressedContact and dateRemoved"
+                )
+        yield from rows
         if len(rows) < PAGE:
             return
         skip += PAGE
+
+
+def _failed(call: str, body: Any, wanted: str) -> DestinationError:
+    """A read-back answer that is not Dotdigital's (module docstring)."""
+    got = type(body).__name__ if not isinstance(body, dict) else f"keys {sorted(body)[:5]}"
+    return DestinationError(
+        f"Dotdigital {call}: the answer is not {wanted} (got {got}; check base_url / proxy); "
+        "consent read-back failed, so nothing is sent: a subscribe could override an opt-out "
+        "not read"
+    )
 
 
 def _when(stamp: str) -> datetime:

@@ -14,6 +14,16 @@ ends in ``/unique_id`` and its message says repeated/duplicate/already) means Kl
 that event already: the event, not its row, is left out and the call sent again, and the row
 counts as landed. The wording of Klaviyo's answer is UNCONFIRMED; any other refusal of a
 unique_id stays a row error.
+
+Acknowledgement: only the documented ``202 Accepted`` means Klaviyo took a call. Every one of
+these endpoints answers 202 and nothing else on success (``bulk_subscribe_profiles``,
+``bulk_unsubscribe_profiles``, ``bulk_create_events``: responses ``202``, ``4XX``, ``5XX`` in
+the 2026-07-15 spec, ``../shared/api-specs/klaviyo/profiles.json`` and ``events.json``; the
+API reference, https://developers.klaviyo.com/en/reference/bulk_subscribe_profiles and
+https://developers.klaviyo.com/en/reference/bulk_unsubscribe_profiles). Any other answer (a
+200 HTML page from a proxy, a redirect) is not Klaviyo's acknowledgement: the call is not
+counted as done, the run stops (``DestinationError``) and its rows stay behind the watermark,
+unrecorded, so the consent is sent again next run.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import httpx
 import pyarrow as pa
 
 from reverse_etl.destinations.base import Request
@@ -45,6 +56,7 @@ class Endpoint:
     repeats_held: bool = False
 
 
+ACCEPTED = 202  # the only answer that acknowledges a bulk call (module docstring)
 _REPEATED = re.compile(r"repeat|duplicate|already", re.IGNORECASE)
 
 
@@ -99,8 +111,15 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
             body = _body(endpoint, [records.docs[i].as_py() for i in chunk])
         while chunk:
             response = client.call(endpoint.op, "POST", endpoint.path, body)
-            if response.status_code < 300:
+            if response.status_code == ACCEPTED:
                 break
+            if response.status_code < 400:  # not Klaviyo's acknowledgement: not done
+                raise DestinationError(
+                    f"Klaviyo {endpoint.what} call ({len(chunk)} records) was not acknowledged: "
+                    f"POST {endpoint.path} answered {_answer(response)} instead of 202 Accepted "
+                    "(check base_url / proxy); nothing in it is counted as done, its rows stay "
+                    "behind the watermark and are sent again next run"
+                )
             named = [r for r in refusals(response) if r[0] is not None and r[0] < len(chunk)]
             if response.status_code != 400 or not named:
                 raise DestinationError(
@@ -124,3 +143,10 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
 
 def _body(endpoint: Endpoint, docs: Sequence[str]) -> bytes:
     return endpoint.head + ",".join(docs).encode() + endpoint.tail
+
+
+def _answer(response: httpx.Response) -> str:
+    """The status and a glimpse of a body that is not Klaviyo's answer (an HTML page)."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    text = response.content[:80].decode("utf-8", "replace").replace("\n", " ").strip()
+    return f"HTTP {response.status_code} ({kind}{': ' + repr(text) if text else ''})"

@@ -17,6 +17,15 @@ leaves the job's rows unacknowledged: the watermark stays before them and the ne
 them again (an import is an upsert). The state-store lock heartbeats from its own thread
 (``state.StateStore.lock``), so a run waiting this long keeps its lock. Subscribe and
 unsubscribe jobs have no status endpoint (202, no id): there is nothing to poll.
+
+Answers are checked against the spec before they count. A submission's answer carries the
+job's id (``data.id``; ``PostProfileImportJobResponse``, ``PostCatalogItemCreateJobResponse``
+in ``../shared/api-specs/klaviyo/``); one without it (a proxy's page, a redirect) is a
+``DestinationError`` naming the call, not an internal error. A poll's answer carries
+``data.attributes.status``, one of the spec's enum (``STATUSES``: queued, processing,
+complete, cancelled, the same for every job kind); a status outside it ("failed") is not a
+job still running: it is a ``DestinationError`` naming the status at once, rather than a wait
+until ``job_timeout_minutes`` runs out.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from reverse_etl.destinations.klaviyo.client import KlaviyoClient
 from reverse_etl.errors import DestinationError
 
 CANCELLED = "cancelled"
+COMPLETE = "complete"
+# the job status enum of the 2026-07-15 spec (every bulk job kind: profile import, catalog)
+STATUSES = frozenset({"queued", "processing", COMPLETE, CANCELLED})
 JOB_TIMEOUT_MINUTES = 120.0  # how long a run waits for one job (job_timeout_minutes)
 POLL_CEILING = 120.0  # seconds between polls at most
 POLL_SHARE = 0.1  # ... and at most this share of the time waited so far
@@ -88,7 +100,24 @@ def _post(client: KlaviyoClient, job: Job, *, idempotent: bool) -> str:
         raise DestinationError(
             f"Klaviyo refused a {job.kind.what} ({job.count} records): {error_detail(response)}"
         )
-    return str(orjson.loads(response.content)["data"]["id"])
+    call = f"Klaviyo POST {job.kind.path} ({job.kind.what}, {job.count} records)"
+    if response.status_code >= 300:
+        raise DestinationError(
+            f"{call} answered HTTP {response.status_code}, not 202 Accepted with the job "
+            "(check base_url / proxy); nothing it carried is counted as done"
+        )
+    try:
+        doc = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        doc = None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    job_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(job_id, str) or not job_id:
+        raise DestinationError(
+            f"{call} answered HTTP {response.status_code} without the job's data.id (check "
+            "base_url / proxy); nothing it carried is counted as done"
+        )
+    return job_id
 
 
 def patience(
@@ -163,12 +192,27 @@ class _Running:
         if self.job.landed:
             return "done", _landed_document(self.job)
         kind = self.job.kind
-        body: dict[str, Any] = self.client.json(kind.poll_op, "GET", f"{kind.path}/{self.job.id}")
-        status = body["data"]["attributes"].get("status")
+        path = f"{kind.path}/{self.job.id}"
+        body = self.client.json(kind.poll_op, "GET", path)
+        data = body.get("data") if isinstance(body, dict) else None
+        attrs = data.get("attributes") if isinstance(data, dict) else None
+        if not isinstance(attrs, dict):
+            raise DestinationError(
+                f"Klaviyo GET {path} ({self.what}): the answer has no data.attributes (check "
+                "base_url / proxy); nothing the job carried is counted as done"
+            )
+        status = attrs.get("status")
+        if status not in STATUSES:
+            raise DestinationError(
+                f"{self.what} {self.job.id}: Klaviyo answered status {status!r}, which is not "
+                f"one of the spec's ({', '.join(sorted(STATUSES))}); nothing the job carried "
+                "is counted as done, so the next run sends it again"
+            )
         # Klaviyo's status enum has no "failed": a cancelled job failed as a whole
-        return (
-            "done" if status == "complete" else "failed" if status == CANCELLED else "running"
-        ), body
+        state: jobs.State = (
+            "done" if status == COMPLETE else "failed" if status == CANCELLED else "running"
+        )
+        return state, body
 
 
 def _landed_document(job: Job) -> dict[str, Any]:

@@ -17,6 +17,12 @@ The calls, per batch of members:
   A profile that is not in the list is fine: JSON:API answers a removal of members "already
   missing from the relationship" with success (https://jsonapi.org/format/#crud-updating-to-many-relationships).
 
+Only ``204 No Content`` acknowledges a removal: the DELETE's one success answer in the
+2026-07-15 spec (``remove_profiles_from_list``: responses ``204``, ``4XX``, ``5XX``,
+``../shared/api-specs/klaviyo/lists.json``; the API reference above). Any other answer below
+400 (a redirect, a proxy's 200 HTML page) is not Klaviyo's: ``DestinationError``, so the
+members stay in the snapshot, are not counted removed and are tried again next run.
+
 Refusals of the DELETE, read per record from the error's pointer (``/data/{i}/id``):
 
 * 404 for a profile (it does not exist): a looked-up one was deleted or merged since, so it is
@@ -64,6 +70,7 @@ LOOKUP_CHARS = 4_000
 # next run, rather than costing thousands of calls.
 SPLIT_STATUS = frozenset({400, 413, 422})
 MAX_REFUSED_CALLS = 32
+REMOVED = 204  # the only answer that acknowledges a removal (module docstring)
 
 
 def members_path(list_id: str) -> str:
@@ -177,8 +184,18 @@ class Membership:
                 "remove_profiles_from_list", "DELETE", members_path(list_id), removal_body(chunk)
             )
             status = response.status_code
-            if status < 400:
+            if status == REMOVED:
                 continue
+            if status < 400:  # not Klaviyo's acknowledgement: nobody counts as removed
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                where = response.headers.get("location")
+                raise DestinationError(
+                    f"Klaviyo DELETE {members_path(list_id)} ({len(chunk)} profiles) was not "
+                    f"acknowledged: it answered HTTP {status} ({kind}"
+                    f"{', Location ' + where if where else ''}) instead of 204 No Content "
+                    "(check base_url / proxy); the members stay in the snapshot and are removed "
+                    "next run"
+                )
             named = {i: msg for i, _, _, msg in refusals(response) if i is not None}
             named = {i: msg for i, msg in named.items() if 0 <= i < len(chunk)}
             if named and status == 404:  # profiles that do not exist: they are in no list

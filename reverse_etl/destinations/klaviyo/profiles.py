@@ -23,6 +23,13 @@ A job's import errors are tied to rows by ``import_errors.py``; consent is never
 row whose profile failed, nor for any row of a job with an error tied to no row (which of
 its profiles failed is unknown; those rows get an error and their consent goes on their
 next change). Jobs are waited for up to ``job_timeout_minutes`` (``jobs.py``).
+
+A job whose ``failed_count`` is more than the errors its import-errors listing gives (a
+listing cut short, emptied by a proxy, or Klaviyo counting failures it does not list) does
+not say which of its profiles failed: the shortfall is not counted as landed. The batch fails
+(``DestinationError``, "Klaviyo reported N failures it did not list"): nothing of it is
+acknowledged, its rows stay behind the watermark and are sent again next run (an import is an
+upsert), and no consent of it is sent.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import pyarrow.compute as pc
 from reverse_etl.config import Sync
 from reverse_etl.consent import cleared
 from reverse_etl.consent.memory import ConsentMemory, account_key
+from reverse_etl.consent.newest import record_intent
 from reverse_etl.destinations.base import Removed, Request, Screened, Tally
 from reverse_etl.destinations.capabilities import Capabilities
 from reverse_etl.destinations.klaviyo import jobs, phones, readback, sizes
@@ -58,6 +66,7 @@ from reverse_etl.destinations.klaviyo.destination import (
 from reverse_etl.destinations.klaviyo.import_errors import JobProfiles
 from reverse_etl.destinations.klaviyo.membership import Membership
 from reverse_etl.destinations.rowjson import Expr, RowJson, bodies, nest, null_names
+from reverse_etl.errors import DestinationError
 from reverse_etl.transform.consent import SUBSCRIBED
 from reverse_etl.transform.rowerrors import RowError, cell_text
 
@@ -210,6 +219,7 @@ class KlaviyoProfiles(KlaviyoBase):
         self._json = RowJson(self._template, drop_nulls=True)
         self._screen_json: RowJson | None = None  # screen's own: it runs on another thread
         self.consent = Consent(sync)
+        self._memory: ConsentMemory | None = None  # set by read_back (not by a dry run)
 
     @classmethod
     def check_sync(cls, sync: Sync) -> list[str]:
@@ -393,6 +403,7 @@ class KlaviyoProfiles(KlaviyoBase):
 
     def read_back(self, memory: ConsentMemory) -> None:
         readback.read_back(self.client, memory)
+        self._memory = memory
 
     def consent_standing(self, channel: str, persons: Sequence[str]) -> pa.Table | None:
         """Email opt-ins made in Klaviyo (looked up); SMS ones are not asked for."""
@@ -420,11 +431,13 @@ class KlaviyoProfiles(KlaviyoBase):
                 poll_interval=self.poll_interval,
                 timeout_minutes=self.job_timeout,
             )
-            failed = body["data"]["attributes"].get("failed_count") or 0
-            tally.landed(job.job.count, failed=failed)  # an import upserts: all are updated
+            failed = _failed_count(body, job.job)
             if failed:
                 rows = JobProfiles(item.table.slice(job.start, job.job.count), self.columns)
                 found = rows.attribute(self._import_errors(job.job.id))
+                _all_listed(job.job, failed, found.errors, found.unknown)
+            tally.landed(job.job.count, failed=failed)  # an import upserts: all are updated
+            if failed:
                 refused.extend(found.errors)
                 if found.unknown:
                     unsure.append(rows.table)
@@ -436,7 +449,10 @@ class KlaviyoProfiles(KlaviyoBase):
                 # shown, not counted: the job's failed_count already counts the failed ones
                 tally.reported(_consent_withheld(_without(rows, failed_rows)))
             gone = pa.concat_arrays([failed_rows, *(t["__row"].combine_chunks() for t in unsure)])
-            tally.later_refused(self.consent.send(self.client, _without(item.table, gone)))
+            sending = _without(item.table, gone)
+            if self._memory is not None:  # our unsubscribes, recorded before they are sent
+                record_intent(self._memory, sending, self.sync.consent.columns())
+            tally.later_refused(self.consent.send(self.client, sending))
 
     def _import_errors(self, job_id: str) -> list[dict[str, Any]]:
         """The ``attributes`` of every import error of a job, all pages."""
@@ -447,7 +463,16 @@ class KlaviyoProfiles(KlaviyoBase):
             body = self.client.json(
                 "get_errors_for_bulk_import_profiles_job", "GET", path, params=params
             )
-            out.extend(err.get("attributes") or {} for err in body.get("data") or [])
+            data = body.get("data") if isinstance(body, dict) else None
+            if not isinstance(data, list):
+                raise DestinationError(
+                    f"Klaviyo GET {path}: the answer has no data list (check base_url / "
+                    f"proxy); the {len(out)} errors listed so far cannot be all of the job's, so "
+                    "its rows are not counted as done and are sent again next run"
+                )
+            out.extend(
+                (err.get("attributes") or {}) if isinstance(err, dict) else {} for err in data
+            )
             nxt = (body.get("links") or {}).get("next")
             if not nxt:
                 return out
@@ -527,3 +552,30 @@ def _consent_withheld(table: pa.Table) -> list[RowError]:
 
 
 __all__ = ["IDENTIFIER_FIELDS", "STANDARD_FIELDS", "KlaviyoProfiles"]
+
+
+def _failed_count(body: dict[str, Any], job: jobs.Job) -> int:
+    """The finished job's ``failed_count`` (``jobs.wait`` checked the document's shape)."""
+    value = body["data"]["attributes"].get("failed_count") or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DestinationError(
+            f"Klaviyo {job.kind.what} {job.id}: failed_count {value!r} is not a count (check "
+            "base_url / proxy); its rows are not counted as done and are sent again next run"
+        )
+    return value
+
+
+def _all_listed(
+    job: jobs.Job, failed: int, errors: list[RowError], unknown: list[dict[str, Any]]
+) -> None:
+    """Raise when ``failed`` passes what the job's import errors account for (module doc):
+    the rows they are tied to, and one profile for each error tied to none."""
+    listed = len({e.row_number for e in errors}) + len(unknown)
+    if failed > listed:
+        raise DestinationError(
+            f"Klaviyo {job.kind.what} {job.id} ({job.count} records): Klaviyo reported "
+            f"{failed - listed} failures it did not list (failed_count {failed}, "
+            f"{listed} listed by GET {IMPORT_PATH}/{job.id}/import-errors); which profiles "
+            "failed is unknown, so none of the batch is counted as done: its rows stay behind "
+            "the watermark and are sent again next run (an import is an upsert)"
+        )

@@ -18,6 +18,14 @@ so they are looked up instead, for the few unsubscribes a run sends with a conse
 consent whose ``custom_method_detail`` is ours (the ``custom_source`` our bulk subscribe sends,
 "reverse-etl sync …", which Klaviyo stores as the consent's method detail) is not an opt-in
 the person made there.
+
+A read that is not Klaviyo's answer is a failed read, never "nobody opted out": every
+``GET /api/profiles`` answer is a JSON:API document whose ``data`` is a list of profile
+resources (``GetProfileResponseCollection`` in the 2026-07-15 spec,
+``../shared/api-specs/klaviyo/profiles.json``), and each profile has ``attributes``, with
+``subscriptions`` since we ask for them. An answer without its ``data`` list, or with items
+lacking those, raises ``DestinationError``: the read-back runs before anything is sent, so
+the run stops before any subscribe could override an opt-out it failed to read.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import pyarrow as pa
 
 from reverse_etl.consent.memory import ConsentMemory, Seen
 from reverse_etl.destinations.klaviyo.client import KlaviyoClient, quote
+from reverse_etl.errors import DestinationError
 
 STREAM = "email.suppressions"
 _FIELD = "subscriptions.email.marketing.suppression.timestamp"
@@ -73,8 +82,8 @@ def subscribed(client: KlaviyoClient, emails: Sequence[str]) -> pa.Table:
             "page[size]": str(LOOKUP),
         }
         body = client.json("get_profiles", "GET", "/api/profiles", params=params)
-        for profile in body.get("data") or []:
-            attrs = profile.get("attributes") or {}
+        for profile in profiles(body, "GET /api/profiles (opt-ins of unsubscribes to send)"):
+            attrs = profile["attributes"]
             email = attrs.get("email")
             subs = ((attrs.get("subscriptions") or {}).get("email") or {}).get("marketing") or {}
             stamp = subs.get("consent_timestamp")
@@ -106,11 +115,33 @@ def _suppressed_since(client: KlaviyoClient, since: str) -> Iterator[dict[str, A
     }
     while True:
         body = client.json("get_profiles", "GET", path, params=params)
-        yield from body.get("data") or []
+        yield from profiles(body, "GET /api/profiles (suppressions since the last read)")
         nxt = (body.get("links") or {}).get("next")
         if not nxt:
             return
         path, params = nxt, None
+
+
+def profiles(body: Any, call: str) -> list[dict[str, Any]]:
+    """The profiles of a ``GET /api/profiles`` answer asked with their subscriptions; an
+    answer that is not one (module docstring) raises ``DestinationError`` naming ``call``."""
+
+    def failed(what: str) -> DestinationError:
+        return DestinationError(
+            f"Klaviyo {call}: the answer {what} (check base_url / proxy); consent read-back "
+            "failed, so nothing is sent: a subscribe could override an opt-out not read"
+        )
+
+    if not isinstance(body, dict):
+        raise failed(f"is not a JSON:API document ({type(body).__name__})")
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise failed("has no data list" if data is None else "has a data that is not a list")
+    for item in data:
+        attrs = item.get("attributes") if isinstance(item, dict) else None
+        if not isinstance(attrs, dict) or not isinstance(attrs.get("subscriptions"), dict):
+            raise failed("has a profile without its attributes and subscriptions")
+    return data
 
 
 def _latest(profile: dict[str, Any]) -> tuple[str, datetime, str, str] | None:
