@@ -514,7 +514,10 @@ def _run(
         if not options.dry_run:
             result.accepted_changes = controls.guard_definition(
                 project,
-                sync,
+                # as written, as ``status`` and ``pending_changes`` see it: the fitted sync
+                # holds the view's spelling of its columns (upper case on Snowflake), so status
+                # said "definition changed" of every Snowflake sync
+                project.sync(sync.name),
                 store,
                 record.run_id,
                 refuse=options.guard_definition,
