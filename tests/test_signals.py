@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
         def _accept(self, batches):
             for n, result in enumerate(super()._accept(batches), start=1):
                 if MODE == "stuck" and n == 4:
+                    print("STUCK", flush=True)  # batch 4 taken, batch 3 not acknowledged
                     threading.Event().wait()  # a rate-limit wait that never ends
                 if MODE == "slow" and n == 5:  # ACK 3 is out: the test sends the signal
                     signalled.wait(60)  # it lands mid-run, however late (a hang guard)
@@ -86,11 +87,15 @@ def start(tmp_path: Path, mode: str, rows: int = 400) -> subprocess.Popen[str]:
 
 
 def wait_for_ack(proc: subprocess.Popen[str], n: int) -> None:
+    wait_for_line(proc, f"ACK {n}")
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.strip() == f"ACK {n}":
+        if line.strip() == text:
             return
-    raise AssertionError(f"the run ended before acknowledging batch {n}: {proc.stderr.read()}")  # type: ignore[union-attr]
+    raise AssertionError(f"the run ended before printing {text!r}: {proc.stderr.read()}")  # type: ignore[union-attr]
 
 
 def state(tmp_path: Path) -> StateStore:
@@ -128,7 +133,9 @@ def test_a_signal_commits_what_is_in_flight_and_exits_with_its_code(
 def test_a_stuck_destination_is_interrupted_after_the_grace_period(tmp_path: Path) -> None:
     proc = start(tmp_path, "stuck")
     try:
-        wait_for_ack(proc, 2)
+        # the signal lands once the destination is stuck: before, a run asked to stop hands
+        # it no more batches, and ends on the clean path with batch 3 acknowledged
+        wait_for_line(proc, "STUCK")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
