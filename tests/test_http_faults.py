@@ -24,6 +24,8 @@ import pytest
 from reverse_etl.destinations import http
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
 from reverse_etl.destinations.dotdigital.configuration import DotdigitalConnection
+from reverse_etl.destinations.klaviyo.client import KlaviyoClient
+from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 from reverse_etl.errors import DestinationError
 from reverse_etl.secrets import scrub
 
@@ -242,6 +244,27 @@ def test_a_dotdigital_import_submit_that_drips_ends_at_call_timeout_seconds(serv
     finally:
         dd.close()
     assert server.connections == 1
+
+
+def test_a_klaviyo_call_that_drips_ends_at_its_connections_call_timeout_seconds(serve) -> None:
+    """Klaviyo's timeout was a fixed 60 s: a call that never answered cost about 8.5 minutes
+    of retries. It is the connection's ``call_timeout_seconds``, each attempt's whole budget."""
+    server = serve(drip)
+    conn = KlaviyoConnection(
+        type="klaviyo",
+        api_key="pk_test",
+        base_url=f"http://127.0.0.1:{server.port}",
+        call_timeout_seconds=1,
+    )
+    kl = KlaviyoClient(conn, retry=http.RetryPolicy(max_attempts=2))
+    try:
+        with pytest.raises(DestinationError, match="no complete answer within 1"):
+            kl.call("get_lists", "GET", "/api/lists")
+    finally:
+        kl.close()
+    assert server.connections == 2
+    with pytest.raises(ValueError, match="call_timeout_seconds"):
+        KlaviyoConnection(type="klaviyo", api_key="pk_test", call_timeout_seconds=0)
 
 
 def test_the_deadline_is_only_in_force_inside_its_block() -> None:

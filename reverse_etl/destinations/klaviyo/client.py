@@ -71,7 +71,8 @@ class KlaviyoClient:
             },
             retry=retry,
             name="Klaviyo",
-        )  # ApiClient's timeout (60 s) is each attempt's whole budget (http.deadline)
+            timeout=conn.call_timeout_seconds,  # each attempt's whole budget (http.deadline)
+        )
         # Klaviyo counts per API key and operation, so the buckets belong to the account and
         # are shared with every other client of it: in this process, and through the state
         # store when a run has put one in force (destinations/budget.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import ConfigDict, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from reverse_etl.destinations.configuration import DestinationConnection
 from reverse_etl.secrets import credential_fields, refuse_bad_credentials
@@ -22,6 +22,8 @@ class KlaviyoConnection(DestinationConnection):
     api_key: SecretStr
     base_url: str = "https://a.klaviyo.com"
     revision: str = "2026-07-15"
+    # each attempt's whole budget, connect to last byte (http.py); past it, a timeout retried
+    call_timeout_seconds: float = Field(60.0, ge=1)
 
     @model_validator(mode="after")
     def _credentials_can_be_sent(self) -> Self:
