@@ -241,16 +241,37 @@ def _current(sync: Sync, key: str) -> Any:
     return _plain_parts(sync).get(key)
 
 
-def guard_definition(
-    project: Project, sync: Sync, store: StateStore, run_id: str, *, refuse: bool
+def unaccepted_changes(
+    project: Project, sync: Sync, store: StateStore, *, fitted: Sync | None = None
 ) -> list[str]:
-    """Compare the sync's definition with the fingerprint of its last accepted run. Unchanged
-    or first run: store it, return []. Changed: with ``refuse``, raise DefinitionChangedError
-    naming the changes (nothing stored); otherwise store the new fingerprint (accepted) and
-    return the changes."""
+    """The changes in words of ``sync`` (as written) since its last accepted run; [] if none
+    or never run. ``fitted``: the sync as fitted to its view (the view's spelling of its
+    columns, upper case on Snowflake), which earlier runs fingerprinted: a stored
+    fingerprint that matches it is no change, so a store written by them refuses no run."""
+    old = stored_fingerprint(store, sync.name)
+    if old is None:
+        return []
+    if fitted is not None and old == fingerprint(project, fitted):
+        return []
+    return describe_changes(sync, old, fingerprint(project, sync))
+
+
+def guard_definition(
+    project: Project,
+    sync: Sync,
+    store: StateStore,
+    run_id: str,
+    *,
+    refuse: bool,
+    fitted: Sync | None = None,
+) -> list[str]:
+    """Compare the sync's definition (as written) with the fingerprint of its last accepted
+    run (``unaccepted_changes``). Unchanged or first run: store it, return []. Changed: with
+    ``refuse``, raise DefinitionChangedError naming the changes (nothing stored); otherwise
+    store the new fingerprint (accepted) and return the changes."""
     parts = fingerprint(project, sync)
     old = stored_fingerprint(store, sync.name)
-    changes = [] if old is None else describe_changes(sync, old, parts)
+    changes = unaccepted_changes(project, sync, store, fitted=fitted)
     if changes and refuse:
         raise DefinitionChangedError(
             f"sync {sync.name!r}: its definition changed since its last accepted run: "
@@ -270,12 +291,8 @@ def pending_changes(project: Project, store: StateStore, names: Iterable[str]) -
     ``check`` reports that."""
     out = {}
     for name in names:
-        sync = project.sync(name)
-        old = stored_fingerprint(store, name)
-        if old is None:
-            continue
         try:
-            changes = describe_changes(sync, old, fingerprint(project, sync))
+            changes = unaccepted_changes(project, project.sync(name), store)
         except ReverseEtlError:
             continue
         if changes:

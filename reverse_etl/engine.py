@@ -504,23 +504,25 @@ def _run(
         # the change is stored as accepted: a run that dies half-way reads on from the start
         # next time, never from the old watermark (a renamed list stayed empty). A plan shows
         # what accepting would send.
-        changes = controls.pending_changes(project, store, [sync.name]).get(sync.name)
+        written = project.sync(sync.name)  # as status sees it; ``sync`` is fitted to the view
+        changes = controls.unaccepted_changes(project, written, store, fitted=sync)
         if changes and watermark is not None and not options.guard_definition:
-            log.info("sync %r: %s; the whole view is read once", sync.name, changes)
+            log.info("sync %r: %s; the whole view is read once", sync.name, "; ".join(changes))
             if not options.dry_run:
                 store.reset_watermark(sync.name)
                 stored = None
             watermark = None
         if not options.dry_run:
+            # the sync as written is what is kept: the fitted one holds the view's spelling of
+            # its columns (upper case on Snowflake), so status called every Snowflake sync
+            # changed
             result.accepted_changes = controls.guard_definition(
                 project,
-                # as written, as ``status`` and ``pending_changes`` see it: the fitted sync
-                # holds the view's spelling of its columns (upper case on Snowflake), so status
-                # said "definition changed" of every Snowflake sync
-                project.sync(sync.name),
+                written,
                 store,
                 record.run_id,
                 refuse=options.guard_definition,
+                fitted=sync,
             )
         snapshot = open_snapshot(project, sync, spec, conn.type, source, schema)
         try:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from reverse_etl import controls, engine
 from reverse_etl.config import load_project
 from reverse_etl.engine import RunOptions, run_sync
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK
@@ -87,3 +88,46 @@ def test_an_accepting_run_that_dies_half_way_reads_on_from_the_start_not_the_old
     assert set(dies.received_ids()) | set(rest.received_ids()) == {
         person(i)[0] for i in range(ROWS)
     }
+
+
+def test_a_fingerprint_of_the_sync_as_fitted_to_its_view_is_no_change(tmp_path: Path) -> None:
+    """Earlier runs kept the fingerprint of the sync as fitted to its view (the view's
+    spelling of its columns: upper case on Snowflake). A store holding one refuses no guarded
+    run and re-reads nothing; the run keeps the sync as written, which ``status`` compares."""
+    people_db(tmp_path, [person(i) for i in range(ROWS)])
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "people.sql").write_text(
+        'SELECT email AS "EMAIL", first_name AS "FIRST_NAME", phone AS "PHONE", '
+        'email_consent AS "EMAIL_CONSENT", modified_at AS "MODIFIED_AT" FROM people'
+    )
+    source = {"connection": "warehouse", "sql": "sql/people.sql"}
+    write_project(tmp_path, project_data(syncs=[sync_entry(batch_size=10, source=source)]))
+    project = load_project(None, tmp_path, env={})
+    store = StateStore("sqlite:///state/state.db", root=tmp_path)
+    try:
+        written = project.sync("people")
+        with engine._default_source(project, written) as src:
+            fitted, _, _ = engine.fit_view(project, written, src, project.source_sql(written))
+        assert fitted.cursor == "MODIFIED_AT"  # what was fingerprinted before
+        first = run_sync(
+            project,
+            "people",
+            store,
+            RunOptions(),
+            destination_factory=lambda p, s: FakeDestination(),
+        )
+        assert first.exit_code == EXIT_OK
+        old = controls.fingerprint(project, fitted)
+        controls.store_fingerprint(store, "people", old, first.record.run_id)
+        assert controls.pending_changes(project, store, ["people"])  # status sees a change
+        guarded = run_sync(
+            project,
+            "people",
+            store,
+            RunOptions(guard_definition=True),
+            destination_factory=lambda p, s: FakeDestination(),
+        )
+        assert guarded.exit_code == EXIT_OK and guarded.record.counts.read == 0
+        assert controls.pending_changes(project, store, ["people"]) == {}  # kept as written
+    finally:
+        store.close()
