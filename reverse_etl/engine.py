@@ -246,89 +246,89 @@ def _locked_run(
 ) -> None:
     destination_factory, source_factory = factories
     run_id = record.run_id
-    # clients built in the run share each account's rate budget through the store (budget.py)
-    with (
-        tracking(record, progress),
-        store.lock(sync.name, run_id) as lock,
-        budget.shared_through(store),
-    ):
+    # a run that never starts (its lock held elsewhere, or no longer due) is no run in the
+    # progress log either: it was reported "started ... ended failed" at every scheduler check
+    with store.lock(sync.name, run_id) as lock:
         if options.only_if_due and sync.name not in due_syncs(project, store):
-            record.status = "not_due"  # what the progress log says of it: no run, no record
             raise NotDueError(
                 f"sync {sync.name!r} is no longer due: another run took its due time while "
                 "this one waited (two schedulers, or run --due beside a scheduler)"
             )
-        store.start_run(record)
-        error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
-        if not storage.is_s3(error_target):
-            error_target = str(project.path(error_target))
-        try:
-            with (
-                storage.open_text_for_write(error_target) as fh,
-                ErrorFileWriter(
-                    fh, sync.name, run_id, registry.reasons(), problems.first_seen
-                ) as errors,
-            ):
-                try:
-                    _run(
-                        project,
-                        sync,
-                        store,
-                        lock,
-                        options,
-                        record,
-                        errors,
-                        result,
-                        destination_factory,
-                        source_factory,
-                    )
-                    if not _stopping(options, lock):  # it read everything: forget the fixed
-                        problems.settle()
-                finally:
-                    result.by_reason = errors.by_reason
-            record.error_file = error_target
-        except ReverseEtlError as exc:
-            record.status = "failed"
-            record.message = scrub(str(exc))
-            record.error_file = (
-                error_target if Path(error_target).exists() or storage.is_s3(error_target) else None
-            )
-        except DBAPIError as exc:  # the store failed mid-run: the record says so if it can
-            record.status = "failed"
-            record.error_file = error_target
-            record.message = failure_message(store.engine.url, exc)
-            raise
-        except BaseException as exc:  # a bug, or a signal's grace ran out: never 'success'
-            signal_name = options.interrupt.name if options.interrupt else ""
-            record.status = "interrupted" if signal_name else "failed"
-            record.error_file = error_target
-            record.message = scrub(
-                f"{signal_name}: stopped before the batches in flight were acknowledged"
-                if signal_name
-                else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            )
-            raise
-        finally:
-            record.ended_at = now()
-            if record.status == "running":
-                record.status = _final_status(record, options, result)
-            _judge(project, sync, record, options, result, problems)
-            if result.plan is not None:
-                c, plan = record.counts, result.plan
-                plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
-                plan.by_reason = result.by_reason
-            # a plan that failed is kept as a plan: a "failed" record blocked the sync's
-            # dependents, moved its schedule and started its retry backoff (the exit code still
-            # says it failed: ``result.record`` is unchanged)
-            failed_plan = options.dry_run and record.status != "dry_run"
-            _save_run(
-                store,
-                dataclasses.replace(
-                    record, status="dry_run", message=f"plan {record.status}: {record.message}"
+        # clients built in the run share each account's rate budget through the store
+        with tracking(record, progress), budget.shared_through(store):
+            store.start_run(record)
+            error_target = storage.join(storage.join(project.error_dir, sync.name), f"{run_id}.csv")
+            if not storage.is_s3(error_target):
+                error_target = str(project.path(error_target))
+            try:
+                with (
+                    storage.open_text_for_write(error_target) as fh,
+                    ErrorFileWriter(
+                        fh, sync.name, run_id, registry.reasons(), problems.first_seen
+                    ) as errors,
+                ):
+                    try:
+                        _run(
+                            project,
+                            sync,
+                            store,
+                            lock,
+                            options,
+                            record,
+                            errors,
+                            result,
+                            destination_factory,
+                            source_factory,
+                        )
+                        if not _stopping(options, lock):  # it read everything: forget the fixed
+                            problems.settle()
+                    finally:
+                        result.by_reason = errors.by_reason
+                record.error_file = error_target
+            except ReverseEtlError as exc:
+                record.status = "failed"
+                record.message = scrub(str(exc))
+                record.error_file = (
+                    error_target
+                    if Path(error_target).exists() or storage.is_s3(error_target)
+                    else None
                 )
-                if failed_plan
-                else record,
-            )
+            except DBAPIError as exc:  # the store failed mid-run: the record says so if it can
+                record.status = "failed"
+                record.error_file = error_target
+                record.message = failure_message(store.engine.url, exc)
+                raise
+            except BaseException as exc:  # a bug, or a signal's grace ran out: never 'success'
+                signal_name = options.interrupt.name if options.interrupt else ""
+                record.status = "interrupted" if signal_name else "failed"
+                record.error_file = error_target
+                record.message = scrub(
+                    f"{signal_name}: stopped before the batches in flight were acknowledged"
+                    if signal_name
+                    else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                )
+                raise
+            finally:
+                record.ended_at = now()
+                if record.status == "running":
+                    record.status = _final_status(record, options, result)
+                _judge(project, sync, record, options, result, problems)
+                if result.plan is not None:
+                    c, plan = record.counts, result.plan
+                    plan.read, plan.unchanged, plan.rejected = c.read, c.unchanged, c.rejected
+                    plan.by_reason = result.by_reason
+                # a plan that failed is kept as a plan: a "failed" record blocked the sync's
+                # dependents, moved its schedule and started its retry backoff (the exit code still
+                # says it failed: ``result.record`` is unchanged)
+                failed_plan = options.dry_run and record.status != "dry_run"
+                _save_run(
+                    store,
+                    dataclasses.replace(
+                        record, status="dry_run", message=f"plan {record.status}: {record.message}"
+                    )
+                    if failed_plan
+                    else record,
+                )
 
 
 def _save_run(store: StateStore, record: RunRecord) -> None:

@@ -21,6 +21,7 @@ from reverse_etl import controls, engine
 from reverse_etl.cli import Ctx, SchedulerLoop, main
 from reverse_etl.config import load_project
 from reverse_etl.engine import due_syncs
+from reverse_etl.errors import LockHeldError, NotDueError
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.schedule import RETRY_FIRST, parse_schedule
 from reverse_etl.state import RunRecord, StateStore, now, runs
@@ -454,3 +455,44 @@ def test_the_deploy_readme_says_a_failed_run_is_retried_after_the_backoff() -> N
     minutes = int(RETRY_FIRST.total_seconds() // 60)
     assert f"is due again {minutes} minutes after it ended" in readme
     assert "not at once" not in readme
+
+
+class Said:
+    """A progress sink that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def started(self, run: Any) -> None:
+        self.lines.append("started")
+
+    def batch(self, run: Any) -> None:
+        pass
+
+    def read(self, run: Any) -> None:
+        pass
+
+    def phase(self, run: Any, *, back: bool = False) -> None:
+        pass
+
+    def finished(self, run: Any, status: str) -> None:
+        self.lines.append(f"finished {status}")
+
+
+def test_a_run_that_never_starts_is_no_run_in_the_progress_log(
+    tmp_path: Path, store: StateStore
+) -> None:
+    """A scheduler found a due sync locked by a run elsewhere at every check and logged
+    "run ... started" and "ended failed" each time (alerts grep for "failed"); a run found no
+    longer due logged the same. Neither started: the progress log says nothing of them."""
+    project(tmp_path)
+    proj = load_project(None, tmp_path)
+    said = Said()
+    with store.lock("people", "elsewhere"), pytest.raises(LockHeldError):
+        engine.run_sync(proj, "people", store, progress=said)
+    assert said.lines == []
+    ran = engine.run_sync(proj, "people", store, progress=said)  # due: it never ran
+    assert said.lines == ["started", f"finished {ran.record.status}"]
+    with pytest.raises(NotDueError):  # hourly: it just ran
+        engine.run_sync(proj, "people", store, engine.RunOptions(only_if_due=True), progress=said)
+    assert len(said.lines) == 2
