@@ -606,6 +606,7 @@ class StateStore:
             try:
                 with self.engine.begin() as con:
                     con.execute(sa.insert(locks).values(**row))
+                    _abandon_orphans(con, sync)
                 return
             except IntegrityError:
                 pass
@@ -707,6 +708,25 @@ class StateStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _abandon_orphans(con: sa.Connection, sync: str) -> None:
+    """The sync was not locked, so no run of it is running: a record still ``running`` is one
+    whose process ended without saving it (the store failed at its end, after the lock was
+    released). It said ``running`` forever, with its counts lost, and never started the retry
+    backoff; it is ``abandoned`` now, as a run whose stale lock is taken over."""
+    con.execute(
+        sa.update(runs)
+        .where(runs.c.sync == sync, runs.c.status == "running")
+        .values(
+            status="abandoned",
+            ended_at=now(),
+            message=(
+                "abandoned: its process ended without saving this record (the state store "
+                "failed); the rows it sent past the watermark are sent again"
+            ),
+        )
+    )
 
 
 def holder_exited(owner: str) -> bool:

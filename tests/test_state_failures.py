@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from reverse_etl import controls
 from reverse_etl.config import load_project
 from reverse_etl.engine import RunOptions, run_sync
 from reverse_etl.errors import EXIT_FAILED, EXIT_OK, ReverseEtlError
@@ -129,4 +130,27 @@ def test_a_plan_that_fails_is_kept_as_a_plan_not_as_a_failed_run(project: Any) -
     assert kept.status == "dry_run"
     assert kept.message == "plan failed: the warehouse is down"
     assert store.last_started("people") is None  # the schedule did not move
+    store.close()
+
+
+def test_a_record_left_running_by_a_store_failure_is_abandoned_by_the_next_run(
+    project: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's record could not be saved at its end, but its lock was released: the record
+    said ``running`` forever, with no counts, and never started the retry backoff. The next
+    run to take the lock marks it ``abandoned`` (nothing else can be running)."""
+    store = StateStore(project.state.url, root=project.root)
+    monkeypatch.setattr(store, "set_watermark", failing("database or disk is full"))
+    monkeypatch.setattr(store, "save_run", failing("database or disk is full"))
+    with pytest.raises(StateError):
+        run(project, store, FakeDestination())
+    monkeypatch.undo()
+    (orphan,) = store.last_runs("people")
+    assert orphan.status == "running" and store.lock_info("people") is None
+    assert controls.failure_streak(store, "people")[0] == 0
+    with store.lock("people", "next"):
+        pass
+    (orphan,) = store.last_runs("people")
+    assert orphan.status == "abandoned" and "state store failed" in (orphan.message or "")
+    assert controls.failure_streak(store, "people")[0] == 1  # retried after the backoff
     store.close()
