@@ -606,7 +606,7 @@ class StateStore:
             try:
                 with self.engine.begin() as con:
                     con.execute(sa.insert(locks).values(**row))
-                    _abandon_orphans(con, sync)
+                    _abandon_orphans(con, sync, run_id)
                 return
             except IntegrityError:
                 pass
@@ -710,14 +710,15 @@ class StateStore:
         self.engine.dispose()
 
 
-def _abandon_orphans(con: sa.Connection, sync: str) -> None:
-    """The sync was not locked, so no run of it is running: a record still ``running`` is one
+def _abandon_orphans(con: sa.Connection, sync: str, run_id: str) -> None:
+    """The sync was not locked, so no other run of it (than ``run_id``, taking the lock) is
+    running: a record still ``running`` is one
     whose process ended without saving it (the store failed at its end, after the lock was
     released). It said ``running`` forever, with its counts lost, and never started the retry
     backoff; it is ``abandoned`` now, as a run whose stale lock is taken over."""
     con.execute(
         sa.update(runs)
-        .where(runs.c.sync == sync, runs.c.status == "running")
+        .where(runs.c.sync == sync, runs.c.status == "running", runs.c.run_id != run_id)
         .values(
             status="abandoned",
             ended_at=now(),
