@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
 import click
 from rich.console import Console
@@ -303,7 +303,7 @@ def run(
             try:
                 result = run_sync(project, name, store, options)
             except ReverseEtlError as exc:  # e.g. the lock is held: the run never started
-                if scheduled and isinstance(exc, NotDueError | LockHeldError):
+                if scheduled and _not_due(exc):
                     err_console.print(f"{name}: {_not_due_note(exc)}", soft_wrap=True)
                     continue  # a named sync that is running stays exit 3
                 err_console.print(f"[red]{name}: {scrub(str(exc))}[/red]")
@@ -340,6 +340,14 @@ def run(
         err_console.print(f"stopped by {interrupt.name}; what was acknowledged is committed")
         sys.exit(interrupt.exit_code)
     sys.exit(worst)
+
+
+def _not_due(exc: ReverseEtlError) -> TypeGuard[NotDueError | LockHeldError]:
+    """A due sync that another process ran, or is running: a holder that has missed its
+    heartbeats may be gone (on a host this one cannot check) and is an error, not a note."""
+    if isinstance(exc, LockHeldError):
+        return not exc.overdue
+    return isinstance(exc, NotDueError)
 
 
 def _not_due_note(exc: NotDueError | LockHeldError) -> str:

@@ -27,7 +27,13 @@ class ConfigError(ReverseEtlError):
 
 
 class LockHeldError(ReverseEtlError):
-    """Another run of the same sync holds its lock."""
+    """Another run of the same sync holds its lock. ``overdue``: its holder has missed
+    heartbeats (it may be gone, on a host this one cannot check), so waiting for it quietly
+    is no answer: ``run --due`` says so as an error, not as "not due now"."""
+
+    def __init__(self, message: str, *, overdue: bool = False) -> None:
+        super().__init__(message)
+        self.overdue = overdue
 
 
 class NotDueError(ReverseEtlError):

@@ -325,11 +325,23 @@ def unlock(store: StateStore, sync: str, *, force: bool = False) -> str:
                 f"`reverse-etl unlock {sync}` again after {wait:%Y-%m-%d %H:%M:%S} UTC, or "
                 f"`reverse-etl unlock {sync} --force`"
             )
+        every = int(store.heartbeat_every.total_seconds())
+        overdue = state.now() - info.heartbeat_at > 2 * store.heartbeat_every
+        if overdue and not state.on_this_host(info.owner):  # alive here: not exited above
+            said = (
+                f"sync {sync!r} is held by {holder_text(info)}. It has missed its heartbeats "
+                f"(one every {every} s), so its process may be gone, but it ran where this "
+                f"host cannot check"
+            )
+        else:
+            said = (
+                f"sync {sync!r} is held by a live run: {holder_text(info)}. Its heartbeat is "
+                f"recent, so it is taken to be running; the lock is released when it ends"
+            )
         raise LockHeldError(
-            f"sync {sync!r} is held by a live run: {holder_text(info)}. Its heartbeat is recent, "
-            f"so it is taken to be running; the lock is released when it ends. If you know that "
-            f"process is gone, its lock goes stale at {stale_at:%Y-%m-%d %H:%M:%S} UTC (no "
-            f"heartbeat for {store.stale_after}), or run `reverse-etl unlock {sync} --force`"
+            f"{said}. If you know that process is gone, its lock goes stale at "
+            f"{stale_at:%Y-%m-%d %H:%M:%S} UTC (no heartbeat for {store.stale_after}), or run "
+            f"`reverse-etl unlock {sync} --force`"
         )
     return _release_gone(
         store,

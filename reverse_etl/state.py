@@ -620,7 +620,7 @@ class StateStore:
                 return
             # another run took this stale lock first (or its holder beat again): look again,
             # which finds that run's fresh lock and refuses
-        raise _held_error(sync, held)
+        raise _held_error(sync, held, self.heartbeat_every, self.stale_after)
 
     def _killed(self, held: Any) -> bool:
         """The holder ran on this host, its process is gone, and it missed two heartbeats: a
@@ -730,13 +730,18 @@ def _abandon_orphans(con: sa.Connection, sync: str, run_id: str) -> None:
     )
 
 
+def on_this_host(owner: str) -> bool:
+    """The lock's holder (``owner`` is host:pid) ran on this host."""
+    return owner.rpartition(":")[0] == socket.gethostname()
+
+
 def holder_exited(owner: str) -> bool:
     """The lock's holder ran on this host (``owner`` is host:pid) and no process has its pid
     now: a run killed with SIGKILL. Not proof on its own: another machine (a container) may
     share the host name, so callers also wait for two missed heartbeats, which a live holder
     anywhere would have sent."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    pid = owner.rpartition(":")[2]
+    if not on_this_host(owner) or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -747,15 +752,32 @@ def holder_exited(owner: str) -> bool:
     return False
 
 
-def _held_error(sync: str, held: Any) -> LockHeldError:
+def _held_error(
+    sync: str, held: Any, heartbeat_every: timedelta, stale_after: timedelta
+) -> LockHeldError:
     if held is None:  # the lock kept changing hands under us
         return LockHeldError(
             f"sync {sync!r} is being locked and released by other runs right now; try again"
         )
+    beat = _utc(held.heartbeat_at)
+    silent = now() - beat
+    running = (
+        f"sync {sync!r} is already running (run {held.run_id} on {held.owner}, started "
+        f"{_utc(held.acquired_at):%Y-%m-%d %H:%M:%S} UTC, last heartbeat {int(silent.total_seconds())} s ago)"
+    )
+    if silent <= 2 * heartbeat_every or on_this_host(held.owner):  # alive here (dead: taken)
+        return LockHeldError(
+            f"{running}; wait for it to finish, or, if that process is gone, run "
+            f"`reverse-etl unlock {sync}`"
+        )
+    # a live holder beats every heartbeat_every whatever it waits for: one on another host
+    # (a pod restarted while its state store was away) may be gone, and this host cannot tell
+    taken_over = beat + stale_after
     return LockHeldError(
-        f"sync {sync!r} is already running (run {held.run_id} on {held.owner}, "
-        f"started {_utc(held.acquired_at):%Y-%m-%d %H:%M:%S} UTC); wait for it to finish, or, "
-        f"if that process is gone, run `reverse-etl unlock {sync}`"
+        f"{running}: it has missed its heartbeats (one every {int(heartbeat_every.total_seconds())} s), so "
+        f"its process may be gone; its lock is taken over at {taken_over:%Y-%m-%d %H:%M:%S} "
+        f"UTC, or, if you know it is gone, run `reverse-etl unlock {sync} --force`",
+        overdue=True,
     )
 
 

@@ -24,7 +24,7 @@ from reverse_etl.engine import due_syncs
 from reverse_etl.errors import LockHeldError, NotDueError
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.schedule import RETRY_FIRST, parse_schedule
-from reverse_etl.state import RunRecord, StateStore, now, runs
+from reverse_etl.state import RunRecord, StateStore, locks, now, runs
 from reverse_etl.ui import views
 from reverse_etl.ui.app import templates
 from tests.helpers import (
@@ -177,6 +177,37 @@ def test_run_due_takes_a_sync_running_elsewhere_as_not_due(
     named = cli(tmp_path, "run", "people")  # named by hand: still "could not run"
     assert named.exit_code == 3
     assert "already running" in named.stderr
+    assert setting == []
+
+
+def test_run_due_says_a_lock_whose_holder_missed_its_heartbeats_is_an_error(
+    tmp_path: Path, store: StateStore, setting: list[dict[str, Any]]
+) -> None:
+    """A pod restarted while a shared PostgreSQL store was away leaves its lock, which no
+    other host can prove dead: ``run --due`` said "not due now" (exit 0) for the two hours
+    until it went stale, and nothing synced. A holder that missed its heartbeats is an error
+    naming when its lock is taken over and how to release it; unlock says the same."""
+    project(tmp_path)
+    silent = now() - 3 * store.heartbeat_every
+    with store.engine.begin() as con:
+        con.execute(
+            sa.insert(locks).values(
+                sync="people",
+                run_id="pod-a-run",
+                owner="pod-a-7f9c:17",
+                acquired_at=silent,
+                heartbeat_at=silent,
+            )
+        )
+    due = cli(tmp_path, "run", "--due")
+    err = flat(due.stderr)
+    assert due.exit_code == 3, due.output
+    assert "missed its heartbeats" in err and "unlock people --force" in err
+    assert "not due now" not in err
+    refused = cli(tmp_path, "unlock", "people")
+    assert refused.exit_code == 3
+    assert "missed its heartbeats" in flat(refused.stderr)
+    assert "Its heartbeat is recent" not in refused.stderr
     assert setting == []
 
 
