@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
 from reverse_etl.config import Project, load_project, require_env
 from reverse_etl.errors import (
@@ -28,7 +29,7 @@ from reverse_etl.errors import (
 from reverse_etl.interrupt import Interrupt
 from reverse_etl.plan import Plan
 from reverse_etl.secrets import scrub
-from reverse_etl.state import RunRecord, StateStore
+from reverse_etl.state import RunRecord, StateStore, failure_message
 from reverse_etl.util import memory, storage
 from reverse_etl.util.runtime import tune_memory
 
@@ -76,7 +77,7 @@ def _known(project: Project, names: Iterable[str]) -> None:
             hint = difflib.get_close_matches(name, known, n=1)
             raise click.UsageError(
                 f"no sync named {name!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + (f"; did you mean {hint[0]!r}?" if hint else ".")
                 + f" Known syncs: {', '.join(known) or '(none)'}"
             )
 
@@ -244,13 +245,12 @@ def run(
         project = obj.project
         _known(project, syncs)
         store = obj.store()
-        names = list(syncs) or (
-            due_syncs(project, store)
-            if due
-            else in_run_order(project, controls.enabled_names(project, store))
-        )
+        if due:  # named with --due: only those of them that are due
+            names = [n for n in due_syncs(project, store) if not syncs or n in syncs]
+        else:
+            names = list(syncs) or in_run_order(project, controls.enabled_names(project, store))
         if not no_deps:  # named syncs bring their dependencies; due ones are only ordered
-            names = in_dependency_order(project, names, add_dependencies=bool(syncs))
+            names = in_dependency_order(project, names, add_dependencies=bool(syncs) and not due)
         # a disabled sync is skipped even when named: Airflow and cron lines name syncs too;
         # --even-if-disabled is the "Sync Now" of a run by hand (controls.py)
         enabled = controls.enabled_states(project, store)
@@ -275,7 +275,7 @@ def run(
         console.print("nothing to run")
         sys.exit(EXIT_OK)
     # the due list, read before the locks: a sync another process takes meanwhile is not due
-    scheduled = due and not syncs
+    scheduled = due
     worst = EXIT_OK
     results = []
     interrupt = Interrupt(grace=_stop_grace())
@@ -645,7 +645,10 @@ class SchedulerLoop:
 
     def _trouble(self, what: str, exc: Exception) -> None:
         """One line, scrubbed: a driver's message spans lines and may quote a secret."""
-        said = " ".join(scrub(f"{type(exc).__name__}: {exc}").split())
+        if isinstance(exc, DBAPIError):  # the driver's words and what to do, not the SQL
+            said = failure_message(self.store.engine.url, exc)
+        else:
+            said = " ".join(scrub(f"{type(exc).__name__}: {exc}").split())
         err_console.print(
             f"{what}: {escape(said)}; will try again at the next check", soft_wrap=True
         )
