@@ -271,3 +271,35 @@ def test_a_removal_job_that_stays_started_is_waited_for_until_the_import_timeout
     assert "still running" in str(info.value)
     assert 600.0 <= clock.now < 700.0 and 0 < len(polls) < 100
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/address-books", {"message": "ok"}),
+        ("/v2/address-books", [{"name": "Members"}]),  # a book without its id
+        ("/v2/data-fields", {"message": "ok"}),
+        ("/v2/data-fields", [{"type": "String"}]),  # a field without its name
+    ],
+)
+def test_lookups_answered_out_of_shape_name_the_call(path: str, body: Any) -> None:
+    """These were "internal error" (AttributeError, KeyError, TypeError)."""
+    client = _client(_json(200, body))
+    with pytest.raises(DestinationError, match=f"Dotdigital GET {path}"):
+        if path == "/v2/address-books":
+            client.find_address_book("Members")
+        else:
+            client.data_fields()
+    client.close()
+
+
+@pytest.mark.parametrize("status", ["Exploded", None])
+def test_an_import_status_the_api_does_not_document_is_an_error_at_once(
+    status: str | None,
+) -> None:
+    """It was taken as "still running" and waited on for import_timeout_minutes (360)."""
+    client = _client(_json(200, {"id": "imp-1", "status": status}))
+    queue = _queue(client, _Clock())
+    with pytest.raises(DestinationError, match="does not document"):
+        queue.status(Import(b"{}", pa.array([1]), id="imp-1"))
+    client.close()

@@ -273,3 +273,29 @@ def test_a_spec_status_still_polls_to_the_end() -> None:
     client = _client(_polled({"data": {"id": "J1", "attributes": attrs}}))
     assert _wait(client)["data"]["attributes"]["status"] == "complete"
     client.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"links": {"next": None}},  # data deleted
+        {"data": [{"type": "list", "attributes": {"name": "Members"}}]},  # an item without id
+        {"data": {"id": "L1"}},  # not a list
+    ],
+)
+def test_a_list_lookup_without_its_data_is_an_error_never_a_second_list(body: Any) -> None:
+    """Read as "no such list", a lookup answered without its data made the run create a
+    second "Members" list, fill it, and exit 0; later runs used the oldest list."""
+    posts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request.url.path)
+            return httpx.Response(201, content=orjson.dumps({"data": {"id": "NEW"}}))
+        return httpx.Response(200, content=orjson.dumps(body))
+
+    client = _client(handler)
+    with pytest.raises(DestinationError, match="Klaviyo GET /api/lists"):
+        client.find_or_create_list("Members")
+    client.close()
+    assert posts == []

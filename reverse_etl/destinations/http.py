@@ -616,6 +616,28 @@ def decoded(response: httpx.Response, what: str, *, expect: type | None = None) 
     return _json_body(response, what, expect)
 
 
+def objects(items: Any, what: str, *, keys: Collection[str]) -> list[dict[str, Any]]:
+    """``items`` (a decoded answer's list) as objects that each hold ``keys``; anything else
+    is not the answer the call documents (a proxy's page, a vendor's change) and raises,
+    naming the call. Read as "none found", a Klaviyo list lookup answered without its
+    ``data`` made a run create a second list of the same name and fill it."""
+    if not isinstance(items, list):
+        raise DestinationError(
+            f"{what}: the answer holds no list where one was expected (got "
+            f"{type(items).__name__}); check base_url, or a proxy between here and the API"
+        )
+    for item in items:
+        missing = (
+            sorted(keys) if not isinstance(item, dict) else [k for k in keys if item.get(k) is None]
+        )
+        if missing:
+            raise DestinationError(
+                f"{what}: an item of the answer lacks {', '.join(missing)}; check base_url, or "
+                "a proxy between here and the API"
+            )
+    return items
+
+
 def created(
     response: httpx.Response,
     what: str,

@@ -29,6 +29,7 @@ from reverse_etl.destinations.http import (
     created,
     deadline,
     decoded,
+    objects,
     redirect_error,
     with_deadline,
 )
@@ -212,8 +213,10 @@ class DotdigitalClient:
         skip = 0
         fallback: int | None = None
         while True:
-            page = self.json(
-                "GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)}
+            page = objects(
+                self.json("GET", "/v2/address-books", params={"select": "1000", "skip": str(skip)}),
+                "Dotdigital GET /v2/address-books",
+                keys=("id", "name"),
             )
             for book in page:
                 if book.get("name") == name:
@@ -228,16 +231,21 @@ class DotdigitalClient:
         return self.api.create_once(
             lambda: self.find_address_book(name),
             lambda: int(
-                self._create("/v2/address-books", {"name": name, "visibility": "Private"})["id"]
+                objects(
+                    [self._create("/v2/address-books", {"name": name, "visibility": "Private"})],
+                    "Dotdigital POST /v2/address-books",
+                    keys=("id",),
+                )[0]["id"]
             ),
             f"Dotdigital address book {name!r}",
         )
 
     def data_fields(self) -> dict[str, str]:
         """Existing data fields: upper-cased name → type."""
-        return {
-            f["name"].upper(): f.get("type", "String") for f in self.json("GET", "/v2/data-fields")
-        }
+        fields = objects(
+            self.json("GET", "/v2/data-fields"), "Dotdigital GET /v2/data-fields", keys=("name",)
+        )
+        return {str(f["name"]).upper(): f.get("type", "String") for f in fields}
 
     def create_data_field(self, name: str, type_: str) -> str:
         """Create the data field (the caller has just seen it missing); its type, which may be

@@ -81,6 +81,9 @@ class ImportApi:
     finished: frozenset[str]  # statuses of an import that ran to its end
     failed: frozenset[str]  # statuses of an import that failed as a whole
     max_active: int
+    # statuses of an import still on its way; any status in none of the three sets is an
+    # error at once (it was waited on for import_timeout_minutes, 360 by default)
+    running: frozenset[str] = frozenset({"NotStarted", "NotFinished"})
 
 
 @dataclass
@@ -161,7 +164,16 @@ class ImportQueue:
         status = report.get("status")
         if status in self.api.finished:
             return "done", report
-        return ("failed" if status in self.api.failed else "running"), report
+        if status in self.api.failed:
+            return "failed", report
+        if status in self.api.running:
+            return "running", report
+        raise DestinationError(
+            f"Dotdigital GET {path}: the {self.api.what} has status {status!r}, which the API "
+            f"does not document (finished: {', '.join(sorted(self.api.finished))}; still "
+            f"running: {', '.join(sorted(self.api.running))}); check base_url / proxy. Nothing "
+            "the import carried is counted as done, and the next run sends it again"
+        )
 
     def _put(self, imp: Import) -> str:
         """Submit ``imp`` until it is accepted (module doc): wait for a slot while the

@@ -52,6 +52,8 @@ INSIGHT_IMPORTS = ImportApi(
     finished=frozenset({"Complete", "Finished"}),
     failed=frozenset({"Failed"}),
     max_active=5,  # 429 insightData:tooManyActiveImports beyond
+    # the status enum of the insight-data service's two import reports
+    running=frozenset({"NotStarted", "Processing", "NotFinished"}),
 )
 
 

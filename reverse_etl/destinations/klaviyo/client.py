@@ -17,7 +17,7 @@ import orjson
 
 from reverse_etl.consent.memory import account_key
 from reverse_etl.destinations import budget
-from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded
+from reverse_etl.destinations.http import ApiClient, RetryPolicy, created, decoded, objects
 from reverse_etl.destinations.klaviyo.configuration import KlaviyoConnection
 
 JSONAPI = "application/vnd.api+json"
@@ -124,9 +124,9 @@ class KlaviyoClient:
             "/api/lists",
             params={"filter": f"equals(name,{quote(name)})", "sort": "created"},
         )
-        for item in found.get("data", []):
-            if item.get("attributes", {}).get("name") == name:
-                return item["id"]
+        for item in objects(found.get("data"), "Klaviyo GET /api/lists", keys=("id", "attributes")):
+            if isinstance(item["attributes"], dict) and item["attributes"].get("name") == name:
+                return str(item["id"])
         return None
 
     def find_or_create_list(self, name: str) -> str:
@@ -138,7 +138,10 @@ class KlaviyoClient:
         def create() -> str:
             response = self.call("create_list", "POST", "/api/lists", body, idempotent=False)
             what = f"Klaviyo POST /api/lists ({name!r})"
-            return str(created(response, what, expect=dict)["data"]["id"])
+            (made,) = objects(
+                [created(response, what, expect=dict).get("data")], what, keys=("id",)
+            )
+            return str(made["id"])
 
         return self.api.create_once(lambda: self.find_list(name), create, f"Klaviyo list {name!r}")
 
