@@ -568,3 +568,35 @@ def test_a_failed_run_still_commits_what_was_acknowledged_in_its_group(
     again = e.run()
     assert counts(again) == (15, 15, 0, 0)
     assert sorted(e.last.received_ids()) == [email(i) for i in range(15, 30)]
+
+
+def test_a_snapshot_open_in_another_process_is_a_named_error(tmp_path: Path) -> None:
+    """``unlock --force`` while the run still went on: the next run met DuckDB's file lock
+    on the snapshot and ended "internal error ... please report it"."""
+    import subprocess
+    import sys
+
+    from reverse_etl.errors import ReverseEtlError
+
+    path = tmp_path / "s.duckdb"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('open', flush=True); "
+            "sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(ReverseEtlError, match="open in another process") as info:
+            _snapshot(tmp_path)
+        assert str(path) in str(info.value) and "unlock --force" in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    _snapshot(tmp_path).close()  # free again once that process ended

@@ -53,6 +53,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reverse_etl.errors import ReverseEtlError
 from reverse_etl.extract import DUP_RANK
 from reverse_etl.snapshot.annotate import EXTRA, Annotation, take_annotations
 from reverse_etl.snapshot.fingerprint import Fingerprint
@@ -80,17 +81,28 @@ class Snapshot:
         # no checkpoint in the middle of a run: DuckDB's default (at 16 MB of log) stalled the
         # batch that met it for ~0.2 s, 50 times a 1M-row first run (31 s -> 22 s without);
         # the log is folded into the file when the run closes it, or past 1 GB
-        self._db = duckdb.connect(
-            str(path),
-            # two threads for the join with members (the JSON and MD5 of every row read are
-            # taken in the scratch database, ``_Hashed``); its share of the process's budget
-            # (util/memory.py): the join and the records not yet checkpointed spill past it
-            config={
-                "threads": 2,
-                "memory_limit": memory.duckdb_size(memory.current().snapshot),
-                "checkpoint_threshold": "1GB",
-            },
-        )
+        try:
+            self._db = duckdb.connect(
+                str(path),
+                # two threads for the join with members (the JSON and MD5 of every row read are
+                # taken in the scratch database, ``_Hashed``); its share of the process's budget
+                # (util/memory.py): the join and the records not yet checkpointed spill past it
+                config={
+                    "threads": 2,
+                    "memory_limit": memory.duckdb_size(memory.current().snapshot),
+                    "checkpoint_threshold": "1GB",
+                },
+            )
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            # another process has the file open: a run of this sync still going, whose sync
+            # lock was released by hand (`unlock --force`); this was "internal error"
+            raise ReverseEtlError(
+                f"snapshot file {path} is open in another process ({exc}): a run of this sync "
+                "is still going, though its lock was released (`reverse-etl unlock --force`?); "
+                "wait for that process to end, or stop it, then run again"
+            ) from exc
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS members (id VARCHAR NOT NULL, payload UBIGINT NOT NULL, "
             "consent UBIGINT NOT NULL, key VARCHAR, dest_id VARCHAR, "
