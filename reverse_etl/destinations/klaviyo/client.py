@@ -10,6 +10,7 @@ reach the server with jitter, so pacing at exactly 100 % meets a 429 now and the
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import httpx
@@ -62,7 +63,8 @@ class KlaviyoClient:
     def __init__(
         self, conn: KlaviyoConnection, *, retry: RetryPolicy | None = None, speedup: float = 1.0
     ):
-        self.api = ApiClient(
+        client = partial(
+            ApiClient,
             conn.base_url,
             headers={
                 "Authorization": f"Klaviyo-API-Key {conn.api_key.get_secret_value()}",
@@ -71,8 +73,10 @@ class KlaviyoClient:
             },
             retry=retry,
             name="Klaviyo",
-            timeout=conn.call_timeout_seconds,  # each attempt's whole budget (http.deadline)
         )
+        # each attempt's whole budget (http.deadline); unset: ApiClient's default (60 s)
+        timeout = conn.call_timeout_seconds
+        self.api = client() if timeout is None else client(timeout=timeout)
         # Klaviyo counts per API key and operation, so the buckets belong to the account and
         # are shared with every other client of it: in this process, and through the state
         # store when a run has put one in force (destinations/budget.py)

@@ -22,8 +22,9 @@ class KlaviyoConnection(DestinationConnection):
     api_key: SecretStr
     base_url: str = "https://a.klaviyo.com"
     revision: str = "2026-07-15"
-    # each attempt's whole budget, connect to last byte (http.py); past it, a timeout retried
-    call_timeout_seconds: float = Field(60.0, ge=1)
+    # each attempt's whole budget, connect to last byte (http.py); past it, a timeout retried.
+    # None: the HTTP client's own default, 60 s
+    call_timeout_seconds: float | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _credentials_can_be_sent(self) -> Self:
