@@ -546,21 +546,27 @@ def _retry_after(value: str | None, cap: float, now: float) -> tuple[float, floa
     against ``now`` (seconds since the epoch). Absent, unreadable, negative, or a date already
     past: ``RETRY_AFTER_DEFAULT`` (a negative number used to mean back-to-back retries, a date
     a 1 s guess). The wait is capped at ``cap`` (``RetryPolicy.max_retry_after``)."""
-    asked: float | None = None
-    text = (value or "").strip()
-    if _DELAY_SECONDS.fullmatch(text):
-        asked = float(text)
-    elif text:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            when = None
-        if when is not None:
-            if when.tzinfo is None:  # HTTP-dates are GMT
-                when = when.replace(tzinfo=UTC)
-            asked = when.timestamp() - now
+    asked = retry_after_asked(value, now)
     wait = RETRY_AFTER_DEFAULT if asked is None or asked < 0 else asked
     return min(cap, wait), asked
+
+
+def retry_after_asked(value: str | None, now: float) -> float | None:
+    """The seconds a ``Retry-After`` asks for (RFC 9110 section 10.2.3: delay-seconds, or an
+    HTTP-date read against ``now``, seconds since the epoch; negative for a date already
+    past), or None when absent or unreadable. Each caller decides what it waits on that."""
+    text = (value or "").strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        return float(text)
+    if not text:
+        return None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - now
 
 
 def _call(what: str) -> str:

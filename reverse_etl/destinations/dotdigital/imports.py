@@ -42,8 +42,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -52,7 +50,7 @@ import pyarrow as pa
 
 from reverse_etl.destinations import jobs
 from reverse_etl.destinations.dotdigital.client import DotdigitalClient
-from reverse_etl.destinations.http import error_detail
+from reverse_etl.destinations.http import error_detail, retry_after_asked
 from reverse_etl.errors import DestinationError
 
 log = logging.getLogger(__name__)
@@ -274,25 +272,11 @@ class ImportQueue:
         )
 
 
-def _retry_after(
-    response: httpx.Response, now: Callable[[], datetime] = lambda: datetime.now(UTC)
-) -> float | None:
-    """``Retry-After`` in seconds: delay-seconds or an HTTP-date (RFC 9110 section 10.2.3);
-    None when absent or unreadable."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP-date is GMT
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now()).total_seconds())
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (``http.retry_after_asked``, never below 0); None when absent
+    or unreadable."""
+    asked = retry_after_asked(response.headers.get("Retry-After"), time.time())
+    return None if asked is None else max(0.0, asked)
 
 
 @dataclass
