@@ -600,13 +600,32 @@ def _json_body(response: httpx.Response, what: str, expect: type | None) -> Any:
         if expect is None or isinstance(body, expect):
             return body
         problem = f"JSON of another shape (a {type(body).__name__}, not a {expect.__name__})"
-    ctype = response.headers.get("Content-Type") or "none"
-    start = " ".join(response.text[:100].split())
     raise DestinationError(
         scrub(
-            f"{_call(what)}: HTTP {response.status_code} with {problem} (Content-Type: "
-            f"{ctype}; it starts {start!r}); the API answers JSON, so something else answered: "
-            f"{CHECK_BASE_URL}, or a proxy in between"
+            f"{_call(what)}: HTTP {response.status_code} with {problem} ({_glimpse(response)}); "
+            f"the API answers JSON, so something else answered: {CHECK_BASE_URL}, or a proxy in "
+            "between"
+        )
+    )
+
+
+def _glimpse(response: httpx.Response) -> str:
+    """The content type and start of an answer that is not the API's (an HTML page)."""
+    ctype = response.headers.get("Content-Type") or "none"
+    return f"Content-Type: {ctype}; it starts {' '.join(response.text[:100].split())!r}"
+
+
+def unacknowledged(
+    response: httpx.Response, what: str, expected: str, then: str
+) -> DestinationError:
+    """The error for an answer below 400 that is not the call's documented acknowledgement
+    (``expected``, e.g. "202 Accepted"): a proxy's 200 HTML page is not the API taking the
+    call, so nothing in it counts as done; ``then`` says what happens to its rows."""
+    return DestinationError(
+        scrub(
+            f"{_call(what)} was not acknowledged: it answered HTTP {response.status_code} "
+            f"({_glimpse(response)}) instead of {expected}; {CHECK_BASE_URL}, or a proxy in "
+            f"between; {then}"
         )
     )
 

@@ -32,11 +32,10 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import httpx
 import pyarrow as pa
 
 from reverse_etl.destinations.base import Request
-from reverse_etl.destinations.http import error_detail
+from reverse_etl.destinations.http import error_detail, unacknowledged
 from reverse_etl.destinations.klaviyo.client import KlaviyoClient, refusals
 from reverse_etl.destinations.rowjson import bodies
 from reverse_etl.errors import DestinationError
@@ -114,11 +113,12 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
             if response.status_code == ACCEPTED:
                 break
             if response.status_code < 400:  # not Klaviyo's acknowledgement: not done
-                raise DestinationError(
-                    f"Klaviyo {endpoint.what} call ({len(chunk)} records) was not acknowledged: "
-                    f"POST {endpoint.path} answered {_answer(response)} instead of 202 Accepted "
-                    "(check base_url / proxy); nothing in it is counted as done, its rows stay "
-                    "behind the watermark and are sent again next run"
+                raise unacknowledged(
+                    response,
+                    f"Klaviyo {endpoint.what} call ({len(chunk)} records, POST {endpoint.path})",
+                    "202 Accepted",
+                    "nothing in it is counted as done, its rows stay behind the watermark and "
+                    "are sent again next run",
                 )
             named = [r for r in refusals(response) if r[0] is not None and r[0] < len(chunk)]
             if response.status_code != 400 or not named:
@@ -143,10 +143,3 @@ def send(client: KlaviyoClient, endpoint: Endpoint, records: Records) -> list[Ro
 
 def _body(endpoint: Endpoint, docs: Sequence[str]) -> bytes:
     return endpoint.head + ",".join(docs).encode() + endpoint.tail
-
-
-def _answer(response: httpx.Response) -> str:
-    """The status and a glimpse of a body that is not Klaviyo's answer (an HTML page)."""
-    kind = response.headers.get("content-type", "no content type").split(";")[0]
-    text = response.content[:80].decode("utf-8", "replace").replace("\n", " ").strip()
-    return f"HTTP {response.status_code} ({kind}{': ' + repr(text) if text else ''})"

@@ -47,7 +47,7 @@ import orjson
 import pyarrow as pa
 
 from reverse_etl.destinations.base import Leaving, Removed, Request
-from reverse_etl.destinations.http import error_detail
+from reverse_etl.destinations.http import error_detail, unacknowledged
 from reverse_etl.destinations.klaviyo.client import (
     MAX_LIST_MEMBERS,
     MAX_PAGE,
@@ -187,14 +187,11 @@ class Membership:
             if status == REMOVED:
                 continue
             if status < 400:  # not Klaviyo's acknowledgement: nobody counts as removed
-                kind = response.headers.get("content-type", "no content type").split(";")[0]
-                where = response.headers.get("location")
-                raise DestinationError(
-                    f"Klaviyo DELETE {members_path(list_id)} ({len(chunk)} profiles) was not "
-                    f"acknowledged: it answered HTTP {status} ({kind}"
-                    f"{', Location ' + where if where else ''}) instead of 204 No Content "
-                    "(check base_url / proxy); the members stay in the snapshot and are removed "
-                    "next run"
+                raise unacknowledged(  # (a redirect is refused by ApiClient.request already)
+                    response,
+                    f"Klaviyo DELETE {members_path(list_id)} ({len(chunk)} profiles)",
+                    "204 No Content",
+                    "the members stay in the snapshot and are removed next run",
                 )
             named = {i: msg for i, _, _, msg in refusals(response) if i is not None}
             named = {i: msg for i, msg in named.items() if 0 <= i < len(chunk)}
