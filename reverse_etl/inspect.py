@@ -370,8 +370,4 @@ def _abandon(store: StateStore, info: LockInfo, why: str) -> None:
     run taking over a stale lock does: the history must not show it running forever. A
     holder that is alive after all records its own end over this when it stops."""
     with store.engine.begin() as con:
-        con.execute(
-            sa.update(state.runs)
-            .where(state.runs.c.run_id == info.run_id, state.runs.c.status == "running")
-            .values(status="abandoned", ended_at=info.heartbeat_at, message=f"abandoned: {why}")
-        )
+        state.abandon(con, state.runs.c.run_id == info.run_id, ended_at=info.heartbeat_at, why=why)

@@ -651,18 +651,12 @@ class StateStore:
             )
             if taken:
                 beat = _utc(held.heartbeat_at)
-                con.execute(
-                    sa.update(runs)
-                    .where(runs.c.run_id == held.run_id, runs.c.status == "running")
-                    .values(
-                        status="abandoned",
-                        ended_at=beat,
-                        message=(
-                            f"abandoned: the process stopped heartbeating at "
-                            f"{beat:%Y-%m-%d %H:%M:%S} UTC (killed or lost); a later run took "
-                            f"over its lock"
-                        ),
-                    )
+                abandon(
+                    con,
+                    runs.c.run_id == held.run_id,
+                    ended_at=beat,
+                    why=f"the process stopped heartbeating at {beat:%Y-%m-%d %H:%M:%S} UTC "
+                    "(killed or lost); a later run took over its lock",
                 )
         return taken
 
@@ -716,17 +710,24 @@ def _abandon_orphans(con: sa.Connection, sync: str, run_id: str) -> None:
     whose process ended without saving it (the store failed at its end, after the lock was
     released). It said ``running`` forever, with its counts lost, and never started the retry
     backoff; it is ``abandoned`` now, as a run whose stale lock is taken over."""
+    abandon(
+        con,
+        runs.c.sync == sync,
+        runs.c.run_id != run_id,
+        ended_at=now(),
+        why="its process ended without saving this record (the state store failed); the rows "
+        "it sent past the watermark are sent again",
+    )
+
+
+def abandon(con: sa.Connection, *where: Any, ended_at: datetime, why: str) -> None:
+    """Mark the runs ``where`` picks ``abandoned`` if their record still says ``running`` (a
+    run that ended on its own keeps its status): the history must not show one running
+    forever."""
     con.execute(
         sa.update(runs)
-        .where(runs.c.sync == sync, runs.c.status == "running", runs.c.run_id != run_id)
-        .values(
-            status="abandoned",
-            ended_at=now(),
-            message=(
-                "abandoned: its process ended without saving this record (the state store "
-                "failed); the rows it sent past the watermark are sent again"
-            ),
-        )
+        .where(runs.c.status == "running", *where)
+        .values(status="abandoned", ended_at=ended_at, message=f"abandoned: {why}")
     )
 
 
